@@ -1,0 +1,169 @@
+"""Model configuration: frozen dataclasses (hashable, so Flax modules can hold them).
+
+The ml-collections configs in `configs/` describe a whole run; their `model` field is turned into a
+`JanusFlowConfig` with `JanusFlowConfig.from_dict`. Unknown keys are errors, never silently dropped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping
+
+import jax.numpy as jnp
+
+
+def _build(cls, values: Mapping[str, Any] | None):
+    values = dict(values or {})
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        raise ValueError(f"{cls.__name__}: unknown config keys {unknown}; known keys are {sorted(names)}")
+    return cls(**values)
+
+
+@dataclasses.dataclass(frozen=True)
+class LlamaConfig:
+    """The Llama-architecture LLM (DeepSeek-LLM 1.3B defaults; REFERENCE.md §2)."""
+
+    vocab_size: int = 102400
+    hidden_size: int = 2048
+    intermediate_size: int = 5632
+    num_layers: int = 24
+    num_heads: int = 16
+    num_kv_heads: int = 16
+    head_dim: int = 128
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    max_position_embeddings: int = 16384
+    tie_word_embeddings: bool = False
+
+    def __post_init__(self):
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(f"num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}")
+
+
+@dataclasses.dataclass(frozen=True)
+class SigLIPConfig:
+    """SigLIP ViT as JanusFlow builds it (timm layout, no class token, exact GELU; REFERENCE.md §3)."""
+
+    image_size: int = 384
+    patch_size: int = 16
+    width: int = 1024
+    depth: int = 24
+    num_heads: int = 16
+    mlp_dim: int = 4096
+    layer_norm_eps: float = 1e-6
+    # The released module carries a MAP pooling head (`attn_pool`) that its forward never uses. We create its
+    # parameters so a checkpoint exported back to PyTorch loads with strict key matching.
+    attn_pool: bool = True
+    # Name in the official SigLIP table, written back into config.json on export.
+    model_name: str = "siglip_large_patch16_384"
+
+    @property
+    def num_patches(self) -> int:
+        return (self.image_size // self.patch_size) ** 2
+
+
+@dataclasses.dataclass(frozen=True)
+class GenEncoderConfig:
+    """ShallowUViTEncoder (REFERENCE.md §4b): 2x2 stride-2 patch conv then ConvNeXt blocks."""
+
+    in_channels: int = 4
+    channels: int = 768
+    kernel_size: int = 2
+    stride: int = 2
+    padding: int = 0
+    num_blocks: int = 2
+    norm_eps: float = 1e-6
+    use_bias: bool = True
+    ffn_factor: int = 4
+
+
+@dataclasses.dataclass(frozen=True)
+class GenDecoderConfig:
+    """ShallowUViTDecoder (REFERENCE.md §4d). `in_channels` is the width of the LLM read-out after the aligner."""
+
+    in_channels: int = 768
+    channels: int = 768  # block_out_channels[-1]; must equal the encoder's channels (the long skip)
+    out_channels: int = 4
+    num_blocks: int = 2
+    upsamples: int = 1
+    norm_eps: float = 1e-6
+    use_bias: bool = True
+    ffn_factor: int = 4
+
+
+@dataclasses.dataclass(frozen=True)
+class RepaConfig:
+    """REPA projector h_phi: Linear -> SiLU -> Linear -> SiLU -> Linear (REFERENCE.md §7)."""
+
+    hidden_dim: int = 2048
+    # Read the LLM residual stream after this many blocks (HF hidden_states[6]).
+    layer: int = 6
+
+
+@dataclasses.dataclass(frozen=True)
+class JanusFlowConfig:
+    llm: LlamaConfig = LlamaConfig()
+    und_encoder: SigLIPConfig = SigLIPConfig()
+    gen_encoder: GenEncoderConfig = GenEncoderConfig()
+    gen_decoder: GenDecoderConfig = GenDecoderConfig()
+    repa: RepaConfig = RepaConfig()
+    # Side of the (square) VAE latent grid the generation path works on: 384 px / 8.
+    latent_size: int = 48
+    # Compute dtype and storage dtype of every parameter.
+    dtype: str = "float32"
+    param_dtype: str = "float32"
+    # Stack the transformer blocks (LLM and SigLIP) and run them with nn.scan.
+    scan_layers: bool = False
+    # Rematerialisation of each transformer block: see `layers.REMAT_POLICIES`.
+    remat_policy: str = "none"
+
+    def __post_init__(self):
+        if self.gen_decoder.channels != self.gen_encoder.channels:
+            raise ValueError("gen_decoder.channels must equal gen_encoder.channels (the long skip is concatenated)")
+        if self.latent_size % self.gen_encoder.stride:
+            raise ValueError("latent_size must be divisible by gen_encoder.stride")
+        if self.gen_decoder.upsamples != 1:
+            raise ValueError("only upsamples=1 (as released) is supported")
+        if not 0 <= self.repa.layer <= self.llm.num_layers:
+            raise ValueError(f"repa.layer={self.repa.layer} outside [0, {self.llm.num_layers}]")
+        from janusflow_jax.layers import REMAT_POLICIES  # local import: layers imports nothing from here
+
+        if self.remat_policy not in REMAT_POLICIES:
+            raise ValueError(f"remat_policy {self.remat_policy!r} not in {sorted(REMAT_POLICIES)}")
+        jnp.dtype(self.dtype), jnp.dtype(self.param_dtype)
+
+    @property
+    def num_gen_tokens(self) -> int:
+        """Latent tokens in the LLM sequence: (48 / 2)^2 = 576."""
+        return (self.latent_size // self.gen_encoder.stride) ** 2
+
+    @property
+    def compute_dtype(self):
+        return jnp.dtype(self.dtype)
+
+    @property
+    def storage_dtype(self):
+        return jnp.dtype(self.param_dtype)
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> "JanusFlowConfig":
+        values = dict(values)
+        sub = {
+            "llm": LlamaConfig,
+            "und_encoder": SigLIPConfig,
+            "gen_encoder": GenEncoderConfig,
+            "gen_decoder": GenDecoderConfig,
+            "repa": RepaConfig,
+        }
+        for key, sub_cls in sub.items():
+            if key in values and not isinstance(values[key], sub_cls):
+                values[key] = _build(sub_cls, values[key])
+        return _build(cls, values)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def replace(self, **changes) -> "JanusFlowConfig":
+        return dataclasses.replace(self, **changes)

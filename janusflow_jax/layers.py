@@ -1,0 +1,119 @@
+"""Building blocks shared by the towers: norms, projections with logical axis names, attention, remat policies."""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Dtype = Any
+Axes = Sequence[str | None]
+
+# Default initialisers (only used for freshly created parameters; converted checkpoints overwrite them).
+DEFAULT_KERNEL_INIT = nn.initializers.normal(stddev=0.02)
+
+# Named rematerialisation policies, selected by `config.remat_policy`.
+REMAT_POLICIES: dict[str, Callable | None] = {
+    "none": None,  # no remat: keep every activation
+    "full": jax.checkpoint_policies.nothing_saveable,  # recompute the whole block in the backward pass
+    "dots": jax.checkpoint_policies.checkpoint_dots,  # keep matmul outputs
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,  # keep weight matmuls, not attention
+}
+
+
+def maybe_remat(module_cls, policy_name: str, static_argnums: tuple[int, ...] = ()):
+    """Wraps a block class with nn.remat according to a named policy ("none" returns it unchanged)."""
+    if policy_name == "none":
+        return module_cls
+    return nn.remat(module_cls, policy=REMAT_POLICIES[policy_name], prevent_cse=True, static_argnums=static_argnums)
+
+
+def logical_init(init: Callable, axes: Axes) -> Callable:
+    return nn.with_logical_partitioning(init, tuple(axes))
+
+
+def dense(
+    features: int,
+    axes: Axes,
+    *,
+    use_bias: bool,
+    dtype: Dtype,
+    param_dtype: Dtype,
+    name: str,
+    kernel_init: Callable = DEFAULT_KERNEL_INIT,
+) -> nn.Dense:
+    """nn.Dense whose kernel carries logical axes `axes` = (in_axis, out_axis) and bias (out_axis,)."""
+    return nn.Dense(
+        features,
+        use_bias=use_bias,
+        dtype=dtype,
+        param_dtype=param_dtype,
+        kernel_init=logical_init(kernel_init, axes),
+        bias_init=logical_init(nn.initializers.zeros_init(), (axes[-1],)),
+        name=name,
+    )
+
+
+class RMSNorm(nn.Module):
+    """Llama RMSNorm: normalise in fp32, cast back to the input dtype, then scale (HF LlamaRMSNorm order)."""
+
+    eps: float = 1e-6
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+    axis_name: str = "norm"
+
+    @nn.compact
+    def __call__(self, x):
+        scale = self.param("scale", logical_init(nn.initializers.ones_init(), (self.axis_name,)), (x.shape[-1],),
+                           self.param_dtype)
+        x32 = x.astype(jnp.float32)
+        normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return normed.astype(x.dtype).astype(self.dtype) * scale.astype(self.dtype)
+
+
+class LayerNorm(nn.Module):
+    """LayerNorm with affine scale and bias, statistics in fp32 with the two-pass variance (as PyTorch)."""
+
+    eps: float = 1e-6
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+    axis_name: str = "norm"
+
+    @nn.compact
+    def __call__(self, x):
+        features = x.shape[-1]
+        scale = self.param("scale", logical_init(nn.initializers.ones_init(), (self.axis_name,)), (features,),
+                           self.param_dtype)
+        bias = self.param("bias", logical_init(nn.initializers.zeros_init(), (self.axis_name,)), (features,),
+                          self.param_dtype)
+        x32 = x.astype(jnp.float32)
+        mean = jnp.mean(x32, axis=-1, keepdims=True)
+        centred = x32 - mean
+        var = jnp.mean(centred * centred, axis=-1, keepdims=True)
+        y = centred * jax.lax.rsqrt(var + self.eps)
+        return (y * scale.astype(jnp.float32) + bias.astype(jnp.float32)).astype(self.dtype)
+
+
+def dot_product_attention(q, k, v, mask=None, *, scale: float | None = None):
+    """Softmax attention with grouped-query support.
+
+    q: [batch, q_len, num_heads, head_dim]; k, v: [batch, kv_len, num_kv_heads, head_dim];
+    mask: boolean, broadcastable to [batch, 1, q_len, kv_len] (True = attend), or None.
+    Scores and softmax are computed in fp32. A fully masked row gets a uniform distribution instead of NaN
+    (the additive-minimum convention of the PyTorch references); such rows are padding and never read.
+    Returns [batch, q_len, num_heads, head_dim] in q's dtype.
+    """
+    batch, q_len, num_heads, head_dim = q.shape
+    num_kv = k.shape[2]
+    groups = num_heads // num_kv
+    scale = head_dim**-0.5 if scale is None else scale
+    q = q.reshape(batch, q_len, num_kv, groups, head_dim)
+    scores = jnp.einsum("bqhgd,bkhd->bhgqk", q, k, preferred_element_type=jnp.float32) * scale
+    if mask is not None:
+        mask = jnp.broadcast_to(mask, (batch, 1, q_len, k.shape[1]))[:, :, None]  # [b, 1, 1, q, k]
+        scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    out = jnp.einsum("bhgqk,bkhd->bqhgd", probs, v)
+    return out.reshape(batch, q_len, num_heads, head_dim)

@@ -1,0 +1,101 @@
+"""Device mesh (data, fsdp, tensor), the logical-axis rules table, and parameters created already sharded.
+
+Every parameter carries logical axis names (`embed`, `mlp`, `heads`, ...); one rules table maps them to mesh axes.
+A dimension that the mapped mesh axis does not divide is replicated instead (e.g. a 4-channel conv on 8 devices).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import flax.linen as nn
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from janusflow_jax.config import JanusFlowConfig
+from janusflow_jax.model import JanusFlow
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+# (logical axis, mesh axis or axes). A logical name absent from the table is replicated.
+DEFAULT_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
+    # activations
+    ("activation_batch", ("data", "fsdp")),
+    ("activation_length", None),
+    ("activation_embed", None),
+    ("activation_heads", "tensor"),
+    ("activation_mlp", "tensor"),
+    # LLM
+    ("vocab", "tensor"),
+    ("embed", "fsdp"),
+    ("heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("mlp", "tensor"),
+    # SigLIP
+    ("vit_embed", "fsdp"),
+    ("vit_heads", "tensor"),
+    ("vit_mlp", "tensor"),
+    # generation encoder/decoder (small: only the wide ConvNeXt MLP is split)
+    ("gen_mlp", "tensor"),
+    ("gen_channels", "fsdp"),
+    # stacked layers, norms and conv spatial dims stay replicated
+    ("layers", None),
+    ("norm", None),
+)
+
+
+def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """A (data, fsdp, tensor) mesh over `devices` (default: all); one size may be -1 (= the rest)."""
+    devices = list(jax.devices() if devices is None else devices)
+    shape = [data, fsdp, tensor]
+    if shape.count(-1) > 1:
+        raise ValueError("at most one mesh axis may be -1")
+    known = math.prod(s for s in shape if s != -1)
+    if -1 in shape:
+        if len(devices) % known:
+            raise ValueError(f"{len(devices)} devices cannot be split into mesh {shape}")
+        shape[shape.index(-1)] = len(devices) // known
+    if math.prod(shape) != len(devices):
+        raise ValueError(f"mesh {dict(zip(MESH_AXES, shape))} needs {math.prod(shape)} devices, have {len(devices)}")
+    return Mesh(np.asarray(devices).reshape(shape), MESH_AXES)
+
+
+def _fit(spec: PartitionSpec, shape: tuple, mesh: Mesh) -> PartitionSpec:
+    """Replicates any dimension that its mesh axes do not divide evenly."""
+    out = []
+    for dim, axes in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
+        names = (axes,) if isinstance(axes, str) else tuple(axes or ())
+        size = math.prod(mesh.shape[a] for a in names)
+        out.append(axes if names and dim % size == 0 else None)
+    return PartitionSpec(*out)
+
+
+def logical_to_shardings(abstract_boxed, mesh: Mesh, rules=DEFAULT_RULES):
+    """Boxed abstract params (from eval_shape of init) -> a matching tree of NamedShardings."""
+    logical = nn.get_partition_spec(abstract_boxed)
+    mesh_specs = nn.logical_to_mesh(logical, rules)
+    shapes = nn.unbox(abstract_boxed)
+    return jax.tree.map(lambda spec, x: NamedSharding(mesh, _fit(spec, x.shape, mesh)), mesh_specs, shapes,
+                        is_leaf=lambda x: isinstance(x, PartitionSpec))
+
+
+def param_shardings(config: JanusFlowConfig, mesh: Mesh, rules=DEFAULT_RULES):
+    model = JanusFlow(config)
+    abstract = jax.eval_shape(lambda: model.init(jax.random.key(0), method=JanusFlow.init_all))["params"]
+    return logical_to_shardings(abstract, mesh, rules)
+
+
+def create_sharded_params(config: JanusFlowConfig, mesh: Mesh, rng, rules=DEFAULT_RULES):
+    """Initialises parameters directly into their shards: no host or single device ever holds the full model."""
+    model = JanusFlow(config)
+    shardings = param_shardings(config, mesh, rules)
+    init = jax.jit(lambda r: nn.unbox(model.init(r, method=JanusFlow.init_all)["params"]), out_shardings=shardings)
+    with mesh, nn.logical_axis_rules(rules):
+        return init(rng)
+
+
+def shard_params(params, config: JanusFlowConfig, mesh: Mesh, rules=DEFAULT_RULES):
+    """Places host parameters (e.g. from `convert.from_pytorch`) onto the mesh with the model's shardings."""
+    return jax.device_put(params, param_shardings(config, mesh, rules))
