@@ -545,7 +545,8 @@ def to_pytorch(config: JanusFlowConfig, params, out_dir: str | os.PathLike, torc
 
 # ------------------------------------------------------------------------------------- stage-1 parts (LLM, SigLIP)
 def _tower_shapes(module: nn.Module, *example) -> dict[str, tuple]:
-    abstract = jax.eval_shape(lambda: module.init(jax.random.key(0), *example))["params"]
+    # The examples are ShapeDtypeStructs: pass them through eval_shape (a closure would hand them to init as is).
+    abstract = jax.eval_shape(lambda *xs: module.init(jax.random.key(0), *xs), *example)["params"]
     return {k: tuple(v.shape) for k, v in _flat(nn.unbox(abstract)).items()}
 
 

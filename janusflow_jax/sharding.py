@@ -92,7 +92,7 @@ def create_sharded_params(config: JanusFlowConfig, mesh: Mesh, rng, rules=DEFAUL
     model = JanusFlow(config)
     shardings = param_shardings(config, mesh, rules)
     init = jax.jit(lambda r: nn.unbox(model.init(r, method=JanusFlow.init_all)["params"]), out_shardings=shardings)
-    with mesh, nn.logical_axis_rules(rules):
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
         return init(rng)
 
 

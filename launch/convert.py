@@ -1,0 +1,151 @@
+"""Checkpoint conversion: official PyTorch JanusFlow directory <-> our orbax checkpoint; random official checkpoints.
+
+  python -m launch.convert --to=jax --torch_dir=JanusFlow-1.3B --out=ckpt/janusflow [--param_dtype=bfloat16] [--scan_layers]
+  python -m launch.convert --to=torch --ckpt=ckpt/janusflow --out=JanusFlow-export [--torch_dtype=bfloat16] [--include_repa]
+  python -m launch.convert --to=torch --random_config=tiny --out=/tmp/janusflow-tiny [--seed=0]
+
+Outputs are written atomically (nothing is left behind on failure); an existing non-empty output needs --overwrite.
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+import sys
+import time
+from pathlib import Path
+
+from absl import app, flags, logging
+
+_RANDOM_CONFIGS = {"tiny": "configs.tiny", "1.3b": "configs.janusflow_1_3b"}
+_SAFETENSORS_DTYPES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}
+
+_TO = flags.DEFINE_enum("to", None, ["jax", "torch"], "Output format: jax (orbax checkpoint) or torch (official dir).")
+_TORCH_DIR = flags.DEFINE_string("torch_dir", None, "--to=jax: official PyTorch JanusFlow directory to read.")
+_CKPT = flags.DEFINE_string("ckpt", None, "--to=torch: orbax checkpoint directory to read (written by --to=jax).")
+_RANDOM_CONFIG = flags.DEFINE_enum("random_config", None, sorted(_RANDOM_CONFIGS),
+                                   "--to=torch: write randomly initialised parameters of configs/<name> instead.")
+_OUT = flags.DEFINE_string("out", None, "Output directory.")
+_PARAM_DTYPE = flags.DEFINE_enum("param_dtype", None, ["float32", "bfloat16"],
+                                 "Parameter dtype of the JAX parameters (--to=jax default float32; "
+                                 "--random_config default: the config's).")
+_SCAN_LAYERS = flags.DEFINE_bool("scan_layers", False, "--to=jax: store transformer blocks stacked (nn.scan layout).")
+_TORCH_DTYPE = flags.DEFINE_enum("torch_dtype", None, ["float32", "bfloat16", "float16"],
+                                 "--to=torch: dtype of the written tensors (default: the parameters' own).")
+_INCLUDE_REPA = flags.DEFINE_bool("include_repa", False,
+                                  "--to=torch: also write the REPA projector (not part of the official model).")
+_SEED = flags.DEFINE_integer("seed", 0, "RNG seed for random parameters (and the REPA projector on --to=jax).")
+_OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace a non-empty output directory.")
+
+
+def _check_args():
+    def need(flag, name):
+        if flag.value is None:
+            raise app.UsageError(f"--to={_TO.value} needs --{name}")
+
+    if _TO.value is None:
+        raise app.UsageError("--to=jax or --to=torch is required")
+    need(_OUT, "out")
+    if _TO.value == "jax":
+        need(_TORCH_DIR, "torch_dir")
+        unused = [n for n, f in (("ckpt", _CKPT), ("random_config", _RANDOM_CONFIG), ("torch_dtype", _TORCH_DTYPE))
+                  if f.value is not None] + (["include_repa"] if _INCLUDE_REPA.value else [])
+    else:
+        if (_CKPT.value is None) == (_RANDOM_CONFIG.value is None):
+            raise app.UsageError("--to=torch needs exactly one of --ckpt or --random_config")
+        unused = [n for n, f in (("torch_dir", _TORCH_DIR),) if f.value is not None]
+        unused += ["scan_layers"] if _SCAN_LAYERS.value else []
+        unused += ["param_dtype"] if _CKPT.value is not None and _PARAM_DTYPE.value is not None else []
+    if unused:
+        raise app.UsageError(f"--to={_TO.value} does not use --{', --'.join(unused)}")
+
+
+def _check_out(out: str, overwrite: bool):
+    """Fails before any (possibly long) conversion rather than after it."""
+    path = Path(out)
+    if path.exists() and (not path.is_dir() or any(path.iterdir())) and not overwrite:
+        raise FileExistsError(f"{out} exists and is not empty (pass --overwrite to replace it)")
+
+
+def _dtype_name(dtype) -> str:
+    return str(getattr(dtype, "name", dtype))
+
+
+def to_jax(torch_dir: str, out: str, param_dtype: str = "float32", scan_layers: bool = False, seed: int = 0,
+           overwrite: bool = False) -> dict:
+    """Official PyTorch directory -> orbax checkpoint at `out`. Returns a summary dict."""
+    import jax
+
+    from janusflow_jax import checkpoint, convert
+
+    _check_out(out, overwrite)
+    config, params = convert.from_pytorch(torch_dir, param_dtype=param_dtype, rng=jax.random.key(seed),
+                                          scan_layers=scan_layers)
+    if "://" in out:  # remote (e.g. gs://): orbax's own commit is the atomic step
+        checkpoint.save_params(out, config, params, overwrite=overwrite)
+    else:  # local: write a fresh root beside `out` and rename it into place (also replaces atomically)
+        convert._atomic_write_dir(Path(out), lambda tmp: checkpoint.save_params(tmp, config, params), overwrite)
+    leaves = jax.tree.leaves(params)
+    return dict(tensors=len(leaves), parameters=sum(math.prod(x.shape) for x in leaves),
+                dtype=_dtype_name(leaves[0].dtype), path=out)
+
+
+def _random_params(name: str, param_dtype: str | None, seed: int):
+    import jax
+
+    from janusflow_jax.config import JanusFlowConfig
+    from janusflow_jax.model import init_params
+
+    config = JanusFlowConfig.from_dict(importlib.import_module(_RANDOM_CONFIGS[name]).get_config().model.to_dict())
+    if param_dtype is not None:
+        config = config.replace(param_dtype=param_dtype)
+    return config, jax.device_get(init_params(config, jax.random.key(seed)))
+
+
+def to_torch(out: str, ckpt: str | None = None, random_config: str | None = None, param_dtype: str | None = None,
+             torch_dtype: str | None = None, include_repa: bool = False, seed: int = 0,
+             overwrite: bool = False) -> dict:
+    """Orbax checkpoint (or a random `configs/<random_config>` model) -> official directory. Returns a summary."""
+    from safetensors import safe_open
+
+    from janusflow_jax import checkpoint, convert
+
+    _check_out(out, overwrite)
+    if ckpt is not None:
+        config, params = checkpoint.load_params(ckpt)
+    else:
+        config, params = _random_params(random_config, param_dtype, seed)
+    convert.to_pytorch(config, params, out, torch_dtype=torch_dtype, include_repa=include_repa, overwrite=overwrite)
+    with safe_open(str(Path(out) / "model.safetensors"), "np") as f:  # summarise what was actually written
+        shapes = [f.get_slice(k).get_shape() for k in f.keys()]
+        dtypes = {f.get_slice(k).get_dtype() for k in f.keys()}
+    return dict(tensors=len(shapes), parameters=sum(math.prod(s) for s in shapes),
+                dtype="/".join(sorted(_SAFETENSORS_DTYPES.get(d, d) for d in dtypes)), path=out)
+
+
+def main(argv) -> int:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments {argv[1:]}")
+    _check_args()
+    if not flags.FLAGS["verbosity"].present:  # orbax logs every step of a save at INFO
+        logging.set_verbosity(logging.WARNING)
+    from janusflow_jax.convert import CheckpointMismatchError
+
+    start = time.perf_counter()
+    try:
+        if _TO.value == "jax":
+            summary = to_jax(_TORCH_DIR.value, _OUT.value, _PARAM_DTYPE.value or "float32", _SCAN_LAYERS.value,
+                             _SEED.value, _OVERWRITE.value)
+        else:
+            summary = to_torch(_OUT.value, _CKPT.value, _RANDOM_CONFIG.value, _PARAM_DTYPE.value, _TORCH_DTYPE.value,
+                               _INCLUDE_REPA.value, _SEED.value, _OVERWRITE.value)
+    except (CheckpointMismatchError, FileExistsError, FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(f"wrote {summary['tensors']} tensors ({summary['parameters']:,} parameters, {summary['dtype']}) "
+          f"to {summary['path']} in {time.perf_counter() - start:.1f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    app.run(main)
