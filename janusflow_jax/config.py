@@ -98,7 +98,8 @@ class RepaConfig:
     """REPA projector h_phi: Linear -> SiLU -> Linear -> SiLU -> Linear (REFERENCE.md §7)."""
 
     hidden_dim: int = 2048
-    # Read the LLM residual stream after this many blocks (HF hidden_states[6]).
+    # Read the LLM residual stream after this many blocks (HF hidden_states[6]). Always the raw residual stream:
+    # at layer == num_layers this is before the final norm (HF's last hidden_states entry is after it).
     layer: int = 6
 
 

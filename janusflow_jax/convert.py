@@ -495,7 +495,7 @@ def from_pytorch(path: str | os.PathLike, param_dtype: str = "float32", rng=None
     return cfg, (scan_params(params, cfg) if cfg.scan_layers else params)
 
 
-def _atomic_write_dir(out_dir: Path, write: Callable[[Path], None], overwrite: bool):
+def atomic_write_dir(out_dir: Path, write: Callable[[Path], None], overwrite: bool):
     """Writes into a temporary sibling directory and renames it into place: no half-written output."""
     out_dir = Path(out_dir)
     if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
@@ -539,7 +539,7 @@ def to_pytorch(config: JanusFlowConfig, params, out_dir: str | os.PathLike, torc
         save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         (tmp / "config.json").write_text(json.dumps(config_to_official(config, written_dtype), indent=2) + "\n")
 
-    _atomic_write_dir(Path(out_dir), write, overwrite)
+    atomic_write_dir(Path(out_dir), write, overwrite)
     return Path(out_dir)
 
 

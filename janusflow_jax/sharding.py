@@ -37,6 +37,7 @@ DEFAULT_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("vit_embed", "fsdp"),
     ("vit_heads", "tensor"),
     ("vit_mlp", "tensor"),
+    ("vit_qkv", None),  # fused [q; k; v] output: a contiguous split would cut across heads
     # generation encoder/decoder (small: only the wide ConvNeXt MLP is split)
     ("gen_mlp", "tensor"),
     ("gen_channels", "fsdp"),

@@ -39,8 +39,9 @@ class Attention(nn.Module):
     def __call__(self, x):
         b, n, d = x.shape
         kw = dict(use_bias=True, dtype=self.dtype, param_dtype=self.param_dtype)
-        # qkv rows are [q; k; v], each head-major (timm reshape (B, N, 3, heads, head_dim)).
-        qkv = dense(3 * d, ("vit_embed", "vit_heads"), name="qkv", **kw)(x).reshape(b, n, 3, self.num_heads, -1)
+        # qkv rows are [q; k; v], each head-major (timm reshape (B, N, 3, heads, head_dim)). The fused output axis
+        # is not split by tensor parallelism: a contiguous split would not fall on head boundaries.
+        qkv = dense(3 * d, ("vit_embed", "vit_qkv"), name="qkv", **kw)(x).reshape(b, n, 3, self.num_heads, -1)
         out = dot_product_attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2])
         return dense(d, ("vit_heads", "vit_embed"), name="proj", **kw)(out.reshape(b, n, d))
 
@@ -75,7 +76,7 @@ class MAPHead(nn.Module):
         latent = self.param("latent", logical_init(DEFAULT_KERNEL_INIT, (None, None, "vit_embed")), (1, 1, d),
                             self.param_dtype)
         q = dense(d, ("vit_embed", "vit_heads"), name="q", **kw)(jnp.broadcast_to(latent, (b, 1, d)).astype(self.dtype))
-        kv = dense(2 * d, ("vit_embed", "vit_heads"), name="kv", **kw)(x).reshape(b, n, 2, cfg.num_heads, -1)
+        kv = dense(2 * d, ("vit_embed", "vit_qkv"), name="kv", **kw)(x).reshape(b, n, 2, cfg.num_heads, -1)
         out = dot_product_attention(q.reshape(b, 1, cfg.num_heads, -1), kv[:, :, 0], kv[:, :, 1])
         out = dense(d, ("vit_heads", "vit_embed"), name="proj", **kw)(out.reshape(b, 1, d))
         norm = LayerNorm(cfg.layer_norm_eps, self.dtype, self.param_dtype, axis_name="vit_norm", name="norm")

@@ -84,7 +84,7 @@ def to_jax(torch_dir: str, out: str, param_dtype: str = "float32", scan_layers: 
     if "://" in out:  # remote (e.g. gs://): orbax's own commit is the atomic step
         checkpoint.save_params(out, config, params, overwrite=overwrite)
     else:  # local: write a fresh root beside `out` and rename it into place (also replaces atomically)
-        convert._atomic_write_dir(Path(out), lambda tmp: checkpoint.save_params(tmp, config, params), overwrite)
+        convert.atomic_write_dir(Path(out), lambda tmp: checkpoint.save_params(tmp, config, params), overwrite)
     leaves = jax.tree.leaves(params)
     return dict(tensors=len(leaves), parameters=sum(math.prod(x.shape) for x in leaves),
                 dtype=_dtype_name(leaves[0].dtype), path=out)

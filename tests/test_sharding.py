@@ -25,7 +25,7 @@ def test_create_sharded_params(tiny_config, scan):
     assert layer["self_attn"]["o_proj"]["kernel"].sharding.spec == P(*lead, "tensor", "fsdp")
     assert params["language_model"]["embed_tokens"]["embedding"].sharding.spec == P("tensor", "fsdp")
     qkv = params["und_encoder"]["blocks" if scan else "blocks_0"]["attn"]["qkv"]["kernel"]
-    assert qkv.sharding.spec == P(*lead, "fsdp", "tensor")
+    assert qkv.sharding.spec == P(*lead, "fsdp", None)  # fused [q; k; v]: not split across heads
     # A dimension the mesh does not divide is replicated: the 4-channel latent input of in_conv.
     assert params["gen_encoder"]["in_conv"]["kernel"].sharding.spec[2] is None
     # Same values as the unsharded initialisation.
