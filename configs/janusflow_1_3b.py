@@ -26,10 +26,15 @@ def model_config() -> ml_collections.ConfigDict:
     ))
 
 
-def get_config(arg=None) -> ml_collections.ConfigDict:
-    del arg
+def run_config(model: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """The locked top-level config around a model config (shared by the model configs in this folder)."""
     config = ml_collections.ConfigDict()
-    config.model = model_config()
+    config.model = model
     config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
     config.lock()
     return config
+
+
+def get_config(arg=None) -> ml_collections.ConfigDict:
+    del arg
+    return run_config(model_config())

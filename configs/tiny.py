@@ -5,6 +5,8 @@ The widths between towers differ from 1.3B on purpose (the official code hard-co
 
 import ml_collections
 
+from configs.janusflow_1_3b import run_config
+
 
 def model_config() -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(dict(
@@ -28,8 +30,4 @@ def model_config() -> ml_collections.ConfigDict:
 
 def get_config(arg=None) -> ml_collections.ConfigDict:
     del arg
-    config = ml_collections.ConfigDict()
-    config.model = model_config()
-    config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
-    config.lock()
-    return config
+    return run_config(model_config())

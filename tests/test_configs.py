@@ -20,7 +20,7 @@ REPA_PARAMS = 2048 * 2048 + 2048 + 2048 * 2048 + 2048 + 2048 * 1024 + 1024
 @pytest.mark.parametrize("name", CONFIG_NAMES)
 def test_config_file_loads(name):
     config = importlib.import_module(f"configs.{name}").get_config()
-    assert config.is_locked if hasattr(config, "is_locked") else True
+    assert config.is_locked
     model_config = JanusFlowConfig.from_dict(config.model.to_dict())
     assert model_config.num_gen_tokens == (model_config.latent_size // model_config.gen_encoder.stride) ** 2
     with pytest.raises(AttributeError):
