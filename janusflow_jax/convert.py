@@ -37,11 +37,11 @@ TRANSFORMS: dict[str, Callable[[np.ndarray], np.ndarray]] = {
     "conv": lambda x: x.transpose(2, 3, 1, 0),  # OIHW -> HWIO (depthwise [C, 1, kh, kw] -> [kh, kw, 1, C])
     "grn": lambda x: x.reshape(-1),  # [1, 1, 1, C] -> [C]
 }
-INVERSE: dict[str, Callable[[np.ndarray, tuple], np.ndarray]] = {
-    "identity": lambda x, shape: x,
-    "linear": lambda x, shape: x.T,
-    "conv": lambda x, shape: x.transpose(3, 2, 0, 1),
-    "grn": lambda x, shape: x.reshape(1, 1, 1, -1),
+INVERSE: dict[str, Callable[[np.ndarray], np.ndarray]] = {
+    "identity": lambda x: x,
+    "linear": lambda x: x.T,
+    "conv": lambda x: x.transpose(3, 2, 0, 1),
+    "grn": lambda x: x.reshape(1, 1, 1, -1),
 }
 
 
@@ -266,14 +266,14 @@ def import_tensors(state: Mapping[str, np.ndarray], rules: Iterable[Rule], expec
     missing, mis_shaped, out, used = [], [], {}, set()
     for jax_path, torch_key, transform in rules:
         key = strip + torch_key
-        want = tuple(expected[jax_path])
+        want = _torch_shape(transform, tuple(expected[jax_path]))
         if key not in state:
-            missing.append((key, _torch_shape(transform, want)))
+            missing.append((key, want))
             continue
         used.add(key)
         got = _shape_of(state, key)
-        if got != _torch_shape(transform, want):
-            mis_shaped.append((key, _torch_shape(transform, want), got))
+        if got != want:
+            mis_shaped.append((key, want, got))
             continue
         out[jax_path] = np.ascontiguousarray(TRANSFORMS[transform](np.asarray(state[key])).astype(dtype))
     unexpected = [(k, _shape_of(state, k)) for k in state
@@ -290,8 +290,7 @@ def export_tensors(flat_params: Mapping[str, np.ndarray], rules: Iterable[Rule],
     if missing:
         raise CheckpointMismatchError("<jax params>", missing=missing)
     for jax_path, torch_key, transform in rules:
-        value = np.asarray(flat_params[jax_path])
-        value = INVERSE[transform](value, value.shape)
+        value = INVERSE[transform](np.asarray(flat_params[jax_path]))
         out[torch_key] = np.ascontiguousarray(value if dtype is None else value.astype(dtype))
     return out
 
@@ -541,8 +540,7 @@ def to_pytorch(config: JanusFlowConfig, params, out_dir: str | os.PathLike, torc
         raise CheckpointMismatchError("<jax params>", unexpected=[(k, flat[k].shape) for k in extra])
     dtype = None if torch_dtype is None else _dtype(torch_dtype)
     state = export_tensors(flat, rules + (repa_rules(config) if include_repa else []), dtype)
-    written_dtype = torch_dtype or ("bfloat16" if next(iter(state.values())).dtype == ml_dtypes.bfloat16
-                                    else str(next(iter(state.values())).dtype))
+    written_dtype = torch_dtype or next(iter(state.values())).dtype.name  # ml_dtypes names bf16 "bfloat16"
 
     def write(tmp: Path):
         save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})

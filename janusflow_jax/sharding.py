@@ -15,7 +15,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from janusflow_jax.config import JanusFlowConfig
-from janusflow_jax.model import JanusFlow
+from janusflow_jax.model import JanusFlow, abstract_params
 
 MESH_AXES = ("data", "fsdp", "tensor")
 
@@ -83,9 +83,7 @@ def logical_to_shardings(abstract_boxed, mesh: Mesh, rules=DEFAULT_RULES):
 
 
 def param_shardings(config: JanusFlowConfig, mesh: Mesh, rules=DEFAULT_RULES):
-    model = JanusFlow(config)
-    abstract = jax.eval_shape(lambda: model.init(jax.random.key(0), method=JanusFlow.init_all))["params"]
-    return logical_to_shardings(abstract, mesh, rules)
+    return logical_to_shardings(abstract_params(config), mesh, rules)
 
 
 def create_sharded_params(config: JanusFlowConfig, mesh: Mesh, rng, rules=DEFAULT_RULES):

@@ -7,7 +7,7 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from janusflow_jax import sharding
-from janusflow_jax.model import JanusFlow, init_params
+from janusflow_jax.model import JanusFlow, abstract_params, init_params
 
 
 @pytest.mark.parametrize("scan", [False, True])
@@ -63,9 +63,7 @@ def test_make_mesh_errors():
 def test_every_parameter_has_logical_axis_names(tiny_config, scan):
     from flax import traverse_util
 
-    cfg = tiny_config.replace(scan_layers=scan)
-    model = JanusFlow(cfg)
-    boxed = jax.eval_shape(lambda: model.init(jax.random.key(0), method=JanusFlow.init_all))["params"]
+    boxed = abstract_params(tiny_config.replace(scan_layers=scan))
     flat = traverse_util.flatten_dict(boxed, sep="/", is_leaf=lambda _, x: isinstance(x, sharding.nn.Partitioned))
     unnamed = [k for k, v in flat.items()
                if not isinstance(v, sharding.nn.LogicallyPartitioned) or len(v.names) != v.value.ndim]
