@@ -39,15 +39,19 @@ def rotary_embedding(x, positions, theta: float):
     return x * cos + rotated * sin
 
 
-def causal_key_mask(key_mask, q_len: int, cache_index):
+def causal_key_mask(key_mask, q_len: int, cache_index, segment_ids=None):
     """Causal mask over a key axis of length T where the queries occupy slots [cache_index, cache_index + q_len).
 
-    key_mask: [batch, T] (1 = real key). Returns boolean [batch, 1, q_len, T].
+    key_mask: [batch, T] (1 = real key). segment_ids: optional [batch, T] (no cache: T = q_len) for packed rows; a
+    query then sees only keys of its own segment. Returns boolean [batch, 1, q_len, T].
     """
     kv_len = key_mask.shape[1]
     q_slots = cache_index + jnp.arange(q_len)
     causal = jnp.arange(kv_len)[None, :] <= q_slots[:, None]  # [q, T]
-    return (causal[None] & key_mask.astype(bool)[:, None, :])[:, None]
+    mask = causal[None] & key_mask.astype(bool)[:, None, :]
+    if segment_ids is not None:
+        mask = mask & (segment_ids[:, :, None] == segment_ids[:, None, :])
+    return mask[:, None]
 
 
 class LlamaAttention(nn.Module):
@@ -172,12 +176,14 @@ class LlamaModel(nn.Module):
         return self.lm_head(hidden)
 
     def __call__(self, inputs_embeds, attention_mask=None, positions=None, cache: Cache | None = None,
-                 cache_index=0, return_logits: bool = True):
+                 cache_index=0, return_logits: bool = True, segment_ids=None):
         """inputs_embeds: [batch, seq, hidden].
         attention_mask: [batch, T] over keys (1 = attend), T = seq, or the cache length when a cache is given.
         positions: [batch, seq] absolute RoPE positions; default cache_index + arange(seq), like HF without
         position_ids (so left padding does not shift positions, exactly as the official pipeline runs).
         cache: from `init_cache`; the new keys/values are written at slots [cache_index, cache_index + seq).
+        segment_ids: [batch, seq] for packed rows (0 = padding, k = the k-th packed example); attention stays inside
+        a segment and padding keys are hidden. Pass per-segment `positions` with it. Not with a cache.
         """
         cfg = self.config
         if self.is_initializing():  # create the embedding table even when called on embeddings
@@ -185,13 +191,18 @@ class LlamaModel(nn.Module):
         b, s, _ = inputs_embeds.shape
         kv_len = s if cache is None else cache["k"].shape[2]
         cache_index = jnp.asarray(cache_index, jnp.int32)
+        if segment_ids is not None:
+            if cache is not None:
+                raise ValueError("segment_ids (packed rows) cannot be combined with a KV cache")
+            if attention_mask is None:
+                attention_mask = segment_ids != 0
         if attention_mask is None:
             attention_mask = jnp.ones((b, kv_len), jnp.int32)
         if attention_mask.shape != (b, kv_len):
             raise ValueError(f"attention_mask must be [batch, {kv_len}] over keys, got {attention_mask.shape}")
         if positions is None:
             positions = jnp.broadcast_to(cache_index + jnp.arange(s, dtype=jnp.int32), (b, s))
-        mask = causal_key_mask(attention_mask, s, cache_index)
+        mask = causal_key_mask(attention_mask, s, cache_index, segment_ids)
         x = inputs_embeds.astype(self.dtype)
         x = nn.with_logical_constraint(x, ("activation_batch", "activation_length", "activation_embed"))
         captured = x if self.capture_after >= 0 else None  # capture_after == 0 means the embeddings

@@ -92,26 +92,30 @@ class JanusFlow(nn.Module):
         return jnp.where(mask[..., None], gathered.astype(embeds.dtype), embeds)
 
     def understand(self, input_ids, pixel_values=None, image_token_mask=None, attention_mask=None, positions=None,
-                   cache=None, cache_index=0):
+                   cache=None, cache_index=0, segment_ids=None):
         """Next-token logits [batch, seq, vocab] for a (possibly image-bearing) sequence.
 
         attention_mask: [batch, seq] (1 = real token; left padding as the official batchify), or over the cache
         length when `cache` is given, in which case `(logits, cache)` is returned.
+        segment_ids/positions: packed rows (several examples per row, attention kept inside each; see `batch.py`).
         """
         embeds = self.embed_understanding(input_ids, pixel_values, image_token_mask)
-        out = self.language_model(embeds, attention_mask, positions, cache=cache, cache_index=cache_index)
+        out = self.language_model(embeds, attention_mask, positions, cache=cache, cache_index=cache_index,
+                                  segment_ids=segment_ids)
         return out["logits"] if cache is None else (out["logits"], out["cache"])
 
     # -------------------------------------------------------------------------------------------------- generation
-    def prompt_cache(self, prompt_ids, prompt_mask):
+    def prompt_cache(self, prompt_ids, prompt_mask, prompt_positions=None):
         """KV cache of the prompt, sized for [prompt, t_emb, latent tokens]; reuse it across ODE steps."""
         b, length = prompt_ids.shape
         cache = llama.init_cache(self.config.llm, b, length + 1 + self.config.num_gen_tokens, self.config.compute_dtype)
         mask = jnp.concatenate([prompt_mask, jnp.ones((b, cache["k"].shape[2] - length), prompt_mask.dtype)], axis=1)
-        out = self.language_model(self.language_model.embed(prompt_ids), mask, cache=cache, return_logits=False)
+        out = self.language_model(self.language_model.embed(prompt_ids), mask, prompt_positions, cache=cache,
+                                  return_logits=False)
         return out["cache"]
 
-    def velocity(self, prompt_ids, prompt_mask, z_t, t, return_repa_features=False, prompt_cache=None):
+    def velocity(self, prompt_ids, prompt_mask, z_t, t, return_repa_features=False, prompt_cache=None,
+                 prompt_positions=None):
         """Rectified-flow velocity v(z_t, t | prompt).
 
         prompt_ids/prompt_mask: [batch, L], BOS + prompt with the generation tag dropped (its slot goes to t_emb);
@@ -119,6 +123,9 @@ class JanusFlow(nn.Module):
         z_t: [batch, latent, latent, 4] scaled VAE latents; t: [batch] in [0, 1] (0 = noise, 1 = data).
         prompt_cache: optional result of `prompt_cache(prompt_ids, prompt_mask)`; then only t_emb and the latent
         tokens run through the LLM (same numbers, as attention is causal).
+        prompt_positions: [batch, L] RoPE positions of the prompt (default arange, as the official sampler). For
+        left-padded prompts of different lengths pass `prompt_positions(real_mask)` so BOS sits at 0 in every row;
+        t_emb and the latent tokens continue after the last prompt position.
         Returns v [batch, latent, latent, 4], and with `return_repa_features` also h_phi of the LLM residual stream
         after block `config.repa.layer` at the latent positions, [batch, num_gen_tokens, und width].
         """
@@ -129,11 +136,16 @@ class JanusFlow(nn.Module):
         latent_tokens = self.gen_enc_aligner(z_features.reshape(b, n, z_features.shape[-1]))
         gen_embeds = jnp.concatenate([t_emb[:, None].astype(latent_tokens.dtype), latent_tokens], axis=1)
         mask = jnp.concatenate([prompt_mask, jnp.ones((b, 1 + n), prompt_mask.dtype)], axis=1)
+        length = prompt_mask.shape[1]
+        gen_positions = None
+        if prompt_positions is not None:
+            gen_positions = prompt_positions[:, -1:] + 1 + jnp.arange(1 + n, dtype=prompt_positions.dtype)[None]
         if prompt_cache is None:
             embeds = jnp.concatenate([self.language_model.embed(prompt_ids).astype(gen_embeds.dtype), gen_embeds], 1)
-            out = self.language_model(embeds, mask, return_logits=False)
+            positions = None if prompt_positions is None else jnp.concatenate([prompt_positions, gen_positions], 1)
+            out = self.language_model(embeds, mask, positions, return_logits=False)
         else:
-            out = self.language_model(gen_embeds, mask, cache=prompt_cache, cache_index=prompt_mask.shape[1],
+            out = self.language_model(gen_embeds, mask, gen_positions, cache=prompt_cache, cache_index=length,
                                       return_logits=False)
         # Read-out at the latent input positions (no shift): final LLM norm, then the aligner's own RMSNorm.
         h = self.gen_dec_aligner(self.gen_dec_aligner_norm(out["hidden"][:, -n:]))
@@ -153,6 +165,15 @@ class JanusFlow(nn.Module):
         self.understand(ids, jnp.zeros((1, size, size, 3)), mask, jnp.ones_like(ids))
         z = jnp.zeros((1, cfg.latent_size, cfg.latent_size, cfg.gen_encoder.in_channels))
         return self.velocity(ids[:, :2], jnp.ones((1, 2), jnp.int32), z, jnp.zeros((1,)), return_repa_features=True)
+
+
+def prompt_positions(real_mask):
+    """RoPE positions for left-padded prompts: each row's first real token (BOS) at 0, padding clamped to 0.
+
+    real_mask: [batch, L], 1 at the prompt's real tokens. Use the mask *before* hiding tokens for the CFG null prompt,
+    so the null row keeps the positions of its conditional twin (as the official sampler does).
+    """
+    return jnp.maximum(jnp.cumsum(real_mask.astype(jnp.int32), axis=1) - 1, 0)
 
 
 def abstract_params(config: JanusFlowConfig):
