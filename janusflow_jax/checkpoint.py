@@ -13,13 +13,20 @@ import os
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from flax import traverse_util
 
 from janusflow_jax.config import JanusFlowConfig
 
 
 def _manager(directory, create: bool = True) -> ocp.CheckpointManager:
     # Handlers named up front: without them a fresh manager cannot read item metadata (it returns None).
-    handlers = dict(params=ocp.StandardCheckpointHandler(), config=ocp.JsonCheckpointHandler())
+    # `ema` exists in training checkpoints (janusflow_jax/trainer.py): the EMA of the trainable parameters.
+    import grain.checkpoint as grain_ckpt
+
+    handlers = dict(params=ocp.StandardCheckpointHandler(), ema=ocp.StandardCheckpointHandler(),
+                    opt_state=ocp.StandardCheckpointHandler(), counters=ocp.StandardCheckpointHandler(),
+                    data=grain_ckpt.CheckpointHandler(), config=ocp.JsonCheckpointHandler(),
+                    run_config=ocp.JsonCheckpointHandler())
     options = ocp.CheckpointManagerOptions(create=create, enable_async_checkpointing=False)
     return ocp.CheckpointManager(os.fspath(directory), item_handlers=handlers, options=options)
 
@@ -36,12 +43,17 @@ def save_params(directory, config: JanusFlowConfig, params, step: int = 0, overw
         mngr.wait_until_finished()
 
 
-def load_params(directory, mesh=None, shardings=None, step: int | None = None) -> tuple[JanusFlowConfig, dict]:
+def load_params(directory, mesh=None, shardings=None, step: int | None = None,
+                weights: str = "ema") -> tuple[JanusFlowConfig, dict]:
     """Restores (config, params) from `step` (default: the latest) of the root `directory`.
 
     mesh: restore each array directly into `sharding.param_shardings(config, mesh)`. shardings: an explicit tree of
     shardings instead. Neither: host numpy arrays.
+    weights: for a training checkpoint, "ema" (default: the EMA of the trained parameters over the raw frozen ones,
+    what a release exports) or "params" (the raw current weights). Checkpoints without an EMA ignore it.
     """
+    if weights not in ("ema", "params"):
+        raise ValueError(f"weights must be 'ema' or 'params', got {weights!r}")
     if not os.fspath(directory).startswith(("gs://", "s3://")) and not os.path.isdir(directory):
         raise FileNotFoundError(f"no checkpoint directory {directory}")
     with _manager(directory, create=False) as mngr:
@@ -56,9 +68,22 @@ def load_params(directory, mesh=None, shardings=None, step: int | None = None) -
             shardings = param_shardings(config, mesh)
         meta = mngr.item_metadata(step)["params"]
         meta = getattr(meta, "tree", meta)  # orbax >= 0.11 wraps the tree in a TreeMetadata
-        if shardings is None:  # numpy targets restore to host memory (np.empty does not touch the pages)
-            target = jax.tree.map(lambda m: np.empty(m.shape, m.dtype), meta)
-        else:
-            target = jax.tree.map(lambda m, s: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=s), meta, shardings)
-        params = mngr.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(target)))["params"]
+        def target(meta, shardings):
+            if shardings is None:  # numpy targets restore to host memory (np.empty does not touch the pages)
+                return jax.tree.map(lambda m: np.empty(m.shape, m.dtype), meta)
+            return jax.tree.map(lambda m, s: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=s), meta, shardings)
+
+        params = mngr.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(target(meta, shardings))))
+        params = params["params"]
+        ema_meta = mngr.item_metadata(step).get("ema") if weights == "ema" else None
+        if ema_meta is not None:  # overlay the EMA copies onto the trained leaves, in the parameters' dtype
+            ema_meta = getattr(ema_meta, "tree", ema_meta)
+            flat = traverse_util.flatten_dict(params, sep="/")
+            ema_flat_meta = traverse_util.flatten_dict(ema_meta, sep="/")
+            ema_sh = None if shardings is None else traverse_util.unflatten_dict(
+                {k: traverse_util.flatten_dict(shardings, sep="/")[k] for k in ema_flat_meta}, sep="/")
+            ema = mngr.restore(step, args=ocp.args.Composite(ema=ocp.args.StandardRestore(target(ema_meta, ema_sh))))
+            for path, value in traverse_util.flatten_dict(ema["ema"], sep="/").items():
+                flat[path] = value.astype(flat[path].dtype)
+            params = traverse_util.unflatten_dict(flat, sep="/")
     return config, params

@@ -46,11 +46,14 @@ class TimestepEmbedding(nn.Module):
 
 def _conv(features, kernel, *, strides=1, padding=0, groups=1, use_bias=True, dtype, param_dtype, name):
     in_axis = "conv_group" if groups > 1 else "gen_channels_in"
+    # A depthwise kernel (49 weights per channel) stays replicated: sharding its channels would make the partitioner
+    # split the activations by channel instead of by batch.
+    out_axis = "gen_depthwise" if groups > 1 else "gen_channels"
     return nn.Conv(
         features, (kernel, kernel), strides=(strides, strides), padding=[(padding, padding)] * 2,
         feature_group_count=groups, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype,
-        kernel_init=logical_init(DEFAULT_KERNEL_INIT, ("conv_height", "conv_width", in_axis, "gen_channels")),
-        bias_init=logical_init(nn.initializers.zeros_init(), ("gen_channels",)), name=name)
+        kernel_init=logical_init(DEFAULT_KERNEL_INIT, ("conv_height", "conv_width", in_axis, out_axis)),
+        bias_init=logical_init(nn.initializers.zeros_init(), (out_axis,)), name=name)
 
 
 class GlobalResponseNorm(nn.Module):
@@ -72,6 +75,12 @@ class GlobalResponseNorm(nn.Module):
         return out.astype(self.dtype)
 
 
+def _batch_sharded(x, channel_axis=None):
+    """Activations [batch, h, w, c] split by rows over the data axes (channels only by `channel_axis`): without it the
+    fsdp-sharded conv kernels pull the partitioner into sharding by channels and resharding at every block."""
+    return nn.with_logical_constraint(x, ("activation_batch", None, None, channel_axis))
+
+
 class ConvNeXtBlock(nn.Module):
     channels: int
     norm_eps: float = 1e-6
@@ -84,17 +93,18 @@ class ConvNeXtBlock(nn.Module):
     def __call__(self, x, t_emb):
         c = self.channels
         kw = dict(use_bias=self.use_bias, dtype=self.dtype, param_dtype=self.param_dtype)
-        h = _conv(c, 7, padding=3, groups=c, name="depthwise", **kw)(x)
+        x = _batch_sharded(x)
+        h = _batch_sharded(_conv(c, 7, padding=3, groups=c, name="depthwise", **kw)(x))
         h = RMSNorm(self.norm_eps, self.dtype, self.param_dtype, axis_name="gen_channels", name="norm")(h)
         h = dense(c * self.ffn_factor, ("gen_channels", "gen_mlp"), name="channelwise_linear_1", **kw)(h)
-        h = nn.gelu(h, approximate=False)
+        h = _batch_sharded(nn.gelu(h, approximate=False), "activation_mlp")
         h = GlobalResponseNorm(self.dtype, self.param_dtype, name="channelwise_norm")(h)
         h = dense(c, ("gen_mlp", "gen_channels"), name="channelwise_linear_2", **kw)(h)
         x = h + x
         # FiLM after the residual add, as in the released ShallowUViT.
         scale, shift = jnp.split(dense(2 * c, ("embed", "gen_channels"), name="cond_embeds_mapper", **kw)(nn.silu(t_emb)),
                                  2, axis=-1)
-        return shift[:, None, None, :] + x * (1.0 + scale[:, None, None, :])
+        return _batch_sharded(shift[:, None, None, :] + x * (1.0 + scale[:, None, None, :]))
 
 
 class MidBlock(nn.Module):
@@ -159,7 +169,7 @@ class Unpatchify(nn.Module):
         x = RMSNorm(self.norm_eps, self.dtype, self.param_dtype, axis_name="gen_channels", name="norm")(x)
         x = _conv(self.out_channels * 4, 1, use_bias=self.use_bias, dtype=self.dtype, param_dtype=self.param_dtype,
                   name="unpatch_conv")(x)
-        return pixel_shuffle(x, 2)
+        return _batch_sharded(pixel_shuffle(x, 2))
 
 
 class ShallowUViTDecoder(nn.Module):
@@ -173,7 +183,7 @@ class ShallowUViTDecoder(nn.Module):
     def __call__(self, x, skip, t_emb):
         cfg = self.config
         x = RMSNorm(cfg.norm_eps, self.dtype, self.param_dtype, axis_name="gen_channels", name="input_norm")(x)
-        x = jnp.concatenate([x, skip.astype(x.dtype)], axis=-1)  # [LLM path, encoder skip]
+        x = _batch_sharded(jnp.concatenate([x, skip.astype(x.dtype)], axis=-1))  # [LLM path, encoder skip]
         channels = cfg.in_channels + cfg.channels
         x = MidBlock(channels, cfg.num_blocks, cfg.norm_eps, cfg.use_bias, cfg.ffn_factor, self.dtype,
                      self.param_dtype, name="mid_block")(x, t_emb)

@@ -1,0 +1,85 @@
+"""Train a JanusFlow stage.
+
+  python -m launch.train --config=stage2 --workdir=runs/stage2 [--config.optimizer.lr=3e-5 ...]
+  python -m launch.train --config=configs/stage2.py:tiny --workdir=/tmp/tiny
+
+`--config=NAME[:ARG]` with a bare NAME reads configs/NAME.py; a path works as well. Any config field can be overridden
+with --config.FIELD=VALUE (an unknown field is an error). Rerunning the same command resumes from the newest
+checkpoint in the workdir. On several hosts (a TPU pod slice) the JAX distributed runtime is initialised first.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+
+
+def resolve_config_arg(argv: list[str]) -> list[str]:
+    """--config=stage2[:arg] -> --config=<repo>/configs/stage2.py[:arg] (a name without '/' or '.py')."""
+    out = []
+    for a in argv:
+        if a.startswith("--config="):
+            value = a[len("--config="):]
+            name, _, arg = value.partition(":")
+            if "/" not in name and not name.endswith(".py"):
+                path = CONFIG_DIR / f"{name}.py"
+                if not path.exists():
+                    known = sorted(p.stem for p in CONFIG_DIR.glob("*.py") if p.stem != "__init__")
+                    raise SystemExit(f"error: no config {name!r} (configs/{name}.py); known: {', '.join(known)}")
+                a = f"--config={path}" + (f":{arg}" if arg else "")
+        out.append(a)
+    return out
+
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Run config: configs/<name>.py[:arg] or a bare name.",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and plots (resumes if it has them).")
+_DISTRIBUTED = flags.DEFINE_enum("distributed", "auto", ["auto", "yes", "no"],
+                                 "Initialise jax.distributed (auto: when the environment shows several hosts).")
+_PROGRESS = flags.DEFINE_bool("progress", True, "Show a progress bar.")
+
+
+def _multihost_environment() -> bool:
+    hosts = os.environ.get("TPU_WORKER_HOSTNAMES", "")
+    return ("," in hosts or "JAX_COORDINATOR_ADDRESS" in os.environ or "SLURM_NTASKS" in os.environ
+            and int(os.environ.get("SLURM_NTASKS", "1")) > 1)
+
+
+def main(argv) -> int:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments {argv[1:]}")
+    if _CONFIG.value is None or _WORKDIR.value is None:
+        raise app.UsageError("--config and --workdir are required")
+    if not flags.FLAGS["verbosity"].present:
+        logging.set_verbosity(logging.WARNING)
+    import jax
+
+    if _DISTRIBUTED.value == "yes" or (_DISTRIBUTED.value == "auto" and _multihost_environment()):
+        jax.distributed.initialize()
+    from janusflow_jax import trainer
+
+    try:
+        metrics = trainer.train(_CONFIG.value, _WORKDIR.value, progress=_PROGRESS.value)
+    except (trainer.TrainingError, ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    if jax.process_index() == 0:
+        workdir = Path(_WORKDIR.value)
+        print(f"done: final loss {metrics.get('loss', float('nan')):.4f}; checkpoints in {workdir / 'checkpoints'}, "
+              f"loss curve {workdir / 'loss_curve.png'}, TensorBoard logs in {workdir / 'tensorboard'}")
+    return 0
+
+
+def run():
+    sys.argv = resolve_config_arg(sys.argv)
+    app.run(main)
+
+
+if __name__ == "__main__":
+    run()
