@@ -21,16 +21,24 @@ setup(
         "numpy>=1.26",
         "pillow>=10.0",
         "absl-py>=2.0",
+        "array-record>=0.5",  # prepared datasets (ArrayRecord shards read by grain)
+        "msgpack>=1.0",  # record serialisation
+        "tqdm>=4.60",  # progress bars (train, prepare_data, generate)
+        "tensorboardX>=2.6",  # TensorBoard scalars without TensorFlow
+        "matplotlib>=3.7",  # loss-curve PNG
     ],
     extras_require={
         # Reading `pytorch_model.bin` and the PyTorch parity tests. The TPU install needs none of it.
         "torch": ["torch>=2.4"],
+        # Cloud TPU runtime (libtpu); also what `launch.compile` needs to compile for a TPU topology on a CPU host.
+        "tpu": ["jax[tpu]"],
         "test": [
             "pytest>=8.0",
             "torch>=2.4",
             "torchvision",
             "timm>=1.0.15",
             "diffusers>=0.32",
+            "tensorflow-datasets>=4.9",  # the TFDS source of prepare_data
         ],
     },
 )

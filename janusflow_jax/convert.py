@@ -212,11 +212,15 @@ class StateDict(Mapping[str, np.ndarray]):
         self.source = str(path)
         for f in files:
             if f.suffix == ".safetensors":
-                from safetensors import safe_open
+                from safetensors import SafetensorError, safe_open
 
-                with safe_open(str(f), "np") as handle:
-                    for key in handle.keys():
-                        self._files[key] = f
+                try:  # the header is validated against the file size here, so a cut-short download fails now
+                    with safe_open(str(f), "np") as handle:
+                        for key in handle.keys():
+                            self._files[key] = f
+                except SafetensorError as e:
+                    raise ValueError(f"{f} is not a readable safetensors file (truncated or damaged download?): "
+                                     f"{e}") from None
             else:
                 import torch  # `.bin` needs the [torch] extra; weights_only refuses pickled code
 

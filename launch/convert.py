@@ -4,6 +4,8 @@
   python -m launch.convert --to=torch --ckpt=ckpt/janusflow --out=JanusFlow-export [--torch_dtype=bfloat16] [--include_repa]
   python -m launch.convert --to=torch --random_config=tiny --out=/tmp/janusflow-tiny [--seed=0]
 
+--to=jax also copies the tokenizer and processor files (tokenizer.json, tokenizer_config.json, special_tokens_map.json,
+processor_config.json, preprocessor_config.json) and a vae/ folder, where present, beside the orbax checkpoint.
 Outputs are written atomically (nothing is left behind on failure); an existing non-empty output needs --overwrite.
 """
 
@@ -73,21 +75,29 @@ def _dtype_name(dtype) -> str:
 
 def to_jax(torch_dir: str, out: str, param_dtype: str = "float32", scan_layers: bool = False, seed: int = 0,
            overwrite: bool = False) -> dict:
-    """Official PyTorch directory -> orbax checkpoint at `out`. Returns a summary dict."""
+    """Official PyTorch directory -> orbax checkpoint at `out`, with the tokenizer/processor files and a `vae/`
+    folder of `torch_dir` copied beside it (so `launch.generate`/`launch.chat --checkpoint=out` need nothing else).
+    Returns a summary dict."""
     import jax
 
-    from janusflow_jax import checkpoint, convert
+    from janusflow_jax import checkpoint, convert, inference
 
     _check_out(out, overwrite)
     config, params = convert.from_pytorch(torch_dir, param_dtype=param_dtype, rng=jax.random.key(seed),
                                           scan_layers=scan_layers)
+    copied = []
+
+    def write(root):
+        checkpoint.save_params(root, config, params, overwrite=overwrite)
+        copied.extend(inference.copy_inference_files(torch_dir, root))
+
     if "://" in out:  # remote (e.g. gs://): orbax's own commit is the atomic step
-        checkpoint.save_params(out, config, params, overwrite=overwrite)
+        write(out)
     else:  # local: write a fresh root beside `out` and rename it into place (also replaces atomically)
-        convert.atomic_write_dir(Path(out), lambda tmp: checkpoint.save_params(tmp, config, params), overwrite)
+        convert.atomic_write_dir(Path(out), write, overwrite)
     leaves = jax.tree.leaves(params)
     return dict(tensors=len(leaves), parameters=sum(math.prod(x.shape) for x in leaves),
-                dtype=_dtype_name(leaves[0].dtype), path=out)
+                dtype=_dtype_name(leaves[0].dtype), path=out, copied=copied)
 
 
 def _random_params(name: str, param_dtype: str | None, seed: int):
@@ -144,6 +154,11 @@ def main(argv) -> int:
         return 1
     print(f"wrote {summary['tensors']} tensors ({summary['parameters']:,} parameters, {summary['dtype']}) "
           f"to {summary['path']} in {time.perf_counter() - start:.1f} s")
+    if _TO.value == "jax":
+        copied = summary["copied"]
+        print(f"copied {', '.join(copied)}" if copied else
+              f"note: {_TORCH_DIR.value} has no tokenizer/processor files; add them to {summary['path']} for "
+              f"launch.generate / launch.chat")
     return 0
 
 

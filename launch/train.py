@@ -76,9 +76,16 @@ def main(argv) -> int:
     return 0
 
 
+def _parse_flags(argv):
+    """config_flags applies --config.FIELD overrides while parsing: a typo is one line here, not a traceback."""
+    try:
+        return flags.FLAGS(argv)
+    except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as e:
+        raise SystemExit(f"error: bad flag or config override: {e}") from None
+
+
 def run():
-    sys.argv = resolve_config_arg(sys.argv)
-    app.run(main)
+    app.run(main, argv=resolve_config_arg(sys.argv), flags_parser=_parse_flags)
 
 
 if __name__ == "__main__":

@@ -136,6 +136,21 @@ def test_damaged_dir_fails_cleanly(official_dir, tmp_path, capsys):
     assert not out.exists() and not (out.parent.exists() and any(out.parent.iterdir()))
 
 
+def test_truncated_weights_fail_cleanly(official_dir, tmp_path, capsys):
+    """A cut-short download: one line naming the file, exit 1, no traceback, nothing written."""
+    truncated = tmp_path / "truncated"
+    truncated.mkdir()
+    (truncated / "config.json").write_text((official_dir / "config.json").read_text())
+    weights = (official_dir / "model.safetensors").read_bytes()
+    (truncated / "model.safetensors").write_bytes(weights[: len(weights) - 1000])
+    out = tmp_path / "out"
+    assert run_cli("--to=jax", f"--torch_dir={truncated}", f"--out={out}") == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err, err
+    assert err.startswith(f"error: {truncated / 'model.safetensors'} is not a readable safetensors file"), err
+    assert not out.exists()
+
+
 def test_load_params_into_mesh(scanned_ckpt):
     mesh = make_mesh(2, 2, 2)
     config, params = checkpoint.load_params(scanned_ckpt, mesh=mesh)

@@ -1,0 +1,87 @@
+"""Chat about an image: one answer per --question, or an interactive conversation with history.
+
+  python -m launch.chat --checkpoint=CKPT --image=photo.jpg --question="What is in the picture?"
+  python -m launch.chat --checkpoint=CKPT --image=photo.jpg          # interactive: one question per line,
+                                                                      # until end of input or "exit"
+CKPT: an official JanusFlow directory (config.json + model.safetensors + tokenizer files) or an orbax checkpoint
+written by `launch.convert --to=jax`. Several --question flags are answered in one batch; several --image flags put
+all images before the (first) question. Greedy decoding unless --temperature > 0 (then top-p sampling).
+"""
+
+from __future__ import annotations
+
+import sys
+
+from absl import app, flags, logging
+
+# allow_override: launch.convert/generate/chat define some of the same flags (--checkpoint, --out, --seed,
+# --dtype) with the same meaning; one process (the test suite) may import all of them.
+_CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Official JanusFlow directory or orbax checkpoint root.",
+                                  allow_override=True)
+_IMAGE = flags.DEFINE_multi_string("image", [], "Image file (repeat the flag for several; none = text only).")
+_QUESTION = flags.DEFINE_multi_string("question", [], "Question (repeat for several; none = interactive).")
+_MAX_NEW_TOKENS = flags.DEFINE_integer("max_new_tokens", 512, "Answer length limit in tokens.")
+_TEMPERATURE = flags.DEFINE_float("temperature", 0.0, "Sampling temperature; 0 = greedy.")
+_TOP_P = flags.DEFINE_float("top_p", 0.95, "Nucleus sampling mass (with --temperature > 0).")
+_SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.", allow_override=True)
+_DTYPE = flags.DEFINE_enum("dtype", None, ["float32", "bfloat16"], "Compute dtype (default: the checkpoint's).",
+                           allow_override=True)
+
+EXIT_WORDS = ("exit", "quit")
+
+
+def interactive(loaded, images, options, stdin=None, stdout=None) -> int:
+    """Reads one question per line until end of input or "exit"; each answer sees the whole conversation."""
+    from janusflow_jax import chat
+
+    stdin, stdout = stdin or sys.stdin, stdout or sys.stdout
+    tty = stdin.isatty()
+    history, shown, turn = [], 0, 0
+    while True:
+        if tty:
+            print("> ", end="", file=sys.stderr, flush=True)
+        line = stdin.readline()
+        if not line:  # end of input
+            break
+        question = line.strip()
+        if not question:
+            continue
+        if question.lower() in EXIT_WORDS:
+            break
+        (answer,) = chat.chat(loaded.model, loaded.params, loaded.processor, images, question, history=history,
+                              **dict(options, seed=options["seed"] + turn))
+        print(answer, file=stdout, flush=True)
+        history = chat.add_turn(loaded.processor, history, question, answer, num_images=len(images) - shown)
+        shown, turn = len(images), turn + 1
+    return 0
+
+
+def main(argv) -> int:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments {argv[1:]}")
+    if _CHECKPOINT.value is None:
+        raise app.UsageError("--checkpoint is required")
+    if not flags.FLAGS["verbosity"].present:  # orbax logs every restore step at INFO
+        logging.set_verbosity(logging.WARNING)
+    from janusflow_jax import chat, inference
+
+    options = dict(max_new_tokens=_MAX_NEW_TOKENS.value, temperature=_TEMPERATURE.value, top_p=_TOP_P.value,
+                   seed=_SEED.value)
+    try:
+        from janusflow_jax.processor import load_image
+
+        images = [load_image(path) for path in _IMAGE.value]  # an unreadable image fails before the weights load
+        loaded = inference.load(_CHECKPOINT.value, dtype=_DTYPE.value)
+        if not _QUESTION.value:
+            return interactive(loaded, images, options)
+        answers = chat.chat(loaded.model, loaded.params, loaded.processor, images, _QUESTION.value, **options)
+    except inference.USER_ERRORS as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    for question, answer in zip(_QUESTION.value, answers):
+        print(answer if len(answers) == 1 else f"Q: {question}\nA: {answer}\n")
+    return 0
+
+
+if __name__ == "__main__":
+    app.run(main)

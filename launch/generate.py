@@ -1,0 +1,83 @@
+"""Text-to-image generation: one PNG per image and a grid, prompt and settings in the PNG metadata.
+
+  python -m launch.generate --checkpoint=CKPT --prompt="a red fox in the snow" --num_images=4 --cfg=2 --steps=30 \\
+      --out=samples [--prompts_file=prompts.txt] [--vae=VAE_DIR] [--seed=0] [--batch_size=8] [--dtype=bfloat16]
+
+CKPT: an official JanusFlow directory (config.json + model.safetensors + tokenizer files) or an orbax checkpoint
+written by `launch.convert --to=jax`. The VAE: --vae (a diffusers AutoencoderKL directory, e.g. stabilityai/sdxl-vae),
+else CKPT/vae. Files: OUT/{prompt:03d}_{image:02d}.png and OUT/grid.png (one row per prompt).
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+from absl import app, flags, logging
+
+# allow_override: launch.convert/generate/chat define some of the same flags (--checkpoint, --out, --seed,
+# --dtype) with the same meaning; one process (the test suite) may import all of them.
+_CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Official JanusFlow directory or orbax checkpoint root.",
+                                  allow_override=True)
+_PROMPT = flags.DEFINE_multi_string("prompt", [], "Text prompt (repeat the flag for several).")
+_PROMPTS_FILE = flags.DEFINE_string("prompts_file", None, "File with one prompt per line (blank lines skipped).")
+_NUM_IMAGES = flags.DEFINE_integer("num_images", 4, "Images per prompt.")
+_CFG = flags.DEFINE_float("cfg", 2.0, "Classifier-free guidance weight w >= 1 (1 = no guidance).")
+_STEPS = flags.DEFINE_integer("steps", 30, "Euler steps of the rectified-flow ODE.")
+_OUT = flags.DEFINE_string("out", None, "Output directory (created if needed).", allow_override=True)
+_VAE = flags.DEFINE_string("vae", None, "Diffusers AutoencoderKL directory (default: CHECKPOINT/vae).")
+_SEED = flags.DEFINE_integer("seed", 0, "Noise seed; image i of the run always uses the same noise.",
+                             allow_override=True)
+_BATCH_SIZE = flags.DEFINE_integer("batch_size", 8, "Images per batch (CFG doubles the rows the LLM sees).")
+_DTYPE = flags.DEFINE_enum("dtype", None, ["float32", "bfloat16"],
+                           "Compute dtype of the model and the VAE (default: the checkpoint config's / float32).",
+                           allow_override=True)
+_TEMPLATE = flags.DEFINE_enum("template", "sft", ["sft", "pretrain"], "Prompt template.")
+_REFERENCE_T = flags.DEFINE_bool("reference_t_rounding", False,
+                                 "Round t to bfloat16 as the official sampler does (for comparisons).")
+
+
+def read_prompts(prompts: list[str], prompts_file: str | None) -> list[str]:
+    out = [p for p in prompts if p.strip()]
+    if prompts_file is not None:
+        try:
+            text = Path(prompts_file).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise ValueError(f"cannot read prompts file {prompts_file}: {e}") from None
+        out += [line.strip() for line in text.splitlines() if line.strip()]
+    if not out:
+        raise app.UsageError("give --prompt or --prompts_file")
+    return out
+
+
+def main(argv) -> int:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments {argv[1:]}")
+    for flag, name in ((_CHECKPOINT, "checkpoint"), (_OUT, "out")):
+        if flag.value is None:
+            raise app.UsageError(f"--{name} is required")
+    if not flags.FLAGS["verbosity"].present:  # orbax logs every restore step at INFO
+        logging.set_verbosity(logging.WARNING)
+    from janusflow_jax import inference, sampler
+
+    try:
+        prompts = read_prompts(_PROMPT.value, _PROMPTS_FILE.value)
+        start = time.perf_counter()
+        loaded = inference.load(_CHECKPOINT.value, dtype=_DTYPE.value, with_vae=True, vae=_VAE.value)
+        settings = dict(cfg=_CFG.value, steps=_STEPS.value, seed=_SEED.value, template=_TEMPLATE.value,
+                        reference_t_rounding=_REFERENCE_T.value)
+        images = sampler.generate_images(loaded.model, loaded.params, loaded.processor, loaded.vae,
+                                         loaded.vae_params, prompts, images_per_prompt=_NUM_IMAGES.value,
+                                         batch_size=_BATCH_SIZE.value, progress=True, **settings)
+        files = inference.save_images(_OUT.value, images, prompts, _NUM_IMAGES.value,
+                                       dict(settings, checkpoint=_CHECKPOINT.value))
+    except inference.USER_ERRORS as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(f"wrote {len(images)} images and {files[-1].name} to {_OUT.value} in {time.perf_counter() - start:.1f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,92 @@
+"""`launch.train` end to end from the command line, and kill -9 + resume bitwise equal to an uninterrupted run.
+
+Three processes share a persistent compilation cache, so only the first compiles the tiny stage-2 steps (both mixture
+phases: the 30:50:20 -> 14:80:6 switch happens at step 2, and the kill lands after a checkpoint at the boundary)."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).parents[1]
+
+KILLER = """
+import os, signal, sys
+from configs import stage2
+from janusflow_jax import trainer
+
+def kill_after_step_5(step, state, metrics):
+    if step == 5:
+        os.kill(os.getpid(), signal.SIGKILL)  # no cleanup, no final save: as a crashed host
+
+trainer.train(stage2.get_config("tiny"), sys.argv[1], callbacks=[kill_after_step_5], progress=False)
+"""
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    env = dict(os.environ, PYTHONPATH=str(ROOT), JAX_COMPILATION_CACHE_DIR=str(tmp_path_factory.mktemp("jax_cache")),
+               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+    env["XLA_FLAGS"] = env.get("XLA_FLAGS", "").replace("--xla_force_host_platform_device_count=8", "")
+    return env
+
+
+def _train(env, *args):
+    return subprocess.run([sys.executable, "-m", "launch.train", *args, "--progress=false"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=600)
+
+
+def _params(workdir, weights):
+    from janusflow_jax import checkpoint
+
+    return checkpoint.load_params(workdir / "checkpoints", weights=weights)[1]
+
+
+def test_train_cli_runs_and_resumes_exactly_after_sigkill(env, tmp_path):
+    full = tmp_path / "full"
+    result = _train(env, "--config=stage2:tiny", f"--workdir={full}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = [line for line in result.stdout.splitlines() if line.startswith("step ")]
+    assert len(lines) == 6 and "ar " in lines[0] and "tok/s" in lines[0] and "MFU" in lines[0]
+    assert sorted(p.name for p in (full / "checkpoints").iterdir()) == ["2", "4", "6"]
+    assert (full / "loss_curve.png").stat().st_size > 0 and list((full / "tensorboard").iterdir())
+    assert "done: final loss" in result.stdout
+
+    killed = tmp_path / "killed"
+    crash = subprocess.run([sys.executable, "-c", KILLER, str(killed)], cwd=ROOT, env=env, capture_output=True,
+                           text=True, timeout=600)
+    assert crash.returncode == -9, crash.stderr[-3000:]
+    resumed = _train(env, "--config=configs/stage2.py:tiny", f"--workdir={killed}")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resuming from step" in resumed.stdout
+    for weights in ("params", "ema"):
+        a, b = _params(full, weights), _params(killed, weights)
+        assert jax.tree.structure(a) == jax.tree.structure(b)
+        for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+            np.testing.assert_array_equal(x, y)
+    ema, raw = _params(full, "ema"), _params(full, "params")
+    assert not np.array_equal(ema["gen_decoder"]["input_norm"]["scale"], raw["gen_decoder"]["input_norm"]["scale"])
+    np.testing.assert_array_equal(ema["und_encoder"]["norm"]["scale"], raw["und_encoder"]["norm"]["scale"])  # frozen
+
+    # The trained checkpoint exports to the official layout with its EMA weights (launch.convert's default).
+    from safetensors.numpy import load_file
+
+    from launch.convert import to_torch
+
+    to_torch(str(tmp_path / "export"), ckpt=str(full / "checkpoints"))
+    exported = load_file(str(tmp_path / "export" / "model.safetensors"))
+    np.testing.assert_array_equal(exported["vision_gen_dec_model.input_norm.weight"],
+                                  ema["gen_decoder"]["input_norm"]["scale"])
+
+
+def test_train_cli_user_errors_are_one_line(env, tmp_path):
+    unknown = _train(env, "--config=stage2:tiny", "--config.optimizer.not_a_field=1", f"--workdir={tmp_path}")
+    assert unknown.returncode != 0 and "not_a_field" in unknown.stderr and "Traceback" not in unknown.stderr
+    missing = _train(env, "--config=stage9", f"--workdir={tmp_path}")
+    assert missing.returncode != 0 and "no config 'stage9'" in missing.stderr and "Traceback" not in missing.stderr
+    no_init = _train(env, "--config=stage2:tiny", "--config.init.kind=checkpoint", f"--workdir={tmp_path / 'x'}")
+    assert no_init.returncode == 1 and "config.init.path" in no_init.stderr and "Traceback" not in no_init.stderr

@@ -1,0 +1,153 @@
+"""The train step on the tiny model: sharded == single device, accumulation == one big batch, frozen parameters
+untouched and stateless, a NaN batch skipped, a fixed batch overfitted. One compiled step per mesh/micro setting."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from janusflow_jax import trainer, train_step
+from janusflow_jax.model import init_params
+
+
+def _config(stage="stage2", data=-1, fsdp=1, tensor=1, micro=1, lr=1e-3, eps=1e-8):
+    import importlib
+
+    config = importlib.import_module(f"configs.{stage}").get_config("tiny")
+    config.mesh.data, config.mesh.fsdp, config.mesh.tensor = data, fsdp, tensor
+    config.batch_size = 24
+    config.mixture = ((6, (1, 1, 1)),)  # 8 / 8 / 8 rows on any of the meshes below
+    config.micro_batches = micro
+    config.optimizer.lr = lr
+    config.optimizer.warmup_steps = 0
+    config.optimizer.eps = eps
+    return config
+
+
+# Adam's first update is lr·g/(|g| + eps): for gradients near eps (zero-initialised GRN paths) it turns float rounding
+# into O(lr) differences. A large eps makes the update linear in g, so parameters compare as tightly as gradients.
+LINEAR_EPS = 1e-2
+
+
+class Runner:
+    """A plan, its compiled step and a fresh state from fixed host parameters."""
+
+    def __init__(self, config, devices, host_params):
+        import flax.linen as nn
+
+        from janusflow_jax.sharding import DEFAULT_RULES, param_shardings
+
+        self.plan = trainer.make_plan(config, devices)
+        self.mesh, self.rules = self.plan.mesh, DEFAULT_RULES
+        shapes = self.plan.batch_shapes(0)
+        self.b_sh = train_step.batch_shardings(shapes, self.mesh)
+        fn = train_step.make_train_step(self.plan.model, self.plan.tx, config.loss, config.optimizer,
+                                        seed=config.seed, micro_batches=config.micro_batches)
+        self.step_fn = train_step.jit_train_step(fn, self.plan.state_sh, self.b_sh, self.mesh)
+        params = jax.device_put(host_params, param_shardings(self.plan.model_cfg, self.mesh))
+        init = jax.jit(lambda p: train_step.init_state(p, self.plan.labels, self.plan.tx, True),
+                       out_shardings=self.plan.state_sh)
+        self.state = init(params)
+        self.nn = nn
+
+    def step(self, batch):
+        with jax.set_mesh(self.mesh), self.nn.logical_axis_rules(self.rules):
+            self.state, metrics = self.step_fn(self.state, trainer.global_batch(batch, self.b_sh))
+        return {k: float(v) for k, v in jax.device_get(metrics).items()}
+
+
+@pytest.fixture(scope="module")
+def setup():
+    config = _config()
+    plan = trainer.make_plan(config, jax.devices()[:1])
+    host_params = jax.device_get(init_params(plan.model_cfg, jax.random.key(0)))
+    source = trainer.SyntheticSource(plan.host_sizes(0), 0, 0, plan.model_cfg, config.data)
+    batches = [next(source) for _ in range(3)]
+    single = Runner(config, jax.devices()[:1], host_params)
+    return config, host_params, batches, single
+
+
+def _leaves(tree):
+    return [np.asarray(x) for x in jax.tree.leaves(jax.device_get(tree))]
+
+
+def _assert_close(a, b, atol):
+    for x, y in zip(_leaves(a), _leaves(b)):
+        assert float(np.abs(x - y).max()) <= atol
+
+
+def test_frozen_parameters_unchanged_and_stateless(setup):
+    config, host_params, batches, single = setup
+    before = _leaves(single.state["frozen"])
+    trainable_before = _leaves(single.state["trainable"])
+    metrics = single.step(batches[0])
+    assert metrics["finite"] == 1.0 and metrics["ar_tokens"] > 0 and metrics["gen_examples"] == 8
+    for a, b in zip(before, _leaves(single.state["frozen"])):
+        np.testing.assert_array_equal(a, b)
+    assert any(not np.array_equal(a, b) for a, b in zip(trainable_before, _leaves(single.state["trainable"])))
+    assert set(single.state["frozen"]) == {"und_encoder"}
+    # Optimizer moments exist for exactly the trainable leaves; nothing of SigLIP's size lives in the state.
+    n_trainable = len(jax.tree.leaves(single.state["trainable"]))
+    moments = [x for x in jax.tree.leaves(single.state["opt_state"]) if x.ndim > 0]
+    assert len(moments) == 2 * n_trainable
+    assert jax.tree.structure(single.state["ema"]) == jax.tree.structure(single.state["trainable"])
+    # EMA after one step: decay·init + (1 − decay)·new.
+    decay = config.optimizer.ema_decay
+    init_flat = jax.tree.leaves(jax.tree.map(np.asarray, host_params["gen_decoder"]))
+    new_flat = _leaves(single.state["trainable"]["gen_decoder"])
+    for e, i, n in zip(_leaves(single.state["ema"]["gen_decoder"]), init_flat, new_flat):
+        np.testing.assert_allclose(e, decay * i + (1 - decay) * n, rtol=1e-5, atol=1e-7)
+
+
+def test_nan_batch_is_skipped(setup):
+    _, _, batches, single = setup
+    before = _leaves({k: single.state[k] for k in ("trainable", "opt_state", "ema")})
+    bad = dict(batches[1])
+    bad["gen/latents"] = np.full_like(bad["gen/latents"], np.nan)
+    metrics = single.step(bad)
+    assert metrics["finite"] == 0.0
+    after = _leaves({k: single.state[k] for k in ("trainable", "opt_state", "ema")})
+    for a, b in zip(before, after):
+        np.testing.assert_array_equal(a, b)
+    assert int(single.state["skips"]) == 1
+    assert single.step(batches[1])["finite"] == 1.0 and int(single.state["skips"]) == 0
+
+
+def test_sharded_step_equals_single_device(setup):
+    config, host_params, batches, _ = setup
+    reference = Runner(_config(eps=LINEAR_EPS), jax.devices()[:1], host_params)
+    sharded = Runner(_config(data=2, fsdp=2, tensor=2, eps=LINEAR_EPS), jax.devices(), host_params)
+    assert dict(sharded.mesh.shape) == {"data": 2, "fsdp": 2, "tensor": 2}
+    m_ref, m_sh = reference.step(batches[0]), sharded.step(batches[0])
+    for key in ("loss", "ar", "rf", "repa", "grad_norm"):
+        np.testing.assert_allclose(m_sh[key], m_ref[key], rtol=1e-5)
+    # The update is linear in g here; fp32 reductions in another order (conv weight gradients summed over 4 data
+    # shards) move g by ~1e-5 relative, i.e. parameters by ~1e-3·lr. A wrong reduction or sharding moves them by ~lr.
+    _assert_close(sharded.state["trainable"], reference.state["trainable"], 1e-2 * config.optimizer.lr)
+    # Parameters really are split over the mesh (not silently replicated).
+    kernel = sharded.state["trainable"]["language_model"]["layers_0"]["mlp"]["gate_proj"]["kernel"]
+    assert len({str(s.index) for s in kernel.addressable_shards}) > 1
+
+
+def test_accumulation_equals_one_big_batch(setup):
+    config, host_params, batches, _ = setup
+    reference = Runner(_config(eps=LINEAR_EPS), jax.devices()[:1], host_params)
+    accumulated = Runner(_config(micro=2, eps=LINEAR_EPS), jax.devices()[:1], host_params)
+    m_ref, m_acc = reference.step(batches[0]), accumulated.step(batches[0])
+    for key in ("loss", "ar", "rf", "repa", "grad_norm"):
+        np.testing.assert_allclose(m_acc[key], m_ref[key], rtol=1e-5)
+    _assert_close(accumulated.state["trainable"], reference.state["trainable"], 1e-3 * config.optimizer.lr)
+    mu_acc, mu_ref = accumulated.state["opt_state"][1][0].mu, reference.state["opt_state"][1][0].mu
+    for x, y in zip(_leaves(mu_acc), _leaves(mu_ref)):  # first moment = 0.1 * gradient
+        np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-6 * float(np.abs(y).max() + 1e-12))
+
+
+def test_tiny_model_overfits_a_batch(setup):
+    config, host_params, batches, _ = setup
+    runner = Runner(_config(lr=3e-3), jax.devices()[:1], host_params)
+    first = runner.step(batches[2])
+    for _ in range(40):
+        last = runner.step(batches[2])
+    # AR on a fixed batch memorises; RF/REPA draw fresh t and z0 every step, so only the AR factor is large.
+    assert last["ar"] < first["ar"] / 4, (first, last)
+    assert last["loss"] < first["loss"] / 2, (first, last)
