@@ -1,7 +1,8 @@
 """janusflow_jax: JanusFlow (DeepSeek, CVPR 2025) in JAX/Flax.
 
 `JanusFlow` is the composite Linen module (`understand`, `velocity`); `janusflow_jax.convert` moves checkpoints
-between the official PyTorch layout and JAX; `janusflow_jax.sharding` creates parameters on a device mesh.
+between the official PyTorch layout and JAX; `janusflow_jax.sharding` creates parameters on a device mesh;
+`sample_latents` / `generate_images` (text-to-image) and `chat` (image chat) are the inference entry points.
 """
 
 from janusflow_jax.config import (GenDecoderConfig, GenEncoderConfig, JanusFlowConfig, LlamaConfig, RepaConfig,
@@ -18,4 +19,21 @@ __all__ = [
     "RepaConfig",
     "abstract_params",
     "init_params",
+    "sample_latents",
+    "generate_images",
+    "chat",
 ]
+
+# Inference entry points, imported on first use (they pull in the tokenizer stack). `chat` is the module
+# janusflow_jax/chat.py, which is callable: janusflow_jax.chat(...) runs chat.chat(...).
+_LAZY = {"sample_latents": "janusflow_jax.sampler", "generate_images": "janusflow_jax.sampler"}
+
+
+def __getattr__(name):
+    import importlib
+
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    if name == "chat":
+        return importlib.import_module("janusflow_jax.chat")
+    raise AttributeError(f"module 'janusflow_jax' has no attribute {name!r}")

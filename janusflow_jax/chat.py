@@ -13,6 +13,8 @@ Python round trip per token). Positions follow transformers' generate: each row 
 from __future__ import annotations
 
 import functools
+import sys
+import types
 from typing import Sequence
 
 import jax
@@ -180,3 +182,14 @@ def chat(model: JanusFlow, params, processor, images, questions: str | Sequence[
                                       eos_id=processor.eos_id, max_new_tokens=max_new_tokens,
                                       temperature=temperature, top_p=top_p, seed=seed)
     return [processor.decode(row[:n], skip_special_tokens=True) for row, n in zip(tokens, lengths)]
+
+
+class _CallableModule(types.ModuleType):
+    """`janusflow_jax.chat(...)` is the public entry point and also the name of this module: calling the module calls
+    `chat`, so both `janusflow_jax.chat(model, ...)` and `from janusflow_jax import chat; chat.chat(...)` work."""
+
+    def __call__(self, *args, **kwargs):
+        return chat(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule

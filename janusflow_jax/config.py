@@ -12,7 +12,8 @@ from typing import Any, Mapping
 import jax.numpy as jnp
 
 
-def _build(cls, values: Mapping[str, Any] | None):
+def build_dataclass(cls, values: Mapping[str, Any] | None):
+    """cls(**values) for a config dataclass; an unknown key is an error naming it and the known ones."""
     values = dict(values or {})
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - names)
@@ -160,8 +161,8 @@ class JanusFlowConfig:
         }
         for key, sub_cls in sub.items():
             if key in values and not isinstance(values[key], sub_cls):
-                values[key] = _build(sub_cls, values[key])
-        return _build(cls, values)
+                values[key] = build_dataclass(sub_cls, values[key])
+        return build_dataclass(cls, values)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

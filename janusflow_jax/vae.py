@@ -30,6 +30,7 @@ from flax import traverse_util
 
 from janusflow_jax.convert import (CheckpointMismatchError, Rule, StateDict, _conv, _dtype, _flat, _layer_norm,
                                    atomic_write_dir, export_tensors, import_tensors)
+from janusflow_jax.config import build_dataclass
 from janusflow_jax.layers import dot_product_attention, logical_init
 
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
@@ -114,11 +115,7 @@ class VAEConfig:
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> "VAEConfig":
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - names)
-        if unknown:
-            raise ValueError(f"VAEConfig: unknown config keys {unknown}; known keys are {sorted(names)}")
-        return cls(**values)
+        return build_dataclass(cls, values)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -139,6 +139,9 @@ def test_chat_with_processor(tiny, processor, tmp_path):
     questions = ["what is this", "what color is the cat on the mat"]
     answers = chat.chat(model, params, processor, image, questions, max_new_tokens=6)
     assert len(answers) == 2 and all(isinstance(a, str) for a in answers)
+    import janusflow_jax  # the package-level entry point the docs name: same function, same answers
+
+    assert janusflow_jax.chat(model, params, processor, image, questions, max_new_tokens=6) == answers
 
     # The batched, bucket-padded answer equals the answer computed from the processor's prompt directly.
     prompt = processor.chat_prompt(questions[1], num_images=1)
