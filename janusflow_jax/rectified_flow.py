@@ -39,13 +39,18 @@ def loss_per_example(v, x, z0):
     return jnp.mean(jnp.square(err), axis=tuple(range(1, err.ndim)))
 
 
-def drop_prompts(prompt_mask, drop):
-    """The CFG null prompt for rows where `drop` is True, built exactly like the sampler's unconditional branch.
+def null_prompt_mask(prompt_mask):
+    """The CFG unconditional prompt (REFERENCE.md §5): each row's first real token (BOS) kept, every other token hidden.
 
-    prompt_mask: [batch, L] 1 at real prompt tokens, left-padded (BOS is the first real token); drop: [batch] bool.
-    A dropped row keeps only its BOS visible; all other prompt tokens are hidden from attention. Positions are not
-    touched here: the caller derives them from the undropped mask, so they stay those of the conditional prompt.
+    prompt_mask: [batch, L], 1 at real prompt tokens. With left padding BOS is not at column 0, so it is located as the
+    first real token. Positions are not touched: callers derive them from the real mask, so they stay those of the
+    conditional prompt. The sampler's unconditional branch and the training-time prompt drop both use this function.
     """
-    real = prompt_mask.astype(bool)
-    is_bos = real & (jnp.cumsum(real.astype(jnp.int32), axis=1) == 1)
-    return jnp.where(drop[:, None], is_bos, real).astype(prompt_mask.dtype)
+    prompt_mask = jnp.asarray(prompt_mask)
+    first = (jnp.cumsum(prompt_mask.astype(jnp.int32), axis=1) == 1) & (prompt_mask != 0)
+    return first.astype(prompt_mask.dtype)
+
+
+def drop_prompts(prompt_mask, drop):
+    """Training-time CFG dropout: rows where `drop` [batch] is True get `null_prompt_mask`, the rest stay as they are."""
+    return jnp.where(drop[:, None], null_prompt_mask(prompt_mask), prompt_mask).astype(prompt_mask.dtype)

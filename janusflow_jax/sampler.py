@@ -32,6 +32,7 @@ import ml_dtypes
 import numpy as np
 
 from janusflow_jax import model as model_lib
+from janusflow_jax.rectified_flow import null_prompt_mask
 from janusflow_jax.model import JanusFlow
 
 
@@ -61,16 +62,6 @@ def step_times(steps: int, reference_t_rounding: bool = False) -> np.ndarray:
     if np.any(np.float32(1000.0) * t != scaled):  # cannot happen for these magnitudes; a guard, not a fallback
         raise AssertionError("no float32 t maps onto the bf16 time grid")
     return t.astype(np.float32)
-
-
-def null_prompt_mask(prompt_mask):
-    """The CFG unconditional prompt: keep each row's first real token (BOS) and hide the rest. [batch, L].
-
-    With left padding BOS is not at column 0, so it is located as the first real token rather than assumed there.
-    """
-    prompt_mask = jnp.asarray(prompt_mask)
-    first = (jnp.cumsum(prompt_mask.astype(jnp.int32), axis=1) == 1) & (prompt_mask != 0)
-    return first.astype(prompt_mask.dtype)
 
 
 # -------------------------------------------------------------------------------------------------- ODE sampling
