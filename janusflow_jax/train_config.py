@@ -25,6 +25,7 @@ from __future__ import annotations
 import ml_collections
 
 from configs import janusflow_1_3b, tiny
+from janusflow_jax import data as data_lib
 
 
 def base_config(arg: str | None, *, stage: int, lr: float, warmup_steps: int, steps: int, batch_size: int,
@@ -51,8 +52,13 @@ def base_config(arg: str | None, *, stage: int, lr: float, warmup_steps: int, st
     c.micro_batches = 1
     c.mixture = tuple(mixture)
     c.steps = steps
-    c.data = ml_collections.ConfigDict(dict(source="synthetic", dir="", seq_len=4096, prompt_len=128,
-                                            images_per_row=1, pack=True, num_workers=8, prefetch=4))
+    # The loader's own fields (dir, pack, posterior, workers, ...; janusflow_jax/data.py) plus the batch geometry.
+    # Rows of 1024 tokens with one image: an understanding example (578 image slots + ~45 system + question + answer)
+    # averages ~810 tokens, so a row holds one example (17% padding, measured with data.pad_fraction) and the mixture
+    # ratio counts examples, as Table 1 does. Packing 4096-token rows would need ~6 images per row (5% padding) and
+    # would turn "72 understanding rows" into ~360 examples; text-only rows still pack several documents.
+    c.data = data_lib.default_config()
+    c.data.update(dict(source="synthetic", seq_len=1024, prompt_len=128, images_per_row=1, num_workers=8, prefetch=4))
     c.seed = 0
     c.log_every = 50
     c.checkpoint_every = 1000
