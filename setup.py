@@ -26,12 +26,15 @@ setup(
         "tqdm>=4.60",  # progress bars (train, prepare_data, generate)
         "tensorboardX>=2.6",  # TensorBoard scalars without TensorFlow
         "matplotlib>=3.7",  # loss-curve PNG
+        "scikit-learn>=1.3",  # the digits run: sklearn.datasets.load_digits and its generation judge
     ],
     extras_require={
         # Reading `pytorch_model.bin` and the PyTorch parity tests. The TPU install needs none of it.
         "torch": ["torch>=2.4"],
         # Cloud TPU runtime (libtpu); also what `launch.compile` needs to compile for a TPU topology on a CPU host.
         "tpu": ["jax[tpu]"],
+        # `launch.bench torch`: the PyTorch eager baselines on the same device.
+        "bench": ["torch>=2.4", "transformers>=4.46", "timm>=1.0.15", "diffusers>=0.32"],
         "test": [
             "pytest>=8.0",
             "torch>=2.4",

@@ -6,7 +6,9 @@ A checkpoint directory is either
   * our orbax checkpoint root (`checkpoint.save_params`), as written by `launch.convert --to=jax`, which also copies
     the tokenizer and processor files (`INFERENCE_FILES`) and a `vae/` folder beside it.
 The tokenizer and processor files sit in the checkpoint directory itself in both cases. The VAE (a diffusers
-AutoencoderKL directory, e.g. stabilityai/sdxl-vae) is taken from an explicit path, else from `<checkpoint>/vae`.
+AutoencoderKL directory, e.g. stabilityai/sdxl-vae) is taken from an explicit path, else from `<checkpoint>/vae`;
+a checkpoint trained in another latent space carries `latent.json` (`latents.describe()`) instead, turned into the
+decoder by `latents.from_description`.
 
 `save_images` writes generated images as PNGs carrying their prompt and settings.
 
@@ -34,6 +36,9 @@ from janusflow_jax.model import JanusFlow
 INFERENCE_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "processor_config.json",
                    "preprocessor_config.json")
 VAE_DIR = "vae"  # the VAE's conventional place inside a checkpoint directory
+# A checkpoint trained in a latent space other than the SDXL-VAE's (e.g. the digits run's space_to_depth) describes it
+# here; `load` then decodes with that space instead of looking for a VAE.
+LATENT_FILE = "latent.json"
 
 # Exceptions that mean bad input (a missing or damaged file, an unusable prompt or image), not a bug. ImageError,
 # PromptTooLongError and CheckpointMismatchError are ValueErrors; FileNotFoundError is an OSError.
@@ -148,13 +153,29 @@ def load(checkpoint: str | os.PathLike, *, dtype: str | None = None, with_vae: b
     if not Path(checkpoint).is_dir():
         raise FileNotFoundError(f"no checkpoint directory {checkpoint}")
     require_tokenizer(checkpoint)
-    vae_path = find_vae(checkpoint, vae) if (with_vae or vae is not None) else None
+    space = None
+    if (with_vae or vae is not None) and vae is None and (Path(checkpoint) / LATENT_FILE).is_file():
+        space = load_latent_space(checkpoint)  # a run trained in another latent space (e.g. the digits run)
+    vae_path = find_vae(checkpoint, vae) if (with_vae or vae is not None) and space is None else None
     model, params = load_model(checkpoint, dtype)
     processor = load_processor(checkpoint, model.config)
     vae_module = vae_params = None
     if vae_path is not None:
         vae_module, vae_params = load_vae(vae_path, dtype)
+    elif space is not None:
+        vae_module = space  # an object with decode(): sampler.latent_decoder applies it as is
     return InferenceModel(model, params, processor, vae_module, vae_params)
+
+
+def load_latent_space(checkpoint: str | os.PathLike):
+    """The latent space `<checkpoint>/latent.json` describes (`latents.describe()`), as a decoder for sampling."""
+    from janusflow_jax import latents
+
+    path = Path(checkpoint) / LATENT_FILE
+    try:
+        return latents.from_description(json.loads(path.read_text()))
+    except (ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"{path} does not describe a latent space: {e}") from None
 
 
 def copy_inference_files(src: str | os.PathLike, dst: str | os.PathLike) -> list[str]:

@@ -383,7 +383,9 @@ class Processor:
         for i, (role, content) in enumerate(messages):
             if content:
                 text += role + ": "
-                start = len(text)
+                # The response span starts at the space after "Assistant:": DeepSeek's BPE folds it into the first
+                # response token (" seven") anyway, and a tokenizer that keeps it apart must learn to emit it too.
+                start = len(text) - (1 if role == ASSISTANT else 0)
                 text += content + seps[i % 2]
                 if role == ASSISTANT:
                     spans.append((start, len(text)))

@@ -2,6 +2,7 @@
 
   python -m launch.train --config=stage2 --workdir=runs/stage2 [--config.optimizer.lr=3e-5 ...]
   python -m launch.train --config=configs/stage2.py:tiny --workdir=/tmp/tiny
+  python -m launch.train --config=digits --workdir=runs/digits    # data, preparation, stages 1-3, evaluation
 
 `--config=NAME[:ARG]` with a bare NAME reads configs/NAME.py; a path works as well. Any config field can be overridden
 with --config.FIELD=VALUE (an unknown field is an error). Rerunning the same command resumes from the newest
@@ -64,8 +65,19 @@ def main(argv) -> int:
         jax.distributed.initialize()
     from janusflow_jax import trainer
 
+    config = _CONFIG.value
     try:
-        metrics = trainer.train(_CONFIG.value, _WORKDIR.value, progress=_PROGRESS.value)
+        if "recipe" in config:  # a multi-stage recipe (configs/digits.py): its own pipeline prints where things are
+            if "digits" in config:
+                from janusflow_jax import digits
+
+                digits.run(config, _WORKDIR.value, progress=_PROGRESS.value)
+            else:
+                from janusflow_jax import recipe
+
+                recipe.run_stages(config, _WORKDIR.value, progress=_PROGRESS.value)
+            return 0
+        metrics = trainer.train(config, _WORKDIR.value, progress=_PROGRESS.value)
     except (trainer.TrainingError, ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

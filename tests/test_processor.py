@@ -148,10 +148,10 @@ def test_loss_mask_covers_exactly_the_responses(proc):
     for s in starts:
         assert image[s:s + N + 1].all() and image[s + N + 1] == 0 and ids[s + N + 1] == proc.image_end_id
         assert (ids[s + 1:s + N + 1] == proc.image_id).all()
-    # The targets are exactly each answer and its closing EOS.
+    # The targets are exactly each answer (with the space after "Assistant:", its own token here) and its EOS.
     runs = np.split(np.flatnonzero(loss), np.flatnonzero(np.diff(np.flatnonzero(loss)) > 1) + 1)
     texts = [proc.tokenizer.decode(ids[r], skip_special_tokens=False) for r in runs]
-    assert texts == ["a red cat on the mat." + EOS_TOKEN, "two dogs" + EOS_TOKEN]
+    assert texts == [" a red cat on the mat." + EOS_TOKEN, " two dogs" + EOS_TOKEN]
     assert (ids[loss == 1] == proc.eos_id).sum() == 2 and (ids == proc.eos_id).sum() == 2
     # The prompt of the last turn is the prefix up to "Assistant:".
     prompt = proc.encode_understanding(conversation, system_prompt="", with_response=False)
@@ -217,8 +217,8 @@ def test_chat_prompt_with_history_and_two_images(proc):
     assert proc.tokenizer.decode(out["input_ids"], skip_special_tokens=False).endswith(
         "a cat" + EOS_TOKEN + "User: " + (IMAGE_START_TAG + IMAGE_TAG * N + IMAGE_END_TAG + "\n") * 2
         + "and these\n\nAssistant:")
-    # History answers stay targets: "a", " ", "cat" and the EOS.
-    assert out["loss_mask"].sum() == 4
+    # History answers stay targets: " ", "a", " ", "cat" and the EOS (the space after "Assistant:" included).
+    assert out["loss_mask"].sum() == 5
 
 
 def test_encode_text_and_decode(proc):

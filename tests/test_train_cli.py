@@ -90,3 +90,66 @@ def test_train_cli_user_errors_are_one_line(env, tmp_path):
     assert missing.returncode != 0 and "no config 'stage9'" in missing.stderr and "Traceback" not in missing.stderr
     no_init = _train(env, "--config=stage2:tiny", "--config.init.kind=checkpoint", f"--workdir={tmp_path / 'x'}")
     assert no_init.returncode == 1 and "config.init.path" in no_init.stderr and "Traceback" not in no_init.stderr
+
+
+SIGTERM_AT_3 = """
+import os, signal, sys
+from configs import stage2
+from janusflow_jax import trainer
+
+def preempt(step, state, metrics):
+    if step == 3:
+        os.kill(os.getpid(), signal.SIGTERM)  # what a TPU maintenance event or `kill` sends
+
+trainer.train(stage2.get_config("tiny"), sys.argv[1], callbacks=[preempt], progress=False)
+"""
+
+NAN_DATA = """
+import sys
+import numpy as np
+from configs import stage2
+from janusflow_jax import trainer
+
+
+class Poisoned(trainer.SyntheticSource):  # every batch after the first two has NaN latents
+    def __next__(self):
+        batch = super().__next__()
+        if self.phase > 0:
+            batch["gen/latents"] = np.full_like(batch["gen/latents"], np.nan)
+        return batch
+
+
+trainer.SyntheticSource = Poisoned
+config = stage2.get_config("tiny")
+config.max_consecutive_skips = 3
+try:
+    trainer.train(config, sys.argv[1], progress=False)
+except trainer.TrainingError as e:
+    print("STOPPED:", e)
+"""
+
+
+def test_sigterm_saves_and_exits(env, tmp_path):
+    run = subprocess.run([sys.executable, "-c", SIGTERM_AT_3, str(tmp_path)], cwd=ROOT, env=env, capture_output=True,
+                         text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "preempted: saved step 3" in run.stdout
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["2", "3"]
+
+
+def test_consecutive_non_finite_steps_stop_the_run(env, tmp_path):
+    run = subprocess.run([sys.executable, "-c", NAN_DATA, str(tmp_path)], cwd=ROOT, env=env, capture_output=True,
+                         text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "STOPPED: 3 consecutive steps had a non-finite loss" in run.stdout
+    assert "[non-finite: update skipped]" in run.stdout
+    # Skipped updates change no weight: the checkpoint taken mid-streak (step 4) holds step 2's parameters and EMA.
+    from janusflow_jax import checkpoint
+
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["2", "4"]
+    assert "last good checkpoint is step 4" in run.stdout
+    for weights in ("params", "ema"):
+        good = checkpoint.load_params(tmp_path / "checkpoints", step=2, weights=weights)[1]
+        kept = checkpoint.load_params(tmp_path / "checkpoints", step=4, weights=weights)[1]
+        for x, y in zip(jax.tree.leaves(good), jax.tree.leaves(kept)):
+            np.testing.assert_array_equal(x, y)

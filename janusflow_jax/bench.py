@@ -1,0 +1,474 @@
+"""Benchmarks: training throughput (step time, tokens/s, TFLOP/s, MFU, memory), sampling speed (images/s and latency
+of the CFG Euler sampler) and the same work in PyTorch eager, timed alternately so machine load hits both alike.
+
+A report is a plain dict (JSON-ready):
+  meta    device, device kind and count, date (UTC), commit, command, config label, load average before/after,
+          library versions
+  train   compile_s, step_s (median over timed steps), examples_per_s, tokens_per_s, flops_per_step (counted as
+          `flops.py` does: causal attention halved), tflops_per_device, peak_flops_per_device and its source
+          ("bf16 table" on accelerators; on CPU a measured fp32 matmul, `cpu_peak_flops`), mfu, peak_memory_bytes
+          and its source (`device.memory_stats()`, else the process's peak RSS on CPU)
+  sample  one row per (batch, steps, cfg, prompt cache): compile_s, latency_s (one call = one batch of images,
+          median), images_per_s, per_image_s
+  torch   rows for the velocity forward, the train step and the 30-step CFG sampling loop: jax_s, torch_s (medians
+          of alternating repetitions) and speedup = torch_s / jax_s
+Medians, not means: a shared machine's other jobs produce long-tail outliers.
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import json
+import math
+import os
+import platform
+import re
+import resource
+import statistics
+import subprocess
+import time
+from pathlib import Path
+from typing import Callable, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from janusflow_jax import flops as flops_lib
+from janusflow_jax import optimizer, train_step, trainer
+from janusflow_jax.model import JanusFlow, init_params
+from janusflow_jax.sampler import sample_latents
+from janusflow_jax.sharding import DEFAULT_RULES
+
+MODES = ("train", "sample", "torch", "all")
+BEGIN, END = "<!-- bench:begin -->", "<!-- bench:end -->"
+
+
+class BenchError(ValueError):
+    """A benchmark that cannot run as asked (bad mode or sizes, torch missing); the message says why."""
+
+
+# ------------------------------------------------------------------------------------------------------ timing
+def _ready(x):
+    return jax.block_until_ready(x)
+
+
+def time_call(fn: Callable[[], object]) -> float:
+    """Seconds of one call, waiting for every device result."""
+    start = time.perf_counter()
+    _ready(fn())
+    return time.perf_counter() - start
+
+
+def cpu_peak_flops(n: int = 1024, reps: int = 5) -> float:
+    """Measured fp32 FLOP/s of an [n, n] @ [n, n] matmul in JAX on the default device (best of `reps`): the CPU's
+    stand-in for a peak, as CPUs have no bf16 table entry."""
+    a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
+    matmul = jax.jit(lambda x: x @ x)
+    _ready(matmul(a))
+    return 2.0 * n ** 3 / min(time_call(lambda: matmul(a)) for _ in range(reps))
+
+
+def peak_memory() -> tuple[float, str]:
+    """(bytes, source): the device's peak from `memory_stats()` where it exists, else the process's peak RSS."""
+    stats = jax.devices()[0].memory_stats() or {}
+    if "peak_bytes_in_use" in stats:
+        return float(stats["peak_bytes_in_use"]), "device.memory_stats peak_bytes_in_use"
+    # ru_maxrss is KiB on Linux: the whole process (JAX, XLA, and torch when loaded), not one device.
+    return float(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024, "process peak RSS (CPU: no device stats)"
+
+
+def load_average() -> list[float]:
+    return [round(x, 2) for x in os.getloadavg()]
+
+
+def commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10,
+                             cwd=Path(__file__).resolve().parents[1])
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def meta(label: str, command: str) -> dict:
+    d = jax.devices()[0]
+    return {"device": f"{jax.device_count()} x {d.platform}:{d.device_kind}", "platform": d.platform,
+            "device_kind": d.device_kind, "num_devices": jax.device_count(), "host": platform.processor() or
+            platform.machine(), "cpu_count": os.cpu_count(),
+            "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "commit": commit(),
+            "command": command, "config": label, "load_average_start": load_average(), "jax": jax.__version__}
+
+
+# ------------------------------------------------------------------------------------------------------ training
+class TrainBench:
+    """A compiled train step of `config` (last mixture phase: the run's steady state) on a fixed synthetic batch,
+    parameters randomly initialised in place. The batch is on the devices before timing: step times exclude input."""
+
+    def __init__(self, config):
+        self.plan = plan = trainer.make_plan(config)
+        self.phase = len(config.mixture) - 1
+        mesh = plan.mesh
+        model = plan.model
+
+        def init(rng):  # parameters and optimizer state created in place, in their shards, by one program
+            params = nn.unbox(model.init(rng, method=JanusFlow.init_all)["params"])
+            return train_step.init_state(params, plan.labels, plan.tx, plan.use_ema)
+
+        with self._context():
+            self.state = jax.jit(init, out_shardings=plan.state_sh)(jax.random.key(config.seed))
+        b_sh = train_step.batch_shardings(plan.batch_shapes(self.phase), mesh)
+        source = trainer.SyntheticSource(plan.host_sizes(self.phase), config.seed, self.phase, plan.model_cfg,
+                                         config.data)
+        self.host_batch = next(source)
+        self.batch = trainer.global_batch(self.host_batch, b_sh)
+        step = train_step.make_train_step(plan.model, plan.tx, config.loss, config.optimizer, seed=config.seed,
+                                          micro_batches=config.micro_batches)
+        self._jitted = train_step.jit_train_step(step, plan.state_sh, b_sh, mesh)
+        self._compiled = None
+        self.compile_s = float("nan")
+
+    def host_params(self) -> dict:
+        """The current parameters as host arrays (the sampler takes them without the training mesh)."""
+        return jax.device_get(optimizer.merge(self.state["trainable"], self.state["frozen"]))
+
+    def _context(self):
+        return _Both(jax.set_mesh(self.plan.mesh), nn.logical_axis_rules(DEFAULT_RULES))
+
+    def compile(self):
+        with self._context():
+            start = time.perf_counter()
+            self._compiled = self._jitted.lower(self.state, self.batch).compile()
+            self.compile_s = time.perf_counter() - start
+
+    def step(self):
+        if self._compiled is None:
+            self.compile()
+        with self._context():
+            self.state, metrics = self._compiled(self.state, self.batch)
+        return metrics
+
+
+class _Both:
+    """Two context managers entered together (the model's activation constraints need the mesh and the rules)."""
+
+    def __init__(self, *managers):
+        self.managers = managers
+
+    def __enter__(self):
+        for m in self.managers:
+            m.__enter__()
+
+    def __exit__(self, *exc):
+        for m in reversed(self.managers):
+            m.__exit__(*exc)
+
+
+def bench_train(config, steps: int = 10, warmup: int = 2, cpu_peak: float | None = None,
+                bench: TrainBench | None = None) -> dict:
+    """Compile time, median step time and derived throughput of the train step of `config` (`bench`: reuse an
+    already built `TrainBench` of it)."""
+    if steps < 1 or warmup < 0:
+        raise BenchError(f"train needs steps >= 1 and warmup >= 0, got steps={steps} warmup={warmup}")
+    bench = bench or TrainBench(config)
+    if bench._compiled is None:
+        bench.compile()
+    for _ in range(warmup):
+        _ready(bench.step())
+    times = [time_call(bench.step) for _ in range(steps)]
+    step_s = statistics.median(times)
+    counts = flops_lib.step_counts(bench.plan, bench.phase)
+    n_dev = jax.device_count()
+    tflops = counts["flops"] / step_s / n_dev / 1e12
+    peak = flops_lib.peak_flops_per_device()
+    peak_source = "bf16 table (flops.PEAK_BF16)"
+    if not peak and jax.devices()[0].platform == "cpu":
+        # The fake devices of a multi-device CPU run share the same cores: the measured peak is of the whole CPU.
+        peak = (cpu_peak or cpu_peak_flops()) / n_dev
+        peak_source = "measured fp32 JAX matmul on this CPU (no bf16 table entry)"
+    memory, memory_source = peak_memory()
+    return {"compile_s": bench.compile_s, "step_s": step_s, "step_s_all": times,
+            "examples_per_s": bench.plan.config.batch_size / step_s, "tokens_per_s": counts["tokens"] / step_s,
+            "flops_per_step": counts["flops"], "tflops_per_device": tflops, "peak_flops_per_device": peak,
+            "peak_source": peak_source, "mfu": tflops * 1e12 / peak if peak else float("nan"),
+            "peak_memory_bytes": memory, "peak_memory_source": memory_source,
+            "batch_size": bench.plan.config.batch_size, "sub_batches": bench.plan.global_sizes[bench.phase],
+            "seq_len": bench.plan.config.data.seq_len, "devices": n_dev,
+            "flops_note": "counted as flops.py (MaxText style): causal attention FLOPs halved"}
+
+
+# ------------------------------------------------------------------------------------------------------ sampling
+class SampleBench:
+    """`sample_latents` of a randomly initialised model on random prompts of `config.data.prompt_len` tokens."""
+
+    def __init__(self, config, seed: int = 0, params=None):
+        from janusflow_jax.config import JanusFlowConfig
+
+        self.cfg = JanusFlowConfig.from_dict(config.model.to_dict())
+        self.model = JanusFlow(self.cfg)
+        # params: reuse another bench's (host arrays) rather than compile an initialiser once more
+        self.params = jax.device_put(params) if params is not None else init_params(self.cfg, jax.random.key(seed))
+        self.prompt_len = config.data.prompt_len
+        self.rng = np.random.default_rng(seed)
+
+    def inputs(self, batch: int):
+        ids = self.rng.integers(3, self.cfg.llm.vocab_size, (batch, self.prompt_len)).astype(np.int32)
+        ids[:, 0] = 1  # BOS stand-in (the null prompt keeps the first real token)
+        mask = np.ones_like(ids)
+        g, c = self.cfg.latent_size, self.cfg.gen_encoder.in_channels
+        z0 = self.rng.standard_normal((batch, g, g, c)).astype(np.float32)
+        return ids, mask, z0
+
+    def runner(self, batch: int, steps: int, cfg: float, use_prompt_cache: bool):
+        ids, mask, z0 = self.inputs(batch)
+        ids, mask, z0 = jnp.asarray(ids), jnp.asarray(mask), jnp.asarray(z0)
+        return lambda: sample_latents(self.model, self.params, ids, mask, z0, steps, cfg,
+                                      use_prompt_cache=use_prompt_cache)
+
+
+def bench_sample(config, batch_sizes: Sequence[int] = (1, 8), steps: Sequence[int] = (30,),
+                 cfgs: Sequence[float] = (2.0,), reps: int = 3, bench: SampleBench | None = None) -> list[dict]:
+    """images/s and latency for every (batch, steps, cfg, prompt cache on/off); `bench`: reuse a `SampleBench`."""
+    if reps < 1 or any(b < 1 for b in batch_sizes) or any(s < 1 for s in steps) or any(w < 1 for w in cfgs):
+        raise BenchError(f"sample needs reps >= 1, batch sizes >= 1, steps >= 1 and cfg >= 1; got reps={reps} "
+                         f"batch_sizes={list(batch_sizes)} steps={list(steps)} cfg={list(cfgs)}")
+    bench = bench or SampleBench(config)
+    rows = []
+    for b in batch_sizes:
+        for s in steps:
+            for w in cfgs:
+                for cache in (True, False):
+                    run = bench.runner(b, s, w, cache)
+                    compile_s = time_call(run)  # first call: trace + compile + one run
+                    latency = statistics.median(time_call(run) for _ in range(reps))
+                    rows.append({"batch": b, "steps": s, "cfg": w, "prompt_cache": cache, "compile_s": compile_s,
+                                 "latency_s": latency, "images_per_s": b / latency, "per_image_s": latency / b})
+    return rows
+
+
+# ------------------------------------------------------------------------------------------------ vs PyTorch eager
+def bench_torch(config, reps: int = 5, sample_batch: int = 4, sample_steps: int = 30, cfg: float = 2.0,
+                torch_threads: int = 0, train: TrainBench | None = None, sample: SampleBench | None = None) -> dict:
+    """The same work in JAX and PyTorch eager, one JAX repetition then one torch repetition, `reps` times.
+
+    (a) velocity forward of [cond; uncond] rows (2 x sample_batch), whole sequence, no cache, in both;
+    (b) a train step of `config`'s batch (objective, backward, clipping, AdamW);
+    (c) the CFG sampling loop: torch as the official demo (whole sequence recomputed each step); JAX both with its
+        prompt cache (the library default) and without (the demo's algorithm).
+    torch_threads: torch.set_num_threads (0 keeps torch's default: one per core). train/sample: reuse built benches
+    (their compilations are then shared with the train and sample modes)."""
+    try:
+        import torch
+    except ImportError:
+        raise BenchError("torch mode needs PyTorch and the libraries the official model is built from: "
+                         "pip install torch transformers timm diffusers") from None
+    from janusflow_jax import torch_baseline as tb
+
+    if reps < 1 or sample_batch < 1 or sample_steps < 1 or cfg < 1:
+        raise BenchError(f"torch needs reps, sample_batch, sample_steps >= 1 and cfg >= 1; got {reps}, "
+                         f"{sample_batch}, {sample_steps}, {cfg}")
+    if torch_threads:
+        torch.set_num_threads(torch_threads)
+    train = train or TrainBench(config)
+    if train._compiled is None:
+        train.compile()
+    model_cfg = train.plan.model_cfg
+    dtype = torch.bfloat16 if model_cfg.dtype == "bfloat16" else torch.float32
+    t_model = tb.build_model(model_cfg, seed=config.seed)
+    t_step = tb.make_train_step(t_model, lr=config.optimizer.lr, clip_norm=config.optimizer.clip_norm)
+    t_batch = tb.to_torch_batch(train.host_batch, dtype)
+
+    sample = sample or SampleBench(config)
+    ids, mask, z0 = sample.inputs(sample_batch)
+    j_ids, j_mask, j_z0 = jnp.asarray(ids), jnp.asarray(mask), jnp.asarray(z0)
+    t_ids, t_mask = torch.from_numpy(ids).long(), torch.from_numpy(mask).long()
+    t_z0 = torch.from_numpy(z0).permute(0, 3, 1, 2).contiguous().to(dtype)
+
+    # (a) velocity: the CFG rows of one Euler step.
+    v_ids, v_mask = jnp.concatenate([j_ids, j_ids]), jnp.concatenate([j_mask, j_mask])
+    v_z, v_t = jnp.concatenate([j_z0, j_z0]), jnp.full((2 * sample_batch,), 0.5, jnp.float32)
+    velocity = jax.jit(lambda p, i, m, z, t: sample.model.apply({"params": p}, i, m, z, t,
+                                                               method=JanusFlow.velocity))
+    tv_ids, tv_mask = torch.cat([t_ids, t_ids]), torch.cat([t_mask, t_mask])
+    tv_z, tv_t = torch.cat([t_z0, t_z0]), torch.full((2 * sample_batch,), 0.5, dtype=dtype)
+    t_model.eval()
+
+    def torch_velocity():
+        with torch.no_grad():
+            return t_model.velocity(tv_ids, tv_mask, tv_z, tv_t)
+
+    def torch_train():
+        t_model.train()
+        return t_step(t_batch)
+
+    work = {
+        "velocity forward": (lambda: velocity(sample.params, v_ids, v_mask, v_z, v_t), torch_velocity),
+        "train step": (train.step, torch_train),
+        f"sampling {sample_steps} steps cfg {cfg:g}, JAX prompt cache": (
+            lambda: sample_latents(sample.model, sample.params, j_ids, j_mask, j_z0, sample_steps, cfg),
+            lambda: tb.sample_official(t_model.eval(), t_ids, t_mask, t_z0, sample_steps, cfg)),
+        f"sampling {sample_steps} steps cfg {cfg:g}, JAX full recompute": (
+            lambda: sample_latents(sample.model, sample.params, j_ids, j_mask, j_z0, sample_steps, cfg,
+                                   use_prompt_cache=False),
+            lambda: tb.sample_official(t_model.eval(), t_ids, t_mask, t_z0, sample_steps, cfg)),
+    }
+    times = {name: ([], []) for name in work}
+    for name, (j, t) in work.items():  # warm-up: compiles JAX, lets torch allocate
+        _ready(j())
+        t()
+    for _ in range(reps):
+        for name, (j, t) in work.items():  # alternate: JAX, torch, JAX, torch, ...
+            times[name][0].append(time_call(j))
+            start = time.perf_counter()
+            t()
+            times[name][1].append(time.perf_counter() - start)
+    rows = []
+    for name, (j_times, t_times) in times.items():
+        j_s, t_s = statistics.median(j_times), statistics.median(t_times)
+        rows.append({"work": name, "jax_s": j_s, "torch_s": t_s, "speedup": t_s / j_s, "jax_s_all": j_times,
+                     "torch_s_all": t_times})
+    return {"rows": rows, "reps": reps, "sample_batch": sample_batch, "torch": torch.__version__,
+            "torch_threads": torch.get_num_threads(), "train_batch_size": train.plan.config.batch_size}
+
+
+# ------------------------------------------------------------------------------------------------------ driver
+def run(mode: str, config, *, label: str, command: str = "", steps: int = 10, warmup: int = 2,
+        batch_sizes: Sequence[int] = (1, 8), sample_steps: Sequence[int] = (30,), cfgs: Sequence[float] = (2.0,),
+        reps: int = 3, torch_threads: int = 0, note: str = "") -> dict:
+    """One benchmark report (see the module docstring) for `mode` in MODES; `note` is printed with its tables."""
+    if mode not in MODES:
+        raise BenchError(f"unknown mode {mode!r}: use one of {', '.join(MODES)}")
+    if steps < 1 or warmup < 0 or reps < 1:
+        raise BenchError(f"need steps >= 1, warmup >= 0 and reps >= 1; got {steps}, {warmup}, {reps}")
+    if not batch_sizes or not sample_steps or not cfgs or min(batch_sizes) < 1 or min(sample_steps) < 1 \
+            or min(cfgs) < 1:
+        raise BenchError(f"need batch sizes >= 1, sample steps >= 1 and cfg >= 1; got {list(batch_sizes)}, "
+                         f"{list(sample_steps)}, {list(cfgs)}")
+    report = {"mode": mode, "meta": {**meta(label, command), "note": note}}
+    cpu_peak = None
+    if jax.devices()[0].platform == "cpu":
+        cpu_peak = cpu_peak_flops()
+        report["meta"]["cpu_peak_flops"] = cpu_peak
+    train = TrainBench(config) if mode in ("train", "torch", "all") else None
+    sample = None
+    if mode in ("sample", "torch", "all"):
+        sample = SampleBench(config, config.seed, train.host_params() if train is not None else None)
+    if mode in ("train", "all"):
+        report["train"] = bench_train(config, steps, warmup, cpu_peak, bench=train)
+    if mode in ("sample", "all"):
+        report["sample"] = bench_sample(config, batch_sizes, sample_steps, cfgs, reps, bench=sample)
+    if mode in ("torch", "all"):
+        report["torch"] = bench_torch(config, reps, max(batch_sizes), sample_steps[0], cfgs[0], torch_threads,
+                                      train=train, sample=sample)
+    report["meta"]["load_average_end"] = load_average()
+    return report
+
+
+# ------------------------------------------------------------------------------------------------------ output
+def _num(x: float, digits: int = 3) -> str:
+    if x is None or (isinstance(x, float) and not math.isfinite(x)):
+        return "n/a"
+    return f"{x:.{digits}g}" if abs(x) < 1e4 else f"{x:,.0f}"
+
+
+def format_report(report: dict) -> str:
+    """Markdown tables of one report (also what the CLI prints)."""
+    m = report["meta"]
+    lines = [f"### `{m['config']}` — {report['mode']} — {m['date']}", "",
+             f"device {m['device']} ({m['cpu_count']} host cores); commit {m['commit']}; load average "
+             f"{m['load_average_start']} before, {m.get('load_average_end', 'n/a')} after; jax {m['jax']}",
+             f"command: `{m['command']}`", ""]
+    if m.get("note"):
+        lines += [f"Note: {m['note']}", ""]
+    if "train" in report:
+        t = report["train"]
+        peak_note = t["peak_source"]
+        if "measured" in peak_note:
+            peak_note += f": {_num(m.get('cpu_peak_flops', float('nan')) / 1e9)} GFLOP/s for the whole CPU"
+        lines += ["| batch | sub-batches | seq | compile s | step ms (median) | examples/s | tokens/s | "
+                  "TFLOP/s/device | MFU | peak memory |",
+                  "|---|---|---|---|---|---|---|---|---|---|",
+                  f"| {t['batch_size']} | {t['sub_batches']} | {t['seq_len']} | {_num(t['compile_s'])} | "
+                  f"{_num(1e3 * t['step_s'])} | {_num(t['examples_per_s'])} | {_num(t['tokens_per_s'])} | "
+                  f"{_num(t['tflops_per_device'])} | {_num(100 * t['mfu'])}% | "
+                  f"{t['peak_memory_bytes'] / 2 ** 20:.0f} MiB |", "",
+                  f"FLOPs {t['flops_note']}; MFU against {peak_note}. Memory: {t['peak_memory_source']}.", ""]
+    if "sample" in report:
+        lines += ["| batch | steps | cfg | prompt cache | compile s | latency s | images/s | s/image |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for r in report["sample"]:
+            lines.append(f"| {r['batch']} | {r['steps']} | {r['cfg']:g} | {'on' if r['prompt_cache'] else 'off'} | "
+                         f"{_num(r['compile_s'])} | {_num(r['latency_s'])} | {_num(r['images_per_s'])} | "
+                         f"{_num(r['per_image_s'])} |")
+        lines += ["", "Latents only: the config carries no VAE, so decoding is not timed.", ""]
+    if "torch" in report:
+        t = report["torch"]
+        lines += [f"JAX vs PyTorch {t['torch']} eager ({t['torch_threads']} torch threads), {t['reps']} alternating "
+                  f"repetitions, sampling batch {t['sample_batch']}, train batch {t['train_batch_size']}:", "",
+                  "| work | JAX s (median) | PyTorch s (median) | JAX speedup |", "|---|---|---|---|"]
+        for r in t["rows"]:
+            lines.append(f"| {r['work']} | {_num(r['jax_s'])} | {_num(r['torch_s'])} | {r['speedup']:.2f}x |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def save_json(report: dict, json_dir) -> Path:
+    json_dir = Path(json_dir)
+    json_dir.mkdir(parents=True, exist_ok=True)
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%S")
+    label = report["meta"]["config"]
+    slug = re.sub(r"[^A-Za-z0-9]+", "-", label).strip("-")
+    if len(slug) > 48:  # long override lists: a prefix plus a digest keeps names short and distinct
+        slug = slug[:40] + "-" + hashlib.sha1(label.encode()).hexdigest()[:8]
+    path = json_dir / f"{report['mode']}_{slug}_{stamp}.json"
+    path.write_text(json.dumps(report, indent=1, sort_keys=True))
+    return path
+
+
+GPU_NOTE = """### GPU
+
+No GPU was lent to this task, so there are no accelerator tables yet. Targets on one H100 (stage-2 1.3B, bf16):
+≥ 45% MFU in training, ≥ 5 images/s at batch 32 (30 steps, CFG 2) and ≥ 4x PyTorch eager. With a GPU, run:
+
+    pip install -e . 'jax[cuda12]' torch transformers timm diffusers
+    python -m launch.bench all --config=stage2 --steps=20 --warmup=3 --batch_sizes=1,8,32 --out=BENCHMARKS.md
+
+(`--config=stage2` is the 1.3B model; add `--config.batch_size=N` to fit one device's memory.)
+"""
+
+
+def render_section(json_dir) -> str:
+    """The text between the markers: the newest report per (mode, config) found in `json_dir`, newest first."""
+    latest = {}
+    for path in sorted(Path(json_dir).glob("*.json")):
+        try:
+            report = json.loads(path.read_text())
+            key = (report["mode"], report["meta"]["config"])
+        except (ValueError, KeyError):
+            continue
+        latest[key] = report  # names sort by time stamp: the last one wins
+    parts = ["## Throughput and sampling speed (`python -m launch.bench`)", "",
+             "Written by `launch.bench` from the JSON files in `benchmarks/` (newest per mode and config). "
+             "Speedups are torch time / JAX time from alternating repetitions in one process, so the machine's "
+             "load hits both alike; record the load average with every table.", ""]
+    # Newest first, what-if runs (a note starting "WHAT-IF": not the repository's code) after the real ones.
+    by_date = sorted(latest.values(), key=lambda r: r["meta"]["date"], reverse=True)
+    for report in sorted(by_date, key=lambda r: r["meta"].get("note", "").startswith("WHAT-IF")):
+        parts.append(format_report(report))
+    parts.append(GPU_NOTE)
+    return "\n".join(parts)
+
+
+def write_markdown(md_path, json_dir) -> None:
+    """Replaces only the text between BEGIN and END in `md_path` (appends the marked section if absent; creates the
+    file if needed). Re-reads the file right before writing: another section of the file has another author."""
+    md_path = Path(md_path)
+    body = f"{BEGIN}\n{render_section(json_dir)}\n{END}"
+    text = md_path.read_text() if md_path.exists() else "# Benchmarks\n"
+    if BEGIN in text and END in text and text.index(BEGIN) < text.index(END):
+        new = text[:text.index(BEGIN)] + body + text[text.index(END) + len(END):]
+    else:
+        new = text.rstrip("\n") + "\n\n" + body + "\n"
+    md_path.write_text(new)

@@ -1,0 +1,111 @@
+"""Benchmark training throughput and sampling speed, side by side with PyTorch eager.
+
+  python -m launch.bench MODE --config=stage2:tiny [--steps=10 --warmup=2 --batch_sizes=1,8 --sample_steps=30
+                         --cfg=2.0 --reps=3 --torch_threads=0] [--out=BENCHMARKS.md --json_dir=benchmarks]
+
+MODE: train | sample | torch | all (see janusflow_jax/bench.py). Config overrides work as in launch.train
+(--config.batch_size=32, --config.model.llm.num_layers=4, ...). The report is printed as tables, saved as JSON under
+--json_dir and, unless --out is empty, written into the bench section of --out.
+"""
+
+from __future__ import annotations
+
+import shlex
+import sys
+from pathlib import Path
+
+from absl import app, flags
+from ml_collections import config_flags
+
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Run config: configs/<name>.py[:arg] or a bare name.",
+                                          lock_config=True)
+_STEPS = flags.DEFINE_integer("steps", 10, "train: timed steps (the median is reported).")
+_WARMUP = flags.DEFINE_integer("warmup", 2, "train: untimed steps after compilation.")
+_BATCH_SIZES = flags.DEFINE_list("batch_sizes", ["1", "8"], "sample: batch sizes (torch mode uses the largest).")
+_SAMPLE_STEPS = flags.DEFINE_list("sample_steps", ["30"], "sample: Euler step counts (torch mode uses the first).")
+_CFG = flags.DEFINE_list("cfg", ["2.0"], "sample: CFG weights (torch mode uses the first).")
+_REPS = flags.DEFINE_integer("reps", 3, "sample/torch: timed repetitions (torch: alternating JAX/PyTorch).")
+_TORCH_THREADS = flags.DEFINE_integer("torch_threads", 0, "torch.set_num_threads (0 = torch's default).")
+_NOTE = flags.DEFINE_string("note", "", "A remark stored and printed with the report (what was special about it).")
+_OUT = flags.DEFINE_string("out", "BENCHMARKS.md", "Markdown file whose bench section is rewritten ('' = none).")
+_JSON_DIR = flags.DEFINE_string("json_dir", "benchmarks", "Directory for the JSON reports.")
+
+
+def resolve_config_arg(argv: list[str]) -> list[str]:
+    """--config=stage2[:arg] -> --config=<repo>/configs/stage2.py[:arg] (a bare name)."""
+    out = []
+    for a in argv:
+        if a.startswith("--config="):
+            name, _, arg = a[len("--config="):].partition(":")
+            if "/" not in name and not name.endswith(".py"):
+                path = CONFIG_DIR / f"{name}.py"
+                if not path.exists():
+                    raise SystemExit(f"error: no config {name!r} (configs/{name}.py)")
+                a = f"--config={path}" + (f":{arg}" if arg else "")
+        out.append(a)
+    return out
+
+
+def _label(argv: list[str]) -> str:
+    """The config as typed plus its overrides: the key that groups reports in BENCHMARKS.md."""
+    parts = [a.split("=", 1)[1] for a in argv if a.startswith("--config=")]
+    parts += [a[len("--config."):] for a in argv if a.startswith("--config.")]
+    return " ".join(parts) or "?"
+
+
+def main(argv) -> int:
+    from janusflow_jax import bench
+
+    if len(argv) != 2 or argv[1] not in bench.MODES:
+        print(f"error: give exactly one mode ({', '.join(bench.MODES)}), got {argv[1:]}", file=sys.stderr)
+        return 2
+    if _CONFIG.value is None:
+        print("error: --config is required (e.g. --config=stage2:tiny)", file=sys.stderr)
+        return 2
+    try:
+        batch_sizes = [int(b) for b in _BATCH_SIZES.value]
+        sample_steps = [int(s) for s in _SAMPLE_STEPS.value]
+        cfgs = [float(c) for c in _CFG.value]
+    except ValueError as e:
+        print(f"error: --batch_sizes/--sample_steps need integers and --cfg numbers: {e}", file=sys.stderr)
+        return 2
+    if not batch_sizes or not sample_steps or not cfgs:
+        print("error: --batch_sizes, --sample_steps and --cfg need at least one value", file=sys.stderr)
+        return 2
+    raw = sys.argv[1:]
+    command = "python -m launch.bench " + " ".join(shlex.quote(a) for a in raw)
+    try:
+        report = bench.run(argv[1], _CONFIG.value, label=_label(raw), command=command, steps=_STEPS.value,
+                           warmup=_WARMUP.value, batch_sizes=batch_sizes, sample_steps=sample_steps, cfgs=cfgs,
+                           reps=_REPS.value, torch_threads=_TORCH_THREADS.value, note=_NOTE.value)
+    except (bench.BenchError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(bench.format_report(report))
+    try:
+        path = bench.save_json(report, _JSON_DIR.value)
+        print(f"saved {path}")
+        if _OUT.value:
+            bench.write_markdown(_OUT.value, _JSON_DIR.value)
+            print(f"updated the bench section of {_OUT.value}")
+    except OSError as e:
+        print(f"error: cannot write the results: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _parse_flags(argv):
+    try:
+        return flags.FLAGS(argv)
+    except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as e:
+        raise SystemExit(f"error: bad flag or config override: {e}") from None
+
+
+def run():
+    app.run(main, argv=resolve_config_arg(sys.argv), flags_parser=_parse_flags)
+
+
+if __name__ == "__main__":
+    run()

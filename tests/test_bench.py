@@ -1,0 +1,101 @@
+"""launch.bench smoke: every mode runs on the tiny config and reports positive numbers (speed is never asserted)."""
+
+import importlib.util
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from configs import stage2
+from janusflow_jax import bench
+
+HAS_TORCH = importlib.util.find_spec("torch") is not None
+
+
+@pytest.fixture(scope="module")
+def report():
+    # One run of every mode: 1 timed train step, 2-step sampling at batch 1, 1 alternating JAX/torch repetition.
+    kwargs = dict(label="stage2:tiny", command="pytest", steps=1, warmup=0, batch_sizes=(1,), sample_steps=(2,),
+                  cfgs=(2.0,), reps=1, torch_threads=1)
+    if HAS_TORCH:
+        return bench.run("all", stage2.get_config("tiny"), **kwargs)
+    out = bench.run("train", stage2.get_config("tiny"), **kwargs)
+    out["sample"] = bench.run("sample", stage2.get_config("tiny"), **kwargs)["sample"]
+    return out
+
+
+def _positive(x):
+    return isinstance(x, float) and math.isfinite(x) and x > 0
+
+
+def test_meta(report):
+    m = report["meta"]
+    for key in ("device", "date", "commit", "command", "config", "load_average_start", "load_average_end"):
+        assert m[key] not in (None, "")
+    assert len(m["load_average_start"]) == 3
+
+
+def test_train_fields(report):
+    t = report["train"]
+    for key in ("compile_s", "step_s", "examples_per_s", "tokens_per_s", "flops_per_step", "tflops_per_device",
+                "peak_flops_per_device", "mfu", "peak_memory_bytes"):
+        assert _positive(float(t[key])), (key, t[key])
+    assert t["examples_per_s"] == pytest.approx(t["batch_size"] / t["step_s"])
+    assert t["mfu"] == pytest.approx(t["tflops_per_device"] * 1e12 / t["peak_flops_per_device"])
+    assert "measured" in t["peak_source"]  # CPU: MFU against a measured matmul peak, labelled so
+    assert "RSS" in t["peak_memory_source"]
+
+
+def test_sample_rows(report):
+    rows = report["sample"]
+    assert {r["prompt_cache"] for r in rows} == {True, False}
+    for r in rows:
+        assert r["batch"] == 1 and r["steps"] == 2
+        for key in ("compile_s", "latency_s", "images_per_s", "per_image_s"):
+            assert _positive(r[key]), (key, r)
+
+
+@pytest.mark.skipif(not HAS_TORCH, reason="torch not installed")
+def test_torch_rows(report):
+    rows = report["torch"]["rows"]
+    assert [r["work"].split(",")[0] for r in rows] == ["velocity forward", "train step", "sampling 2 steps cfg 2",
+                                                       "sampling 2 steps cfg 2"]
+    for r in rows:
+        assert len(r["jax_s_all"]) == len(r["torch_s_all"]) == 1
+        assert _positive(r["jax_s"]) and _positive(r["torch_s"])
+        assert r["speedup"] == pytest.approx(r["torch_s"] / r["jax_s"])
+
+
+def test_outputs_keep_the_other_section(report, tmp_path):
+    md = tmp_path / "BENCHMARKS.md"
+    other = "# Benchmarks\n\n## Ahead-of-time compile\n\nsomeone else's table\n"
+    md.write_text(other)
+    path = bench.save_json(report, tmp_path / "json")
+    assert json.loads(path.read_text())["mode"] == report["mode"]
+    bench.write_markdown(md, tmp_path / "json")
+    first = md.read_text()
+    assert first.startswith(other.rstrip("\n")) and first.count(bench.BEGIN) == 1
+    assert "step ms" in first and "images/s" in first and "No GPU" in first
+    md.write_text(first + "\n## Later section\n")
+    bench.write_markdown(md, tmp_path / "json")  # rewrites in place, keeps what surrounds the markers
+    again = md.read_text()
+    assert again.count(bench.BEGIN) == 1 and again.endswith("## Later section\n") and "someone else's" in again
+
+
+def test_bad_requests():
+    with pytest.raises(bench.BenchError, match="unknown mode 'fast'"):
+        bench.run("fast", stage2.get_config("tiny"), label="x")
+    with pytest.raises(bench.BenchError, match="batch sizes >= 1"):
+        bench.run("sample", stage2.get_config("tiny"), label="x", batch_sizes=(0,))
+
+
+def test_cli_bad_mode_is_one_line():
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run([sys.executable, "-m", "launch.bench", "fast", "--config=stage2:tiny"], cwd=root,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode != 0
+    assert out.stderr.strip().splitlines()[-1].startswith("error: give exactly one mode")
+    assert "Traceback" not in out.stderr

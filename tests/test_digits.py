@@ -1,0 +1,82 @@
+"""The digits run (configs/digits.py:test) end to end in-process: real sklearn digits -> PNGs + manifests ->
+prepare_data shards -> stages 1, 2, 3 (each from the previous EMA checkpoint) -> evaluation -> a checkpoint that
+`inference.load` serves for generation and chat; then a rerun that skips everything already done."""
+
+import json
+
+import numpy as np
+import pytest
+
+from configs import digits as digits_config
+from janusflow_jax import digits, inference, recipe
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("digits")
+    config = digits_config.get_config("test")
+    results = digits.run(config, workdir, progress=False)
+    return config, workdir, results
+
+
+def test_every_stage_trained_from_the_previous_one(run):
+    config, workdir, _ = run
+    for n, name in enumerate(recipe.stage_names(config), start=1):
+        stage = workdir / name
+        assert recipe.finished(stage, config.recipe[name].steps)
+        assert (stage / "loss_curve.png").stat().st_size > 0
+        rows = [json.loads(line) for line in (stage / "metrics.jsonl").read_text().splitlines()]
+        assert [r["step"] for r in rows] == [1, 2] and all(np.isfinite(r["loss"]) for r in rows)
+        saved = json.loads((stage / "checkpoints" / "2" / "run_config" / "metadata").read_text())
+        assert saved["stage"] == n and saved["freeze"] == [list(r) for r in config.recipe[name].freeze]
+        if n == 1:
+            assert saved["init"]["kind"] == "random"
+        else:
+            assert saved["init"] == dict(saved["init"], kind="checkpoint", weights="ema",
+                                         path=str(workdir / f"stage{n - 1}" / "checkpoints"))
+
+
+def test_data_is_split_and_prepared_by_the_preparation_job(run):
+    _, workdir, _ = run
+    split = json.loads((workdir / "data" / "split.json").read_text())
+    assert not set(split["train"]) & set(split["test"]) and len(split["test"]) == 12
+    meta = json.loads((workdir / "data" / "prepared" / "metadata.json").read_text())
+    assert meta["latent"]["kind"] == "space_to_depth"
+    trained_on = {json.loads(line)["image"] for line in (workdir / "data" / "gen.jsonl").read_text().splitlines()}
+    assert not trained_on & {f"images/{i:04d}.png" for i in split["test"]}
+
+
+def test_evaluation_is_written(run):
+    config, workdir, results = run
+    on_disk = json.loads((workdir / "eval.json").read_text())
+    assert tuple(config.digits.eval_stages) == ("stage3",) and "stage1" not in on_disk
+    for name in config.digits.eval_stages:
+        r = on_disk[name]
+        assert 0.0 <= r["understanding_accuracy"] <= 1.0 and r["understanding_examples"] == 8
+        assert set(r["generation_accuracy"]) == {"2"}
+        assert r["judge_accuracy_on_real_test_digits"] > 0.5  # the judge itself reads real digits
+        assert (workdir / f"samples_{name}.png").stat().st_size > 0
+    assert results["stage3"] == on_disk["stage3"]
+
+
+def test_final_checkpoint_serves_generation_and_chat(run):
+    _, workdir, _ = run
+    from janusflow_jax import chat, latents, sampler
+
+    loaded = inference.load(workdir / "stage3" / "checkpoints", with_vae=True)
+    assert isinstance(loaded.vae, latents.SpaceToDepth)
+    images = sampler.generate_images(loaded.model, loaded.params, loaded.processor, loaded.vae, loaded.vae_params,
+                                     ["a handwritten seven"], cfg=2.0, steps=2)
+    assert images.shape == (1, 32, 32, 3) and images.dtype == np.uint8
+    answer = chat.chat(loaded.model, loaded.params, loaded.processor,
+                       [str(workdir / "data" / "images" / sorted((workdir / "data" / "images").iterdir())[0].name)],
+                       digits.QUESTION, max_new_tokens=3)
+    assert isinstance(answer[0], str)
+
+
+def test_rerun_skips_finished_work(run, capsys):
+    config, workdir, results = run
+    again = digits.run(config, workdir, progress=False)
+    out = capsys.readouterr().out
+    assert out.count("finished earlier") == 3 and "(0 shards written" in out and "evaluating" not in out
+    assert again["stage3"] == results["stage3"]
