@@ -218,7 +218,8 @@ def test_understanding_and_text_records(prepared, processor):
     for record, name in ((first, "img0.jpg"), (records[2], "img5.png")):
         again = prepare.normalize_pixels(record["images"], meta["mean"], meta["std"], meta["rescale_factor"])
         np.testing.assert_array_equal(again, processor.preprocess_understanding([root / "images" / name]))
-    assert records[1]["loss_mask"].sum() == 2 * (3 + 1)  # "a dog" and "a bird" (3 pieces each) + their EOS
+    # " a dog" and " a bird" (the space after "Assistant:" + 3 pieces each) + their EOS
+    assert records[1]["loss_mask"].sum() == 2 * (1 + 3 + 1)
 
     texts = _records(out / "text" / "text-00000-of-00001.array_record")
     for record, text in ((texts[0], "the red cat is on the grass"), (texts[-1], "two birds in the blue sky")):

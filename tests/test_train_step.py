@@ -44,11 +44,16 @@ class Runner:
         fn = train_step.make_train_step(self.plan.model, self.plan.tx, config.loss, config.optimizer,
                                         seed=config.seed, micro_batches=config.micro_batches)
         self.step_fn = train_step.jit_train_step(fn, self.plan.state_sh, self.b_sh, self.mesh)
-        params = jax.device_put(host_params, param_shardings(self.plan.model_cfg, self.mesh))
-        init = jax.jit(lambda p: train_step.init_state(p, self.plan.labels, self.plan.tx, True),
-                       out_shardings=self.plan.state_sh)
-        self.state = init(params)
+        self.params = jax.device_put(host_params, param_shardings(self.plan.model_cfg, self.mesh))
+        self.init = jax.jit(lambda p: train_step.init_state(p, self.plan.labels, self.plan.tx, True),
+                            out_shardings=self.plan.state_sh)
         self.nn = nn
+        self.reset()
+
+    def reset(self):
+        """A fresh state from the same parameters (the compiled step is kept)."""
+        self.state = self.init(self.params)
+        return self
 
     def step(self, batch):
         with jax.set_mesh(self.mesh), self.nn.logical_axis_rules(self.rules):
@@ -65,6 +70,13 @@ def setup():
     batches = [next(source) for _ in range(3)]
     single = Runner(config, jax.devices()[:1], host_params)
     return config, host_params, batches, single
+
+
+@pytest.fixture(scope="module")
+def linear_reference(setup):
+    """The single-device reference of the equality tests, compiled once for both."""
+    _, host_params, _, _ = setup
+    return Runner(_config(eps=LINEAR_EPS), jax.devices()[:1], host_params)
 
 
 def _leaves(tree):
@@ -113,9 +125,9 @@ def test_nan_batch_is_skipped(setup):
     assert single.step(batches[1])["finite"] == 1.0 and int(single.state["skips"]) == 0
 
 
-def test_sharded_step_equals_single_device(setup):
+def test_sharded_step_equals_single_device(setup, linear_reference):
     config, host_params, batches, _ = setup
-    reference = Runner(_config(eps=LINEAR_EPS), jax.devices()[:1], host_params)
+    reference = linear_reference.reset()
     sharded = Runner(_config(data=2, fsdp=2, tensor=2, eps=LINEAR_EPS), jax.devices(), host_params)
     assert dict(sharded.mesh.shape) == {"data": 2, "fsdp": 2, "tensor": 2}
     m_ref, m_sh = reference.step(batches[0]), sharded.step(batches[0])
@@ -129,9 +141,9 @@ def test_sharded_step_equals_single_device(setup):
     assert len({str(s.index) for s in kernel.addressable_shards}) > 1
 
 
-def test_accumulation_equals_one_big_batch(setup):
+def test_accumulation_equals_one_big_batch(setup, linear_reference):
     config, host_params, batches, _ = setup
-    reference = Runner(_config(eps=LINEAR_EPS), jax.devices()[:1], host_params)
+    reference = linear_reference.reset()
     accumulated = Runner(_config(micro=2, eps=LINEAR_EPS), jax.devices()[:1], host_params)
     m_ref, m_acc = reference.step(batches[0]), accumulated.step(batches[0])
     for key in ("loss", "ar", "rf", "repa", "grad_norm"):
