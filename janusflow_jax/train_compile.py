@@ -1,0 +1,330 @@
+"""Ahead-of-time compile of the full train step for a TPU topology, on any host: pod readiness without a pod.
+
+As MaxText's train_compile does: the devices come from a topology description that libtpu builds without the
+hardware (`jax.experimental.topologies.get_topology_desc`), the train state and batch are abstract
+(`jax.ShapeDtypeStruct`s carrying their shardings, so nothing is allocated), and `jit(...).lower(...).compile()` runs
+the real XLA TPU compiler. What comes back is XLA's own memory plan for one chip (arguments, outputs, temporaries,
+generated code) and its cost model (FLOPs, and a time estimate), set against our counted model FLOPs (`flops.py`).
+
+Reading the compiler's numbers:
+- Everything is per chip: after SPMD partitioning XLA compiles one program that every chip runs. The step's compiled
+  FLOPs are that program's FLOPs × chips.
+- XLA's cost analysis counts the body of a while loop ONCE, whatever its trip count. A step with scanned layers
+  (`scan_layers=True`) or gradient accumulation (`micro_batches > 1`) has loops, so its compiled FLOPs undercount and
+  its time estimate ("optimal_seconds") covers one iteration, or is negative; `flops_undercounted` says so, and
+  then no step time or MFU is derived.
+  Compile with `--config.model.scan_layers=False --config.micro_batches=1` for a loop-free program whose FLOPs and
+  time estimate cover the whole step.
+- The time estimate is XLA's roofline (FLOPs and HBM bytes of every op at the chip's peak); it ignores collectives'
+  latency and overlap, so it is a lower bound on the step time and the MFU derived from it an upper bound.
+
+Topologies: "v5p-128" (TensorCores: 64 chips, 4x4x4), "v5e-256" (chips, 16x16), "v6e-256", "v4-128", an explicit
+libtpu string "v5p:4x4x12", or "cpu:8" (the first 8 local CPU devices, for a quick check anywhere).
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+import time
+
+import flax.linen as nn
+import jax
+from jax.sharding import NamedSharding
+
+from janusflow_jax import flops as flops_lib
+from janusflow_jax import train_step, trainer
+from janusflow_jax.model import abstract_params
+from janusflow_jax.sharding import DEFAULT_RULES
+
+GIB = 2 ** 30
+
+# HBM per chip, bytes, by device_kind as libtpu reports it (lower case).
+HBM_BYTES = {
+    "tpu v4": 32 * GIB,
+    "tpu v5 lite": 16 * GIB,  # v5e
+    "tpu v5": 95 * GIB,  # v5p
+    "tpu v6 lite": 32 * GIB,  # v6e (Trillium)
+}
+
+# Pod-slice name prefix -> (libtpu generation, TensorCores per chip counted in the name, torus dimensions).
+# v4 and v5p slices are named by TensorCores (2 per chip, one megacore device), v5e and v6e by chips.
+GENERATIONS = {
+    "v4": ("v4", 2, 3),
+    "v5p": ("v5p", 2, 3),
+    "v5e": ("v5e", 1, 2),
+    "v6e": ("v6e", 1, 2),
+}
+CHIPS_PER_HOST = (2, 2, 1)  # every TPU VM host of these generations holds 2x2 chips
+
+
+class TopologyError(ValueError):
+    """A topology name that cannot be turned into devices; the message says why."""
+
+
+class CompileError(RuntimeError):
+    """XLA refused to compile the step (most often: it does not fit the chip's HBM); the message is XLA's."""
+
+
+# --------------------------------------------------------------------------------------------------- topologies
+def _torus_shape(chips: int, dims: int) -> tuple[int, ...]:
+    """The slice shape Cloud TPU uses for a power-of-two chip count: 2-D (v5e, v6e) as square as possible with the
+    longer side last (8 -> 2x4, 256 -> 16x16); 3-D (v4, v5p) from 2x2x1 doubling z, y, x in turn (64 -> 4x4x4)."""
+    k = chips.bit_length() - 1
+    if chips < 1 or chips != 2 ** k:
+        raise TopologyError(f"{chips} chips is not a power of two; give the shape explicitly, e.g. 'v5p:4x4x12'")
+    if dims == 2:
+        if chips == 2:
+            raise TopologyError("there is no 2-chip slice; use 1, 4, 8, ... chips")
+        return (2 ** (k // 2), 2 ** (k - k // 2))
+    if chips < 4:
+        raise TopologyError(f"the smallest 3-D slice has 4 chips (2x2x1), not {chips}")
+    shape = [2, 2, 1] if chips == 4 else [2, 2, 2]
+    for i in range(max(k - 3, 0)):
+        shape[2 - i % 3] *= 2
+    return tuple(shape)
+
+
+def topology_name(topology: str) -> str:
+    """"v5p-128" -> "v5p:4x4x4", "v5e-256" -> "v5e:16x16"; an explicit "gen:AxB[xC]" string passes through."""
+    if ":" in topology:
+        gen, _, shape = topology.partition(":")
+        if gen not in {g for g, _, _ in GENERATIONS.values()} | {"v5"} or not re.fullmatch(r"\d+(x\d+){1,2}", shape):
+            raise TopologyError(f"bad topology {topology!r}: expected e.g. 'v5p:4x4x4' or 'v5e:16x16'")
+        return topology
+    match = re.fullmatch(r"(v\d+[a-z]?)-(\d+)", topology)
+    if not match or match.group(1) not in GENERATIONS:
+        raise TopologyError(f"unknown topology {topology!r}: use e.g. v5p-128, v5e-256, v6e-256, v4-128, "
+                            f"'v5p:4x4x12' or cpu:8")
+    gen, cores_per_chip, dims = GENERATIONS[match.group(1)]
+    cores = int(match.group(2))
+    if cores % cores_per_chip:
+        raise TopologyError(f"{topology}: {match.group(1)} slices count {cores_per_chip} cores per chip")
+    return f"{gen}:" + "x".join(map(str, _torus_shape(cores // cores_per_chip, dims)))
+
+
+def topology_devices(topology: str) -> list:
+    """The devices of a TPU topology (abstract: they can compile, not run) or, for "cpu:N", N local CPU devices."""
+    if topology.startswith("cpu:"):
+        count = topology[4:]
+        if not count.isdigit() or int(count) < 1:
+            raise TopologyError(f"bad topology {topology!r}: expected cpu:N with N >= 1")
+        local = jax.devices("cpu")
+        if len(local) < int(count):
+            raise TopologyError(f"{topology}: only {len(local)} CPU devices; set "
+                                f"XLA_FLAGS=--xla_force_host_platform_device_count={count} before JAX starts")
+        return local[:int(count)]
+    name = topology_name(topology)
+    try:
+        from jax.experimental import topologies
+
+        desc = topologies.get_topology_desc(platform="tpu", topology_name=name, chip_config_name="default",
+                                            chips_per_host_bounds=CHIPS_PER_HOST, num_slices=1)
+    except Exception as e:  # no libtpu, or libtpu rejects the shape
+        raise TopologyError(f"cannot describe TPU topology {name!r} ({type(e).__name__}: {str(e).strip()[:300]}); "
+                            f"AOT compilation for TPUs needs libtpu: pip install 'jax[tpu]'") from None
+    return list(desc.devices)
+
+
+# ------------------------------------------------------------------------------------------------ abstract inputs
+def abstract_state(plan: trainer.Plan) -> dict:
+    """The train state as ShapeDtypeStructs carrying the plan's shardings (no memory is allocated)."""
+    shapes = jax.eval_shape(lambda p: train_step.init_state(p, plan.labels, plan.tx, plan.use_ema),
+                            nn.unbox(abstract_params(plan.model_cfg)))
+    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), shapes, plan.state_sh)
+
+
+def abstract_batch(plan: trainer.Plan, phase: int) -> dict:
+    """The global batch of mixture `phase` as ShapeDtypeStructs, rows split over (data, fsdp)."""
+    shapes = plan.batch_shapes(phase)
+    shardings = train_step.batch_shardings(shapes, plan.mesh)
+    return {k: jax.ShapeDtypeStruct(shape, dtype, sharding=shardings[k]) for k, (shape, dtype) in shapes.items()}
+
+
+def longest_phase(mixture) -> int:
+    """The mixture phase that covers the most steps (stage 2: the 14:80:6 one, steps 10k-390k)."""
+    bounds = [0] + [until for until, _ in mixture]
+    return max(range(len(mixture)), key=lambda i: bounds[i + 1] - bounds[i])
+
+
+# ---------------------------------------------------------------------------------------------------- compiling
+def _compile(config, devices, phase: int):
+    """(plan, compiled executable, lowering seconds, compile seconds) of the configured step for `devices`."""
+    plan = trainer.make_plan(config, devices=devices)
+    if not 0 <= phase < len(config.mixture):
+        raise ValueError(f"phase {phase} outside the config's {len(config.mixture)} mixture phases")
+    state, batch = abstract_state(plan), abstract_batch(plan, phase)
+    fn = train_step.make_train_step(plan.model, plan.tx, config.loss, config.optimizer, seed=config.seed,
+                                    micro_batches=config.micro_batches)
+    jitted = train_step.jit_train_step(fn, plan.state_sh, {k: v.sharding for k, v in batch.items()}, plan.mesh)
+    start = time.perf_counter()
+    with jax.set_mesh(plan.mesh), nn.logical_axis_rules(DEFAULT_RULES):  # the model's activation constraints
+        lowered = jitted.lower(state, batch)
+    lowered_at = time.perf_counter()
+    try:
+        compiled = lowered.compile()
+    except jax.errors.JaxRuntimeError as e:  # e.g. RESOURCE_EXHAUSTED: ran out of memory in memory space hbm
+        raise CompileError(" ".join(str(e).split())[:2000]) from None
+    return plan, compiled, lowered_at - start, time.perf_counter() - lowered_at
+
+
+def _flops_and_seconds(compiled) -> tuple[float, float | None]:
+    """XLA's FLOPs and roofline time ("optimal_seconds"; None when it has none) of one chip's program."""
+    cost = compiled.cost_analysis()
+    if isinstance(cost, (list, tuple)):  # older jax: one dict per program
+        cost = cost[0] if cost else {}
+    seconds = (cost or {}).get("optimal_seconds")
+    return float((cost or {}).get("flops", 0.0)), float(seconds) if seconds is not None and seconds > 0 else None
+
+
+def _loop_free(config):
+    """The config with its step unrolled: no layer scan, no micro-batch loop (same FLOPs, one XLA program)."""
+    config = copy.deepcopy(config)
+    config.model.scan_layers = False
+    config.micro_batches = 1
+    return config
+
+
+def depth_extrapolation(config, devices, phase: int) -> dict:
+    """XLA's whole-step FLOPs and time per chip for the configured depth, from loop-free compiles at depth 1 and 2.
+
+    Transformer blocks of one tower are identical, so the step's cost is linear in the LLM depth and in the SigLIP
+    depth: c + a·llm_layers + b·siglip_layers. Three small unrolled compiles, (1, 1), (2, 1) and (1, 2) blocks, give
+    c, a and b in minutes, where unrolling all 24 + 24 blocks takes XLA far longer on a small host. The REPA read-out
+    moves to block 1 (where it reads changes no cost). Returns {"flops", "seconds" (None if XLA gave no time),
+    "compile_seconds"}.
+    """
+    base = _loop_free(config)
+    base.model.repa.layer = min(base.model.repa.layer, 1)
+    results = {}
+    for llm_layers, siglip_depth in ((1, 1), (2, 1), (1, 2)):
+        c = copy.deepcopy(base)
+        c.model.llm.num_layers, c.model.und_encoder.depth = llm_layers, siglip_depth
+        _, compiled, lower_s, compile_s = _compile(c, devices, phase)
+        results[llm_layers, siglip_depth] = (*_flops_and_seconds(compiled), lower_s + compile_s)
+    llm_layers, siglip_depth = config.model.llm.num_layers, config.model.und_encoder.depth
+
+    def extrapolate(i):
+        one = results[1, 1][i]
+        return one + (llm_layers - 1) * (results[2, 1][i] - one) + (siglip_depth - 1) * (results[1, 2][i] - one)
+
+    has_time = all(r[1] is not None for r in results.values())
+    return {"flops": extrapolate(0), "seconds": extrapolate(1) if has_time else None,
+            "compile_seconds": sum(r[2] for r in results.values())}
+
+
+def compile_train_step(config, devices, phase: int | None = None, extrapolate: bool = False) -> dict:
+    """Lowers and compiles the configured train step for `devices` (e.g. `topology_devices("v5p-128")`).
+
+    `phase` is the mixture phase whose batch shapes are compiled (default: the longest). With `extrapolate`, a step
+    whose loops hide its cost from XLA (scanned layers, micro-batches) also gets XLA's whole-step FLOPs and time from
+    `depth_extrapolation`. Returns a flat report: what was compiled (devices, mesh, remat, micro-batches, sub-batch
+    rows), memory per chip in bytes (argument, output, alias, temp, generated_code, total; hbm and fits where the
+    chip is known), compiled FLOPs per chip and per step (flops_undercounted when loops hide part of them), the
+    compiler's time estimate, our counted FLOPs, the estimated step time and MFU with their source, and the wall
+    times. Raises CompileError when XLA refuses (e.g. out of HBM).
+    """
+    devices = list(devices)
+    phase = longest_phase(config.mixture) if phase is None else phase
+    plan, compiled, lower_seconds, compile_seconds = _compile(config, devices, phase)
+    chips = len(devices)
+    kind = devices[0].device_kind
+    mem = compiled.memory_analysis()
+    memory = {
+        "argument": mem.argument_size_in_bytes,
+        "output": mem.output_size_in_bytes,
+        "alias": mem.alias_size_in_bytes,  # outputs written into donated arguments: counted once
+        "temp": mem.temp_size_in_bytes,
+        "generated_code": mem.generated_code_size_in_bytes,
+    }
+    memory["total"] = (memory["argument"] + memory["output"] - memory["alias"] + memory["temp"]
+                       + memory["generated_code"])
+    hbm = next((b for k, b in sorted(HBM_BYTES.items(), key=lambda kv: -len(kv[0])) if k in kind.lower()), None)
+    flops, compiler_seconds = _flops_and_seconds(compiled)
+    # XLA counts a loop body once: scanned layers and micro-batch accumulation are loops, and then neither the FLOPs
+    # nor the time estimate covers the step.
+    undercounted = plan.model_cfg.scan_layers or config.micro_batches > 1
+    estimate, source, whole_flops, extra_seconds = None, None, None, 0.0
+    if not undercounted:
+        estimate, source, whole_flops = compiler_seconds, "compiler" if compiler_seconds else None, flops
+    elif extrapolate:
+        ex = depth_extrapolation(config, devices, phase)
+        estimate, whole_flops, extra_seconds = ex["seconds"], ex["flops"], ex["compile_seconds"]
+        source = "compiler, extrapolated from depth 1 and 2" if estimate else None
+    counts = flops_lib.step_counts(plan, phase)
+    peak = flops_lib.peak_flops_per_device(devices[0])
+    return {
+        "device_kind": kind,
+        "chips": chips,
+        "mesh": dict(plan.mesh.shape),
+        "remat_policy": plan.model_cfg.remat_policy,
+        "scan_layers": plan.model_cfg.scan_layers,
+        "micro_batches": config.micro_batches,
+        "phase": phase,
+        "ratio": tuple(config.mixture[phase][1]),
+        "sub_batch": dict(plan.global_sizes[phase]),
+        "batch_size": config.batch_size,
+        "memory_bytes": memory,
+        "hbm_bytes": hbm,
+        "fits": None if hbm is None else memory["total"] <= hbm,
+        "compiled_flops_per_chip": flops,
+        "compiled_flops": flops * chips,
+        "flops_undercounted": undercounted,
+        "compiler_seconds": compiler_seconds,  # XLA's own number for this program (one loop iteration if looped)
+        "whole_step_flops": None if whole_flops is None else whole_flops * chips,
+        "counted_flops": counts["flops"],
+        "tokens": counts["tokens"],
+        "peak_flops_per_chip": peak,
+        "estimated_step_seconds": estimate,
+        "estimate_source": source,
+        "mfu": counts["flops"] / estimate / (chips * peak) if estimate and peak else None,
+        "lower_seconds": lower_seconds,
+        "compile_seconds": compile_seconds,
+        "extrapolation_seconds": extra_seconds,
+    }
+
+
+def format_report(report: dict, topology: str = "") -> str:
+    """The report as the lines `launch.compile` prints."""
+    def gib(b):
+        return f"{b / GIB:.2f} GiB" if b >= GIB // 100 else f"{b / 2 ** 20:.2f} MiB"
+
+    def tflop(f):
+        return f"{f / 1e12:.2f} TFLOP" if f >= 1e10 else f"{f / 1e9:.3f} GFLOP"
+
+    m = report["memory_bytes"]
+    mesh = report["mesh"]
+    lines = [
+        f"compiled {topology or report['device_kind']}: {report['chips']} x {report['device_kind']}, mesh data="
+        f"{mesh['data']} fsdp={mesh['fsdp']} tensor={mesh['tensor']}, remat {report['remat_policy']}, scan_layers "
+        f"{report['scan_layers']}, micro-batches {report['micro_batches']}",
+        f"batch {report['batch_size']}, phase {report['phase']} ratio {':'.join(map(str, report['ratio']))} -> rows "
+        + ", ".join(f"{k} {v}" for k, v in report["sub_batch"].items()),
+        f"memory per chip: arguments {gib(m['argument'])}, outputs {gib(m['output'])} (aliased {gib(m['alias'])}), "
+        f"temporaries {gib(m['temp'])}, generated code {gib(m['generated_code'])}; total {gib(m['total'])}"
+        + (f" of {gib(report['hbm_bytes'])} HBM ({100 * m['total'] / report['hbm_bytes']:.0f}%): "
+           + ("fits" if report["fits"] else "DOES NOT FIT") if report["hbm_bytes"] else ""),
+        f"compiled FLOPs: {tflop(report['compiled_flops_per_chip'])} per chip, {tflop(report['compiled_flops'])} "
+        "per step" + (" (an undercount: XLA counts the body of the layer scan / micro-batch loop once)"
+                      if report["flops_undercounted"] else ""),
+        f"counted FLOPs: {tflop(report['counted_flops'])} per step, {report['tokens']} LLM tokens",
+    ]
+    if report["whole_step_flops"] and report["flops_undercounted"]:
+        lines.append(f"whole-step compiled FLOPs ({report['estimate_source'] or 'extrapolated'}): "
+                     f"{tflop(report['whole_step_flops'])} per step")
+    if report["estimated_step_seconds"]:
+        lines.append(f"step time estimate ({report['estimate_source']}): "
+                     f"{report['estimated_step_seconds'] * 1e3:.4g} ms"
+                     + (f" -> MFU {100 * report['mfu']:.1f}% (counted FLOPs / estimate / {report['chips']} chips x "
+                        f"{report['peak_flops_per_chip'] / 1e12:.0f} TFLOP/s peak; XLA's roofline leaves out "
+                        "collectives, so this is an upper bound)" if report["mfu"] else ""))
+    elif report["flops_undercounted"] and not report["extrapolation_seconds"]:
+        lines.append("step time estimate: none (XLA sees one iteration of each loop"
+                     + (f": {report['compiler_seconds'] * 1e3:.1f} ms" if report["compiler_seconds"] else "")
+                     + "); --extrapolate derives the whole step from compiles at depth 1 and 2")
+    else:
+        lines.append("step time estimate: none (XLA gave no positive time estimate for the loop-free program)")
+    lines.append(f"lowering {report['lower_seconds']:.1f} s, compile {report['compile_seconds']:.1f} s"
+                 + (f", extrapolation compiles {report['extrapolation_seconds']:.1f} s"
+                    if report["extrapolation_seconds"] else ""))
+    return "\n".join(lines)

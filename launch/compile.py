@@ -1,0 +1,76 @@
+"""Ahead-of-time compile of the train step for a TPU topology on this machine: does it fit, how fast could it be?
+
+  python -m launch.compile --config=stage2 --topology=v5p-128
+  python -m launch.compile --config=stage2 --topology=v5e-256 --config.mesh.fsdp=64 --config.mesh.tensor=4 \
+      --config.model.remat_policy=full --config.micro_batches=2
+  python -m launch.compile --config=stage2:tiny --topology=cpu:8   # a quick check against local CPU devices
+
+TPU topologies need libtpu (`pip install "jax[tpu]"`; it warns about missing TPU environment variables, harmlessly).
+`--config` resolves like launch/train.py; every --config.FIELD override works. Prints memory per chip against the
+chip's HBM, the compiled and counted FLOPs, XLA's time estimate and the MFU it implies (janusflow_jax/train_compile.py
+says how to read them). Exits 1 with one line when the topology is unknown or XLA cannot compile (e.g. out of HBM).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+from absl import app, flags, logging
+
+# Importing launch.train defines --config (a config file, resolved by resolve_config_arg); this tool reuses it.
+from launch.train import resolve_config_arg
+
+_TOPOLOGY = flags.DEFINE_string("topology", None, "v5p-128, v5e-256, v6e-256, v4-128, an explicit 'v5p:4x4x12', "
+                                                  "or cpu:N for N local CPU devices.")
+_PHASE = flags.DEFINE_integer("phase", None, "Mixture phase whose batch shapes to compile (default: the longest).")
+_EXTRAPOLATE = flags.DEFINE_bool("extrapolate", True, "When loops (scanned layers, micro-batches) hide the step's "
+                                  "cost from XLA, estimate the whole step from three small unrolled compiles.")
+_JSON = flags.DEFINE_string("json", None, "Also write the report as JSON to this path.")
+
+
+def main(argv) -> int:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments {argv[1:]}")
+    config = flags.FLAGS.config
+    if config is None or _TOPOLOGY.value is None:
+        raise app.UsageError("--config and --topology are required")
+    if not flags.FLAGS["verbosity"].present:
+        logging.set_verbosity(logging.WARNING)
+    from janusflow_jax import train_compile, trainer
+
+    try:
+        devices = train_compile.topology_devices(_TOPOLOGY.value)
+        report = train_compile.compile_train_step(config, devices, phase=_PHASE.value,
+                                                   extrapolate=_EXTRAPOLATE.value)
+    except (train_compile.TopologyError, train_compile.CompileError, trainer.TrainingError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(train_compile.format_report(report, _TOPOLOGY.value))
+    if _JSON.value:
+        with open(_JSON.value, "w") as f:
+            json.dump({"topology": _TOPOLOGY.value, **report}, f, indent=1)
+    return 0
+
+
+def _prepare_backend(argv: list[str]):
+    """Before JAX starts its backends: enough fake CPU devices for cpu:N, and the CPU as the default platform (a TPU
+    topology compiles from its description; no local TPU is opened or needed)."""
+    for i, a in enumerate(argv):
+        value = a[len("--topology="):] if a.startswith("--topology=") else \
+            argv[i + 1] if a == "--topology" and i + 1 < len(argv) else ""
+        if value.startswith("cpu:") and value[4:].isdigit():
+            os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
+                                       + f" --xla_force_host_platform_device_count={value[4:]}").strip()
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+
+def run():
+    sys.argv = resolve_config_arg(sys.argv)
+    _prepare_backend(sys.argv)
+    app.run(main)
+
+
+if __name__ == "__main__":
+    run()
