@@ -12,12 +12,11 @@ from __future__ import annotations
 
 import shlex
 import sys
-from pathlib import Path
 
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
-CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+from launch import config_cli
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Run config: configs/<name>.py[:arg] or a bare name.",
                                           lock_config=True)
@@ -31,21 +30,6 @@ _TORCH_THREADS = flags.DEFINE_integer("torch_threads", 0, "torch.set_num_threads
 _NOTE = flags.DEFINE_string("note", "", "A remark stored and printed with the report (what was special about it).")
 _OUT = flags.DEFINE_string("out", "BENCHMARKS.md", "Markdown file whose bench section is rewritten ('' = none).")
 _JSON_DIR = flags.DEFINE_string("json_dir", "benchmarks", "Directory for the JSON reports.")
-
-
-def resolve_config_arg(argv: list[str]) -> list[str]:
-    """--config=stage2[:arg] -> --config=<repo>/configs/stage2.py[:arg] (a bare name)."""
-    out = []
-    for a in argv:
-        if a.startswith("--config="):
-            name, _, arg = a[len("--config="):].partition(":")
-            if "/" not in name and not name.endswith(".py"):
-                path = CONFIG_DIR / f"{name}.py"
-                if not path.exists():
-                    raise SystemExit(f"error: no config {name!r} (configs/{name}.py)")
-                a = f"--config={path}" + (f":{arg}" if arg else "")
-        out.append(a)
-    return out
 
 
 def _label(argv: list[str]) -> str:
@@ -96,15 +80,8 @@ def main(argv) -> int:
     return 0
 
 
-def _parse_flags(argv):
-    try:
-        return flags.FLAGS(argv)
-    except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as e:
-        raise SystemExit(f"error: bad flag or config override: {e}") from None
-
-
 def run():
-    app.run(main, argv=resolve_config_arg(sys.argv), flags_parser=_parse_flags)
+    config_cli.run(main)
 
 
 if __name__ == "__main__":

@@ -19,8 +19,9 @@ import sys
 
 from absl import app, flags, logging
 
-# Importing launch.train defines --config (a config file, resolved by resolve_config_arg); this tool reuses it.
-from launch.train import resolve_config_arg
+# Importing launch.train defines --config (a config file, resolved by config_cli); this tool reuses it.
+import launch.train  # noqa: F401  (defines --config)
+from launch import config_cli
 
 _TOPOLOGY = flags.DEFINE_string("topology", None, "v5p-128, v5e-256, v6e-256, v4-128, an explicit 'v5p:4x4x12', "
                                                   "or cpu:N for N local CPU devices.")
@@ -67,9 +68,8 @@ def _prepare_backend(argv: list[str]):
 
 
 def run():
-    sys.argv = resolve_config_arg(sys.argv)
     _prepare_backend(sys.argv)
-    app.run(main)
+    config_cli.run(main)
 
 
 if __name__ == "__main__":

@@ -18,25 +18,7 @@ from pathlib import Path
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
-
-
-def resolve_config_arg(argv: list[str]) -> list[str]:
-    """--config=stage2[:arg] -> --config=<repo>/configs/stage2.py[:arg] (a name without '/' or '.py')."""
-    out = []
-    for a in argv:
-        if a.startswith("--config="):
-            value = a[len("--config="):]
-            name, _, arg = value.partition(":")
-            if "/" not in name and not name.endswith(".py"):
-                path = CONFIG_DIR / f"{name}.py"
-                if not path.exists():
-                    known = sorted(p.stem for p in CONFIG_DIR.glob("*.py") if p.stem != "__init__")
-                    raise SystemExit(f"error: no config {name!r} (configs/{name}.py); known: {', '.join(known)}")
-                a = f"--config={path}" + (f":{arg}" if arg else "")
-        out.append(a)
-    return out
-
+from launch import config_cli
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Run config: configs/<name>.py[:arg] or a bare name.",
                                           lock_config=True)
@@ -88,16 +70,8 @@ def main(argv) -> int:
     return 0
 
 
-def _parse_flags(argv):
-    """config_flags applies --config.FIELD overrides while parsing: a typo is one line here, not a traceback."""
-    try:
-        return flags.FLAGS(argv)
-    except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as e:
-        raise SystemExit(f"error: bad flag or config override: {e}") from None
-
-
 def run():
-    app.run(main, argv=resolve_config_arg(sys.argv), flags_parser=_parse_flags)
+    config_cli.run(main)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,40 @@
+"""What every `launch/*.py` that takes `--config` shares: bare config names and one-line errors for bad overrides."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Callable
+
+from absl import app, flags
+
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+
+
+def resolve_config_arg(argv: list[str]) -> list[str]:
+    """--config=stage2[:arg] -> --config=<repo>/configs/stage2.py[:arg] (a name without '/' or '.py')."""
+    out = []
+    for a in argv:
+        if a.startswith("--config="):
+            name, _, arg = a[len("--config="):].partition(":")
+            if "/" not in name and not name.endswith(".py"):
+                path = CONFIG_DIR / f"{name}.py"
+                if not path.exists():
+                    known = sorted(p.stem for p in CONFIG_DIR.glob("*.py") if p.stem != "__init__")
+                    raise SystemExit(f"error: no config {name!r} (configs/{name}.py); known: {', '.join(known)}")
+                a = f"--config={path}" + (f":{arg}" if arg else "")
+        out.append(a)
+    return out
+
+
+def parse_flags(argv):
+    """config_flags applies --config.FIELD overrides while parsing: a typo is one line here, not a traceback."""
+    try:
+        return flags.FLAGS(argv)
+    except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as e:
+        raise SystemExit(f"error: bad flag or config override: {e}") from None
+
+
+def run(main: Callable, argv: list[str] | None = None):
+    """absl's app.run with bare config names resolved and override errors reported in one line."""
+    app.run(main, argv=resolve_config_arg(sys.argv if argv is None else argv), flags_parser=parse_flags)
