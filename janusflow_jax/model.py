@@ -14,6 +14,8 @@ Parameter tree (each sub-tree's names mirror its PyTorch counterpart; see `conve
 
 from __future__ import annotations
 
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -176,8 +178,12 @@ def prompt_positions(real_mask):
     return jnp.maximum(jnp.cumsum(real_mask.astype(jnp.int32), axis=1) - 1, 0)
 
 
+@functools.lru_cache(maxsize=8)
 def abstract_params(config: JanusFlowConfig):
-    """Shapes, dtypes and logical axis metadata of every parameter, without allocating (jax.eval_shape)."""
+    """Shapes, dtypes and logical axis metadata of every parameter, without allocating (jax.eval_shape).
+
+    Cached per (frozen, hashable) config: a training run asks for it for freeze labels, state shardings, parameter
+    shardings and restore targets, and tracing the 1.3B init takes seconds. Treat the result as read-only."""
     model = JanusFlow(config)
     return jax.eval_shape(lambda: model.init(jax.random.key(0), method=JanusFlow.init_all))["params"]
 

@@ -30,7 +30,6 @@ import time
 
 import flax.linen as nn
 import jax
-from jax.sharding import NamedSharding
 
 from janusflow_jax import flops as flops_lib
 from janusflow_jax import train_step, trainer

@@ -26,11 +26,9 @@ from typing import Callable, Iterable
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
-from absl import logging
 
 from janusflow_jax import batch as batch_lib
 from janusflow_jax import checkpoint as checkpoint_lib

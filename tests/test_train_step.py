@@ -2,7 +2,6 @@
 untouched and stateless, a NaN batch skipped, a fixed batch overfitted. One compiled step per mesh/micro setting."""
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
