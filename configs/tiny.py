@@ -25,6 +25,7 @@ def model_config() -> ml_collections.ConfigDict:
         param_dtype="float32",
         scan_layers=False,
         remat_policy="none",
+        attention="auto",
     ))
 
 

@@ -11,7 +11,8 @@ A report is a plain dict (JSON-ready):
   sample  one row per (batch, steps, cfg, prompt cache): compile_s, latency_s (one call = one batch of images,
           median), images_per_s, per_image_s
   torch   rows for the velocity forward, the train step and the 30-step CFG sampling loop: jax_s, torch_s (medians
-          of alternating repetitions) and speedup = torch_s / jax_s
+          of alternating repetitions) and speedup = torch_s / jax_s; torch runs on the GPU when it sees one
+  vae     (mode "vae" only) SDXL-VAE encode/decode rows at 384^2: compile_s, latency_s, images_per_s
 Medians, not means: a shared machine's other jobs produce long-tail outliers.
 """
 
@@ -27,6 +28,7 @@ import re
 import resource
 import statistics
 import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Callable, Sequence
@@ -42,7 +44,7 @@ from janusflow_jax.model import JanusFlow, init_params
 from janusflow_jax.sampler import sample_latents
 from janusflow_jax.sharding import DEFAULT_RULES
 
-MODES = ("train", "sample", "torch", "all")
+MODES = ("train", "sample", "torch", "vae", "all")  # "all" = train + sample + torch
 BEGIN, END = "<!-- bench:begin -->", "<!-- bench:end -->"
 
 
@@ -53,6 +55,11 @@ class BenchError(ValueError):
 # ------------------------------------------------------------------------------------------------------ timing
 def _ready(x):
     return jax.block_until_ready(x)
+
+
+def progress(message: str):
+    """One line on stderr as each measurement lands (a run cut short still shows what it measured)."""
+    print(f"[bench] {message}", file=sys.stderr, flush=True)
 
 
 def time_call(fn: Callable[[], object]) -> float:
@@ -175,10 +182,12 @@ def bench_train(config, steps: int = 10, warmup: int = 2, cpu_peak: float | None
     bench = bench or TrainBench(config)
     if bench._compiled is None:
         bench.compile()
+    progress(f"train: compiled in {bench.compile_s:.1f} s")
     for _ in range(warmup):
         _ready(bench.step())
     times = [time_call(bench.step) for _ in range(steps)]
     step_s = statistics.median(times)
+    progress(f"train: step times {[round(t, 4) for t in times]} s")
     counts = flops_lib.step_counts(bench.plan, bench.phase)
     n_dev = jax.device_count()
     tflops = counts["flops"] / step_s / n_dev / 1e12
@@ -245,6 +254,7 @@ def bench_sample(config, batch_sizes: Sequence[int] = (1, 8), steps: Sequence[in
                     latency = statistics.median(time_call(run) for _ in range(reps))
                     rows.append({"batch": b, "steps": s, "cfg": w, "prompt_cache": cache, "compile_s": compile_s,
                                  "latency_s": latency, "images_per_s": b / latency, "per_image_s": latency / b})
+                    progress(f"sample: {rows[-1]}")
     return rows
 
 
@@ -276,15 +286,16 @@ def bench_torch(config, reps: int = 5, sample_batch: int = 4, sample_steps: int 
         train.compile()
     model_cfg = train.plan.model_cfg
     dtype = torch.bfloat16 if model_cfg.dtype == "bfloat16" else torch.float32
-    t_model = tb.build_model(model_cfg, seed=config.seed)
+    device = tb.default_device()
+    t_model = tb.build_model(model_cfg, seed=config.seed, device=device)
     t_step = tb.make_train_step(t_model, lr=config.optimizer.lr, clip_norm=config.optimizer.clip_norm)
-    t_batch = tb.to_torch_batch(train.host_batch, dtype)
+    t_batch = tb.to_torch_batch(train.host_batch, dtype, device)
 
     sample = sample or SampleBench(config)
     ids, mask, z0 = sample.inputs(sample_batch)
     j_ids, j_mask, j_z0 = jnp.asarray(ids), jnp.asarray(mask), jnp.asarray(z0)
-    t_ids, t_mask = torch.from_numpy(ids).long(), torch.from_numpy(mask).long()
-    t_z0 = torch.from_numpy(z0).permute(0, 3, 1, 2).contiguous().to(dtype)
+    t_ids, t_mask = torch.from_numpy(ids).long().to(device), torch.from_numpy(mask).long().to(device)
+    t_z0 = torch.from_numpy(z0).permute(0, 3, 1, 2).contiguous().to(device, dtype)
 
     # (a) velocity: the CFG rows of one Euler step.
     v_ids, v_mask = jnp.concatenate([j_ids, j_ids]), jnp.concatenate([j_mask, j_mask])
@@ -292,7 +303,7 @@ def bench_torch(config, reps: int = 5, sample_batch: int = 4, sample_steps: int 
     velocity = jax.jit(lambda p, i, m, z, t: sample.model.apply({"params": p}, i, m, z, t,
                                                                method=JanusFlow.velocity))
     tv_ids, tv_mask = torch.cat([t_ids, t_ids]), torch.cat([t_mask, t_mask])
-    tv_z, tv_t = torch.cat([t_z0, t_z0]), torch.full((2 * sample_batch,), 0.5, dtype=dtype)
+    tv_z, tv_t = torch.cat([t_z0, t_z0]), torch.full((2 * sample_batch,), 0.5, dtype=dtype, device=device)
     t_model.eval()
 
     def torch_velocity():
@@ -303,34 +314,81 @@ def bench_torch(config, reps: int = 5, sample_batch: int = 4, sample_steps: int 
         t_model.train()
         return t_step(t_batch)
 
+    def torch_sample(steps=sample_steps):
+        return tb.sample_official(t_model.eval(), t_ids, t_mask, t_z0, steps, cfg)
+
+    sampling = f"sampling {sample_steps} steps cfg {cfg:g}"
+    # JAX work -> the torch work it is compared with. Both JAX sampling variants are compared with the same torch
+    # loop (timed once per repetition: it is the slowest item).
     work = {
-        "velocity forward": (lambda: velocity(sample.params, v_ids, v_mask, v_z, v_t), torch_velocity),
-        "train step": (train.step, torch_train),
-        f"sampling {sample_steps} steps cfg {cfg:g}, JAX prompt cache": (
-            lambda: sample_latents(sample.model, sample.params, j_ids, j_mask, j_z0, sample_steps, cfg),
-            lambda: tb.sample_official(t_model.eval(), t_ids, t_mask, t_z0, sample_steps, cfg)),
-        f"sampling {sample_steps} steps cfg {cfg:g}, JAX full recompute": (
+        "velocity forward": (lambda: velocity(sample.params, v_ids, v_mask, v_z, v_t), "velocity"),
+        "train step": (train.step, "train"),
+        f"{sampling}, JAX prompt cache": (
+            lambda: sample_latents(sample.model, sample.params, j_ids, j_mask, j_z0, sample_steps, cfg), "sample"),
+        f"{sampling}, JAX full recompute": (
             lambda: sample_latents(sample.model, sample.params, j_ids, j_mask, j_z0, sample_steps, cfg,
-                                   use_prompt_cache=False),
-            lambda: tb.sample_official(t_model.eval(), t_ids, t_mask, t_z0, sample_steps, cfg)),
+                                   use_prompt_cache=False), "sample"),
     }
-    times = {name: ([], []) for name in work}
-    for name, (j, t) in work.items():  # warm-up: compiles JAX, lets torch allocate
-        _ready(j())
-        t()
+    torch_work = {"velocity": torch_velocity, "train": torch_train, "sample": torch_sample}
+
+    def time_torch(fn):
+        start = time.perf_counter()
+        fn()
+        tb.synchronize(device)
+        return time.perf_counter() - start
+
+    for name, (j, _) in work.items():  # warm-up: compiles JAX, lets torch allocate (the loop with 2 steps: same kernels)
+        progress(f"torch: JAX warm-up of {name}: {time_call(j):.1f} s")
+    for key, t in torch_work.items():
+        time_torch((lambda: torch_sample(min(2, sample_steps))) if key == "sample" else t)
+    j_times = {name: [] for name in work}
+    t_times = {key: [] for key in torch_work}
     for _ in range(reps):
-        for name, (j, t) in work.items():  # alternate: JAX, torch, JAX, torch, ...
-            times[name][0].append(time_call(j))
-            start = time.perf_counter()
-            t()
-            times[name][1].append(time.perf_counter() - start)
+        for name, (j, key) in work.items():  # alternate: JAX, torch, JAX, torch, ...
+            j_times[name].append(time_call(j))
+            if len(t_times[key]) < len(j_times[name]):
+                t_times[key].append(time_torch(torch_work[key]))
+            progress(f"torch: {name}: JAX {j_times[name][-1]:.4g} s, torch {t_times[key][-1]:.4g} s")
+    times = {name: (j_times[name], t_times[key]) for name, (_, key) in work.items()}
     rows = []
     for name, (j_times, t_times) in times.items():
         j_s, t_s = statistics.median(j_times), statistics.median(t_times)
         rows.append({"work": name, "jax_s": j_s, "torch_s": t_s, "speedup": t_s / j_s, "jax_s_all": j_times,
                      "torch_s_all": t_times})
     return {"rows": rows, "reps": reps, "sample_batch": sample_batch, "torch": torch.__version__,
-            "torch_threads": torch.get_num_threads(), "train_batch_size": train.plan.config.batch_size}
+            "torch_threads": torch.get_num_threads(), "train_batch_size": train.plan.config.batch_size,
+            "torch_device": str(device)}
+
+
+# ------------------------------------------------------------------------------------------------------ VAE
+def bench_vae(batch_sizes: Sequence[int] = (1, 4), image_size: int = 384, dtypes: Sequence[str] = ("bfloat16",),
+              reps: int = 3, seed: int = 0) -> list[dict]:
+    """SDXL-VAE (`vae.AutoencoderKL` at the SDXL config, random weights) encode and decode throughput at
+    `image_size`^2: what the latent-precompute job (encode, the posterior moments) and the sampler's last stage
+    (decode) cost per image. One row per (op, dtype, batch): compile_s, latency_s (median), images_per_s."""
+    from janusflow_jax import vae as vae_lib
+
+    if reps < 1 or not batch_sizes or min(batch_sizes) < 1:
+        raise BenchError(f"vae needs reps >= 1 and batch sizes >= 1; got reps={reps} batch_sizes={list(batch_sizes)}")
+    rows = []
+    rng = np.random.default_rng(seed)
+    for dtype in dtypes:
+        cfg = vae_lib.VAEConfig(dtype=dtype)
+        model = vae_lib.AutoencoderKL(cfg)
+        params = vae_lib.init_vae_params(cfg, jax.random.key(seed))
+        encode = jax.jit(lambda p, x: model.apply({"params": p}, x, method=vae_lib.AutoencoderKL.encode))
+        decode = jax.jit(lambda p, z: model.apply({"params": p}, z, method=vae_lib.AutoencoderKL.decode))
+        side = image_size // cfg.downsample_factor
+        for b in batch_sizes:
+            images = jnp.asarray(rng.uniform(-1, 1, (b, image_size, image_size, 3)).astype(np.float32))
+            latents = jnp.asarray(rng.standard_normal((b, side, side, cfg.latent_channels)).astype(np.float32))
+            for op, fn, x in (("encode", encode, images), ("decode", decode, latents)):
+                compile_s = time_call(lambda: fn(params, x))
+                latency = statistics.median(time_call(lambda: fn(params, x)) for _ in range(reps))
+                rows.append({"op": op, "dtype": dtype, "batch": b, "image_size": image_size, "compile_s": compile_s,
+                             "latency_s": latency, "images_per_s": b / latency})
+                progress(f"vae: {rows[-1]}")
+    return rows
 
 
 # ------------------------------------------------------------------------------------------------------ driver
@@ -359,6 +417,8 @@ def run(mode: str, config, *, label: str, command: str = "", steps: int = 10, wa
         report["train"] = bench_train(config, steps, warmup, cpu_peak, bench=train)
     if mode in ("sample", "all"):
         report["sample"] = bench_sample(config, batch_sizes, sample_steps, cfgs, reps, bench=sample)
+    if mode == "vae":
+        report["vae"] = bench_vae(batch_sizes, reps=reps, seed=config.seed)
     if mode in ("torch", "all"):
         report["torch"] = bench_torch(config, reps, max(batch_sizes), sample_steps[0], cfgs[0], torch_threads,
                                       train=train, sample=sample)
@@ -403,9 +463,18 @@ def format_report(report: dict) -> str:
                          f"{_num(r['compile_s'])} | {_num(r['latency_s'])} | {_num(r['images_per_s'])} | "
                          f"{_num(r['per_image_s'])} |")
         lines += ["", "Latents only: the config carries no VAE, so decoding is not timed.", ""]
+    if "vae" in report:
+        lines += ["| SDXL-VAE | dtype | batch | size | compile s | latency s | images/s |",
+                  "|---|---|---|---|---|---|---|"]
+        for r in report["vae"]:
+            lines.append(f"| {r['op']} | {r['dtype']} | {r['batch']} | {r['image_size']}² | {_num(r['compile_s'])} | "
+                         f"{_num(r['latency_s'])} | {_num(r['images_per_s'])} |")
+        lines += ["", "Random weights at the SDXL config; encode = the posterior moments (the latent-precompute job's "
+                  "work), decode = latents to pixels (the sampler's last stage).", ""]
     if "torch" in report:
         t = report["torch"]
-        lines += [f"JAX vs PyTorch {t['torch']} eager ({t['torch_threads']} torch threads), {t['reps']} alternating "
+        lines += [f"JAX vs PyTorch {t['torch']} eager on {t.get('torch_device', 'cpu')} ({t['torch_threads']} torch "
+                  f"threads; bf16 weights and AdamW state when the config computes in bf16), {t['reps']} alternating "
                   f"repetitions, sampling batch {t['sample_batch']}, train batch {t['train_batch_size']}:", "",
                   "| work | JAX s (median) | PyTorch s (median) | JAX speedup |", "|---|---|---|---|"]
         for r in t["rows"]:

@@ -22,6 +22,9 @@ def build_dataclass(cls, values: Mapping[str, Any] | None):
     return cls(**values)
 
 
+ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "cudnn")
+
+
 @dataclasses.dataclass(frozen=True)
 class LlamaConfig:
     """The Llama-architecture LLM (DeepSeek-LLM 1.3B defaults; REFERENCE.md §2)."""
@@ -120,6 +123,12 @@ class JanusFlowConfig:
     scan_layers: bool = False
     # Rematerialisation of each transformer block: see `layers.REMAT_POLICIES`.
     remat_policy: str = "none"
+    # Attention kernel of the LLM and SigLIP: "xla" (einsum + fp32 softmax; exact, every backend), "cudnn" (cuDNN
+    # flash attention through jax.nn.dot_product_attention; NVIDIA GPUs, bf16/fp16 compute only) or "auto" (cudnn
+    # where it applies: an NVIDIA GPU, bf16/fp16, at least layers.CUDNN_PAD queries; xla elsewhere, so fp32 and
+    # CPU/TPU runs are exactly the "xla" ones). On one H200 "cudnn" made the 1.3B train step fit twice the batch
+    # and sampling 1.5x faster (BENCHMARKS.md).
+    attention: str = "auto"
 
     def __post_init__(self):
         if self.gen_decoder.channels != self.gen_encoder.channels:
@@ -135,6 +144,10 @@ class JanusFlowConfig:
         if self.remat_policy not in REMAT_POLICIES:
             raise ValueError(f"remat_policy {self.remat_policy!r} not in {sorted(REMAT_POLICIES)}")
         jnp.dtype(self.dtype), jnp.dtype(self.param_dtype)
+        if self.attention not in ATTENTION_IMPLEMENTATIONS:
+            raise ValueError(f"attention {self.attention!r} not in {ATTENTION_IMPLEMENTATIONS}")
+        if self.attention == "cudnn" and jnp.dtype(self.dtype) not in (jnp.bfloat16, jnp.float16):
+            raise ValueError(f"attention 'cudnn' needs bfloat16 or float16 compute, not dtype {self.dtype!r}")
 
     @property
     def num_gen_tokens(self) -> int:

@@ -96,15 +96,23 @@ class LayerNorm(nn.Module):
         return (y * scale.astype(jnp.float32) + bias.astype(jnp.float32)).astype(self.dtype)
 
 
-def dot_product_attention(q, k, v, mask=None, *, scale: float | None = None):
+def dot_product_attention(q, k, v, mask=None, *, scale: float | None = None, implementation: str = "xla"):
     """Softmax attention with grouped-query support.
 
     q: [batch, q_len, num_heads, head_dim]; k, v: [batch, kv_len, num_kv_heads, head_dim];
     mask: boolean, broadcastable to [batch, 1, q_len, kv_len] (True = attend), or None.
+    implementation: "xla" (below: exact, every backend), "cudnn" (`cudnn_attention`: fused flash attention on
+    NVIDIA GPUs, bf16/fp16 only) or "auto" (cudnn where `_cudnn_applies`, else xla).
     Scores and softmax are computed in fp32. A fully masked row gets a uniform distribution instead of NaN
     (the additive-minimum convention of the PyTorch references); such rows are padding and never read.
     Returns [batch, q_len, num_heads, head_dim] in q's dtype.
     """
+    if implementation == "auto":
+        implementation = "cudnn" if _cudnn_applies(q) else "xla"
+    if implementation == "cudnn":
+        return cudnn_attention(q, k, v, mask, scale=scale)
+    if implementation != "xla":
+        raise ValueError(f"unknown attention implementation {implementation!r}: use 'auto', 'xla' or 'cudnn'")
     batch, q_len, num_heads, head_dim = q.shape
     num_kv = k.shape[2]
     groups = num_heads // num_kv
@@ -117,3 +125,38 @@ def dot_product_attention(q, k, v, mask=None, *, scale: float | None = None):
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
     out = jnp.einsum("bhgqk,bkhd->bqhgd", probs, v)
     return out.reshape(batch, q_len, num_heads, head_dim)
+
+
+def _cudnn_applies(q) -> bool:
+    """Whether "auto" picks cuDNN: the default backend is an NVIDIA GPU, q is bf16/fp16 and there are at least
+    CUDNN_PAD queries (token-by-token decoding stays on XLA: padding one query to 64 would waste the kernel)."""
+    if q.dtype not in (jnp.bfloat16, jnp.float16) or q.shape[1] < CUDNN_PAD or jax.default_backend() != "gpu":
+        return False
+    return "rocm" not in jax.devices()[0].client.platform_version.lower()  # cuDNN: NVIDIA only
+
+
+CUDNN_PAD = 64  # cuDNN's fused kernel with a bias wants even lengths in training; tiles are 64/128 long anyway
+
+
+def cudnn_attention(q, k, v, mask=None, *, scale: float | None = None, backend: str = "cudnn"):
+    """`dot_product_attention` through cuDNN's fused flash attention (`jax.nn.dot_product_attention`,
+    implementation="cudnn"), the boolean mask passed as cuDNN's additive bias.
+
+    Query and key lengths are padded up to a multiple of CUDNN_PAD (padded keys masked, padded queries dropped), so
+    any length works: JanusFlow's generation rows are prompt + 1 + 576 tokens, often odd, and cuDNN refuses odd
+    lengths with a bias in training. A fully masked row comes out uniform, as in the XLA path (the bias is a large
+    finite negative number). `backend` is jax.nn.dot_product_attention's `implementation` ("xla" lets the CPU
+    tests check the padding and masking here)."""
+    batch, q_len, _, head_dim = q.shape
+    kv_len = k.shape[1]
+    q_pad, kv_pad = -q_len % CUDNN_PAD, -kv_len % CUDNN_PAD
+    if mask is None:
+        mask = jnp.ones((1, 1, q_len, kv_len), bool)
+    mask = jnp.broadcast_to(mask, (mask.shape[0], 1, q_len, kv_len))
+    if q_pad or kv_pad:
+        pad = lambda x, n: jnp.pad(x, ((0, 0), (0, n), (0, 0), (0, 0)))
+        q, k, v = pad(q, q_pad), pad(k, kv_pad), pad(v, kv_pad)
+        mask = jnp.pad(mask, ((0, 0), (0, 0), (0, q_pad), (0, kv_pad)))  # padded keys: False
+    out = jax.nn.dot_product_attention(q, k, v, mask=mask, scale=head_dim**-0.5 if scale is None else scale,
+                                       implementation=backend)
+    return out[:, :q_len]

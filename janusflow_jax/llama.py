@@ -58,6 +58,7 @@ class LlamaAttention(nn.Module):
     config: LlamaConfig
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
+    attention: str = "auto"  # layers.dot_product_attention implementation
 
     @nn.compact
     def __call__(self, x, positions, mask, layer_cache, cache_index):
@@ -80,7 +81,7 @@ class LlamaAttention(nn.Module):
                                                         cache_index, axis=1)
             layer_cache = {"k": k_all, "v": v_all}
             k, v = k_all.astype(self.dtype), v_all.astype(self.dtype)
-        out = dot_product_attention(q, k, v, mask)
+        out = dot_product_attention(q, k, v, mask, implementation=self.attention)
         out = out.reshape(b, s, cfg.num_heads * cfg.head_dim)
         out = dense(cfg.hidden_size, ("heads", "embed"), name="o_proj", **kw)(out)
         return out, layer_cache
@@ -110,13 +111,14 @@ class LlamaBlock(nn.Module):
     param_dtype: Any = jnp.float32
     # Record the residual stream after this many blocks into carry[1] (REPA reads block 6); -1 = never.
     capture_after: int = -1
+    attention: str = "auto"
 
     @nn.compact
     def __call__(self, carry, layer_index, layer_cache, positions, mask, cache_index):
         x, captured = carry
         cfg = self.config
         norm = dict(eps=cfg.rms_norm_eps, dtype=self.dtype, param_dtype=self.param_dtype)
-        h, layer_cache = LlamaAttention(cfg, self.dtype, self.param_dtype, name="self_attn")(
+        h, layer_cache = LlamaAttention(cfg, self.dtype, self.param_dtype, self.attention, name="self_attn")(
             RMSNorm(**norm, name="input_layernorm")(x), positions, mask, layer_cache, cache_index)
         x = x + h
         x = x + LlamaMLP(cfg, self.dtype, self.param_dtype, name="mlp")(RMSNorm(**norm, name="post_attention_layernorm")(x))
@@ -141,6 +143,7 @@ class LlamaModel(nn.Module):
     remat_policy: str = "none"
     # The block whose output `captured` returns (REPA); fixed per model so nn.scan sees a static value.
     capture_after: int = -1
+    attention: str = "auto"  # "auto" | "xla" | "cudnn" (layers.dot_product_attention)
 
     def setup(self):
         cfg = self.config
@@ -148,7 +151,8 @@ class LlamaModel(nn.Module):
             cfg.vocab_size, cfg.hidden_size, dtype=self.dtype, param_dtype=self.param_dtype,
             embedding_init=logical_init(DEFAULT_KERNEL_INIT, ("vocab", "embed")))
         block_cls = maybe_remat(LlamaBlock, self.remat_policy)
-        block_kw = dict(config=cfg, dtype=self.dtype, param_dtype=self.param_dtype, capture_after=self.capture_after)
+        block_kw = dict(config=cfg, dtype=self.dtype, param_dtype=self.param_dtype, capture_after=self.capture_after,
+                        attention=self.attention)
         if self.scan_layers:
             scanned = nn.scan(
                 block_cls,

@@ -51,8 +51,9 @@ class JanusFlow(nn.Module):
         dt, pdt = cfg.compute_dtype, cfg.storage_dtype
         hidden = cfg.llm.hidden_size
         self.language_model = llama.LlamaModel(cfg.llm, dt, pdt, cfg.scan_layers, cfg.remat_policy,
-                                               capture_after=cfg.repa.layer)
-        self.und_encoder = SigLIPViT(cfg.und_encoder, dt, pdt, cfg.scan_layers, cfg.remat_policy)
+                                               capture_after=cfg.repa.layer, attention=cfg.attention)
+        self.und_encoder = SigLIPViT(cfg.und_encoder, dt, pdt, cfg.scan_layers, cfg.remat_policy,
+                                     attention=cfg.attention)
         self.und_aligner = dense(hidden, ("vit_embed", "embed"), use_bias=True, dtype=dt, param_dtype=pdt,
                                  name="und_aligner")
         # Zero-initialised in the released code; it fills the <begin_of_image> slot.

@@ -34,6 +34,7 @@ class Attention(nn.Module):
     num_heads: int
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
+    attention: str = "auto"  # layers.dot_product_attention implementation
 
     @nn.compact
     def __call__(self, x):
@@ -42,7 +43,7 @@ class Attention(nn.Module):
         # qkv rows are [q; k; v], each head-major (timm reshape (B, N, 3, heads, head_dim)). The fused output axis
         # is not split by tensor parallelism: a contiguous split would not fall on head boundaries.
         qkv = dense(3 * d, ("vit_embed", "vit_qkv"), name="qkv", **kw)(x).reshape(b, n, 3, self.num_heads, -1)
-        out = dot_product_attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2])
+        out = dot_product_attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], implementation=self.attention)
         return dense(d, ("vit_heads", "vit_embed"), name="proj", **kw)(out.reshape(b, n, d))
 
 
@@ -50,12 +51,13 @@ class Block(nn.Module):
     config: SigLIPConfig
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
+    attention: str = "auto"
 
     @nn.compact
     def __call__(self, x, _=None):
         cfg = self.config
         ln = dict(eps=cfg.layer_norm_eps, dtype=self.dtype, param_dtype=self.param_dtype, axis_name="vit_norm")
-        x = x + Attention(cfg.num_heads, self.dtype, self.param_dtype, name="attn")(LayerNorm(**ln, name="norm1")(x))
+        x = x + Attention(cfg.num_heads, self.dtype, self.param_dtype, self.attention, name="attn")(LayerNorm(**ln, name="norm1")(x))
         x = x + Mlp(cfg.mlp_dim, self.dtype, self.param_dtype, name="mlp")(LayerNorm(**ln, name="norm2")(x))
         x = nn.with_logical_constraint(x, ("activation_batch", "activation_length", "activation_embed"))
         return x, None
@@ -92,6 +94,7 @@ class SigLIPViT(nn.Module):
     param_dtype: Any = jnp.float32
     scan_layers: bool = False
     remat_policy: str = "none"
+    attention: str = "auto"  # "auto" | "xla" | "cudnn" (layers.dot_product_attention)
 
     def setup(self):
         cfg = self.config
@@ -103,9 +106,9 @@ class SigLIPViT(nn.Module):
             self.blocks = nn.scan(
                 block_cls, variable_axes={"params": 0}, split_rngs={"params": True}, length=cfg.depth,
                 metadata_params={nn.PARTITION_NAME: "layers"},
-            )(cfg, self.dtype, self.param_dtype)
+            )(cfg, self.dtype, self.param_dtype, self.attention)
         else:
-            self.blocks = [block_cls(cfg, self.dtype, self.param_dtype) for _ in range(cfg.depth)]
+            self.blocks = [block_cls(cfg, self.dtype, self.param_dtype, self.attention) for _ in range(cfg.depth)]
         self.norm = LayerNorm(cfg.layer_norm_eps, self.dtype, self.param_dtype, axis_name="vit_norm")
         if cfg.attn_pool:
             self.attn_pool = MAPHead(cfg, self.dtype, self.param_dtype)

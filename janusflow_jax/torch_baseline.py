@@ -175,21 +175,36 @@ class JanusFlowTorch(nn.Module):
         return v, self.repa_projector(out.hidden_states[self.cfg.repa.layer][:, -n:])
 
 
-def build_model(cfg: JanusFlowConfig, freeze_und_encoder: bool = True, seed: int = 0) -> JanusFlowTorch:
-    """Random-initialised model in the config's compute dtype; SigLIP frozen as in stages 1-2 (no grads)."""
+def default_device() -> torch.device:
+    """The GPU when torch sees one, else the CPU (the baselines run where the JAX side runs)."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def synchronize(device: torch.device | str | None = None):
+    """Waits for the device's queued work (CUDA runs asynchronously; timings must include it)."""
+    if torch.device(device or default_device()).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def build_model(cfg: JanusFlowConfig, freeze_und_encoder: bool = True, seed: int = 0,
+                device: torch.device | str | None = None) -> JanusFlowTorch:
+    """Random-initialised model in the config's compute dtype on `device` (default: `default_device()`), created
+    there directly (a 1.3B model initialised on the host takes long); SigLIP frozen as in stages 1-2 (no grads)."""
     torch.manual_seed(seed)
-    model = JanusFlowTorch(cfg).to(torch.bfloat16 if cfg.dtype == "bfloat16" else torch.float32)
+    with torch.device(device or default_device()):
+        model = JanusFlowTorch(cfg)
+    model = model.to(torch.bfloat16 if cfg.dtype == "bfloat16" else torch.float32)
     if freeze_und_encoder:
         model.und_encoder.requires_grad_(False)
     return model
 
 
 # ---------------------------------------------------------------------------------------------------- the work
-def to_torch_batch(batch: dict, dtype=torch.float32) -> dict:
-    """A `batch.py` batch (numpy, NHWC) -> torch tensors (NCHW images and latents)."""
+def to_torch_batch(batch: dict, dtype=torch.float32, device: torch.device | str | None = None) -> dict:
+    """A `batch.py` batch (numpy, NHWC) -> torch tensors on `device` (NCHW images and latents)."""
     out = {}
     for k, x in batch.items():
-        t = torch.from_numpy(x)
+        t = torch.from_numpy(x).to(device or default_device())
         if k in ("und/images", "gen/images", "gen/latents"):
             if k == "und/images":
                 t = t[:, 0]  # first image of each row (images_per_row = 1 in the configs benchmarked)
@@ -215,14 +230,15 @@ def loss(model: JanusFlowTorch, batch: dict, generator: torch.Generator):
             images = batch.get("und/images") if kind == "und" else None
             logits = model.understand_logits(ids, images, batch.get("und/image_token_mask"), mask)
             ar = ar + _next_token_loss_sum(logits, ids, batch[f"{kind}/loss_mask"])
-            ar_count += float(batch[f"{kind}/loss_mask"][:, 1:].sum())
-    total = ar / max(ar_count, 1.0)
+            ar_count = ar_count + batch[f"{kind}/loss_mask"][:, 1:].sum().float()  # a tensor: no host sync
+    total = ar / torch.clamp(torch.as_tensor(ar_count), min=1.0)
     if "gen/latents" in batch:
         x = batch["gen/latents"]
         n = x.shape[0]
-        t = torch.sigmoid(torch.randn(n, generator=generator)).to(x.dtype)  # logit-normal t
-        z0 = torch.randn(x.shape, generator=generator).to(x.dtype)
-        keep = (torch.rand(n, generator=generator) >= 0.1).long()[:, None]  # CFG drop: BOS kept, the rest hidden
+        # Host generator (reproducible on any device), moved to the batch's device.
+        t = torch.sigmoid(torch.randn(n, generator=generator)).to(x.device, x.dtype)  # logit-normal t
+        z0 = torch.randn(x.shape, generator=generator).to(x.device, x.dtype)
+        keep = (torch.rand(n, generator=generator) >= 0.1).long()[:, None].to(x.device)  # CFG drop: BOS kept
         prompt_mask = batch["gen/prompt_mask"].long()
         first = (prompt_mask.cumsum(1) == 1) & (prompt_mask != 0)
         prompt_mask = torch.where(keep.bool(), prompt_mask, first.long())
@@ -264,7 +280,7 @@ def sample_official(model: JanusFlowTorch, prompt_ids, prompt_mask, z0, steps: i
     mask = torch.cat([prompt_mask.long(), first.long()])
     z, dt = z0.clone(), 1.0 / steps
     for step in range(steps):
-        t = torch.full((2 * b,), step / steps, dtype=z.dtype)
+        t = torch.full((2 * b,), step / steps, dtype=z.dtype, device=z.device)
         v = model.velocity(ids, mask, torch.cat([z, z]), t)
         z = z + dt * (cfg * v[:b] - (cfg - 1.0) * v[b:])
     return z

@@ -35,6 +35,18 @@ def parse_flags(argv):
         raise SystemExit(f"error: bad flag or config override: {e}") from None
 
 
+def out_of_memory(e: BaseException) -> str | None:
+    """One line for a device out-of-memory error (jax's RESOURCE_EXHAUSTED), else None: the size is the user's to
+    change, so it is a message, not a traceback."""
+    text = str(e)
+    if type(e).__name__ != "JaxRuntimeError" or "RESOURCE_EXHAUSTED" not in text:
+        return None
+    first = next((line for line in text.splitlines() if "RESOURCE_EXHAUSTED" in line), text)[:300]
+    return (f"error: out of device memory ({first.strip()}); lower --config.batch_size, raise "
+            f"--config.micro_batches, set --config.model.remat_policy=full, or (NVIDIA GPUs, bf16) "
+            f"--config.model.attention=cudnn")
+
+
 def run(main: Callable, argv: list[str] | None = None):
     """absl's app.run with bare config names resolved and override errors reported in one line."""
     app.run(main, argv=resolve_config_arg(sys.argv if argv is None else argv), flags_parser=parse_flags)

@@ -99,3 +99,16 @@ def test_cli_bad_mode_is_one_line():
     assert out.returncode != 0
     assert out.stderr.strip().splitlines()[-1].startswith("error: give exactly one mode")
     assert "Traceback" not in out.stderr
+
+
+def test_vae_mode_reports_encode_and_decode_rows():
+    rows = bench.bench_vae(batch_sizes=(1,), image_size=16, dtypes=("float32",), reps=1)
+    assert [(r["op"], r["dtype"], r["batch"], r["image_size"]) for r in rows] == [
+        ("encode", "float32", 1, 16), ("decode", "float32", 1, 16)]
+    assert all(_positive(r["images_per_s"]) and _positive(r["latency_s"]) for r in rows)
+    text = bench.format_report({"mode": "vae", "meta": {"config": "x", "date": "d", "device": "cpu", "cpu_count": 2,
+                                                       "commit": "c", "load_average_start": [0, 0, 0],
+                                                       "jax": "j", "command": "c"}, "vae": rows})
+    assert "| encode | float32 | 1 | 16² |" in text
+    with pytest.raises(bench.BenchError):
+        bench.bench_vae(batch_sizes=(0,))

@@ -69,3 +69,42 @@ def test_unscan_inverts_scan(tiny):
     assert jax.tree.structure(back) == jax.tree.structure(params)
     for a, b in zip(jax.tree.leaves(back), jax.tree.leaves(params)):
         np.testing.assert_array_equal(a, b)
+
+
+def test_fused_attention_padding_and_masks_match_xla():
+    """The cuDNN path pads odd lengths to CUDNN_PAD and passes the boolean mask as a bias; with jax's XLA backend in
+    its place (no GPU here) it must equal our attention for a generation-like row (left-padded prompt, odd length)
+    and a GQA shape. Fully masked rows (padding queries, never read) stay finite; their uniform average then also
+    spans the padded keys, so they are compared only for finiteness."""
+    from janusflow_jax.layers import cudnn_attention, dot_product_attention
+    from janusflow_jax.llama import causal_key_mask
+
+    rng = np.random.default_rng(1)
+    b, s, h, kv, d = 2, 37, 4, 2, 16
+    q, k, v = (jnp.asarray(rng.standard_normal((b, s, n, d)), jnp.float32) for n in (h, kv, kv))
+    key_mask = np.ones((b, s), np.int32)
+    key_mask[1, :5] = 0  # left padding: rows 0-4 of example 1 see no key at all
+    mask = causal_key_mask(jnp.asarray(key_mask), s, 0)
+    want = dot_product_attention(q, k, v, mask)
+    got = np.asarray(cudnn_attention(q, k, v, mask, backend="xla"))
+    assert np.isfinite(got).all()
+    seen = np.asarray(mask[:, 0].any(-1))  # [b, q]: the query sees at least one key
+    assert (~seen).sum() == 5
+    np.testing.assert_allclose(got[seen], np.asarray(want)[seen], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(cudnn_attention(q, k, v, None, backend="xla")),
+                               np.asarray(dot_product_attention(q, k, v, None)), rtol=1e-5, atol=1e-5)
+
+
+def test_attention_option_is_validated():
+    from janusflow_jax.config import JanusFlowConfig
+
+    with pytest.raises(ValueError, match="attention 'flash'"):
+        JanusFlowConfig(attention="flash")
+    assert JanusFlowConfig().attention == "auto" and JanusFlowConfig(dtype="float32").attention == "auto"
+    with pytest.raises(ValueError, match="bfloat16 or float16"):
+        JanusFlowConfig(attention="cudnn", dtype="float32")
+    assert JanusFlowConfig(attention="cudnn", dtype="bfloat16").attention == "cudnn"
+    # "auto" is XLA here (a CPU), so every parity test runs the exact path.
+    from janusflow_jax.layers import _cudnn_applies
+
+    assert not _cudnn_applies(jnp.zeros((1, 128, 2, 64), jnp.bfloat16))

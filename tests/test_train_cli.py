@@ -153,3 +153,18 @@ def test_consecutive_non_finite_steps_stop_the_run(env, tmp_path):
         kept = checkpoint.load_params(tmp_path / "checkpoints", step=4, weights=weights)[1]
         for x, y in zip(jax.tree.leaves(good), jax.tree.leaves(kept)):
             np.testing.assert_array_equal(x, y)
+
+
+def test_out_of_device_memory_is_one_line():
+    """A device OOM (what batch 32 with XLA attention hit on one H200) is reported as one line naming the knobs."""
+    import jax
+
+    from launch import config_cli
+
+    e = jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 43.93GiB with "
+                                   "allocator GPU_0_bfc on device 0.\nmore detail")
+    message = config_cli.out_of_memory(e)
+    assert message.startswith("error: out of device memory (RESOURCE_EXHAUSTED") and "\n" not in message
+    assert "--config.micro_batches" in message
+    assert config_cli.out_of_memory(ValueError("RESOURCE_EXHAUSTED")) is None
+    assert config_cli.out_of_memory(jax.errors.JaxRuntimeError("INTERNAL: something else")) is None
