@@ -37,8 +37,9 @@ setup(
         "bench": ["torch>=2.4", "transformers>=4.46", "timm>=1.0.15", "diffusers>=0.32"],
         "test": [
             "pytest>=8.0",
-            "torch>=2.4",
-            "torchvision",
+            # The pair the parity tests run with; PyPI's torchvision fails beside any other torch version.
+            "torch==2.14.1",
+            "torchvision==0.29.1",
             "timm>=1.0.15",
             "diffusers>=0.32",
             "tensorflow-datasets>=4.9",  # the TFDS source of prepare_data

@@ -394,7 +394,7 @@ def bench_vae(batch_sizes: Sequence[int] = (1, 4), image_size: int = 384, dtypes
 # ------------------------------------------------------------------------------------------------------ driver
 def run(mode: str, config, *, label: str, command: str = "", steps: int = 10, warmup: int = 2,
         batch_sizes: Sequence[int] = (1, 8), sample_steps: Sequence[int] = (30,), cfgs: Sequence[float] = (2.0,),
-        reps: int = 3, torch_threads: int = 0, note: str = "") -> dict:
+        reps: int = 3, torch_threads: int = 0, note: str = "", vae_dtypes: Sequence[str] = ("bfloat16",)) -> dict:
     """One benchmark report (see the module docstring) for `mode` in MODES; `note` is printed with its tables."""
     if mode not in MODES:
         raise BenchError(f"unknown mode {mode!r}: use one of {', '.join(MODES)}")
@@ -418,7 +418,7 @@ def run(mode: str, config, *, label: str, command: str = "", steps: int = 10, wa
     if mode in ("sample", "all"):
         report["sample"] = bench_sample(config, batch_sizes, sample_steps, cfgs, reps, bench=sample)
     if mode == "vae":
-        report["vae"] = bench_vae(batch_sizes, reps=reps, seed=config.seed)
+        report["vae"] = bench_vae(batch_sizes, dtypes=vae_dtypes, reps=reps, seed=config.seed)
     if mode in ("torch", "all"):
         report["torch"] = bench_torch(config, reps, max(batch_sizes), sample_steps[0], cfgs[0], torch_threads,
                                       train=train, sample=sample)
@@ -496,15 +496,11 @@ def save_json(report: dict, json_dir) -> Path:
     return path
 
 
-GPU_NOTE = """### GPU
+GPU_NOTE = """### Running these on a GPU
 
-No GPU was lent to this task, so there are no accelerator tables yet. Targets on one H100 (stage-2 1.3B, bf16):
-≥ 45% MFU in training, ≥ 5 images/s at batch 32 (30 steps, CFG 2) and ≥ 4x PyTorch eager. With a GPU, run:
-
-    pip install -e . 'jax[cuda12]' torch transformers timm diffusers
-    python -m launch.bench all --config=stage2 --steps=20 --warmup=3 --batch_sizes=1,8,32 --out=BENCHMARKS.md
-
-(`--config=stage2` is the 1.3B model; add `--config.batch_size=N` to fit one device's memory.)
+`bash benchmarks/gpu_session.sh` runs the 1.3B set on one NVIDIA GPU step by step (train, sample, torch, vae, the
+cuDNN train step), each in its own process with its own time limit; the summary of the H200 run is in "One H200"
+above this section.
 """
 
 

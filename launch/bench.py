@@ -25,6 +25,7 @@ _WARMUP = flags.DEFINE_integer("warmup", 2, "train: untimed steps after compilat
 _BATCH_SIZES = flags.DEFINE_list("batch_sizes", ["1", "8"], "sample: batch sizes (torch mode uses the largest).")
 _SAMPLE_STEPS = flags.DEFINE_list("sample_steps", ["30"], "sample: Euler step counts (torch mode uses the first).")
 _CFG = flags.DEFINE_list("cfg", ["2.0"], "sample: CFG weights (torch mode uses the first).")
+_VAE_DTYPES = flags.DEFINE_list("vae_dtypes", ["bfloat16"], "vae: compute dtypes (bfloat16, float32).")
 _REPS = flags.DEFINE_integer("reps", 3, "sample/torch: timed repetitions (torch: alternating JAX/PyTorch).")
 _TORCH_THREADS = flags.DEFINE_integer("torch_threads", 0, "torch.set_num_threads (0 = torch's default).")
 _NOTE = flags.DEFINE_string("note", "", "A remark stored and printed with the report (what was special about it).")
@@ -63,7 +64,8 @@ def main(argv) -> int:
     try:
         report = bench.run(argv[1], _CONFIG.value, label=_label(raw), command=command, steps=_STEPS.value,
                            warmup=_WARMUP.value, batch_sizes=batch_sizes, sample_steps=sample_steps, cfgs=cfgs,
-                           reps=_REPS.value, torch_threads=_TORCH_THREADS.value, note=_NOTE.value)
+                           reps=_REPS.value, torch_threads=_TORCH_THREADS.value, note=_NOTE.value,
+                           vae_dtypes=_VAE_DTYPES.value)
     except (bench.BenchError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -14,9 +14,13 @@ def _blocks(language):
 
 
 def test_ci_runs_the_readme_test_command():
-    test_command = next(line for block in _blocks("bash") for line in block.splitlines()
-                        if line.startswith("python -m pytest"))
-    assert test_command in (ROOT / ".ci" / "run").read_text().splitlines()
+    """The README's one-line test command (install the test extra, run pytest) is what CI does."""
+    line = next(line for block in _blocks("bash") for line in block.splitlines() if "python -m pytest" in line)
+    install, _, test_command = line.partition(" && ")
+    assert install == 'pip install -e ".[test]"'
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert test_command in ci.splitlines()
+    assert '-e ".[test]"' in ci
 
 
 def test_compute_both_paths_example(tmp_path, tiny_config):
