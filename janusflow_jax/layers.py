@@ -6,6 +6,7 @@ from typing import Any, Callable, Sequence
 
 import flax.linen as nn
 import jax
+import jax.extend
 import jax.numpy as jnp
 
 Dtype = Any
@@ -132,7 +133,11 @@ def _cudnn_applies(q) -> bool:
     CUDNN_PAD queries (token-by-token decoding stays on XLA: padding one query to 64 would waste the kernel)."""
     if q.dtype not in (jnp.bfloat16, jnp.float16) or q.shape[1] < CUDNN_PAD or jax.default_backend() != "gpu":
         return False
-    return "rocm" not in jax.devices()[0].client.platform_version.lower()  # cuDNN: NVIDIA only
+    try:  # "cuda ..." on NVIDIA, "rocm ..." on AMD (no cuDNN there)
+        version = jax.extend.backend.get_backend().platform_version.lower()
+    except (AttributeError, RuntimeError):
+        version = ""
+    return "rocm" not in version
 
 
 CUDNN_PAD = 64  # cuDNN's fused kernel with a bias wants even lengths in training; tiles are 64/128 long anyway
