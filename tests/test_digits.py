@@ -60,14 +60,15 @@ def test_evaluation_is_written(run):
 
 
 def test_final_checkpoint_serves_generation_and_chat(run):
-    _, workdir, _ = run
+    config, workdir, _ = run
     from janusflow_jax import chat, latents, sampler
 
     loaded = inference.load(workdir / "stage3" / "checkpoints", with_vae=True)
     assert isinstance(loaded.vae, latents.SpaceToDepth)
     images = sampler.generate_images(loaded.model, loaded.params, loaded.processor, loaded.vae, loaded.vae_params,
                                      ["a handwritten seven"], cfg=2.0, steps=2)
-    assert images.shape == (1, 32, 32, 3) and images.dtype == np.uint8
+    size = config.model.und_encoder.image_size
+    assert images.shape == (1, size, size, 3) and images.dtype == np.uint8
     answer = chat.chat(loaded.model, loaded.params, loaded.processor,
                        [str(workdir / "data" / "images" / sorted((workdir / "data" / "images").iterdir())[0].name)],
                        digits.QUESTION, max_new_tokens=3)
