@@ -217,7 +217,8 @@ def save_grid(path: Path, images: dict, columns: int, title: str):
     weights = sorted(images)
     fig, axes = plt.subplots(1, len(weights), figsize=(1.1 * columns * len(weights) + 1, 11), squeeze=False)
     for ax, w in zip(axes[0], weights):
-        x = images[w]
+        # A grey 1-px frame per sample: white-paper digits tiled edge to edge would run into each other.
+        x = np.pad(images[w], ((0, 0), (1, 1), (1, 1), (0, 0)), constant_values=160)
         s = x.shape[1]
         grid = x.reshape(10, columns, s, s, 3).transpose(0, 2, 1, 3, 4).reshape(10 * s, columns * s, 3)
         ax.imshow(grid, interpolation="nearest")
