@@ -126,8 +126,8 @@ class JanusFlowConfig:
     # Attention kernel of the LLM and SigLIP: "xla" (einsum + fp32 softmax; exact, every backend), "cudnn" (cuDNN
     # flash attention through jax.nn.dot_product_attention; NVIDIA GPUs, bf16/fp16 compute only) or "auto" (cudnn
     # where it applies: an NVIDIA GPU, bf16/fp16, at least layers.CUDNN_PAD queries; xla elsewhere, so fp32 and
-    # CPU/TPU runs are exactly the "xla" ones). On one H200 "cudnn" made the 1.3B train step fit twice the batch
-    # and sampling 1.5x faster (BENCHMARKS.md).
+    # CPU/TPU runs are exactly the "xla" ones). On one H200 "cudnn" let the 1.3B train step fit 48 examples (XLA: 16)
+    # and made sampling 1.5x faster (BENCHMARKS.md).
     attention: str = "auto"
 
     def __post_init__(self):
