@@ -406,7 +406,7 @@ def run(mode: str, config, *, label: str, command: str = "", steps: int = 10, wa
                          f"{list(sample_steps)}, {list(cfgs)}")
     report = {"mode": mode, "meta": {**meta(label, command), "note": note}}
     cpu_peak = None
-    if jax.devices()[0].platform == "cpu":
+    if mode in ("train", "all") and jax.devices()[0].platform == "cpu":  # only the train table's MFU uses it
         cpu_peak = cpu_peak_flops()
         report["meta"]["cpu_peak_flops"] = cpu_peak
     train = TrainBench(config) if mode in ("train", "torch", "all") else None

@@ -128,6 +128,9 @@ def dot_product_attention(q, k, v, mask=None, *, scale: float | None = None, imp
     return out.reshape(batch, q_len, num_heads, head_dim)
 
 
+CUDNN_PAD = 64  # cuDNN's fused kernel with a bias wants even lengths in training; tiles are 64/128 long anyway
+
+
 def _cudnn_applies(q) -> bool:
     """Whether "auto" picks cuDNN: the default backend is an NVIDIA GPU, q is bf16/fp16 and there are at least
     CUDNN_PAD queries (token-by-token decoding stays on XLA: padding one query to 64 would waste the kernel)."""
@@ -138,9 +141,6 @@ def _cudnn_applies(q) -> bool:
     except (AttributeError, RuntimeError):
         version = ""
     return "rocm" not in version
-
-
-CUDNN_PAD = 64  # cuDNN's fused kernel with a bias wants even lengths in training; tiles are 64/128 long anyway
 
 
 def cudnn_attention(q, k, v, mask=None, *, scale: float | None = None, backend: str = "cudnn"):

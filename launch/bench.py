@@ -3,9 +3,9 @@
   python -m launch.bench MODE --config=stage2:tiny [--steps=10 --warmup=2 --batch_sizes=1,8 --sample_steps=30
                          --cfg=2.0 --reps=3 --torch_threads=0] [--out=BENCHMARKS.md --json_dir=benchmarks]
 
-MODE: train | sample | torch | vae | all (= train + sample + torch; see janusflow_jax/bench.py). Config overrides work as in launch.train
-(--config.batch_size=32, --config.model.llm.num_layers=4, ...). The report is printed as tables, saved as JSON under
---json_dir and, unless --out is empty, written into the bench section of --out.
+MODE: train | sample | torch | vae | all (= train + sample + torch; see janusflow_jax/bench.py). Config overrides
+work as in launch.train (--config.batch_size=32, --config.model.llm.num_layers=4, ...). The report is printed as
+tables, saved as JSON under --json_dir and, unless --out is empty, written into the bench section of --out.
 """
 
 from __future__ import annotations
@@ -68,12 +68,6 @@ def main(argv) -> int:
                            vae_dtypes=_VAE_DTYPES.value)
     except (bench.BenchError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
-        return 1
-    except Exception as e:  # noqa: BLE001 - only device out-of-memory becomes a message
-        message = config_cli.out_of_memory(e)
-        if message is None:
-            raise
-        print(message, file=sys.stderr)
         return 1
     print(bench.format_report(report))
     try:

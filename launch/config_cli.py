@@ -47,6 +47,24 @@ def out_of_memory(e: BaseException) -> str | None:
             f"--config.model.attention=cudnn")
 
 
+def _oom_as_message(main: Callable) -> Callable:
+    """main, with a device out-of-memory error turned into `out_of_memory`'s line and exit status 1."""
+
+    def wrapped(argv):
+        try:
+            return main(argv)
+        except Exception as e:  # noqa: BLE001 - only device out-of-memory becomes a message
+            message = out_of_memory(e)
+            if message is None:
+                raise
+            print(message, file=sys.stderr)
+            return 1
+
+    return wrapped
+
+
 def run(main: Callable, argv: list[str] | None = None):
-    """absl's app.run with bare config names resolved and override errors reported in one line."""
-    app.run(main, argv=resolve_config_arg(sys.argv if argv is None else argv), flags_parser=parse_flags)
+    """absl's app.run with bare config names resolved, and override errors and device out-of-memory reported in one
+    line."""
+    app.run(_oom_as_message(main), argv=resolve_config_arg(sys.argv if argv is None else argv),
+            flags_parser=parse_flags)

@@ -63,12 +63,6 @@ def main(argv) -> int:
     except (trainer.TrainingError, ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    except Exception as e:  # noqa: BLE001 - only device out-of-memory becomes a message (the last checkpoint stays)
-        message = config_cli.out_of_memory(e)
-        if message is None:
-            raise
-        print(message, file=sys.stderr)
-        return 1
     if jax.process_index() == 0:
         workdir = Path(_WORKDIR.value)
         print(f"done: final loss {metrics.get('loss', float('nan')):.4f}; checkpoints in {workdir / 'checkpoints'}, "

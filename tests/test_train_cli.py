@@ -168,3 +168,10 @@ def test_out_of_device_memory_is_one_line():
     assert "--config.micro_batches" in message
     assert config_cli.out_of_memory(ValueError("RESOURCE_EXHAUSTED")) is None
     assert config_cli.out_of_memory(jax.errors.JaxRuntimeError("INTERNAL: something else")) is None
+
+    def oom(argv):  # what every launch/*.py main runs under (config_cli.run)
+        raise e
+
+    assert config_cli._oom_as_message(oom)([]) == 1
+    with pytest.raises(ValueError):
+        config_cli._oom_as_message(lambda argv: (_ for _ in ()).throw(ValueError("x")))([])
