@@ -420,3 +420,37 @@ def test_init_from_parts(tiny_cfg, hf_llama_dir, timm_dirs, monkeypatch, scan_la
     assert set(flat(params)) == set(convert.expected_shapes(cfg))
     rest = {k: v for k, v in flat(params).items() if not k.startswith(("language_model/", "und_encoder/"))}
     assert rest and all(np.all(np.asarray(v) == 7.0) for v in rest.values())
+
+
+def test_training_initialises_from_an_official_dir_and_from_parts(tiny_cfg, hf_llama_dir, timm_dirs, monkeypatch,
+                                                                  tmp_path):
+    """`config.init.kind` "official" (a PyTorch release directory) and "parts" (stage 1: HF Llama + timm SigLIP) reach
+    the trainer's parameters unchanged, placed on the training mesh."""
+    import ml_collections
+
+    from configs import stage1
+    from janusflow_jax import model as model_lib
+    from janusflow_jax import trainer
+
+    def fake_init_params(config, rng):  # as in test_init_from_parts: skip the threefry-heavy init compile
+        return jax.tree.map(lambda s: np.full(s.shape, 7.0, s.dtype), nn.unbox(model_lib.abstract_params(config)))
+
+    monkeypatch.setattr(convert.model_lib, "init_params", fake_init_params)
+    official = convert.to_pytorch(tiny_cfg, fake_init_params(tiny_cfg, None), tmp_path / "official")
+    _, prefixed, _ = timm_dirs
+    for kind, path in (("official", str(official)), ("parts", "")):
+        config = stage1.get_config("tiny")
+        with config.unlocked():
+            config.model = ml_collections.ConfigDict(tiny_cfg.to_dict())
+            config.init.kind, config.init.path = kind, path
+            config.init.llm_path, config.init.siglip_path = str(hf_llama_dir[0]), str(prefixed)
+        plan = trainer.make_plan(config)
+        params = trainer.initial_params(plan)
+        gate = params["language_model"]["layers_0"]["mlp"]["gate_proj"]["kernel"]
+        assert gate.sharding.mesh.shape == plan.mesh.shape
+        if kind == "official":
+            assert_trees_identical(params, convert.from_pytorch(official, rng=jax.random.key(config.seed))[1])
+        else:
+            assert_trees_identical(params["language_model"], convert.load_llm_from_hf(hf_llama_dir[0], tiny_cfg.llm))
+            assert_trees_identical(params["und_encoder"],
+                                   convert.load_siglip_from_timm(prefixed, tiny_cfg.und_encoder))
