@@ -362,10 +362,11 @@ def bench_torch(config, reps: int = 5, sample_batch: int = 4, sample_steps: int 
 
 # ------------------------------------------------------------------------------------------------------ VAE
 def bench_vae(batch_sizes: Sequence[int] = (1, 4), image_size: int = 384, dtypes: Sequence[str] = ("bfloat16",),
-              reps: int = 3, seed: int = 0) -> list[dict]:
-    """SDXL-VAE (`vae.AutoencoderKL` at the SDXL config, random weights) encode and decode throughput at
-    `image_size`^2: what the latent-precompute job (encode, the posterior moments) and the sampler's last stage
-    (decode) cost per image. One row per (op, dtype, batch): compile_s, latency_s (median), images_per_s."""
+              reps: int = 3, seed: int = 0, config=None) -> list[dict]:
+    """SDXL-VAE (`vae.AutoencoderKL` at the SDXL config, or `config`, a `VAEConfig`; random weights) encode and
+    decode throughput at `image_size`^2: what the latent-precompute job (encode, the posterior moments) and the
+    sampler's last stage (decode) cost per image. One row per (op, dtype, batch): compile_s, latency_s (median),
+    images_per_s."""
     from janusflow_jax import vae as vae_lib
 
     if reps < 1 or not batch_sizes or min(batch_sizes) < 1:
@@ -373,7 +374,7 @@ def bench_vae(batch_sizes: Sequence[int] = (1, 4), image_size: int = 384, dtypes
     rows = []
     rng = np.random.default_rng(seed)
     for dtype in dtypes:
-        cfg = vae_lib.VAEConfig(dtype=dtype)
+        cfg = (config or vae_lib.VAEConfig()).replace(dtype=dtype)
         model = vae_lib.AutoencoderKL(cfg)
         params = vae_lib.init_vae_params(cfg, jax.random.key(seed))
         encode = jax.jit(lambda p, x: model.apply({"params": p}, x, method=vae_lib.AutoencoderKL.encode))
