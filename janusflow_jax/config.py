@@ -22,7 +22,7 @@ def build_dataclass(cls, values: Mapping[str, Any] | None):
     return cls(**values)
 
 
-ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "cudnn")
+ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "cudnn", "splash")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -124,10 +124,11 @@ class JanusFlowConfig:
     # Rematerialisation of each transformer block: see `layers.REMAT_POLICIES`.
     remat_policy: str = "none"
     # Attention kernel of the LLM and SigLIP: "xla" (einsum + fp32 softmax; exact, every backend), "cudnn" (cuDNN
-    # flash attention through jax.nn.dot_product_attention; NVIDIA GPUs, bf16/fp16 compute only) or "auto" (cudnn
-    # where it applies: an NVIDIA GPU, bf16/fp16, at least layers.CUDNN_PAD queries; xla elsewhere, so fp32 and
-    # CPU/TPU runs are exactly the "xla" ones). On one H200 "cudnn" let the 1.3B train step fit 48 examples (XLA: 16)
-    # and made sampling 1.5x faster (BENCHMARKS.md).
+    # flash attention through jax.nn.dot_product_attention; NVIDIA GPUs, bf16/fp16 compute only), "splash" (the
+    # Pallas Splash flash kernel for TPUs, on whole sequences; elsewhere it runs in Pallas' slow interpreter) or
+    # "auto" (cudnn on an NVIDIA GPU in bf16/fp16 with at least layers.CUDNN_PAD queries, splash on a TPU for whole
+    # sequences of at least layers.SPLASH_PAD tokens, xla elsewhere: CPU runs are exactly the "xla" ones). On one
+    # H200 "cudnn" let the 1.3B train step fit 48 examples (XLA: 16) and made sampling 1.5x faster (BENCHMARKS.md).
     attention: str = "auto"
 
     def __post_init__(self):

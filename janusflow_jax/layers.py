@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any, Callable, Sequence
 
 import flax.linen as nn
@@ -97,23 +98,35 @@ class LayerNorm(nn.Module):
         return (y * scale.astype(jnp.float32) + bias.astype(jnp.float32)).astype(self.dtype)
 
 
-def dot_product_attention(q, k, v, mask=None, *, scale: float | None = None, implementation: str = "xla"):
+def dot_product_attention(q, k, v, mask=None, *, scale: float | None = None, implementation: str = "xla",
+                          segments=None, causal: bool = False):
     """Softmax attention with grouped-query support.
 
     q: [batch, q_len, num_heads, head_dim]; k, v: [batch, kv_len, num_kv_heads, head_dim];
     mask: boolean, broadcastable to [batch, 1, q_len, kv_len] (True = attend), or None.
+    segments, causal: the same mask in the form a block-sparse kernel takes, for self-attention over a whole sequence
+    (q_len == kv_len, no cache): query i sees key j iff segments[:, i] == segments[:, j] (and j <= i when causal);
+    hidden keys carry a segment no visible query has (0). Only "splash" reads them; with `mask` None and `segments`
+    None every key is visible.
     implementation: "xla" (below: exact, every backend), "cudnn" (`cudnn_attention`: fused flash attention on
-    NVIDIA GPUs, bf16/fp16 only) or "auto" (cudnn where `_cudnn_applies`, else xla).
+    NVIDIA GPUs, bf16/fp16 only), "splash" (`splash_attention`: the Pallas block-sparse flash kernel for TPUs, used
+    where `segments` describe the mask; cached decoding stays on xla) or "auto" (cudnn where `_cudnn_applies`,
+    splash where `_splash_applies`, else xla).
     Scores and softmax are computed in fp32. A fully masked row gets a uniform distribution instead of NaN
-    (the additive-minimum convention of the PyTorch references); such rows are padding and never read.
+    (the additive-minimum convention of the PyTorch references); such rows are padding and never read. Rows of
+    hidden queries are never read either, and the kernels may fill them differently.
     Returns [batch, q_len, num_heads, head_dim] in q's dtype.
     """
+    splash_ok = q.shape[1] == k.shape[1] and (segments is not None or mask is None)
     if implementation == "auto":
-        implementation = "cudnn" if _cudnn_applies(q) else "xla"
+        implementation = ("cudnn" if _cudnn_applies(q) else
+                          "splash" if splash_ok and _splash_applies(q) else "xla")
     if implementation == "cudnn":
         return cudnn_attention(q, k, v, mask, scale=scale)
-    if implementation != "xla":
-        raise ValueError(f"unknown attention implementation {implementation!r}: use 'auto', 'xla' or 'cudnn'")
+    if implementation == "splash" and splash_ok:
+        return splash_attention(q, k, v, segments, causal=causal, scale=scale)
+    if implementation not in ("xla", "splash"):
+        raise ValueError(f"unknown attention implementation {implementation!r}: use 'auto', 'xla', 'cudnn' or 'splash'")
     batch, q_len, num_heads, head_dim = q.shape
     num_kv = k.shape[2]
     groups = num_heads // num_kv
@@ -165,3 +178,90 @@ def cudnn_attention(q, k, v, mask=None, *, scale: float | None = None, backend: 
     out = jax.nn.dot_product_attention(q, k, v, mask=mask, scale=head_dim**-0.5 if scale is None else scale,
                                        implementation=backend)
     return out[:, :q_len]
+
+
+SPLASH_PAD = 128  # the kernel's blocks are multiples of 128 tokens (the TPU's lane width)
+
+
+def target_platform() -> str:
+    """The platform the code is traced for: the active mesh's devices (so a TPU topology compiled ahead of time on a
+    CPU host counts as a TPU), else the default backend."""
+    mesh = jax.sharding.get_abstract_mesh()
+    device = None if mesh.empty else getattr(mesh, "abstract_device", None)
+    return device.platform if device is not None else jax.default_backend()
+
+
+def _splash_applies(q) -> bool:
+    """Whether "auto" picks splash: the target is a TPU and there are at least SPLASH_PAD queries."""
+    return q.shape[1] >= SPLASH_PAD and target_platform() == "tpu"
+
+
+def _splash_block(length: int) -> int:
+    return next(b for b in (512, 256, 128) if length % b == 0)
+
+
+def splash_attention(q, k, v, segments=None, *, causal: bool, scale: float | None = None,
+                     interpret: bool | None = None):
+    """Self-attention through the Pallas Splash (block-sparse flash) attention kernel of jax.experimental.pallas.
+
+    Shapes as `dot_product_attention` with q_len == kv_len; segments: [batch, seq] integers or None (all visible).
+    The sequence is padded to a multiple of SPLASH_PAD (padded tokens get segment -1: no real query sees them; a
+    generation row of 705 tokens runs as 768); grouped kv heads are repeated; q is scaled before the kernel, which
+    does not scale. Blocks that the causal mask empties are skipped, so causal attention costs about half of full.
+    Under a mesh (`jax.set_mesh`) the kernel runs per shard through `jax.shard_map`, batch and heads split as the
+    logical axes "activation_batch" and "activation_heads" map under the active rules (a dimension that the mesh
+    axes do not divide stays whole). Off TPU it runs in Pallas' interpreter (`interpret`, default: unless the target
+    is a TPU): slow, for tests.
+    """
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as splash
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as mask_lib
+
+    batch, length, num_heads, head_dim = q.shape
+    if k.shape[1] != length:
+        raise ValueError(f"splash attention is self-attention: {length} queries but {k.shape[1]} keys")
+    if k.shape[2] != num_heads:  # grouped-query attention: one copy of each kv head per query head of its group
+        k, v = (jnp.repeat(x, num_heads // k.shape[2], axis=2) for x in (k, v))
+    if interpret is None:
+        interpret = target_platform() != "tpu"
+    scale = head_dim**-0.5 if scale is None else scale
+    segments = jnp.ones((batch, length), jnp.int32) if segments is None else segments.astype(jnp.int32)
+    pad = -length % SPLASH_PAD
+    # [batch, heads, seq, head_dim], the kernel's layout (vmapped over the batch).
+    q = q * jnp.asarray(scale, q.dtype)
+    q, k, v = (x.transpose(0, 2, 1, 3) for x in (q, k, v))
+    if pad:
+        q, k, v = (jnp.pad(x, ((0, 0), (0, 0), (0, pad), (0, 0))) for x in (q, k, v))
+        segments = jnp.pad(segments, ((0, 0), (0, pad)), constant_values=-1)
+    padded = length + pad
+
+    def kernel(q, k, v, segments):
+        one = (mask_lib.CausalMask if causal else mask_lib.FullMask)((padded, padded))
+        block = _splash_block(padded)
+        sizes = splash.BlockSizes(block_q=block, block_kv=block, block_kv_compute=block, block_q_dkv=block,
+                                  block_kv_dkv=block, block_kv_dkv_compute=block, use_fused_bwd_kernel=True)
+        fn = splash.make_splash_mha(mask_lib.MultiHeadMask([one] * q.shape[1]), block_sizes=sizes, head_shards=1,
+                                    q_seq_shards=1, interpret=interpret)
+        return jax.vmap(lambda q, k, v, s: fn(q, k, v, segment_ids=splash.SegmentIds(q=s, kv=s)))(q, k, v, segments)
+
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        out = kernel(q, k, v, segments)
+    else:
+        batch_axes, heads_axes = (_mesh_axes(name, size, mesh) for name, size in
+                                  (("activation_batch", batch), ("activation_heads", num_heads)))
+        qkv_spec = jax.P(batch_axes, heads_axes, None, None)
+        out = jax.shard_map(kernel, mesh=mesh, in_specs=(qkv_spec, qkv_spec, qkv_spec, jax.P(batch_axes, None)),
+                            out_specs=qkv_spec, check_vma=False)(q, k, v, segments)
+    return out[:, :, :length].transpose(0, 2, 1, 3)
+
+
+def _mesh_axes(logical: str, size: int, mesh):
+    """The mesh axes a logical activation axis maps to under the active flax rules, or None where they do not
+    divide `size` (or no rules are active)."""
+    spec = nn.logical_to_mesh_axes((logical,))
+    axes = None if spec is None else spec[0]
+    names = (axes,) if isinstance(axes, str) else tuple(axes or ())
+    names = tuple(a for a in names if a in mesh.axis_names)
+    if not names or size % math.prod(mesh.shape[a] for a in names):
+        return None
+    return names

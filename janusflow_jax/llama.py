@@ -61,7 +61,7 @@ class LlamaAttention(nn.Module):
     attention: str = "auto"  # layers.dot_product_attention implementation
 
     @nn.compact
-    def __call__(self, x, positions, mask, layer_cache, cache_index):
+    def __call__(self, x, positions, mask, layer_cache, cache_index, segments=None):
         cfg = self.config
         b, s, _ = x.shape
         kw = dict(use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype)
@@ -81,7 +81,7 @@ class LlamaAttention(nn.Module):
                                                         cache_index, axis=1)
             layer_cache = {"k": k_all, "v": v_all}
             k, v = k_all.astype(self.dtype), v_all.astype(self.dtype)
-        out = dot_product_attention(q, k, v, mask, implementation=self.attention)
+        out = dot_product_attention(q, k, v, mask, implementation=self.attention, segments=segments, causal=True)
         out = out.reshape(b, s, cfg.num_heads * cfg.head_dim)
         out = dense(cfg.hidden_size, ("heads", "embed"), name="o_proj", **kw)(out)
         return out, layer_cache
@@ -114,12 +114,12 @@ class LlamaBlock(nn.Module):
     attention: str = "auto"
 
     @nn.compact
-    def __call__(self, carry, layer_index, layer_cache, positions, mask, cache_index):
+    def __call__(self, carry, layer_index, layer_cache, positions, mask, segments, cache_index):
         x, captured = carry
         cfg = self.config
         norm = dict(eps=cfg.rms_norm_eps, dtype=self.dtype, param_dtype=self.param_dtype)
         h, layer_cache = LlamaAttention(cfg, self.dtype, self.param_dtype, self.attention, name="self_attn")(
-            RMSNorm(**norm, name="input_layernorm")(x), positions, mask, layer_cache, cache_index)
+            RMSNorm(**norm, name="input_layernorm")(x), positions, mask, layer_cache, cache_index, segments)
         x = x + h
         x = x + LlamaMLP(cfg, self.dtype, self.param_dtype, name="mlp")(RMSNorm(**norm, name="post_attention_layernorm")(x))
         x = nn.with_logical_constraint(x, ("activation_batch", "activation_length", "activation_embed"))
@@ -143,7 +143,7 @@ class LlamaModel(nn.Module):
     remat_policy: str = "none"
     # The block whose output `captured` returns (REPA); fixed per model so nn.scan sees a static value.
     capture_after: int = -1
-    attention: str = "auto"  # "auto" | "xla" | "cudnn" (layers.dot_product_attention)
+    attention: str = "auto"  # "auto" | "xla" | "cudnn" | "splash" (layers.dot_product_attention)
 
     def setup(self):
         cfg = self.config
@@ -158,7 +158,7 @@ class LlamaModel(nn.Module):
                 block_cls,
                 variable_axes={"params": 0},
                 split_rngs={"params": True},
-                in_axes=(0, 0, nn.broadcast, nn.broadcast, nn.broadcast),
+                in_axes=(0, 0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
                 length=cfg.num_layers,
                 metadata_params={nn.PARTITION_NAME: "layers"},
             )
@@ -207,18 +207,21 @@ class LlamaModel(nn.Module):
         if positions is None:
             positions = jnp.broadcast_to(cache_index + jnp.arange(s, dtype=jnp.int32), (b, s))
         mask = causal_key_mask(attention_mask, s, cache_index, segment_ids)
+        segments = None  # the same mask as segment ids, for kernels (full sequences only): hidden keys are segment 0
+        if cache is None:
+            segments = jnp.where(attention_mask.astype(bool), 1 if segment_ids is None else segment_ids, 0)
         x = inputs_embeds.astype(self.dtype)
         x = nn.with_logical_constraint(x, ("activation_batch", "activation_length", "activation_embed"))
         captured = x if self.capture_after >= 0 else None  # capture_after == 0 means the embeddings
         if self.scan_layers:
             (x, captured), cache = self.layers((x, captured), jnp.arange(cfg.num_layers), cache, positions, mask,
-                                               cache_index)
+                                               segments, cache_index)
         else:
             new_cache = []
             for i, layer in enumerate(self.layers):
                 layer_cache = None if cache is None else jax.tree.map(lambda c: c[i], cache)
                 (x, captured), layer_cache = layer((x, captured), jnp.asarray(i), layer_cache, positions, mask,
-                                                   cache_index)
+                                                   segments, cache_index)
                 new_cache.append(layer_cache)
             if cache is not None:
                 cache = jax.tree.map(lambda *c: jnp.stack(c), *new_cache)

@@ -94,7 +94,7 @@ class SigLIPViT(nn.Module):
     param_dtype: Any = jnp.float32
     scan_layers: bool = False
     remat_policy: str = "none"
-    attention: str = "auto"  # "auto" | "xla" | "cudnn" (layers.dot_product_attention)
+    attention: str = "auto"  # "auto" | "xla" | "cudnn" | "splash" (layers.dot_product_attention)
 
     def setup(self):
         cfg = self.config

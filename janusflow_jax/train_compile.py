@@ -252,11 +252,15 @@ def compile_train_step(config, devices, phase: int | None = None, extrapolate: b
         source = "compiler, extrapolated from depth 1 and 2" if estimate else None
     counts = flops_lib.step_counts(plan, phase)
     peak = flops_lib.peak_flops_per_device(devices[0])
+    text = compiled.as_text() or ""
     return {
         "device_kind": kind,
         "chips": chips,
         "mesh": dict(plan.mesh.shape),
         "remat_policy": plan.model_cfg.remat_policy,
+        "attention": plan.model_cfg.attention,
+        # Fused attention kernels in the program (Pallas Splash on a TPU, cuDNN on a GPU): 0 means XLA attention.
+        "kernel_calls": text.count('custom_call_target="tpu_custom_call"') + text.count("__cudnn$fmha"),
         "scan_layers": plan.model_cfg.scan_layers,
         "micro_batches": config.micro_batches,
         "phase": phase,
@@ -296,7 +300,8 @@ def format_report(report: dict, topology: str = "") -> str:
     lines = [
         f"compiled {topology or report['device_kind']}: {report['chips']} x {report['device_kind']}, mesh data="
         f"{mesh['data']} fsdp={mesh['fsdp']} tensor={mesh['tensor']}, remat {report['remat_policy']}, scan_layers "
-        f"{report['scan_layers']}, micro-batches {report['micro_batches']}",
+        f"{report['scan_layers']}, micro-batches {report['micro_batches']}, attention {report['attention']} ("
+        + (f"{report['kernel_calls']} fused-kernel calls in the program)" if report["kernel_calls"] else "XLA)"),
         f"batch {report['batch_size']}, phase {report['phase']} ratio {':'.join(map(str, report['ratio']))} -> rows "
         + ", ".join(f"{k} {v}" for k, v in report["sub_batch"].items()),
         f"memory per chip: arguments {gib(m['argument'])}, outputs {gib(m['output'])} (aliased {gib(m['alias'])}), "

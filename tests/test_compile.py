@@ -47,6 +47,7 @@ def test_tiny_stage2_compiles_on_a_2x2x2_cpu_mesh(cpu_compile):
     assert 0.5 < report["compiled_flops"] / report["counted_flops"] < 6
     assert report["tokens"] > 0 and report["compile_seconds"] > 0
     assert report["estimated_step_seconds"] is None and report["mfu"] is None  # XLA:CPU gives no time estimate
+    assert report["attention"] == "auto" and report["kernel_calls"] == 0  # "auto" is XLA attention on a CPU
     assert "mesh data=2 fsdp=2 tensor=2" in train_compile.format_report(report, "cpu:8")
 
 
@@ -102,6 +103,7 @@ needs_libtpu = pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
 @pytest.fixture(scope="module")
 def tpu_compile():
     config = _tiny_stage2(data=1, fsdp=4)
+    config.model.attention = "splash"  # "auto" picks it from 128 tokens up; the tiny rows are shorter
     devices = train_compile.topology_devices("v5e-4")
     return config, devices, train_compile.compile_train_step(config, devices)
 
@@ -114,6 +116,7 @@ def test_tiny_stage2_compiles_for_a_tpu_topology(tpu_compile):
     assert report["memory_bytes"]["total"] > 0 and report["compiled_flops"] > 0
     assert report["estimate_source"] == "compiler"  # unrolled tiny step: no loops, XLA's own whole-step time
     assert report["estimated_step_seconds"] > 0 and 0 < report["mfu"] < 1
+    assert report["kernel_calls"] > 0  # the Pallas Splash kernel was lowered by Mosaic for the TPU
 
 
 @needs_libtpu

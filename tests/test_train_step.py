@@ -125,9 +125,13 @@ def test_nan_batch_is_skipped(setup):
 
 
 def test_sharded_step_equals_single_device(setup, linear_reference):
+    """data 2 x fsdp 2 x tensor 2 with the TPU attention kernel (Pallas Splash, interpreted on a CPU, run per shard
+    as a pod runs it) against one device with XLA attention: one compile covers the sharding and the kernel."""
     config, host_params, batches, _ = setup
     reference = linear_reference.reset()
-    sharded = Runner(_config(data=2, fsdp=2, tensor=2, eps=LINEAR_EPS), jax.devices(), host_params)
+    sharded_config = _config(data=2, fsdp=2, tensor=2, eps=LINEAR_EPS)
+    sharded_config.model.attention = "splash"
+    sharded = Runner(sharded_config, jax.devices(), host_params)
     assert dict(sharded.mesh.shape) == {"data": 2, "fsdp": 2, "tensor": 2}
     m_ref, m_sh = reference.step(batches[0]), sharded.step(batches[0])
     for key in ("loss", "ar", "rf", "repa", "grad_norm"):
@@ -162,3 +166,4 @@ def test_tiny_model_overfits_a_batch(setup):
     # AR on a fixed batch memorises; RF/REPA draw fresh t and z0 every step, so only the AR factor is large.
     assert last["ar"] < first["ar"] / 4, (first, last)
     assert last["loss"] < first["loss"] / 2, (first, last)
+
