@@ -12,10 +12,11 @@ import math
 from typing import Any
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 from janusflow_jax.config import GenDecoderConfig, GenEncoderConfig
-from janusflow_jax.layers import DEFAULT_KERNEL_INIT, RMSNorm, dense, logical_init
+from janusflow_jax.layers import DEFAULT_KERNEL_INIT, RMSNorm, dense, logical_init, target_platform
 
 
 def timestep_sinusoid(timesteps, dim: int, max_period: float = 10000.0):
@@ -78,9 +79,14 @@ def _batch_sharded(x, channel_axis=None):
 
 
 class DepthwiseConv(nn.Module):
-    """Per-channel k x k convolution (`groups = channels`) with nn.Conv's parameters (kernel [k, k, 1, C], bias [C]),
-    computed as k·k shifted multiply-adds: XLA:CPU runs a grouped convolution 20-30x slower than this form (measured:
-    [16, 4, 4, 48] 4.1 ms vs 0.13 ms), and on accelerators the adds fuse into one elementwise loop."""
+    """Per-channel k x k convolution (`groups = channels`) with nn.Conv's parameters (kernel [k, k, 1, C], bias [C]).
+
+    `form`: "shifted" (k·k shifted multiply-adds), "grouped" (one convolution with feature_group_count = C) or "auto"
+    (shifted on a CPU, grouped on accelerators). On a CPU, XLA runs the grouped convolution 20-30x slower than the
+    shifted form (measured: [16, 4, 4, 48] 4.1 ms vs 0.13 ms). On a TPU the shifted form's backward pass reads the
+    activations once per tap for the kernel gradient: for a decoder block of the 1.3B model at 38 rows ([38, 24, 24,
+    1536], bf16) XLA:TPU's cost model gives forward + backward 10.1 GB and 4.28 ms shifted against 0.56 GB and 0.24 ms
+    grouped (v5p, BENCHMARKS.md)."""
 
     features: int
     kernel: int
@@ -88,6 +94,7 @@ class DepthwiseConv(nn.Module):
     use_bias: bool = True
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
+    form: str = "auto"
 
     @nn.compact
     def __call__(self, x):
@@ -98,9 +105,16 @@ class DepthwiseConv(nn.Module):
                                                                     "gen_depthwise")), (k, k, 1, c), self.param_dtype)
         w = w.astype(self.dtype)
         x = x.astype(self.dtype)
-        h, wd = x.shape[1] + 2 * p - k + 1, x.shape[2] + 2 * p - k + 1
-        padded = jnp.pad(x, ((0, 0), (p, p), (p, p), (0, 0)))
-        out = sum(padded[:, i:i + h, j:j + wd] * w[i, j, 0] for i in range(k) for j in range(k))
+        form = self.form if self.form != "auto" else "shifted" if target_platform() == "cpu" else "grouped"
+        if form == "grouped":
+            out = jax.lax.conv_general_dilated(x, w, (1, 1), [(p, p)] * 2, feature_group_count=c,
+                                               dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        elif form == "shifted":
+            h, wd = x.shape[1] + 2 * p - k + 1, x.shape[2] + 2 * p - k + 1
+            padded = jnp.pad(x, ((0, 0), (p, p), (p, p), (0, 0)))
+            out = sum(padded[:, i:i + h, j:j + wd] * w[i, j, 0] for i in range(k) for j in range(k))
+        else:
+            raise ValueError(f"unknown depthwise form {self.form!r}: use 'auto', 'shifted' or 'grouped'")
         if self.use_bias:
             out = out + self.param("bias", logical_init(nn.initializers.zeros_init(), ("gen_depthwise",)), (c,),
                                    self.param_dtype).astype(self.dtype)
