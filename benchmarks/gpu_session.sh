@@ -6,7 +6,7 @@
 #
 #   bash benchmarks/gpu_session.sh [TOTAL_SECONDS=540]
 # Dry run on a CPU: NO_WHEELS=1 CONFIG=stage2:tiny VAE_BATCHES=1 OUT=/tmp/gpu_dry bash benchmarks/gpu_session.sh 400
-# $OUT receives at most 7 files: steps.log (environment + every step's output) and one JSON report per step.
+# $OUT receives at most 6 files: steps.log (environment + every step's output) and one JSON report per step.
 set -uo pipefail
 TOTAL=${1:-540}
 CONFIG=${CONFIG:-stage2}
@@ -51,24 +51,26 @@ step() {  # step NAME MAX_SECONDS COMMAND...
   local rc=$?
   cat "/tmp/$name.log" >> "$LOG"
   echo "== $name: rc=$rc in $(( $(date +%s) - t0 ))s" | tee -a "$LOG"
-  grep -E "^\[bench\]|^\| [a-z0-9]|[A-Za-z]*Error|^error|Traceback" "/tmp/$name.log" | tail -25
+  grep -E "^\[bench\]|^\| [a-z0-9]|[A-Za-z]*Error|^error|Traceback" "/tmp/$name.log" | tail -60
 }
 
 B="python3 -m launch.bench"
 J="--json_dir=$OUT --out="
 # 1. The 1.3B stage-2 train step (bf16 compute, fp32 master weights, AdamW + EMA, REPA), 48 examples per step; the
-#    default attention "auto" is cuDNN flash attention on an NVIDIA GPU.
-step train 200 $B train --config=$CONFIG --config.batch_size=48 --steps=5 --warmup=2 $J \
-  --note="one GPU, batch 48 in the 14:80:6 phase"
-# 2. 30-step CFG-2 sampling of 384x384 latents, prompt cache on and off.
+#    default attention "auto" is cuDNN flash attention on an NVIDIA GPU. Three more steps run under jax.profiler:
+#    the log gets the step's kernel time by kind of work, by model scope and the top kernels (the trace itself stays
+#    in /tmp/profile on the machine: too large to bring back).
+step train 240 $B train --config=$CONFIG --config.batch_size=48 --steps=5 --warmup=2 --profile_dir=/tmp/profile $J \
+  --note="one GPU, batch 48 in the 14:80:6 phase, profiled"
+# 2. The same step keeping every matmul output (remat "dots": less recompute, more memory).
+step train_dots 200 $B train --config=$CONFIG --config.batch_size=48 --config.model.remat_policy=dots --steps=5 \
+  --warmup=2 $J --note="one GPU, batch 48, remat dots"
+# 3. 30-step CFG-2 sampling of 384x384 latents, prompt cache on and off, with attention "auto".
 step sample 170 $B sample --config=$CONFIG --batch_sizes=1,32 --reps=2 $J --note="one GPU, 1.3B, 128-token prompts"
-# 3. The same work in PyTorch eager on the same GPU (train batch 8: torch's eager activations and JAX's pool share it).
+# 4. The same work in PyTorch eager on the same GPU (train batch 8: torch's eager activations and JAX's pool share it).
 step torch 200 $B torch --config=$CONFIG --config.batch_size=8 --batch_sizes=32 --reps=2 --steps=3 --warmup=1 $J \
   --note="one GPU, 1.3B; torch bf16 weights + AdamW state, SDPA attention"
-# 4. SDXL-VAE encode/decode throughput at 384^2.
+# 5. SDXL-VAE encode/decode throughput at 384^2.
 step vae 60 $B vae --config=$CONFIG --batch_sizes=${VAE_BATCHES:-1,16} --reps=3 $J --note="one GPU, random weights"
-# 5. The train step with XLA's attention instead (batch 16: 32 does not fit one H200 with it).
-step train_xla 200 $B train --config=$CONFIG --config.batch_size=16 --config.model.attention=xla --steps=5 \
-  --warmup=2 $J --note="one GPU, batch 16 in the 14:80:6 phase, XLA attention"
 echo "== done in $(( $(date +%s) - START ))s" | tee -a "$LOG"
 ls -la "$OUT"

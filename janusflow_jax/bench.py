@@ -7,7 +7,8 @@ A report is a plain dict (JSON-ready):
   train   compile_s, step_s (median over timed steps), examples_per_s, tokens_per_s, flops_per_step (counted as
           `flops.py` does: causal attention halved), tflops_per_device, peak_flops_per_device and its source
           ("bf16 table" on accelerators; on CPU a measured fp32 matmul, `cpu_peak_flops`), mfu, peak_memory_bytes
-          and its source (`device.memory_stats()`, else the process's peak RSS on CPU)
+          and its source (`device.memory_stats()`, else the process's peak RSS on CPU); profile (with a profile
+          directory: `profile.summarize` of a few traced steps, else None)
   sample  one row per (batch, steps, cfg, prompt cache): compile_s, latency_s (one call = one batch of images,
           median), images_per_s, per_image_s
   torch   rows for the velocity forward, the train step and the 30-step CFG sampling loop: jax_s, torch_s (medians
@@ -40,6 +41,7 @@ import numpy as np
 
 from janusflow_jax import flops as flops_lib
 from janusflow_jax import optimizer, train_step, trainer
+from janusflow_jax import profile as profile_lib
 from janusflow_jax.model import JanusFlow, init_params
 from janusflow_jax.sampler import sample_latents
 from janusflow_jax.sharding import DEFAULT_RULES
@@ -174,9 +176,10 @@ class _Both:
 
 
 def bench_train(config, steps: int = 10, warmup: int = 2, cpu_peak: float | None = None,
-                bench: TrainBench | None = None) -> dict:
+                bench: TrainBench | None = None, profile_dir: str | None = None, profile_steps: int = 3) -> dict:
     """Compile time, median step time and derived throughput of the train step of `config` (`bench`: reuse an
-    already built `TrainBench` of it)."""
+    already built `TrainBench` of it). With `profile_dir`, `profile_steps` more steps run under the profiler after
+    the timed ones; "profile" then holds `profile.summarize` of them (where the step's time goes)."""
     if steps < 1 or warmup < 0:
         raise BenchError(f"train needs steps >= 1 and warmup >= 0, got steps={steps} warmup={warmup}")
     bench = bench or TrainBench(config)
@@ -198,7 +201,13 @@ def bench_train(config, steps: int = 10, warmup: int = 2, cpu_peak: float | None
         peak = (cpu_peak or cpu_peak_flops()) / n_dev
         peak_source = "measured fp32 JAX matmul on this CPU (no bf16 table entry)"
     memory, memory_source = peak_memory()
-    return {"compile_s": bench.compile_s, "step_s": step_s, "step_s_all": times,
+    summary = None
+    if profile_dir:
+        trace_file = profile_lib.trace(bench.step, profile_steps, profile_dir)
+        summary = {**profile_lib.summarize(trace_file, profile_steps, [bench._compiled.as_text()]),
+                   "trace": str(trace_file)}
+        progress(f"train: profile of {profile_steps} steps written to {trace_file}")
+    return {"compile_s": bench.compile_s, "step_s": step_s, "step_s_all": times, "profile": summary,
             "examples_per_s": bench.plan.config.batch_size / step_s, "tokens_per_s": counts["tokens"] / step_s,
             "flops_per_step": counts["flops"], "tflops_per_device": tflops, "peak_flops_per_device": peak,
             "peak_source": peak_source, "mfu": tflops * 1e12 / peak if peak else float("nan"),
@@ -395,8 +404,10 @@ def bench_vae(batch_sizes: Sequence[int] = (1, 4), image_size: int = 384, dtypes
 # ------------------------------------------------------------------------------------------------------ driver
 def run(mode: str, config, *, label: str, command: str = "", steps: int = 10, warmup: int = 2,
         batch_sizes: Sequence[int] = (1, 8), sample_steps: Sequence[int] = (30,), cfgs: Sequence[float] = (2.0,),
-        reps: int = 3, torch_threads: int = 0, note: str = "", vae_dtypes: Sequence[str] = ("bfloat16",)) -> dict:
-    """One benchmark report (see the module docstring) for `mode` in MODES; `note` is printed with its tables."""
+        reps: int = 3, torch_threads: int = 0, note: str = "", vae_dtypes: Sequence[str] = ("bfloat16",),
+        profile_dir: str | None = None) -> dict:
+    """One benchmark report (see the module docstring) for `mode` in MODES; `note` is printed with its tables;
+    `profile_dir`: also profile the train step (train and all modes; `bench_train`)."""
     if mode not in MODES:
         raise BenchError(f"unknown mode {mode!r}: use one of {', '.join(MODES)}")
     if steps < 1 or warmup < 0 or reps < 1:
@@ -415,7 +426,7 @@ def run(mode: str, config, *, label: str, command: str = "", steps: int = 10, wa
     if mode in ("sample", "torch", "all"):
         sample = SampleBench(config, config.seed, train.host_params() if train is not None else None)
     if mode in ("train", "all"):
-        report["train"] = bench_train(config, steps, warmup, cpu_peak, bench=train)
+        report["train"] = bench_train(config, steps, warmup, cpu_peak, bench=train, profile_dir=profile_dir)
     if mode in ("sample", "all"):
         report["sample"] = bench_sample(config, batch_sizes, sample_steps, cfgs, reps, bench=sample)
     if mode == "vae":
@@ -456,6 +467,8 @@ def format_report(report: dict) -> str:
                   f"{_num(t['tflops_per_device'])} | {_num(100 * t['mfu'])}% | "
                   f"{t['peak_memory_bytes'] / 2 ** 20:.0f} MiB |", "",
                   f"FLOPs {t['flops_note']}; MFU against {peak_note}. Memory: {t['peak_memory_source']}.", ""]
+        if t.get("profile"):
+            lines += [profile_lib.format_summary(t["profile"], top=12), ""]
     if "sample" in report:
         lines += ["| batch | steps | cfg | prompt cache | compile s | latency s | images/s | s/image |",
                   "|---|---|---|---|---|---|---|---|"]

@@ -1,7 +1,8 @@
 """Benchmark training throughput and sampling speed, side by side with PyTorch eager.
 
   python -m launch.bench MODE --config=stage2:tiny [--steps=10 --warmup=2 --batch_sizes=1,8 --sample_steps=30
-                         --cfg=2.0 --reps=3 --torch_threads=0] [--out=BENCHMARKS.md --json_dir=benchmarks]
+                         --cfg=2.0 --reps=3 --torch_threads=0 --profile_dir=DIR] [--out=BENCHMARKS.md
+                         --json_dir=benchmarks]
 
 MODE: train | sample | torch | vae | all (= train + sample + torch; see janusflow_jax/bench.py). Config overrides
 work as in launch.train (--config.batch_size=32, --config.model.llm.num_layers=4, ...). The report is printed as
@@ -31,6 +32,8 @@ _TORCH_THREADS = flags.DEFINE_integer("torch_threads", 0, "torch.set_num_threads
 _NOTE = flags.DEFINE_string("note", "", "A remark stored and printed with the report (what was special about it).")
 _OUT = flags.DEFINE_string("out", "BENCHMARKS.md", "Markdown file whose bench section is rewritten ('' = none).")
 _JSON_DIR = flags.DEFINE_string("json_dir", "benchmarks", "Directory for the JSON reports.")
+_PROFILE_DIR = flags.DEFINE_string("profile_dir", "", "train/all: also trace 3 train steps with jax.profiler into "
+                                   "this directory (XProf + Perfetto files) and print where the time goes.")
 
 
 def _label(argv: list[str]) -> str:
@@ -65,7 +68,7 @@ def main(argv) -> int:
         report = bench.run(argv[1], _CONFIG.value, label=_label(raw), command=command, steps=_STEPS.value,
                            warmup=_WARMUP.value, batch_sizes=batch_sizes, sample_steps=sample_steps, cfgs=cfgs,
                            reps=_REPS.value, torch_threads=_TORCH_THREADS.value, note=_NOTE.value,
-                           vae_dtypes=_VAE_DTYPES.value)
+                           vae_dtypes=_VAE_DTYPES.value, profile_dir=_PROFILE_DIR.value or None)
     except (bench.BenchError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

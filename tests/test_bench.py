@@ -16,14 +16,15 @@ HAS_TORCH = importlib.util.find_spec("torch") is not None
 
 
 @pytest.fixture(scope="module")
-def report():
-    # One run of every mode: 1 timed train step, 2-step sampling at batch 1, 1 alternating JAX/torch repetition.
+def report(tmp_path_factory):
+    # One run of every mode: 1 timed train step (then 3 profiled), 2-step sampling at batch 1, 1 alternating
+    # JAX/torch repetition.
     kwargs = dict(label="stage2:tiny", command="pytest", steps=1, warmup=0, batch_sizes=(1,), sample_steps=(2,),
-                  cfgs=(2.0,), reps=1, torch_threads=1)
+                  cfgs=(2.0,), reps=1, torch_threads=1, profile_dir=str(tmp_path_factory.mktemp("profile")))
     if HAS_TORCH:
         return bench.run("all", stage2.get_config("tiny"), **kwargs)
     out = bench.run("train", stage2.get_config("tiny"), **kwargs)
-    out["sample"] = bench.run("sample", stage2.get_config("tiny"), **kwargs)["sample"]
+    out["sample"] = bench.run("sample", stage2.get_config("tiny"), **{**kwargs, "profile_dir": None})["sample"]
     return out
 
 
@@ -115,3 +116,81 @@ def test_vae_mode_reports_encode_and_decode_rows():
     assert "| encode | float32 | 1 | 16² |" in text
     with pytest.raises(bench.BenchError):
         bench.bench_vae(batch_sizes=(0,))
+
+
+def test_train_profile(report):
+    """The profiled steps: op time is found, classed (the step's matmuls are matmuls) and traced back to modules."""
+    from janusflow_jax import profile
+
+    p = report["train"]["profile"]
+    assert Path(p["trace"]).exists() and p["source"].startswith("host")  # a CPU: no device timeline
+    assert _positive(p["op_seconds"]) and _positive(p["kinds"]["matmul"]["seconds"])
+    assert math.isclose(sum(k["seconds"] for k in p["kinds"].values()), p["op_seconds"], rel_tol=1e-9)
+    assert {r["kind"] for r in p["ops"]} <= set(profile.CATEGORIES)
+    assert any(r["scope"].startswith(("language_model", "gen_decoder", "gen_encoder")) for r in p["ops"])
+    assert "| matmul |" in bench.format_report(report)
+
+
+def test_hlo_ops_are_classed_by_what_they_compute():
+    import jax
+    import jax.numpy as jnp
+
+    from janusflow_jax import profile
+
+    def f(a, w, x):
+        y = jnp.dot(a, w)
+        return y / jnp.sum(y, axis=1, keepdims=True), jnp.sin(a) * 2.0, jax.lax.conv_general_dilated(
+            x, w[:3, :3, None, None].repeat(2, 2).repeat(2, 3)[..., :2, :2], (1, 1), "SAME",
+            dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+    a = jnp.ones((32, 32))
+    text = jax.jit(f).lower(a, a, jnp.ones((1, 8, 8, 2))).compile().as_text()
+    info = profile.parse_hlo([text])
+    kinds = {v["kind"] for v in info.values()}
+    assert {"matmul", "convolution", "elementwise"} <= kinds, info
+    assert all(v["kind"] == "matmul" for v in info.values() if v["opcode"] == "dot")
+
+
+def test_device_timeline_counts_kernels_only(tmp_path):
+    """With a device in the trace (as on a GPU/TPU) only its kernel rows count: not the host's op thunks, not the
+    whole-module row; kernels without an hlo_op tag count under their own name."""
+    import gzip
+
+    from janusflow_jax import profile
+
+    meta = [{"ph": "M", "pid": 1, "name": "process_name", "args": {"name": "/host:CPU"}},
+            {"ph": "M", "pid": 2, "name": "process_name", "args": {"name": "/device:GPU:0"}},
+            {"ph": "M", "pid": 2, "tid": 7, "name": "thread_name", "args": {"name": "Stream #7"}},
+            {"ph": "M", "pid": 2, "tid": 8, "name": "thread_name", "args": {"name": "XLA Modules"}}]
+    spans = [{"ph": "X", "pid": 1, "tid": 3, "ts": 0, "dur": 500.0, "name": "thunk", "args": {"hlo_op": "fusion.1"}},
+             {"ph": "X", "pid": 2, "tid": 8, "ts": 0, "dur": 900.0, "name": "jit_step", "args": {}},
+             {"ph": "X", "pid": 2, "tid": 7, "ts": 0, "dur": 600.0, "name": "sm90_gemm", "args": {"hlo_op": "dot.2"}},
+             {"ph": "X", "pid": 2, "tid": 7, "ts": 600, "dur": 200.0, "name": "loop_add_fusion",
+              "args": {"hlo_op": "add_fusion"}},
+             {"ph": "X", "pid": 2, "tid": 7, "ts": 800, "dur": 100.0, "name": "memcpy_kernel", "args": {}}]
+    path = tmp_path / "perfetto_trace.json.gz"
+    with gzip.open(path, "wt") as f:
+        json.dump({"traceEvents": meta + spans}, f)
+    hlo = """HloModule m
+
+%fused_add (p: f32[4]) -> f32[4] {
+  %p = f32[4]{0} parameter(0)
+  ROOT %add.1 = f32[4]{0} add(%p, %p), metadata={op_name="jit(step)/jvp(JanusFlow)/gen_decoder/add"}
+}
+
+ENTRY %main (a: f32[4,4], b: f32[4]) -> f32[4,4] {
+  %a = f32[4,4]{1,0} parameter(0)
+  %b = f32[4]{0} parameter(1)
+  %dot.2 = f32[4,4]{1,0} dot(%a, %a), lhs_contracting_dims={1}, rhs_contracting_dims={0}, metadata={op_name="jit(step)/language_model/layers_0/mlp/dot_general"}
+  ROOT %add_fusion = f32[4]{0} fusion(%b), kind=kLoop, calls=%fused_add
+}
+"""
+    s = profile.summarize(path, calls=2, hlo_texts=[hlo])
+    assert s["source"] == "device timeline"
+    assert s["op_seconds"] == pytest.approx(450e-6)  # (600 + 200 + 100) us over 2 calls
+    assert s["kinds"]["matmul"]["seconds"] == pytest.approx(300e-6)
+    assert s["kinds"]["elementwise"]["seconds"] == pytest.approx(100e-6)
+    assert s["kinds"]["other"]["seconds"] == pytest.approx(50e-6)  # the untagged kernel, unknown to the HLO
+    ops = {r["op"]: r for r in s["ops"]}
+    assert set(ops) == {"dot.2", "add_fusion", "memcpy_kernel"}
+    assert ops["dot.2"]["scope"] == "language_model/layers_0/mlp/dot_general"

@@ -1,0 +1,193 @@
+"""Profiling: a `jax.profiler` trace of a few calls, and where the device time went, by XLA op and by kind of work.
+
+`trace(fn, calls, log_dir)` runs `fn` under `jax.profiler.trace` (TensorBoard/XProf files plus a Perfetto JSON) and
+returns the Perfetto file. `summarize(trace_file, calls, hlo_texts)` reads it back with the standard library: every
+event that XLA tagged with an `hlo_op` (device kernels on a GPU/TPU; the runtime's op thunks on a CPU) is summed per
+op, and each op is classed from the optimized HLO of the compiled program (`compiled.as_text()`):
+
+  matmul        a dot, a fusion around one (cuBLAS/Triton GEMMs, TPU matmul fusions) or a GEMM custom call
+  attention     a fused attention kernel (cuDNN flash attention; on a TPU, the Pallas Splash kernel)
+  convolution   a convolution or a fusion around one
+  reduction     a fusion whose work is a reduce (norms, softmax statistics, losses, gradient sums)
+  elementwise   any other fusion (casts, activations, RoPE, optimizer updates)
+  collective    all-reduce, all-gather, reduce-scatter, collective-permute, all-to-all
+  data movement copy, transpose, (dynamic-)slice, pad, concatenate, dynamic-update-slice
+  other         the rest (while/conditional bookkeeping, custom calls not listed above)
+
+On a GPU or TPU only the device's own timeline is counted (its op or kernel rows, not the whole-module and step
+rows; an event without an `hlo_op` tag counts under its own name), so the time is kernel time. On a CPU the op thunks
+of the runtime's threads are counted, and parallel threads can add up to more than the wall time. Each op also carries
+its source scope (the op_name metadata: jit/transform wrappers dropped), which names the flax module it came from.
+"""
+
+from __future__ import annotations
+
+import collections
+import glob
+import gzip
+import json
+import os
+import re
+from pathlib import Path
+from typing import Callable, Iterable
+
+import jax
+
+CATEGORIES = ("matmul", "attention", "convolution", "reduction", "elementwise", "collective", "data movement",
+              "other")
+_COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "collective-permute", "all-to-all", "collective-broadcast",
+                "send", "recv")
+_MOVEMENT = ("copy", "transpose", "slice", "dynamic-slice", "dynamic-update-slice", "pad", "concatenate", "gather",
+             "scatter", "bitcast", "reshape", "broadcast")
+_HEADER = re.compile(r"^(?:ENTRY\s+)?%?([\w.\-]+)\s+\(.*\)\s+->\s+.*\{\s*$")
+_INSTRUCTION = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s+=\s+.*?(?<![\w.\-])([a-z][a-z0-9\-]*)\(")
+_CALLS = re.compile(r"\b(?:calls|to_apply|body|condition|branch_computations)=\{?%?([\w.\-]+)")
+_TARGET = re.compile(r'custom_call_target="([^"]+)"')
+_OP_NAME = re.compile(r'op_name="([^"]+)"')
+_SUMMARY_ROWS = re.compile(r"XLA Modules|Steps|TraceMe|Framework|TensorFlow Ops|Source|Launch Stats", re.I)
+
+
+def trace(fn: Callable[[], object], calls: int, log_dir) -> Path:
+    """Runs `fn` `calls` times (waiting for each) under the profiler; returns the trace's Perfetto JSON file. The
+    directory also holds the XProf files (`tensorboard --logdir` with the profile plugin, or xprof, opens them)."""
+    log_dir = Path(log_dir)
+    before = set(glob.glob(str(log_dir / "**" / "*perfetto_trace.json.gz"), recursive=True))
+    with jax.profiler.trace(str(log_dir), create_perfetto_trace=True):
+        for _ in range(calls):
+            jax.block_until_ready(fn())
+    new = sorted(set(glob.glob(str(log_dir / "**" / "*perfetto_trace.json.gz"), recursive=True)) - before,
+                 key=os.path.getmtime)
+    if not new:
+        raise RuntimeError(f"the profiler wrote no Perfetto trace under {log_dir}")
+    return Path(new[-1])
+
+
+def _kind_of(opcode: str, line: str, computations: dict, seen: frozenset = frozenset()) -> str:
+    if opcode in ("dot", "dot-general"):
+        return "matmul"
+    if opcode == "convolution":
+        return "convolution"
+    if opcode == "custom-call":
+        target = (_TARGET.search(line) or [None, ""])[1].lower()
+        if any(s in target for s in ("fmha", "flash", "attention", "splash", "tpu_custom_call", "mosaic")):
+            return "attention"
+        if any(s in target for s in ("gemm", "matmul", "cublas")):
+            return "matmul"
+        if "conv" in target:
+            return "convolution"
+        return "other"
+    base = opcode.removesuffix("-start").removesuffix("-done")
+    if base in _COLLECTIVES:
+        return "collective"
+    if opcode == "fusion":
+        inner = [kind for name in _CALLS.findall(line) if name in computations and name not in seen
+                 for kind in _computation_kinds(name, computations, seen | {name})]
+        for kind in ("matmul", "attention", "convolution", "collective"):
+            if kind in inner:
+                return kind
+        body = [op for name in _CALLS.findall(line) for op, _ in computations.get(name, ())]
+        if "reduce" in body or "reduce-window" in body:
+            return "reduction"
+        if body and all(op in _MOVEMENT or op in ("parameter", "constant", "tuple", "get-tuple-element")
+                        for op in body):
+            return "data movement"
+        return "elementwise"
+    if opcode in _MOVEMENT:
+        return "data movement"
+    if opcode in ("reduce", "reduce-window"):
+        return "reduction"
+    return "other"
+
+
+def _computation_kinds(name: str, computations: dict, seen: frozenset) -> list[str]:
+    return [_kind_of(op, line, computations, seen) for op, line in computations.get(name, ())]
+
+
+def parse_hlo(hlo_texts: Iterable[str]) -> dict[str, dict]:
+    """{instruction name: {"kind", "opcode", "scope"}} for every instruction of the given optimized HLO modules."""
+    computations: dict[str, list[tuple[str, str]]] = {}
+    instructions: list[tuple[str, str, str]] = []
+    for text in hlo_texts:
+        current = None
+        for line in text.splitlines():
+            header = _HEADER.match(line)
+            if header:
+                current = computations.setdefault(header.group(1), [])
+                continue
+            match = _INSTRUCTION.match(line)
+            if match and current is not None:
+                current.append((match.group(2), line))
+                instructions.append((match.group(1), match.group(2), line))
+    out = {}
+    for name, opcode, line in instructions:
+        op_name = (_OP_NAME.search(line) or [None, ""])[1]
+        out[name] = {"kind": _kind_of(opcode, line, computations), "opcode": opcode, "scope": _scope(op_name)}
+    return out
+
+
+def _scope(op_name: str) -> str:
+    """'jit(step)/jvp(JanusFlow)/transpose(...)/language_model/layers_3/mlp/dot_general' -> the module path with the
+    transformation wrappers dropped (and layer indices kept: the scan body says 'layers')."""
+    parts = [p for p in op_name.split("/") if p and not re.match(r"^(jit|jvp|vjp|transpose|pjit|remat|checkpoint|"
+                                                                    r"rematted_computation|while|body|cond|"
+                                                                    r"closed_call|shard_map|vmap)\b", p)]
+    return "/".join(parts)
+
+
+def _load(trace_file) -> list[dict]:
+    with gzip.open(trace_file, "rt") if str(trace_file).endswith(".gz") else open(trace_file) as f:
+        data = json.load(f)
+    return data["traceEvents"] if isinstance(data, dict) else data
+
+
+def summarize(trace_file, calls: int, hlo_texts: Iterable[str] = (), top: int = 25) -> dict:
+    """Where the time of `calls` profiled calls went (per call): {"source", "op_seconds", "kinds": {kind: {"seconds",
+    "share"}}, "ops": the `top` ops [{"op", "kind", "scope", "seconds", "share", "count"}], "scopes": time by the
+    first three levels of the source scope}."""
+    events = _load(trace_file)
+    names = {(e.get("pid"), e.get("tid") if e.get("name") == "thread_name" else None): e.get("args", {}).get("name", "")
+             for e in events if e.get("ph") == "M" and e.get("name") in ("process_name", "thread_name")}
+    devices = {pid for (pid, tid), name in names.items() if tid is None and name.startswith("/device:")}
+    spans = [e for e in events if e.get("ph") == "X"]
+    # A device timeline: its op/kernel rows only (TPU traces add whole-module and step rows over the same time).
+    on_device = [e for e in spans if e.get("pid") in devices
+                 and not _SUMMARY_ROWS.search(names.get((e.get("pid"), e.get("tid")), ""))]
+    used = on_device or [e for e in spans if "hlo_op" in e.get("args", {})]
+    info = parse_hlo(hlo_texts)
+    per_op: dict[str, list[float]] = collections.defaultdict(lambda: [0.0, 0])
+    for e in used:
+        acc = per_op[e.get("args", {}).get("hlo_op") or e.get("name", "?")]
+        acc[0] += float(e.get("dur", 0.0)) * 1e-6 / calls
+        acc[1] += 1
+    total = sum(s for s, _ in per_op.values()) or float("nan")
+    kinds = collections.Counter()
+    scopes = collections.Counter()
+    rows = []
+    for op, (seconds, count) in per_op.items():
+        meta = info.get(op, {"kind": "other", "scope": ""})
+        kinds[meta["kind"]] += seconds
+        scopes["/".join(meta["scope"].split("/")[:3]) or "(no scope)"] += seconds
+        rows.append({"op": op, "kind": meta["kind"], "scope": meta["scope"], "seconds": seconds,
+                     "share": seconds / total, "count": count / calls})
+    rows.sort(key=lambda r: -r["seconds"])
+    return {"source": "device timeline" if on_device else "host op thunks (no device timeline)",
+            "op_seconds": total, "calls": calls,
+            "kinds": {k: {"seconds": kinds.get(k, 0.0), "share": kinds.get(k, 0.0) / total} for k in CATEGORIES},
+            "ops": rows[:top],
+            "scopes": [{"scope": s, "seconds": t, "share": t / total} for s, t in scopes.most_common(top)]}
+
+
+def format_summary(summary: dict, top: int | None = None) -> str:
+    """The summary as three markdown tables: by kind of work, by source scope, and the top ops (`top` rows of the
+    last two; default: all that the summary kept)."""
+    lines = [f"Profile: {summary['op_seconds'] * 1e3:.1f} ms of op time per call ({summary['source']}, "
+             f"{summary['calls']} calls)", "", "| kind | ms per call | share |", "|---|---|---|"]
+    for kind, v in summary["kinds"].items():
+        if v["seconds"]:
+            lines.append(f"| {kind} | {v['seconds'] * 1e3:.2f} | {v['share']:.1%} |")
+    lines += ["", "| source scope | ms per call | share |", "|---|---|---|"]
+    lines += [f"| {s['scope']} | {s['seconds'] * 1e3:.2f} | {s['share']:.1%} |" for s in summary["scopes"][:top]]
+    lines += ["", "| op | kind | scope | ms per call | share | runs per call |", "|---|---|---|---|---|---|"]
+    lines += [f"| {r['op']} | {r['kind']} | {r['scope'][-60:]} | {r['seconds'] * 1e3:.2f} | {r['share']:.1%} | "
+              f"{r['count']:g} |" for r in summary["ops"][:top]]
+    return "\n".join(lines)
