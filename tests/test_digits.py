@@ -27,6 +27,7 @@ def test_every_stage_trained_from_the_previous_one(run):
         assert (stage / "loss_curve.png").stat().st_size > 0
         rows = [json.loads(line) for line in (stage / "metrics.jsonl").read_text().splitlines()]
         assert [r["step"] for r in rows] == [1, 2] and all(np.isfinite(r["loss"]) for r in rows)
+        assert all(r["input_s"] >= 0 for r in rows)  # the loader's time per batch, for spotting input stalls
         saved = json.loads((stage / "checkpoints" / "2" / "run_config" / "metadata").read_text())
         assert saved["stage"] == n and saved["freeze"] == [list(r) for r in config.recipe[name].freeze]
         if n == 1:

@@ -52,6 +52,7 @@ def test_train_cli_runs_and_resumes_exactly_after_sigkill(env, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     lines = [line for line in result.stdout.splitlines() if line.startswith("step ")]
     assert len(lines) == 6 and "ar " in lines[0] and "tok/s" in lines[0] and "MFU" in lines[0]
+    assert all("(input " in line for line in lines)  # the host's time to get each batch is reported
     assert sorted(p.name for p in (full / "checkpoints").iterdir()) == ["2", "4", "6"]
     assert (full / "loss_curve.png").stat().st_size > 0 and list((full / "tensorboard").iterdir())
     assert "done: final loss" in result.stdout
