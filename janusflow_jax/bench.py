@@ -416,6 +416,8 @@ def run(mode: str, config, *, label: str, command: str = "", steps: int = 10, wa
             or min(cfgs) < 1:
         raise BenchError(f"need batch sizes >= 1, sample steps >= 1 and cfg >= 1; got {list(batch_sizes)}, "
                          f"{list(sample_steps)}, {list(cfgs)}")
+    if profile_dir and mode not in ("train", "all"):
+        raise BenchError(f"--profile_dir profiles the train step: use it with mode train or all, not {mode!r}")
     report = {"mode": mode, "meta": {**meta(label, command), "note": note}}
     cpu_peak = None
     if mode in ("train", "all") and jax.devices()[0].platform == "cpu":  # only the train table's MFU uses it

@@ -91,6 +91,8 @@ def test_bad_requests():
         bench.run("fast", stage2.get_config("tiny"), label="x")
     with pytest.raises(bench.BenchError, match="batch sizes >= 1"):
         bench.run("sample", stage2.get_config("tiny"), label="x", batch_sizes=(0,))
+    with pytest.raises(bench.BenchError, match="profiles the train step"):
+        bench.run("sample", stage2.get_config("tiny"), label="x", profile_dir="/tmp/unused")
 
 
 def test_cli_bad_mode_is_one_line():
