@@ -44,6 +44,7 @@ _INSTRUCTION = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s+=\s+.*?(?<![\w.\-])([
 _CALLS = re.compile(r"\b(?:calls|to_apply|body|condition|branch_computations)=\{?%?([\w.\-]+)")
 _TARGET = re.compile(r'custom_call_target="([^"]+)"')
 _OP_NAME = re.compile(r'op_name="([^"]+)"')
+_CONTAINERS = ("while", "conditional", "call", "async-start", "async-done")
 _SUMMARY_ROWS = re.compile(r"XLA Modules|Steps|TraceMe|Framework|TensorFlow Ops|Source|Launch Stats", re.I)
 
 
@@ -156,7 +157,10 @@ def summarize(trace_file, calls: int, hlo_texts: Iterable[str] = (), top: int = 
     info = parse_hlo(hlo_texts)
     per_op: dict[str, list[float]] = collections.defaultdict(lambda: [0.0, 0])
     for e in used:
-        acc = per_op[e.get("args", {}).get("hlo_op") or e.get("name", "?")]
+        op = e.get("args", {}).get("hlo_op") or e.get("name", "?")
+        if info.get(op, {}).get("opcode") in _CONTAINERS:  # its span covers its body's ops, counted on their own
+            continue
+        acc = per_op[op]
         acc[0] += float(e.get("dur", 0.0)) * 1e-6 / calls
         acc[1] += 1
     total = sum(s for s, _ in per_op.values()) or float("nan")

@@ -196,3 +196,26 @@ ENTRY %main (a: f32[4,4], b: f32[4]) -> f32[4,4] {
     ops = {r["op"]: r for r in s["ops"]}
     assert set(ops) == {"dot.2", "add_fusion", "memcpy_kernel"}
     assert ops["dot.2"]["scope"] == "language_model/layers_0/mlp/dot_general"
+
+
+def test_loop_spans_are_not_counted_twice(tmp_path):
+    """A scanned model's while loop shows as one span around its body's ops (on a CPU): only the ops count."""
+    import gzip
+
+    import jax
+    import jax.numpy as jnp
+
+    from janusflow_jax import profile
+
+    def f(x):
+        return jax.lax.scan(lambda c, _: (jnp.tanh(c @ c), None), x, None, length=4)[0]
+
+    fn = jax.jit(f)
+    x = jnp.ones((128, 128))
+    compiled = fn.lower(x).compile()
+    jax.block_until_ready(compiled(x))
+    s = profile.summarize(profile.trace(lambda: compiled(x), 2, tmp_path), 2, [compiled.as_text()])
+    info = profile.parse_hlo([compiled.as_text()])
+    assert any(v["opcode"] == "while" for v in info.values())
+    assert all(info.get(r["op"], {}).get("opcode") != "while" for r in s["ops"])
+    assert s["kinds"]["matmul"]["seconds"] > 0
