@@ -14,6 +14,8 @@ A report is a plain dict (JSON-ready):
   torch   rows for the velocity forward, the train step and the 30-step CFG sampling loop: jax_s, torch_s (medians
           of alternating repetitions) and speedup = torch_s / jax_s; torch runs on the GPU when it sees one
   vae     (mode "vae" only) SDXL-VAE encode/decode rows at 384^2: compile_s, latency_s, images_per_s
+  data    (mode "data" only) this host's loader alone (`bench_data`): batches, rows_per_batch, bytes_per_batch,
+          batch_s_median / batch_s_max, examples_per_s and megabytes_per_s, source, num_workers, prefetch
 Medians, not means: a shared machine's other jobs produce long-tail outliers.
 """
 
@@ -46,7 +48,7 @@ from janusflow_jax.model import JanusFlow, init_params
 from janusflow_jax.sampler import sample_latents
 from janusflow_jax.sharding import DEFAULT_RULES
 
-MODES = ("train", "sample", "torch", "vae", "all")  # "all" = train + sample + torch
+MODES = ("train", "sample", "torch", "vae", "data", "all")  # "all" = train + sample + torch
 BEGIN, END = "<!-- bench:begin -->", "<!-- bench:end -->"
 
 
@@ -401,6 +403,37 @@ def bench_vae(batch_sizes: Sequence[int] = (1, 4), image_size: int = 384, dtypes
     return rows
 
 
+# ------------------------------------------------------------------------------------------------------ input
+def bench_data(config, batches: int = 20, warmup: int = 3) -> dict:
+    """How fast this host's input pipeline yields the batches of the config's last mixture phase, with no model step:
+    `config.data` as a run uses it (the synthetic source, or a prepared dataset through the grain loader with its
+    worker processes and prefetch). If examples_per_s is not well above the train step's, the host stalls the
+    device (a run logs the same per step as `input_s`)."""
+    if batches < 1 or warmup < 0:
+        raise BenchError(f"data needs batches >= 1 and warmup >= 0, got {batches} and {warmup}")
+    plan = trainer.make_plan(config)
+    phase = len(config.mixture) - 1
+    sizes = plan.host_sizes(phase)
+    source = trainer.make_source(config, plan.model_cfg, sizes, phase)
+    first = None
+    for _ in range(warmup):  # worker start-up and the first buffer fill are not the steady state
+        first = next(source)
+    times = []
+    for _ in range(batches):
+        start = time.perf_counter()
+        first = next(source)
+        times.append(time.perf_counter() - start)
+    size = sum(np.asarray(v).nbytes for v in first.values())
+    rows = sum(sizes.values())
+    progress(f"data: batch times {[round(t, 4) for t in times]} s")
+    return {"batches": batches, "rows_per_batch": rows, "sub_batches": dict(sizes), "bytes_per_batch": size,
+            "batch_s_median": statistics.median(times), "batch_s_max": max(times),
+            "examples_per_s": rows * batches / sum(times), "megabytes_per_s": size * batches / sum(times) / 1e6,
+            "source": config.data.source, "dir": config.data.get("dir", ""),
+            "num_workers": int(config.data.get("num_workers", 0)), "prefetch": int(config.data.get("prefetch", 0)),
+            "seq_len": config.data.seq_len}
+
+
 # ------------------------------------------------------------------------------------------------------ driver
 def run(mode: str, config, *, label: str, command: str = "", steps: int = 10, warmup: int = 2,
         batch_sizes: Sequence[int] = (1, 8), sample_steps: Sequence[int] = (30,), cfgs: Sequence[float] = (2.0,),
@@ -433,6 +466,8 @@ def run(mode: str, config, *, label: str, command: str = "", steps: int = 10, wa
         report["sample"] = bench_sample(config, batch_sizes, sample_steps, cfgs, reps, bench=sample)
     if mode == "vae":
         report["vae"] = bench_vae(batch_sizes, dtypes=vae_dtypes, reps=reps, seed=config.seed)
+    if mode == "data":
+        report["data"] = bench_data(config, batches=steps, warmup=warmup)
     if mode in ("torch", "all"):
         report["torch"] = bench_torch(config, reps, max(batch_sizes), sample_steps[0], cfgs[0], torch_threads,
                                       train=train, sample=sample)
@@ -479,6 +514,15 @@ def format_report(report: dict) -> str:
                          f"{_num(r['compile_s'])} | {_num(r['latency_s'])} | {_num(r['images_per_s'])} | "
                          f"{_num(r['per_image_s'])} |")
         lines += ["", "Latents only: the config carries no VAE, so decoding is not timed.", ""]
+    if "data" in report:
+        d = report["data"]
+        lines += ["| source | workers | prefetch | rows per batch | MB per batch | batch ms (median / max) | examples/s "
+                  "| MB/s |", "|---|---|---|---|---|---|---|---|",
+                  f"| {d['source']} | {d['num_workers']} | {d['prefetch']} | {d['rows_per_batch']} {d['sub_batches']} | "
+                  f"{_num(d['bytes_per_batch'] / 1e6)} | {_num(1e3 * d['batch_s_median'])} / "
+                  f"{_num(1e3 * d['batch_s_max'])} | {_num(d['examples_per_s'])} | {_num(d['megabytes_per_s'])} |",
+                  "", f"This host's loader alone, {d['batches']} batches after warm-up (rows of {d['seq_len']} "
+                  "tokens); compare examples/s with the train step's.", ""]
     if "vae" in report:
         lines += ["| SDXL-VAE | dtype | batch | size | compile s | latency s | images/s |",
                   "|---|---|---|---|---|---|---|"]

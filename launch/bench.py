@@ -4,7 +4,7 @@
                          --cfg=2.0 --reps=3 --torch_threads=0 --profile_dir=DIR] [--out=BENCHMARKS.md
                          --json_dir=benchmarks]
 
-MODE: train | sample | torch | vae | all (= train + sample + torch; see janusflow_jax/bench.py). Config overrides
+MODE: train | sample | torch | vae | data | all (= train + sample + torch; see janusflow_jax/bench.py). Config overrides
 work as in launch.train (--config.batch_size=32, --config.model.llm.num_layers=4, ...). The report is printed as
 tables, saved as JSON under --json_dir and, unless --out is empty, written into the bench section of --out.
 """
@@ -21,8 +21,8 @@ from launch import config_cli
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Run config: configs/<name>.py[:arg] or a bare name.",
                                           lock_config=True)
-_STEPS = flags.DEFINE_integer("steps", 10, "train: timed steps (the median is reported).")
-_WARMUP = flags.DEFINE_integer("warmup", 2, "train: untimed steps after compilation.")
+_STEPS = flags.DEFINE_integer("steps", 10, "train: timed steps (the median is reported); data: timed batches.")
+_WARMUP = flags.DEFINE_integer("warmup", 2, "train: untimed steps after compilation; data: untimed batches.")
 _BATCH_SIZES = flags.DEFINE_list("batch_sizes", ["1", "8"], "sample: batch sizes (torch mode uses the largest).")
 _SAMPLE_STEPS = flags.DEFINE_list("sample_steps", ["30"], "sample: Euler step counts (torch mode uses the first).")
 _CFG = flags.DEFINE_list("cfg", ["2.0"], "sample: CFG weights (torch mode uses the first).")

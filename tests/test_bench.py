@@ -219,3 +219,11 @@ def test_loop_spans_are_not_counted_twice(tmp_path):
     assert any(v["opcode"] == "while" for v in info.values())
     assert all(info.get(r["op"], {}).get("opcode") != "while" for r in s["ops"])
     assert s["kinds"]["matmul"]["seconds"] > 0
+
+
+def test_data_mode_times_the_loader_alone():
+    report = bench.run("data", stage2.get_config("tiny"), label="stage2:tiny", steps=3, warmup=1)
+    d = report["data"]
+    assert d["source"] == "synthetic" and d["batches"] == 3 and d["rows_per_batch"] == sum(d["sub_batches"].values())
+    assert _positive(d["examples_per_s"]) and _positive(d["megabytes_per_s"]) and d["bytes_per_batch"] > 0
+    assert "examples/s" in bench.format_report(report) and "train" not in report
