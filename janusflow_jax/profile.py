@@ -15,7 +15,8 @@ op, and each op is classed from the optimized HLO of the compiled program (`comp
   other         the rest (while/conditional bookkeeping, custom calls not listed above)
 
 On a GPU or TPU only the device's own timeline is counted (its op or kernel rows, not the whole-module and step
-rows; an event without an `hlo_op` tag counts under its own name), so the time is kernel time. On a CPU the op thunks
+rows; an event without an `hlo_op` tag counts under its own name, classed by that name: "gemm", "nvjet", "fmha",
+"memcpy", ...), so the time is kernel time. On a CPU the op thunks
 of the runtime's threads are counted, and parallel threads can add up to more than the wall time. Each op also carries
 its source scope (the op_name metadata: jit/transform wrappers dropped), which names the flax module it came from.
 """
@@ -100,6 +101,22 @@ def _kind_of(opcode: str, line: str, computations: dict, seen: frozenset = froze
     return "other"
 
 
+_KERNEL_NAMES = (  # for device events the HLO does not name (kernel names): first match wins
+    ("attention", ("fmha", "flash", "attention", "splash")),
+    ("matmul", ("gemm", "cutlass", "nvjet", "xmma", "cublas", "matmul", "dot")),
+    ("convolution", ("conv",)),
+    ("collective", ("nccl", "all_reduce", "all-reduce", "allreduce", "all_gather", "reduce_scatter")),
+    ("data movement", ("memcpy", "memset", "copy", "transpose")),
+    ("reduction", ("reduce",)),
+    ("elementwise", ("fusion", "elementwise", "loop")),
+)
+
+
+def _kind_from_name(name: str) -> str:
+    low = name.lower()
+    return next((kind for kind, keys in _KERNEL_NAMES if any(k in low for k in keys)), "other")
+
+
 def _computation_kinds(name: str, computations: dict, seen: frozenset) -> list[str]:
     return [_kind_of(op, line, computations, seen) for op, line in computations.get(name, ())]
 
@@ -168,7 +185,7 @@ def summarize(trace_file, calls: int, hlo_texts: Iterable[str] = (), top: int = 
     scopes = collections.Counter()
     rows = []
     for op, (seconds, count) in per_op.items():
-        meta = info.get(op, {"kind": "other", "scope": ""})
+        meta = info.get(op) or {"kind": _kind_from_name(op), "scope": ""}
         kinds[meta["kind"]] += seconds
         scopes["/".join(meta["scope"].split("/")[:3]) or "(no scope)"] += seconds
         rows.append({"op": op, "kind": meta["kind"], "scope": meta["scope"], "seconds": seconds,

@@ -192,7 +192,7 @@ ENTRY %main (a: f32[4,4], b: f32[4]) -> f32[4,4] {
     assert s["op_seconds"] == pytest.approx(450e-6)  # (600 + 200 + 100) us over 2 calls
     assert s["kinds"]["matmul"]["seconds"] == pytest.approx(300e-6)
     assert s["kinds"]["elementwise"]["seconds"] == pytest.approx(100e-6)
-    assert s["kinds"]["other"]["seconds"] == pytest.approx(50e-6)  # the untagged kernel, unknown to the HLO
+    assert s["kinds"]["data movement"]["seconds"] == pytest.approx(50e-6)  # untagged: classed by its name
     ops = {r["op"]: r for r in s["ops"]}
     assert set(ops) == {"dot.2", "add_fusion", "memcpy_kernel"}
     assert ops["dot.2"]["scope"] == "language_model/layers_0/mlp/dot_general"
