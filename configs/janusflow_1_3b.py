@@ -23,7 +23,7 @@ def model_config() -> ml_collections.ConfigDict:
         param_dtype="float32",
         scan_layers=True,
         remat_policy="dots_no_batch",
-        attention="auto",  # cuDNN flash attention on NVIDIA GPUs in bf16, XLA elsewhere (config.py, BENCHMARKS.md)
+        attention="auto",  # cuDNN flash attention on NVIDIA GPUs in bf16, Splash on TPUs, XLA elsewhere (config.py)
     ))
 
 

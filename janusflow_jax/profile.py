@@ -36,8 +36,8 @@ import jax
 
 CATEGORIES = ("matmul", "attention", "convolution", "reduction", "elementwise", "collective", "data movement",
               "other")
-_COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "collective-permute", "all-to-all", "collective-broadcast",
-                "send", "recv")
+_COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "collective-permute", "all-to-all",
+                "collective-broadcast", "send", "recv")
 _MOVEMENT = ("copy", "transpose", "slice", "dynamic-slice", "dynamic-update-slice", "pad", "concatenate", "gather",
              "scatter", "bitcast", "reshape", "broadcast")
 _HEADER = re.compile(r"^(?:ENTRY\s+)?%?([\w.\-]+)\s+\(.*\)\s+->\s+.*\{\s*$")
