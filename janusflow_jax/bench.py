@@ -203,12 +203,7 @@ def bench_train(config, steps: int = 10, warmup: int = 2, cpu_peak: float | None
         peak = (cpu_peak or cpu_peak_flops()) / n_dev
         peak_source = "measured fp32 JAX matmul on this CPU (no bf16 table entry)"
     memory, memory_source = peak_memory()
-    summary = None
-    if profile_dir:
-        trace_file = profile_lib.trace(bench.step, profile_steps, profile_dir)
-        summary = {**profile_lib.summarize(trace_file, profile_steps, [bench._compiled.as_text()]),
-                   "trace": str(trace_file)}
-        progress(f"train: profile of {profile_steps} steps written to {trace_file}")
+    summary = profile_train(bench, profile_steps, profile_dir) if profile_dir else None
     return {"compile_s": bench.compile_s, "step_s": step_s, "step_s_all": times, "profile": summary,
             "examples_per_s": bench.plan.config.batch_size / step_s, "tokens_per_s": counts["tokens"] / step_s,
             "flops_per_step": counts["flops"], "tflops_per_device": tflops, "peak_flops_per_device": peak,
@@ -217,6 +212,20 @@ def bench_train(config, steps: int = 10, warmup: int = 2, cpu_peak: float | None
             "batch_size": bench.plan.config.batch_size, "sub_batches": bench.plan.global_sizes[bench.phase],
             "seq_len": bench.plan.config.data.seq_len, "devices": n_dev,
             "flops_note": "counted as flops.py (MaxText style): causal attention FLOPs halved"}
+
+
+def profile_train(bench: TrainBench, steps: int, profile_dir) -> dict:
+    """`profile.summarize` of `steps` more traced steps (plus "trace", the Perfetto file), or {"error": ...} when the
+    profiler fails (no CUPTI, ...): a failed profile must not lose the timings measured before it."""
+    try:
+        trace_file = profile_lib.trace(bench.step, steps, profile_dir)
+        summary = {**profile_lib.summarize(trace_file, steps, [bench._compiled.as_text()]), "trace": str(trace_file)}
+    except Exception as e:  # noqa: BLE001 - reported in the result instead
+        summary = {"error": f"{type(e).__name__}: {str(e).strip()[:500]}"}
+        progress(f"train: profiling failed ({summary['error']}); the timings stand")
+        return summary
+    progress(f"train: profile of {steps} steps written to {trace_file}")
+    return summary
 
 
 # ------------------------------------------------------------------------------------------------------ sampling
@@ -505,7 +514,8 @@ def format_report(report: dict) -> str:
                   f"{t['peak_memory_bytes'] / 2 ** 20:.0f} MiB |", "",
                   f"FLOPs {t['flops_note']}; MFU against {peak_note}. Memory: {t['peak_memory_source']}.", ""]
         if t.get("profile"):
-            lines += [profile_lib.format_summary(t["profile"], top=12), ""]
+            lines += [f"Profile failed: {t['profile']['error']}" if "error" in t["profile"]
+                      else profile_lib.format_summary(t["profile"], top=12), ""]
     if "sample" in report:
         lines += ["| batch | steps | cfg | prompt cache | compile s | latency s | images/s | s/image |",
                   "|---|---|---|---|---|---|---|---|"]

@@ -227,3 +227,21 @@ def test_data_mode_times_the_loader_alone():
     assert d["source"] == "synthetic" and d["batches"] == 3 and d["rows_per_batch"] == sum(d["sub_batches"].values())
     assert _positive(d["examples_per_s"]) and _positive(d["megabytes_per_s"]) and d["bytes_per_batch"] > 0
     assert "examples/s" in bench.format_report(report) and "train" not in report
+
+
+def test_a_profiler_failure_keeps_the_timings(report, monkeypatch, tmp_path):
+    import copy
+    import types
+
+    from janusflow_jax import profile
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no CUPTI")
+
+    monkeypatch.setattr(profile, "trace", broken)
+    stand_in = types.SimpleNamespace(step=lambda: None, _compiled=None)  # the trace fails before either is used
+    assert bench.profile_train(stand_in, 3, tmp_path) == {"error": "RuntimeError: no CUPTI"}
+    failed = copy.deepcopy(report)
+    failed["train"]["profile"] = {"error": "RuntimeError: no CUPTI"}
+    text = bench.format_report(failed)
+    assert "Profile failed: RuntimeError: no CUPTI" in text and "step ms (median)" in text
