@@ -132,6 +132,7 @@ def make_train_step(model: JanusFlow, tx: optax.GradientTransformation, loss_cfg
             "grad_norm": grad_norm,
             "lr": schedule(state["step"]),
             "finite": ok,
+            "skips": new_state["skips"],
         }
         return new_state, metrics
 

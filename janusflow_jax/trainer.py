@@ -388,18 +388,17 @@ def _loop(plan: Plan, mngr, state, source, phase: int, start: int, workdir: Path
                         config.batch_size, progress)
     reporter.start_bar(start, config.steps)
     metrics_host, last_time = {}, time.perf_counter()
-    skips = int(jax.device_get(state["skips"]))  # consecutive skipped updates so far (a resumed run keeps its count)
     pending = None  # (step, metrics, input seconds) of a step dispatched but not yet reported
 
     def report(done: int, metrics, input_s: float) -> dict:
         """Reads one step's metrics (waits for it), logs them and enforces the limit on consecutive skips."""
-        nonlocal last_time, skips
+        nonlocal last_time
         host = {k: float(v) for k, v in jax.device_get(metrics).items()}
         now = time.perf_counter()
         reporter.step(done, {**host, "input_s": input_s}, now - last_time,
                       log=done % config.log_every == 0 or done == config.steps or not host["finite"])
         last_time = now
-        skips = 0 if host["finite"] else skips + 1
+        skips = int(host["skips"])  # the state's count of consecutive non-finite steps, after this one
         if skips >= config.max_consecutive_skips:
             raise TrainingError(
                 f"{skips} consecutive steps had a non-finite loss or gradient norm (last at step {done}); "
