@@ -424,15 +424,14 @@ def bench_data(config, batches: int = 20, warmup: int = 3) -> dict:
     phase = len(config.mixture) - 1
     sizes = plan.host_sizes(phase)
     source = trainer.make_source(config, plan.model_cfg, sizes, phase)
-    first = None
     for _ in range(warmup):  # worker start-up and the first buffer fill are not the steady state
-        first = next(source)
+        next(source)
     times = []
     for _ in range(batches):
         start = time.perf_counter()
-        first = next(source)
+        batch = next(source)
         times.append(time.perf_counter() - start)
-    size = sum(np.asarray(v).nbytes for v in first.values())
+    size = sum(np.asarray(v).nbytes for v in batch.values())
     rows = sum(sizes.values())
     progress(f"data: batch times {[round(t, 4) for t in times]} s")
     return {"batches": batches, "rows_per_batch": rows, "sub_batches": dict(sizes), "bytes_per_batch": size,
@@ -568,9 +567,9 @@ def save_json(report: dict, json_dir) -> Path:
 
 GPU_NOTE = """### Running these on a GPU
 
-`bash benchmarks/gpu_session.sh` runs the 1.3B set on one NVIDIA GPU step by step (train, sample, torch, vae, the
-cuDNN train step), each in its own process with its own time limit; the summary of the H200 run is in "One H200"
-above this section.
+`bash benchmarks/gpu_session.sh` runs the 1.3B set on one NVIDIA GPU step by step (the profiled train step, the
+same step with remat "dots", sample, torch, vae), each in its own process with its own time limit; the summary of
+the H200 run is in "One H200" above this section.
 """
 
 

@@ -145,9 +145,9 @@ CUDNN_PAD = 64  # cuDNN's fused kernel with a bias wants even lengths in trainin
 
 
 def _cudnn_applies(q) -> bool:
-    """Whether "auto" picks cuDNN: the default backend is an NVIDIA GPU, q is bf16/fp16 and there are at least
-    CUDNN_PAD queries (token-by-token decoding stays on XLA: padding one query to 64 would waste the kernel)."""
-    if q.dtype not in (jnp.bfloat16, jnp.float16) or q.shape[1] < CUDNN_PAD or jax.default_backend() != "gpu":
+    """Whether "auto" picks cuDNN: the target (`target_platform`) is an NVIDIA GPU, q is bf16/fp16 and there are at
+    least CUDNN_PAD queries (token-by-token decoding stays on XLA: padding one query to 64 would waste the kernel)."""
+    if q.dtype not in (jnp.bfloat16, jnp.float16) or q.shape[1] < CUDNN_PAD or target_platform() != "gpu":
         return False
     try:  # "cuda ..." on NVIDIA, "rocm ..." on AMD (no cuDNN there)
         version = jax.extend.backend.get_backend().platform_version.lower()

@@ -57,7 +57,8 @@ class Block(nn.Module):
     def __call__(self, x, _=None):
         cfg = self.config
         ln = dict(eps=cfg.layer_norm_eps, dtype=self.dtype, param_dtype=self.param_dtype, axis_name="vit_norm")
-        x = x + Attention(cfg.num_heads, self.dtype, self.param_dtype, self.attention, name="attn")(LayerNorm(**ln, name="norm1")(x))
+        attn = Attention(cfg.num_heads, self.dtype, self.param_dtype, self.attention, name="attn")
+        x = x + attn(LayerNorm(**ln, name="norm1")(x))
         x = x + Mlp(cfg.mlp_dim, self.dtype, self.param_dtype, name="mlp")(LayerNorm(**ln, name="norm2")(x))
         x = nn.with_logical_constraint(x, ("activation_batch", "activation_length", "activation_embed"))
         return x, None
