@@ -34,13 +34,34 @@ PEAK_BF16 = {
 }
 
 
+# HBM bandwidth, bytes/s, by device kind (the roofline's memory slope: `roofline.py`).
+HBM_BANDWIDTH = {
+    "h100": 3.35e12,  # SXM, HBM3
+    "h200": 4.8e12,  # HBM3e
+    "a100": 2.039e12,  # SXM 80GB, HBM2e
+    "tpu v4": 1.2e12,
+    "tpu v5 lite": 0.819e12,
+    "tpu v5e": 0.819e12,
+    "tpu v5p": 2.765e12,
+    "tpu v5": 2.765e12,
+    "tpu v6 lite": 1.64e12,
+    "tpu v6e": 1.64e12,
+}
+
+
+def _lookup(table: dict, device) -> float:
+    kind = (device or jax.devices()[0]).device_kind.lower()
+    return next((table[name] for name in sorted(table, key=len, reverse=True) if name in kind), 0.0)
+
+
+def hbm_bandwidth(device=None) -> float:
+    """HBM bytes/s of `device` (default: the first), 0 when unknown."""
+    return _lookup(HBM_BANDWIDTH, device)
+
+
 def peak_flops_per_device(device=None) -> float:
     """Peak bf16 FLOP/s of `device` (default: the first), 0 when unknown (CPU: MFU is then not reported)."""
-    kind = (device or jax.devices()[0]).device_kind.lower()
-    for name in sorted(PEAK_BF16, key=len, reverse=True):
-        if name in kind:
-            return PEAK_BF16[name]
-    return 0.0
+    return _lookup(PEAK_BF16, device)
 
 
 def llm_forward(cfg: JanusFlowConfig, rows: int, seq: int, logits: bool) -> float:

@@ -32,7 +32,7 @@ import flax.linen as nn
 import jax
 
 from janusflow_jax import flops as flops_lib
-from janusflow_jax import train_step, trainer
+from janusflow_jax import roofline, train_step, trainer
 from janusflow_jax.model import abstract_params
 from janusflow_jax.sharding import DEFAULT_RULES
 
@@ -55,6 +55,22 @@ GENERATIONS = {
     "v6e": ("v6e", 1, 2),
 }
 CHIPS_PER_HOST = (2, 2, 1)  # every TPU VM host of these generations holds 2x2 chips
+
+
+MIB = 2 ** 20
+
+# NVIDIA GPUs a compile can target without the hardware: XLA's deviceless GPU compiler, reached through JAX's CUDA
+# plugin, takes a description of the device instead of querying one. These are the properties it reads (CUDA's device
+# query: SMs, clocks, shared memory, L2, memory as the driver reports it; cuDNN 9.10 for the fused attention).
+GPU_TARGETS = {
+    "h100": dict(name="NVIDIA H100 80GB HBM3", capability=(9, 0), cores=132, clock_ghz=1.98, bandwidth=3.35e12,
+                 memory=81559 * MIB, l2=50 * MIB, smem_block_optin=232448, smem_core=233472),
+    "h200": dict(name="NVIDIA H200", capability=(9, 0), cores=132, clock_ghz=1.98, bandwidth=4.8e12,
+                 memory=143771 * MIB, l2=50 * MIB, smem_block_optin=232448, smem_core=233472),
+    "a100": dict(name="NVIDIA A100-SXM4-80GB", capability=(8, 0), cores=108, clock_ghz=1.41, bandwidth=2.039e12,
+                 memory=81920 * MIB, l2=40 * MIB, smem_block_optin=166912, smem_core=167936),
+}
+HBM_BYTES.update({key: spec["memory"] for key, spec in GPU_TARGETS.items()})
 
 
 class TopologyError(ValueError):
@@ -102,8 +118,60 @@ def topology_name(topology: str) -> str:
     return f"{gen}:" + "x".join(map(str, _torus_shape(cores // cores_per_chip, dims)))
 
 
+def gpu_target_config(target: str) -> str:
+    """The GpuTargetConfigProto text (XLA's description of a GPU to compile for) of a GPU_TARGETS entry."""
+    spec = GPU_TARGETS[target]
+    major, minor = spec["capability"]
+    return f"""gpu_device_info {{
+  threads_per_block_limit: 1024
+  threads_per_warp: 32
+  shared_memory_per_block: 49152
+  shared_memory_per_block_optin: {spec["smem_block_optin"]}
+  shared_memory_per_core: {spec["smem_core"]}
+  threads_per_core_limit: 2048
+  core_count: {spec["cores"]}
+  fpus_per_core: {128 if major >= 9 else 64}
+  block_dim_limit_x: 2147483647
+  block_dim_limit_y: 65535
+  block_dim_limit_z: 65535
+  memory_bandwidth: {int(spec["bandwidth"])}
+  l2_cache_size: {spec["l2"]}
+  clock_rate_ghz: {spec["clock_ghz"]}
+  device_memory_size: {spec["memory"]}
+  registers_per_core_limit: 65536
+  registers_per_block_limit: 65536
+  cuda_compute_capability {{ major: {major} minor: {minor} }}
+}}
+platform_name: "CUDA"
+dnn_version_info {{ major: 9 minor: 10 patch: 0 }}
+device_description_str: "{spec["name"]}"
+"""
+
+
+def gpu_devices(topology: str) -> list:
+    """Abstract devices of NVIDIA GPUs: "h100" (one), "h100:8" (8 in one host), "h100:4x8" (4 hosts of 8)."""
+    target, sep, shape = topology.partition(":")
+    if target not in GPU_TARGETS or (sep and not re.fullmatch(r"(\d+x)?\d+", shape)):
+        raise TopologyError(f"bad GPU topology {topology!r}: expected one of {sorted(GPU_TARGETS)}, optionally with "
+                            f":GPUS or :HOSTSxGPUS (e.g. h100:8, h100:4x8)")
+    hosts, _, per_host = shape.rpartition("x") if shape else ("1", "", "1")
+    try:
+        from jax.experimental import topologies
+
+        desc = topologies.get_topology_desc(platform="cuda", topology=f"1x{hosts or 1}x{per_host}",
+                                            target_config=gpu_target_config(target))
+    except Exception as e:  # no CUDA plugin
+        raise TopologyError(f"cannot describe {topology!r} ({type(e).__name__}: {str(e).strip()[:300]}); compiling "
+                            f"for NVIDIA GPUs without one needs JAX's CUDA plugin: pip install "
+                            f"'jax[cuda13]=={jax.__version__}' (no GPU or driver needed)") from None
+    return list(desc.devices)
+
+
 def topology_devices(topology: str) -> list:
-    """The devices of a TPU topology (abstract: they can compile, not run) or, for "cpu:N", N local CPU devices."""
+    """The devices of a TPU topology or an NVIDIA GPU target (abstract: they can compile, not run) or, for "cpu:N",
+    N local CPU devices."""
+    if topology.split(":")[0] in GPU_TARGETS:
+        return gpu_devices(topology)
     if topology.startswith("cpu:"):
         count = topology[4:]
         if not count.isdigit() or int(count) < 1:
@@ -240,9 +308,18 @@ def compile_train_step(config, devices, phase: int | None = None, extrapolate: b
                        + memory["generated_code"])
     hbm = next((b for k, b in sorted(HBM_BYTES.items(), key=lambda kv: -len(kv[0])) if k in kind.lower()), None)
     flops, compiler_seconds = _flops_and_seconds(compiled)
+    peak = flops_lib.peak_flops_per_device(devices[0])
+    bandwidth = flops_lib.hbm_bandwidth(devices[0])
+    text = compiled.as_text() or ""
+    # The roofline of the compiled program (roofline.py): it walks loops by their trip counts, so it covers the whole
+    # step even where XLA's own estimate sees one iteration, and it needs no cost model from the backend.
+    bound = roofline.estimate(text, peak, bandwidth, top=10) if text and peak and bandwidth else None
     # XLA counts a loop body once: scanned layers and micro-batch accumulation are loops, and then neither the FLOPs
-    # nor the time estimate covers the step.
-    undercounted = plan.model_cfg.scan_layers or config.micro_batches > 1
+    # nor the time estimate covers the step. XLA:GPU has no cost model at all (0 FLOPs): there the roofline's count,
+    # which does cover the loops, stands in.
+    undercounted = bool(flops) and (plan.model_cfg.scan_layers or config.micro_batches > 1)
+    if not flops and bound is not None:
+        flops = bound["flops"]
     estimate, source, whole_flops, extra_seconds = None, None, None, 0.0
     if not undercounted:
         estimate, source, whole_flops = compiler_seconds, "compiler" if compiler_seconds else None, flops
@@ -250,9 +327,9 @@ def compile_train_step(config, devices, phase: int | None = None, extrapolate: b
         ex = depth_extrapolation(config, devices, phase)
         estimate, whole_flops, extra_seconds = ex["seconds"], ex["flops"], ex["compile_seconds"]
         source = "compiler, extrapolated from depth 1 and 2" if estimate else None
+    if estimate is None and bound is not None:
+        estimate, source = bound["seconds"], "roofline"
     counts = flops_lib.step_counts(plan, phase)
-    peak = flops_lib.peak_flops_per_device(devices[0])
-    text = compiled.as_text() or ""
     return {
         "device_kind": kind,
         "chips": chips,
@@ -281,6 +358,7 @@ def compile_train_step(config, devices, phase: int | None = None, extrapolate: b
         "estimated_step_seconds": estimate,
         "estimate_source": source,
         "mfu": counts["flops"] / estimate / (chips * peak) if estimate and peak else None,
+        "roofline": bound,
         "lower_seconds": lower_seconds,
         "compile_seconds": compile_seconds,
         "extrapolation_seconds": extra_seconds,
@@ -320,14 +398,21 @@ def format_report(report: dict, topology: str = "") -> str:
         lines.append(f"step time estimate ({report['estimate_source']}): "
                      f"{report['estimated_step_seconds'] * 1e3:.4g} ms"
                      + (f" -> MFU {100 * report['mfu']:.1f}% (counted FLOPs / estimate / {report['chips']} chips x "
-                        f"{report['peak_flops_per_chip'] / 1e12:.0f} TFLOP/s peak; XLA's roofline leaves out "
-                        "collectives, so this is an upper bound)" if report["mfu"] else ""))
+                        f"{report['peak_flops_per_chip'] / 1e12:.0f} TFLOP/s peak; a roofline leaves out "
+                        "collectives, launch gaps and kernels' shortfall from the peaks, so this is an upper bound)" if report["mfu"] else ""))
     elif report["flops_undercounted"] and not report["extrapolation_seconds"]:
         lines.append("step time estimate: none (XLA sees one iteration of each loop"
                      + (f": {report['compiler_seconds'] * 1e3:.1f} ms" if report["compiler_seconds"] else "")
                      + "); --extrapolate derives the whole step from compiles at depth 1 and 2")
     else:
         lines.append("step time estimate: none (XLA gave no positive time estimate for the loop-free program)")
+    if report.get("roofline"):
+        bound = report["roofline"]
+        lines.append(f"roofline per chip: {bound['seconds'] * 1e3:.4g} ms (compute-bound kernels "
+                     f"{bound['compute_bound_seconds'] * 1e3:.4g} ms, memory-bound "
+                     f"{bound['memory_bound_seconds'] * 1e3:.4g} ms, {bound['bytes'] / 1e9:.4g} GB of HBM traffic); "
+                     "by kind: " + ", ".join(f"{k} {v['share']:.0%}" for k, v in bound["kinds"].items()
+                                             if v["share"] >= 0.005))
     lines.append(f"lowering {report['lower_seconds']:.1f} s, compile {report['compile_seconds']:.1f} s"
                  + (f", extrapolation compiles {report['extrapolation_seconds']:.1f} s"
                     if report["extrapolation_seconds"] else ""))

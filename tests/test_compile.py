@@ -129,3 +129,32 @@ def test_scanned_tpu_step_gets_an_extrapolated_estimate(tpu_compile):
     assert report["estimate_source"].startswith("compiler, extrapolated")
     assert report["whole_step_flops"] == pytest.approx(unrolled["compiled_flops"], rel=1e-3)
     assert report["estimated_step_seconds"] == pytest.approx(unrolled["estimated_step_seconds"], rel=0.05)
+
+
+def _gpu_devices(topology):
+    try:
+        return train_compile.gpu_devices(topology)
+    except train_compile.TopologyError as e:  # JAX's CUDA plugin is not installed (CI: it is an optional extra)
+        pytest.skip(str(e)[:200])
+
+
+def test_tiny_stage2_compiles_for_two_h100s_without_a_gpu():
+    # XLA's deviceless GPU compiler through JAX's CUDA plugin: the real XLA:GPU pipeline (fusion, cuBLAS/Triton
+    # GEMMs, cuDNN calls) against the H100 description, then its memory plan and the roofline of its program.
+    devices = _gpu_devices("h100:2")
+    assert len(devices) == 2 and "H100" in devices[0].device_kind
+    report = train_compile.compile_train_step(_tiny_stage2(data=2, fsdp=1, tensor=1), devices)
+    assert report["hbm_bytes"] == 81559 * 2 ** 20 and report["fits"] is True
+    bound = report["roofline"]
+    assert bound["seconds"] > 0 and bound["kinds"]["matmul"]["flops"] > 0
+    # XLA:GPU has no cost model: the roofline's FLOPs (loops walked by trip count) stand in for the compiled FLOPs.
+    assert report["compiled_flops_per_chip"] == bound["flops"] and not report["flops_undercounted"]
+    assert report["estimate_source"] == "roofline" and report["estimated_step_seconds"] == bound["seconds"]
+    assert 0.5 < report["compiled_flops"] / report["counted_flops"] < 6
+    assert "roofline per chip" in train_compile.format_report(report, "h100:2")
+
+
+@pytest.mark.parametrize("name", ["h100:", "h100:2x", "h300", "h100:x8"])
+def test_bad_gpu_topologies_are_errors(name):
+    with pytest.raises(train_compile.TopologyError):
+        train_compile.topology_devices(name)

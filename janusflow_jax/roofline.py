@@ -1,0 +1,401 @@
+"""Roofline of a compiled program: the least time each kernel can take on a chip, read from the optimized HLO alone.
+
+A GPU or TPU runs a compiled step as a sequence of kernels (fusions, GEMMs, cuDNN calls, copies). Each kernel moves
+bytes through HBM and, if it multiplies matrices, does FLOPs; it cannot finish faster than
+
+    max(flops / peak FLOP/s, bytes / HBM bandwidth)
+
+`estimate(hlo_text, peak_flops, bandwidth)` walks the program's kernels (a while loop's body counted as many times as
+XLA's known trip count says) and sums that bound by kind of work (the classes of `profile.py`: matmul, attention,
+convolution, reduction, elementwise, data movement, ...), by model scope and per kernel, and says which kernels are
+compute-bound and which memory-bound. It needs no device: the HLO can come from an ahead-of-time compile for a GPU or
+TPU target on a CPU host (`train_compile`), so it says where a step's time must go before any hardware is lent.
+
+What is counted:
+- FLOPs: every dot (2 x output elements x contracted size), convolution (2 x output-side elements x filter elements
+  per output feature; cuDNN's forward, backward-input and backward-filter calls alike), cuBLAS GEMM custom call, and
+  cuDNN flash attention (4·b·h·q·k·d forward, 2.5x that backward for its five matmuls; halved when cuDNN's mask is
+  causal). Elementwise arithmetic is left out: it never bounds a kernel on these chips.
+- Bytes: each kernel reads its operands and writes its result once. A fusion operand that the fusion only slices
+  (one layer of stacked scan weights) counts the slices, and an in-place dynamic-update-slice (a scan writing its
+  layer's activations into the stacked buffer) counts the update, not the whole buffer. Caches are ignored, so a
+  kernel whose inputs stay in L2 is estimated slower than it is: it is a bound on the DRAM traffic model, not on time.
+- Not counted: kernel launch gaps, collectives' latency, and the efficiency of each kernel against the peaks (GEMMs
+  reach ~80% of the bf16 peak, memory-bound kernels ~70-90% of the bandwidth). A measured step time divided by this
+  bound is the factor those lose.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import math
+import re
+
+from janusflow_jax import profile
+
+_DTYPE_BYTES = {"pred": 1, "s4": 0.5, "u4": 0.5, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "s32": 4, "u32": 4, "s64": 8,
+                "u64": 8, "f16": 2, "bf16": 2, "f32": 4, "f64": 8, "c64": 8, "c128": 16, "token": 0}
+_ARRAY = re.compile(r"\b([a-z]+\d*(?:e\d+m\d+\w*)?)\[([\d,]*)\]")
+_HEADER = re.compile(r"^(?:ENTRY\s+)?%?([\w.\-]+)\s+\(.*\)\s+->\s+.*\{\s*$")
+_START = re.compile(r"^\s*(ROOT\s+)?%?([\w.\-]+)\s+=\s+")
+_TRIP = re.compile(r'"known_trip_count":\{"n":"(\d+)"')
+_FREE = {"parameter", "constant", "get-tuple-element", "tuple", "bitcast", "after-all", "opt-barrier",
+         "partition-id", "replica-id", "add-dependency", "domain", "async-done", "async-update", "copy-done",
+         "send-done", "recv-done", "iota"}
+_SLICES = {"dynamic-slice", "slice", "gather"}
+_FLOP_KINDS = ("matmul", "attention", "convolution")
+
+
+class _Inst:
+    __slots__ = ("name", "shape", "opcode", "operands", "line", "root")
+
+    def __init__(self, name, shape, opcode, operands, line, root):
+        self.name, self.shape, self.opcode, self.operands, self.line, self.root = (
+            name, shape, opcode, operands, line, root)
+
+
+def _balanced(text: str, start: int) -> int:
+    """Index just past the bracket group that opens at text[start]."""
+    depth = 0
+    for i in range(start, len(text)):
+        if text[i] in "({[":
+            depth += 1
+        elif text[i] in ")}]":
+            depth -= 1
+            if depth == 0:
+                return i + 1
+    return len(text)
+
+
+def _parse_instruction(line: str) -> _Inst | None:
+    m = _START.match(line)
+    if not m:
+        return None
+    i = m.end()
+    if line.startswith("(", i):  # tuple shape
+        j = _balanced(line, i)
+    else:
+        j = line.find(" ", i)
+        if j < 0:
+            return None
+    shape = line[i:j]
+    k = line.find("(", j)
+    if k < 0:
+        return None
+    opcode = line[j:k].strip()
+    if not re.fullmatch(r"[a-z][a-z0-9\-]*", opcode):
+        return None
+    end = _balanced(line, k)
+    operands = re.findall(r"%([\w.\-]+)", line[k:end])
+    return _Inst(m.group(2), shape, opcode, operands, line, bool(m.group(1)))
+
+
+def parse(hlo_text: str) -> tuple[dict[str, list[_Inst]], str | None]:
+    """({computation: [instructions]}, entry computation name) of one optimized HLO module's text."""
+    computations: dict[str, list[_Inst]] = {}
+    entry, current = None, None
+    for line in hlo_text.splitlines():
+        header = _HEADER.match(line)
+        if header:
+            current = computations.setdefault(header.group(1), [])
+            if line.startswith("ENTRY"):
+                entry = header.group(1)
+            continue
+        if current is not None:
+            inst = _parse_instruction(line)
+            if inst is not None:
+                current.append(inst)
+    return computations, entry
+
+
+def shape_bytes(shape: str) -> float:
+    """Bytes of an HLO shape string (arrays of a tuple summed; layouts and comments ignored)."""
+    total = 0.0
+    for dtype, dims in _ARRAY.findall(shape):
+        total += _DTYPE_BYTES.get(dtype, 1 if dtype.startswith("f8") else 4) * math.prod(
+            int(d) for d in dims.split(",") if d)
+    return total
+
+
+def _dims(shape: str) -> list[int]:
+    m = _ARRAY.search(shape)
+    return [int(d) for d in m.group(2).split(",") if d] if m else []
+
+
+def _tuple_parts(shape: str) -> list[str]:
+    """The array shapes of a (possibly tuple) shape string, in order."""
+    return [f"{d}[{s}]" for d, s in _ARRAY.findall(shape)]
+
+
+def _called(inst: _Inst, key: str) -> list[str]:
+    m = re.search(rf"\b{key}=\{{?([^}},]+(?:,\s*%[\w.\-]+)*)\}}?", inst.line)
+    return re.findall(r"%?([\w.\-]+)", m.group(1)) if m else []
+
+
+# ------------------------------------------------------------------------------------------------------- FLOPs
+def _dot_flops(inst: _Inst, by_name: dict[str, _Inst]) -> float:
+    lhs = by_name.get(inst.operands[0]) if inst.operands else None
+    m = re.search(r"lhs_contracting_dims=\{([\d,]*)\}", inst.line)
+    if lhs is None or m is None:
+        return 0.0
+    dims = _dims(lhs.shape)
+    contracted = math.prod(dims[int(d)] for d in m.group(1).split(",") if d)
+    return 2.0 * math.prod(_dims(inst.shape)) * contracted
+
+
+def _conv_flops(inst: _Inst, by_name: dict[str, _Inst], target: str = "") -> float:
+    """2 x (elements of the forward output) x (filter elements per output feature), for a convolution or a cuDNN
+    convolution call of any direction (the call keeps the forward convolution's dim_labels)."""
+    labels = re.search(r"dim_labels=(\w+)_(\w+)->(\w+)", inst.line)
+    ops = [by_name.get(o) for o in inst.operands]
+    result = _tuple_parts(inst.shape)[0] if _tuple_parts(inst.shape) else inst.shape
+    if labels is None or len(ops) < 2 or None in ops[:2]:
+        return 0.0
+    if "BackwardFilter" in target:
+        filt, fwd_out = result, ops[1].shape
+    elif "BackwardInput" in target:
+        filt, fwd_out = ops[1].shape, ops[0].shape
+    else:
+        filt, fwd_out = ops[1].shape, result
+    filt_dims = _dims(filt)
+    o = labels.group(2).find("o")
+    if not filt_dims or o < 0 or o >= len(filt_dims):
+        return 0.0
+    return 2.0 * math.prod(_dims(fwd_out)) * math.prod(filt_dims) / filt_dims[o]
+
+
+def _attention_flops(inst: _Inst, by_name: dict[str, _Inst]) -> float:
+    """cuDNN flash attention: the two matmuls of the forward (4·b·h·q·k·d), five in the backward."""
+    m = re.search(r'"intermediate_tensor_shape":\s*\{[^{}]*?"dimensions":\s*\[([^\]]*)\]', inst.line)
+    q = by_name.get(inst.operands[0]) if inst.operands else None
+    if m is None or q is None:
+        return 0.0
+    b, h, sq, sk = (int(x.strip().strip('"')) for x in m.group(1).split(","))
+    flops = 4.0 * b * h * sq * sk * _dims(q.shape)[-1]
+    if "CAUSAL" in (re.search(r'"mask_type":\s*"(\w+)"', inst.line) or [None, ""])[1]:
+        flops /= 2
+    return flops * (2.5 if "Backward" in inst.line.split("custom_call_target=")[1][:60] else 1.0)
+
+
+def _gemm_flops(inst: _Inst, by_name: dict[str, _Inst]) -> float:
+    """A cuBLAS GEMM custom call: its backend config carries the dot's dimension numbers."""
+    m = re.search(r'"lhs_contracting_dimensions":\s*\[([^\]]*)\]', inst.line)
+    lhs = by_name.get(inst.operands[0]) if inst.operands else None
+    if m is None or lhs is None:
+        return 0.0
+    dims = _dims(lhs.shape)
+    contracted = math.prod(dims[int(d.strip().strip('"'))] for d in m.group(1).split(",") if d.strip())
+    out = _tuple_parts(inst.shape)[0] if inst.shape.startswith("(") else inst.shape
+    return 2.0 * math.prod(_dims(out)) * contracted
+
+
+def _flops(inst: _Inst, computations: dict, by_name: dict, seen: frozenset = frozenset()) -> tuple[float, bool]:
+    """(FLOPs, whether any operand is fp32) of one instruction, looking inside fusions and calls."""
+    op = inst.opcode
+    if op in ("dot", "dot-general"):
+        lhs = by_name.get(inst.operands[0]) if inst.operands else None
+        return _dot_flops(inst, by_name), bool(lhs is not None and lhs.shape.startswith("f32"))
+    if op == "convolution":
+        return _conv_flops(inst, by_name), False
+    if op == "custom-call":
+        target = (re.search(r'custom_call_target="([^"]+)"', inst.line) or [None, ""])[1]
+        if "fmha" in target:
+            return _attention_flops(inst, by_name), False
+        if "conv" in target:
+            return _conv_flops(inst, by_name, target), False
+        if "gemm" in target or "matmul" in target:
+            return _gemm_flops(inst, by_name), False
+        return 0.0, False
+    total, fp32 = 0.0, False
+    for name in _called(inst, "calls"):
+        if name in computations and name not in seen:
+            for inner in computations[name]:
+                f, f32 = _flops(inner, computations, _names(computations[name]), seen | {name})
+                total, fp32 = total + f, fp32 or (f32 and f > 0)
+    return total, fp32
+
+
+def _names(insts: list[_Inst]) -> dict[str, _Inst]:
+    return {i.name: i for i in insts}
+
+
+# ------------------------------------------------------------------------------------------------------- bytes
+def _users(insts: list[_Inst]) -> dict[str, list[_Inst]]:
+    users = collections.defaultdict(list)
+    for i in insts:
+        for o in dict.fromkeys(i.operands):
+            users[o].append(i)
+    return users
+
+
+def _through_bitcasts(name: str, users: dict) -> list[tuple[_Inst, int]]:
+    """The users of `name` seen through bitcasts, each with the operand position `name` (or its bitcast) takes."""
+    out = []
+    for u in users.get(name, ()):
+        if u.opcode == "bitcast":
+            out += _through_bitcasts(u.name, users)
+        else:
+            out += [(u, pos) for pos, o in enumerate(u.operands) if o == name]
+    return out
+
+
+def _fusion_bytes(inst: _Inst, computations: dict, by_name: dict) -> float:
+    body_name = next(iter(_called(inst, "calls")), None)
+    body = computations.get(body_name or "", [])
+    if not body:
+        return shape_bytes(inst.shape) + sum(shape_bytes(by_name[o].shape) for o in dict.fromkeys(inst.operands)
+                                             if o in by_name)
+    users = _users(body)
+    params = {int(re.search(r"parameter\((\d+)\)", i.line).group(1)): i for i in body if i.opcode == "parameter"}
+    # In-place dynamic-update-slices: their buffer operand is not read, and only the update is written.
+    root = next((i for i in body if i.root), body[-1])
+    roots = [root] if root.opcode != "tuple" else [by_name_b for o in root.operands
+                                                    if (by_name_b := _names(body).get(o)) is not None]
+    body_names = _names(body)
+    in_place, written = set(), 0.0
+    for r in roots:
+        while r.opcode == "bitcast" and r.operands and r.operands[0] in body_names:
+            r = body_names[r.operands[0]]
+        if r.opcode == "dynamic-update-slice" and len(r.operands) > 1:
+            buffer = body_names.get(r.operands[0])
+            while buffer is not None and buffer.opcode == "bitcast" and buffer.operands:
+                buffer = body_names.get(buffer.operands[0])
+            if buffer is not None:
+                in_place.add(buffer.name)
+            written += shape_bytes(body_names[r.operands[1]].shape) if r.operands[1] in body_names else 0.0
+        else:
+            written += shape_bytes(r.shape)
+    read = 0.0
+    for pos, operand in enumerate(inst.operands):
+        param = params.get(pos)
+        if operand in inst.operands[:pos]:
+            continue
+        if param is None:
+            read += shape_bytes(by_name[operand].shape) if operand in by_name else 0.0
+            continue
+        if param.name in in_place:
+            continue
+        uses = _through_bitcasts(param.name, users)
+        if uses and all(u.opcode in _SLICES and p == 0 for u, p in uses):
+            read += sum(shape_bytes(u.shape) for u, _ in uses)
+        else:
+            read += shape_bytes(param.shape)
+    return read + written
+
+
+def _kernel_bytes(inst: _Inst, computations: dict, by_name: dict) -> float:
+    if inst.opcode == "fusion":
+        return _fusion_bytes(inst, computations, by_name)
+    if inst.opcode == "dynamic-update-slice":
+        update = by_name.get(inst.operands[1]) if len(inst.operands) > 1 else None
+        return 2 * shape_bytes(update.shape) if update else shape_bytes(inst.shape)
+    if inst.opcode in _SLICES:
+        return 2 * shape_bytes(inst.shape)
+    return shape_bytes(inst.shape) + sum(shape_bytes(by_name[o].shape) for o in dict.fromkeys(inst.operands)
+                                         if o in by_name)
+
+
+# ------------------------------------------------------------------------------------------------------ kernels
+def kernels(hlo_text: str) -> list[dict]:
+    """Every kernel the program launches, with how many times it runs per call: [{"name", "opcode", "computation",
+    "runs", "flops", "fp32", "bytes"}] (FLOPs and bytes of one run)."""
+    computations, entry = parse(hlo_text)
+    out: list[dict] = []
+
+    def walk(name: str, runs: float, seen: frozenset):
+        insts = computations.get(name, [])
+        by_name = _names(insts)
+        for inst in insts:
+            op = inst.opcode
+            if op in _FREE:
+                continue
+            if op == "while":
+                trip = _TRIP.search(inst.line)
+                for body in _called(inst, "body"):
+                    if body not in seen:
+                        walk(body, runs * (int(trip.group(1)) if trip else 1), seen | {body})
+                continue
+            if op in ("call", "conditional", "async-start"):
+                for key in ("to_apply", "calls", "branch_computations"):
+                    for callee in _called(inst, key):
+                        if callee in computations and callee not in seen:
+                            walk(callee, runs, seen | {callee})
+                continue
+            flops, fp32 = _flops(inst, computations, by_name)
+            out.append({"name": inst.name, "opcode": op, "computation": name, "runs": runs, "flops": flops,
+                        "fp32": fp32, "bytes": _kernel_bytes(inst, computations, by_name)})
+
+    if entry is not None:
+        walk(entry, 1.0, frozenset({entry}))
+    return out
+
+
+def estimate(hlo_text: str, peak_flops: float, bandwidth: float, fp32_flops: float | None = None,
+             top: int = 20) -> dict:
+    """The roofline of one compiled program (see the module docstring).
+
+    `peak_flops`: dense bf16 FLOP/s of the chip; `bandwidth`: HBM bytes/s; `fp32_flops`: FLOP/s of matmuls with fp32
+    operands (default: half the bf16 peak, TF32 tensor cores). Returns {"seconds", "flops", "bytes", "kernels" (launches
+    per call), "compute_bound_seconds", "memory_bound_seconds", "kinds": {kind: {"seconds", "share", "flops",
+    "bytes", "launches"}}, "scopes": [{"scope", "seconds", "share"}], "ops": the `top` kernels by time}.
+    """
+    fp32_flops = fp32_flops or peak_flops / 2
+    info = profile.parse_hlo([hlo_text])
+    kinds = collections.defaultdict(lambda: {"seconds": 0.0, "flops": 0.0, "bytes": 0.0, "launches": 0.0})
+    scopes = collections.Counter()
+    rows = []
+    totals = {"seconds": 0.0, "flops": 0.0, "bytes": 0.0, "kernels": 0.0, "compute_bound_seconds": 0.0,
+              "memory_bound_seconds": 0.0}
+    for k in kernels(hlo_text):
+        meta = info.get(k["name"], {"kind": "other", "scope": ""})
+        compute = k["flops"] / (fp32_flops if k["fp32"] else peak_flops)
+        memory = k["bytes"] / bandwidth
+        seconds = max(compute, memory) * k["runs"]
+        totals["seconds"] += seconds
+        totals["flops"] += k["flops"] * k["runs"]
+        totals["bytes"] += k["bytes"] * k["runs"]
+        totals["kernels"] += k["runs"]
+        totals["compute_bound_seconds" if compute >= memory else "memory_bound_seconds"] += seconds
+        acc = kinds[meta["kind"]]
+        acc["seconds"] += seconds
+        acc["flops"] += k["flops"] * k["runs"]
+        acc["bytes"] += k["bytes"] * k["runs"]
+        acc["launches"] += k["runs"]
+        scopes["/".join(meta["scope"].split("/")[:3]) or "(no scope)"] += seconds
+        rows.append({"op": k["name"], "kind": meta["kind"], "scope": meta["scope"], "runs": k["runs"],
+                     "seconds": seconds, "bound": "compute" if compute >= memory else "memory",
+                     "flops": k["flops"] * k["runs"], "bytes": k["bytes"] * k["runs"]})
+    total = totals["seconds"] or float("nan")
+    rows.sort(key=lambda r: -r["seconds"])
+    for r in rows:
+        r["share"] = r["seconds"] / total
+    return {**totals, "peak_flops": peak_flops, "bandwidth": bandwidth,
+            "kinds": {k: {**kinds[k], "share": kinds[k]["seconds"] / total} for k in profile.CATEGORIES
+                      if k in kinds},
+            "scopes": [{"scope": s, "seconds": t, "share": t / total} for s, t in scopes.most_common(top)],
+            "ops": rows[:top]}
+
+
+def format_estimate(est: dict, top: int | None = 10, measured_seconds: float | None = None) -> str:
+    """The roofline as markdown: totals, by kind of work, by source scope and the top kernels."""
+    head = (f"Roofline: {est['seconds'] * 1e3:.1f} ms per call at {est['peak_flops'] / 1e12:.0f} TFLOP/s and "
+            f"{est['bandwidth'] / 1e12:.2f} TB/s ({est['flops'] / 1e12:.1f} TFLOP, {est['bytes'] / 1e9:.1f} GB of "
+            f"HBM traffic, {est['kernels']:.0f} kernel launches); compute-bound kernels "
+            f"{est['compute_bound_seconds'] * 1e3:.1f} ms, memory-bound {est['memory_bound_seconds'] * 1e3:.1f} ms")
+    if measured_seconds:
+        head += f"; measured {measured_seconds * 1e3:.1f} ms = {measured_seconds / est['seconds']:.2f}x the bound"
+    lines = [head, "", "| kind | ms (bound) | share | TFLOP | GB | launches |", "|---|---|---|---|---|---|"]
+    for kind, v in est["kinds"].items():
+        lines.append(f"| {kind} | {v['seconds'] * 1e3:.1f} | {v['share']:.1%} | {v['flops'] / 1e12:.1f} | "
+                     f"{v['bytes'] / 1e9:.1f} | {v['launches']:.0f} |")
+    lines += ["", "| source scope | ms (bound) | share |", "|---|---|---|"]
+    lines += [f"| {s['scope']} | {s['seconds'] * 1e3:.1f} | {s['share']:.1%} |" for s in est["scopes"][:top]]
+    lines += ["", "| kernel | kind | bound | scope | runs | ms (bound) | share |", "|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['op']} | {r['kind']} | {r['bound']} | {r['scope'][-60:]} | {r['runs']:g} | "
+              f"{r['seconds'] * 1e3:.2f} | {r['share']:.1%} |" for r in est["ops"][:top]]
+    return "\n".join(lines)
+
+
+def to_json(est: dict) -> str:
+    return json.dumps(est, indent=1)

@@ -1,0 +1,76 @@
+"""The roofline of a compiled program (janusflow_jax/roofline.py): FLOPs and HBM bytes of every kernel, read from
+XLA's optimized HLO, with while loops counted by their trip counts. Checked on small CPU-compiled programs whose
+counts are known by hand, plus hand-written HLO for what only GPU programs contain (cuDNN calls)."""
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from janusflow_jax import roofline
+
+PEAK, BANDWIDTH = 100e12, 1e12
+
+
+def _hlo(fn, *args):
+    return jax.jit(fn).lower(*args).compile().as_text()
+
+
+def test_a_matmul_is_counted_by_its_flops_and_bytes():
+    a, b = jnp.ones((256, 512), jnp.float32), jnp.ones((512, 128), jnp.float32)
+    est = roofline.estimate(_hlo(lambda x, y: x @ y, a, b), PEAK, BANDWIDTH)
+    assert est["flops"] == 2 * 256 * 512 * 128
+    assert est["kinds"]["matmul"]["flops"] == est["flops"]
+    # Reads both operands and writes the product, once.
+    assert est["kinds"]["matmul"]["bytes"] == pytest.approx(4 * (256 * 512 + 512 * 128 + 256 * 128))
+    # fp32 operands run at the TF32 rate (half the bf16 peak) by default; this matmul is memory-bound at 1 TB/s.
+    bound = max(est["flops"] / (PEAK / 2), est["kinds"]["matmul"]["bytes"] / BANDWIDTH)
+    assert est["kinds"]["matmul"]["seconds"] == pytest.approx(bound)
+
+
+def test_a_scanned_body_counts_once_per_iteration_and_stacked_writes_count_their_slice():
+    layers, rows, width = 6, 64, 128
+    w = jnp.ones((layers, width, width), jnp.float32)
+    x = jnp.ones((rows, width), jnp.float32)
+
+    def f(x, w):
+        def body(h, wl):
+            h = jnp.tanh(h @ wl)
+            return h, h  # the stacked output: [layers, rows, width], written one layer per iteration
+
+        return jax.lax.scan(body, x, w)
+
+    est = roofline.estimate(_hlo(f, x, w), PEAK, BANDWIDTH)
+    assert est["flops"] == layers * 2 * rows * width * width
+    matmuls = [k for k in roofline.kernels(_hlo(f, x, w)) if k["flops"]]
+    assert matmuls and all(k["runs"] == layers for k in matmuls)
+    # Every iteration reads its layer's weights (a slice of the stacked weights) and writes its slice of the stacked
+    # output in place: no kernel in the loop is charged a whole stacked buffer (the smaller one, the stacked output,
+    # has 4 * layers * rows * width bytes).
+    in_loop = [k for k in roofline.kernels(_hlo(f, x, w)) if k["runs"] == layers]
+    assert in_loop and max(k["bytes"] for k in in_loop) < 4 * layers * rows * width
+
+
+def test_hand_written_cudnn_calls():
+    # cuDNN flash attention (forward, causal) and a depthwise convolution's backward-filter call, as XLA:GPU prints
+    # them (shapes and the attributes the roofline reads).
+    hlo = """HloModule m, entry_computation_layout={()->f32[]}
+
+ENTRY %main (q: bf16[2,256,4,64], k: bf16[2,256,4,64], v: bf16[2,256,4,64], x: bf16[2,16,16,32], dy: bf16[2,16,16,32]) -> f32[] {
+  %q = bf16[2,256,4,64]{3,2,1,0} parameter(0)
+  %k = bf16[2,256,4,64]{3,2,1,0} parameter(1)
+  %v = bf16[2,256,4,64]{3,2,1,0} parameter(2)
+  %x = bf16[2,16,16,32]{3,2,1,0} parameter(3)
+  %dy = bf16[2,16,16,32]{3,2,1,0} parameter(4)
+  %fmha = (bf16[2,4,256,64]{3,1,2,0}, u8[0]{0}) custom-call(%q, %k, %v), custom_call_target="__cudnn$fmhaSoftmax", backend_config={"cudnn_fmha_backend_config": {"intermediate_tensor_shape": {"element_type": "BF16", "dimensions": ["2", "4", "256", "256"]}, "mask_type": "CAUSAL"}}
+  %dw = (bf16[32,3,3,1]{3,2,1,0}, u8[0]{0}) custom-call(%x, %dy), window={size=3x3 pad=1_1x1_1}, dim_labels=b01f_o01i->b01f, feature_group_count=32, custom_call_target="__cudnn$convBackwardFilter"
+  ROOT %c = f32[] constant(0)
+}
+"""
+    kernels = {k["name"]: k for k in roofline.kernels(hlo)}
+    assert kernels["fmha"]["flops"] == 4 * 2 * 4 * 256 * 256 * 64 / 2  # causal: half the square
+    assert kernels["dw"]["flops"] == 2 * (2 * 16 * 16 * 32) * 9  # 9 taps per output element
+    assert kernels["fmha"]["bytes"] == 4 * 2 * 256 * 4 * 64 * 2  # q, k, v in, the output out
+    est = roofline.estimate(hlo, PEAK, BANDWIDTH)
+    assert set(est["kinds"]) == {"attention", "convolution"}
+    text = roofline.format_estimate(est, measured_seconds=2 * est["seconds"])
+    assert "| attention |" in text and "2.00x the bound" in text
