@@ -91,6 +91,9 @@ def test_fused_attention_padding_and_masks_match_xla():
     seen = np.asarray(mask[:, 0].any(-1))  # [b, q]: the query sees at least one key
     assert (~seen).sum() == 5
     np.testing.assert_allclose(got[seen], np.asarray(want)[seen], rtol=1e-5, atol=1e-5)
+    # The causal mask type on top of the (already causal) mask: the padded tail stays out of every real row's view.
+    causal = np.asarray(cudnn_attention(q, k, v, mask, causal=True, backend="xla"))
+    np.testing.assert_allclose(causal[seen], np.asarray(want)[seen], rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(np.asarray(cudnn_attention(q, k, v, None, backend="xla")),
                                np.asarray(dot_product_attention(q, k, v, None)), rtol=1e-5, atol=1e-5)
 
