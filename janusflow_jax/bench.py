@@ -8,7 +8,8 @@ A report is a plain dict (JSON-ready):
           `flops.py` does: causal attention halved), tflops_per_device, peak_flops_per_device and its source
           ("bf16 table" on accelerators; on CPU a measured fp32 matmul, `cpu_peak_flops`), mfu, peak_memory_bytes
           and its source (`device.memory_stats()`, else the process's peak RSS on CPU); profile (with a profile
-          directory: `profile.summarize` of a few traced steps, else None)
+          directory: `profile.summarize` of a few traced steps, else None); roofline (where the chip's HBM
+          bandwidth is known: `roofline.py`'s bound for the compiled step and measured_over_bound, else None)
   sample  one row per (batch, steps, cfg, prompt cache): compile_s, latency_s (one call = one batch of images,
           median), images_per_s, per_image_s
   torch   rows for the velocity forward, the train step and the 30-step CFG sampling loop: jax_s, torch_s (medians
@@ -42,7 +43,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from janusflow_jax import flops as flops_lib
-from janusflow_jax import optimizer, train_step, trainer
+from janusflow_jax import optimizer, roofline, train_step, trainer
 from janusflow_jax import profile as profile_lib
 from janusflow_jax.model import JanusFlow, init_params
 from janusflow_jax.sampler import sample_latents
@@ -204,7 +205,16 @@ def bench_train(config, steps: int = 10, warmup: int = 2, cpu_peak: float | None
         peak_source = "measured fp32 JAX matmul on this CPU (no bf16 table entry)"
     memory, memory_source = peak_memory()
     summary = profile_train(bench, profile_steps, profile_dir) if profile_dir else None
+    bandwidth = flops_lib.hbm_bandwidth()
+    bound = None
+    if peak and bandwidth:  # the least time of the compiled program's kernels at this chip's peaks (roofline.py)
+        est = roofline.estimate(bench._compiled.as_text(), peak, bandwidth, top=10)
+        bound = {"seconds": est["seconds"], "measured_over_bound": step_s / est["seconds"],
+                 "compute_bound_seconds": est["compute_bound_seconds"],
+                 "memory_bound_seconds": est["memory_bound_seconds"], "flops": est["flops"], "bytes": est["bytes"],
+                 "bandwidth": bandwidth, "kinds": {k: v["share"] for k, v in est["kinds"].items()}}
     return {"compile_s": bench.compile_s, "step_s": step_s, "step_s_all": times, "profile": summary,
+            "roofline": bound,
             "examples_per_s": bench.plan.config.batch_size / step_s, "tokens_per_s": counts["tokens"] / step_s,
             "flops_per_step": counts["flops"], "tflops_per_device": tflops, "peak_flops_per_device": peak,
             "peak_source": peak_source, "mfu": tflops * 1e12 / peak if peak else float("nan"),
@@ -512,6 +522,14 @@ def format_report(report: dict) -> str:
                   f"{_num(t['tflops_per_device'])} | {_num(100 * t['mfu'])}% | "
                   f"{t['peak_memory_bytes'] / 2 ** 20:.0f} MiB |", "",
                   f"FLOPs {t['flops_note']}; MFU against {peak_note}. Memory: {t['peak_memory_source']}.", ""]
+        if t.get("roofline"):
+            r = t["roofline"]
+            lines += [f"Roofline of the compiled step (`roofline.py`: every kernel's FLOPs and HBM bytes at "
+                      f"{_num(t['peak_flops_per_device'] / 1e12)} TFLOP/s and {_num(r['bandwidth'] / 1e12)} TB/s): "
+                      f"{_num(1e3 * r['seconds'])} ms (compute-bound kernels {_num(1e3 * r['compute_bound_seconds'])} "
+                      f"ms, memory-bound {_num(1e3 * r['memory_bound_seconds'])} ms); measured step = "
+                      f"{r['measured_over_bound']:.2f}x the bound. By kind: "
+                      + ", ".join(f"{k} {v:.0%}" for k, v in r["kinds"].items() if v >= 0.005), ""]
         if t.get("profile"):
             lines += [f"Profile failed: {t['profile']['error']}" if "error" in t["profile"]
                       else profile_lib.format_summary(t["profile"], top=12), ""]

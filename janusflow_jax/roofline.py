@@ -6,7 +6,7 @@ bytes through HBM and, if it multiplies matrices, does FLOPs; it cannot finish f
     max(flops / peak FLOP/s, bytes / HBM bandwidth)
 
 `estimate(hlo_text, peak_flops, bandwidth)` walks the program's kernels (a while loop's body counted as many times as
-XLA's known trip count says) and sums that bound by kind of work (the classes of `profile.py`: matmul, attention,
+XLA's known trip count says, a conditional by its heaviest branch) and sums that bound by kind of work (the classes of `profile.py`: matmul, attention,
 convolution, reduction, elementwise, data movement, ...), by model scope and per kernel, and says which kernels are
 compute-bound and which memory-bound. It needs no device: the HLO can come from an ahead-of-time compile for a GPU or
 TPU target on a CPU host (`train_compile`), so it says where a step's time must go before any hardware is lent.
@@ -316,8 +316,21 @@ def kernels(hlo_text: str) -> list[dict]:
                     if body not in seen:
                         walk(body, runs * (int(trip.group(1)) if trip else 1), seen | {body})
                 continue
-            if op in ("call", "conditional", "async-start"):
-                for key in ("to_apply", "calls", "branch_computations"):
+            if op == "conditional":  # one branch runs: count the heaviest (by HBM bytes)
+                branches = [c for key in ("branch_computations", "true_computation", "false_computation")
+                            for c in _called(inst, key) if c in computations and c not in seen]
+                heaviest = None
+                for callee in branches:
+                    start = len(out)
+                    walk(callee, runs, seen | {callee})
+                    branch = out[start:]
+                    del out[start:]
+                    if heaviest is None or sum(k["bytes"] for k in branch) > sum(k["bytes"] for k in heaviest):
+                        heaviest = branch
+                out.extend(heaviest or [])
+                continue
+            if op in ("call", "async-start"):
+                for key in ("to_apply", "calls"):
                     for callee in _called(inst, key):
                         if callee in computations and callee not in seen:
                             walk(callee, runs, seen | {callee})

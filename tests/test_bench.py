@@ -11,6 +11,7 @@ import pytest
 
 from configs import stage2
 from janusflow_jax import bench
+from janusflow_jax import flops as flops_lib
 
 HAS_TORCH = importlib.util.find_spec("torch") is not None
 
@@ -21,11 +22,14 @@ def report(tmp_path_factory):
     # JAX/torch repetition.
     kwargs = dict(label="stage2:tiny", command="pytest", steps=1, warmup=0, batch_sizes=(1,), sample_steps=(2,),
                   cfgs=(2.0,), reps=1, torch_threads=1, profile_dir=str(tmp_path_factory.mktemp("profile")))
-    if HAS_TORCH:
-        return bench.run("all", stage2.get_config("tiny"), **kwargs)
-    out = bench.run("train", stage2.get_config("tiny"), **kwargs)
-    out["sample"] = bench.run("sample", stage2.get_config("tiny"), **{**kwargs, "profile_dir": None})["sample"]
-    return out
+    with pytest.MonkeyPatch.context() as patch:
+        # A CPU has no HBM bandwidth in the table; a nominal one turns on the roofline of the compiled step.
+        patch.setitem(flops_lib.HBM_BANDWIDTH, "cpu", 20e9)
+        if HAS_TORCH:
+            return bench.run("all", stage2.get_config("tiny"), **kwargs)
+        out = bench.run("train", stage2.get_config("tiny"), **kwargs)
+        out["sample"] = bench.run("sample", stage2.get_config("tiny"), **{**kwargs, "profile_dir": None})["sample"]
+        return out
 
 
 def _positive(x):
@@ -48,6 +52,11 @@ def test_train_fields(report):
     assert t["mfu"] == pytest.approx(t["tflops_per_device"] * 1e12 / t["peak_flops_per_device"])
     assert "measured" in t["peak_source"]  # CPU: MFU against a measured matmul peak, labelled so
     assert "RSS" in t["peak_memory_source"]
+    # The roofline of the compiled step: a lower bound, so the measured step is slower than it.
+    r = t["roofline"]
+    assert _positive(r["seconds"]) and r["flops"] > 0 and r["bytes"] > 0
+    assert r["measured_over_bound"] == pytest.approx(t["step_s"] / r["seconds"]) and r["measured_over_bound"] > 1
+    assert "x the bound" in bench.format_report(report)
 
 
 def test_sample_rows(report):

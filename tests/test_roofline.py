@@ -74,3 +74,12 @@ ENTRY %main (q: bf16[2,256,4,64], k: bf16[2,256,4,64], v: bf16[2,256,4,64], x: b
     assert set(est["kinds"]) == {"attention", "convolution"}
     text = roofline.format_estimate(est, measured_seconds=2 * est["seconds"])
     assert "| attention |" in text and "2.00x the bound" in text
+
+
+def test_a_conditional_counts_its_heaviest_branch_once():
+    n = 128
+    x = jnp.ones((n, n), jnp.float32)
+    hlo = _hlo(lambda p, x: jax.lax.cond(p, lambda x: jnp.tanh(x @ x) @ x, lambda x: x * 2.0, x), True, x)
+    assert "conditional(" in hlo
+    est = roofline.estimate(hlo, PEAK, BANDWIDTH)
+    assert est["flops"] == 2 * (2 * n ** 3)  # the two matmuls of the heavy branch, once
