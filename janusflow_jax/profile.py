@@ -5,9 +5,10 @@ returns the Perfetto file. `summarize(trace_file, calls, hlo_texts)` reads it ba
 event that XLA tagged with an `hlo_op` (device kernels on a GPU/TPU; the runtime's op thunks on a CPU) is summed per
 op, and each op is classed from the optimized HLO of the compiled program (`compiled.as_text()`):
 
-  matmul        a dot, a fusion around one (cuBLAS/Triton GEMMs, TPU matmul fusions) or a GEMM custom call
+  matmul        a dot, a fusion around one (cuBLAS/Triton GEMMs, TPU matmul fusions) or a GEMM custom call; also a
+                convolution with no spatial window, or a window of ones (how XLA:TPU writes matmuls)
   attention     a fused attention kernel (cuDNN flash attention; on a TPU, the Pallas Splash kernel)
-  convolution   a convolution or a fusion around one
+  convolution   a convolution with a spatial window, or a fusion around one
   reduction     a fusion whose work is a reduce (norms, softmax statistics, losses, gradient sums)
   elementwise   any other fusion (casts, activations, RoPE, optimizer updates)
   collective    all-reduce, all-gather, reduce-scatter, collective-permute, all-to-all
@@ -45,6 +46,7 @@ _INSTRUCTION = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s+=\s+.*?(?<![\w.\-])([
 _CALLS = re.compile(r"\b(?:calls|to_apply|body|condition|branch_computations)=\{?%?([\w.\-]+)")
 _TARGET = re.compile(r'custom_call_target="([^"]+)"')
 _OP_NAME = re.compile(r'op_name="([^"]+)"')
+_WINDOW = re.compile(r"window=\{size=([\dx]+)")
 _CONTAINERS = ("while", "conditional", "call", "async-start", "async-done")
 _SUMMARY_ROWS = re.compile(r"XLA Modules|Steps|TraceMe|Framework|TensorFlow Ops|Source|Launch Stats", re.I)
 
@@ -68,6 +70,10 @@ def _kind_of(opcode: str, line: str, computations: dict, seen: frozenset = froze
     if opcode in ("dot", "dot-general"):
         return "matmul"
     if opcode == "convolution":
+        # XLA:TPU writes matmuls as convolutions without a spatial window (or with a window of ones).
+        window = _WINDOW.search(line)
+        if window is None or all(int(k) == 1 for k in re.findall(r"\d+", window.group(1))):
+            return "matmul"
         return "convolution"
     if opcode == "custom-call":
         target = (_TARGET.search(line) or [None, ""])[1].lower()

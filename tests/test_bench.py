@@ -160,6 +160,13 @@ def test_hlo_ops_are_classed_by_what_they_compute():
     kinds = {v["kind"] for v in info.values()}
     assert {"matmul", "convolution", "elementwise"} <= kinds, info
     assert all(v["kind"] == "matmul" for v in info.values() if v["opcode"] == "dot")
+    # XLA:TPU writes matmuls as convolutions without a spatial window: those are matmuls; a 7x7 one is not.
+    def conv(attributes):
+        return profile._kind_of("convolution", "  %c = bf16[8,16]{1,0} convolution(%a, %b), " + attributes, {})
+
+    assert conv("dim_labels=bf_io->bf") == "matmul"
+    assert conv("window={size=1}, dim_labels=0bf_io0->0bf") == "matmul"
+    assert conv("window={size=7x7 pad=3_3x3_3}, dim_labels=b01f_01io->b01f") == "convolution"
 
 
 def test_device_timeline_counts_kernels_only(tmp_path):
