@@ -70,11 +70,7 @@ def _kind_of(opcode: str, line: str, computations: dict, seen: frozenset = froze
     if opcode in ("dot", "dot-general"):
         return "matmul"
     if opcode == "convolution":
-        # XLA:TPU writes matmuls as convolutions without a spatial window (or with a window of ones).
-        window = _WINDOW.search(line)
-        if window is None or all(int(k) == 1 for k in re.findall(r"\d+", window.group(1))):
-            return "matmul"
-        return "convolution"
+        return "matmul" if _is_matmul_convolution(line) else "convolution"
     if opcode == "custom-call":
         target = (_TARGET.search(line) or [None, ""])[1].lower()
         if any(s in target for s in ("fmha", "flash", "attention", "splash", "tpu_custom_call", "mosaic")):
@@ -105,6 +101,21 @@ def _kind_of(opcode: str, line: str, computations: dict, seen: frozenset = froze
     if opcode in ("reduce", "reduce-window"):
         return "reduction"
     return "other"
+
+
+def _is_matmul_convolution(line: str) -> bool:
+    """XLA:TPU writes matmuls (and their gradients) as convolutions: without a spatial window, with a window of ones,
+    or with a window that covers the whole input (every spatial output dimension has size 1)."""
+    window = _WINDOW.search(line)
+    if window is None or all(int(k) == 1 for k in window.group(1).split("x")):
+        return True
+    labels = re.search(r"dim_labels=\w+_\w+->(\w+)", line)
+    shape = re.search(r"=\s+[a-z]+\d*\[([\d,]*)\]", line)
+    if labels is None or shape is None:
+        return False
+    dims = [int(d) for d in shape.group(1).split(",") if d]
+    spatial = [dims[i] for i, c in enumerate(labels.group(1)) if c.isdigit() and i < len(dims)]
+    return bool(spatial) and all(d == 1 for d in spatial)
 
 
 _KERNEL_NAMES = (  # for device events the HLO does not name (kernel names): first match wins

@@ -1,4 +1,5 @@
-"""Ahead-of-time compile of the full train step for a TPU topology, on any host: pod readiness without a pod.
+"""Ahead-of-time compile of the full train step for a TPU topology or NVIDIA GPUs, on any host: pod readiness
+without a pod.
 
 As MaxText's train_compile does: the devices come from a topology description that libtpu builds without the
 hardware (`jax.experimental.topologies.get_topology_desc`), the train state and batch are abstract
@@ -19,7 +20,12 @@ Reading the compiler's numbers:
   latency and overlap, so it is a lower bound on the step time and the MFU derived from it an upper bound.
 
 Topologies: "v5p-128" (TensorCores: 64 chips, 4x4x4), "v5e-256" (chips, 16x16), "v6e-256", "v4-128", an explicit
-libtpu string "v5p:4x4x12", or "cpu:8" (the first 8 local CPU devices, for a quick check anywhere).
+libtpu string "v5p:4x4x12", or "cpu:8" (the first 8 local CPU devices, for a quick check anywhere). NVIDIA GPUs:
+"h100", "h200", "a100", "h100:8" (8 in one host), "h100:4x8" (4 hosts of 8): XLA's deviceless GPU compiler through
+JAX's CUDA plugin, against `GPU_TARGETS`' description of the chip. XLA:GPU has no cost model; there the roofline of
+the compiled program (`roofline.py`, loops walked by trip count) gives the FLOPs and the time estimate. Without a
+device it cannot autotune, so GEMM configurations are XLA's defaults; the memory plan matched the H200's measured
+peak to 0.1% (BENCHMARKS.md).
 """
 
 from __future__ import annotations

@@ -1,13 +1,17 @@
-"""Ahead-of-time compile of the train step for a TPU topology on this machine: does it fit, how fast could it be?
+"""Ahead-of-time compile of the train step for a TPU topology or NVIDIA GPUs on this machine: does it fit, how fast
+could it be?
 
   python -m launch.compile --config=stage2 --topology=v5p-128
   python -m launch.compile --config=stage2 --topology=v5e-256 --config.mesh.fsdp=64 --config.mesh.tensor=4 \
       --config.model.remat_policy=full --config.micro_batches=2
+  python -m launch.compile --config=stage2 --config.batch_size=40 --topology=h100   # also h200, a100, h100:8, h100:4x8
   python -m launch.compile --config=stage2:tiny --topology=cpu:8   # a quick check against local CPU devices
 
-TPU topologies need libtpu (`pip install "jax[tpu]"`; it warns about missing TPU environment variables, harmlessly).
+TPU topologies need libtpu (`pip install "jax[tpu]"`; it warns about missing TPU environment variables, harmlessly),
+GPU targets JAX's CUDA plugin (`pip install "jax[cuda13]"` at the installed jax version; no GPU or driver).
 `--config` resolves like launch/train.py; every --config.FIELD override works. Prints memory per chip against the
-chip's HBM, the compiled and counted FLOPs, XLA's time estimate and the MFU it implies (janusflow_jax/train_compile.py
+chip's HBM, the compiled and counted FLOPs, the time estimate (XLA's where it has one, else the roofline of the
+compiled program, `roofline.py`), the MFU it implies and the roofline by kind of work (janusflow_jax/train_compile.py
 says how to read them). Exits 1 with one line when the topology is unknown or XLA cannot compile (e.g. out of HBM).
 """
 
@@ -24,7 +28,8 @@ import launch.train  # noqa: F401  (defines --config)
 from launch import config_cli
 
 _TOPOLOGY = flags.DEFINE_string("topology", None, "v5p-128, v5e-256, v6e-256, v4-128, an explicit 'v5p:4x4x12', "
-                                                  "or cpu:N for N local CPU devices.")
+                                                  "h100, h200, a100 (optionally :GPUS or :HOSTSxGPUS), or cpu:N for "
+                                                  "N local CPU devices.")
 _PHASE = flags.DEFINE_integer("phase", None, "Mixture phase whose batch shapes to compile (default: the longest).")
 _EXTRAPOLATE = flags.DEFINE_bool("extrapolate", True, "When loops (scanned layers, micro-batches) hide the step's "
                                   "cost from XLA, estimate the whole step from three small unrolled compiles.")

@@ -167,6 +167,9 @@ def test_hlo_ops_are_classed_by_what_they_compute():
     assert conv("dim_labels=bf_io->bf") == "matmul"
     assert conv("window={size=1}, dim_labels=0bf_io0->0bf") == "matmul"
     assert conv("window={size=7x7 pad=3_3x3_3}, dim_labels=b01f_01io->b01f") == "convolution"
+    # A weight gradient: the window covers the whole (size-3) input dimension, so the output's is 1.
+    line = "  %c = bf16[8,16,1]{2,1,0} convolution(%a, %b), window={size=3}, dim_labels=0fb_0io->bf0"
+    assert profile._kind_of("convolution", line, {}) == "matmul"
 
 
 def test_device_timeline_counts_kernels_only(tmp_path):
