@@ -6,10 +6,12 @@ bytes through HBM and, if it multiplies matrices, does FLOPs; it cannot finish f
     max(flops / peak FLOP/s, bytes / HBM bandwidth)
 
 `estimate(hlo_text, peak_flops, bandwidth)` walks the program's kernels (a while loop's body counted as many times as
-XLA's known trip count says, a conditional by its heaviest branch) and sums that bound by kind of work (the classes of `profile.py`: matmul, attention,
-convolution, reduction, elementwise, data movement, ...), by model scope and per kernel, and says which kernels are
-compute-bound and which memory-bound. It needs no device: the HLO can come from an ahead-of-time compile for a GPU or
-TPU target on a CPU host (`train_compile`), so it says where a step's time must go before any hardware is lent.
+it runs: XLA's known trip count, else the bound its condition compares with; a conditional by its heaviest branch)
+and sums that bound by kind of work (the classes of `profile.py`: matmul, attention, convolution, reduction,
+elementwise, data movement, ...), by model scope and per kernel, and says which kernels are compute-bound and which
+memory-bound. A loop whose trip count cannot be read is counted once and reported (`unknown_trip_counts`). It
+needs no device: the HLO can come from an ahead-of-time compile for a GPU or TPU target on a CPU host
+(`train_compile`), so it says where a step's time must go before any hardware is lent.
 
 What is counted:
 - FLOPs: every dot (2 x output elements x contracted size), convolution (2 x output-side elements x filter elements
@@ -300,8 +302,14 @@ def _kernel_bytes(inst: _Inst, computations: dict, by_name: dict) -> float:
 def kernels(hlo_text: str) -> list[dict]:
     """Every kernel the program launches, with how many times it runs per call: [{"name", "opcode", "computation",
     "runs", "flops", "fp32", "bytes"}] (FLOPs and bytes of one run)."""
+    return _kernels(hlo_text)[0]
+
+
+def _kernels(hlo_text: str) -> tuple[list[dict], int]:
+    """(`kernels`, the number of while loops whose trip count could not be read)."""
     computations, entry = parse(hlo_text)
     out: list[dict] = []
+    unknown = [0]
 
     def walk(name: str, runs: float, seen: frozenset):
         insts = computations.get(name, [])
@@ -311,10 +319,11 @@ def kernels(hlo_text: str) -> list[dict]:
             if op in _FREE:
                 continue
             if op == "while":
-                trip = _TRIP.search(inst.line)
+                trip = _trip_count(inst, computations)
+                unknown[0] += trip is None
                 for body in _called(inst, "body"):
                     if body not in seen:
-                        walk(body, runs * (int(trip.group(1)) if trip else 1), seen | {body})
+                        walk(body, runs * (trip or 1), seen | {body})
                 continue
             if op == "conditional":  # one branch runs: count the heaviest (by HBM bytes)
                 branches = [c for key in ("branch_computations", "true_computation", "false_computation")
@@ -341,7 +350,30 @@ def kernels(hlo_text: str) -> list[dict]:
 
     if entry is not None:
         walk(entry, 1.0, frozenset({entry}))
-    return out
+    return out, unknown[0]
+
+
+def _trip_count(inst: _Inst, computations: dict) -> int | None:
+    """How many times a while loop runs: XLA's known_trip_count (XLA:GPU and XLA:CPU annotate it), else the one
+    positive integer constant its condition compares the counter with (a scan's `i < n`; XLA:TPU), else None."""
+    trip = _TRIP.search(inst.line)
+    if trip:
+        return int(trip.group(1))
+    constants: set[int] = set()
+    pending = list(_called(inst, "condition"))
+    done: set[str] = set()
+    while pending:
+        name = pending.pop()
+        if name in done or name not in computations:
+            continue
+        done.add(name)
+        for i in computations[name]:
+            if i.opcode == "constant" and re.match(r"[su]\d+\[\]", i.shape):
+                value = re.search(r"constant\((-?\d+)\)", i.line)
+                if value and int(value.group(1)) > 0:
+                    constants.add(int(value.group(1)))
+            pending += _called(i, "calls")
+    return constants.pop() if len(constants) == 1 else None
 
 
 def estimate(hlo_text: str, peak_flops: float, bandwidth: float, fp32_flops: float | None = None,
@@ -350,8 +382,9 @@ def estimate(hlo_text: str, peak_flops: float, bandwidth: float, fp32_flops: flo
 
     `peak_flops`: dense bf16 FLOP/s of the chip; `bandwidth`: HBM bytes/s; `fp32_flops`: FLOP/s of matmuls with fp32
     operands (default: half the bf16 peak, TF32 tensor cores). Returns {"seconds", "flops", "bytes", "kernels" (launches
-    per call), "compute_bound_seconds", "memory_bound_seconds", "kinds": {kind: {"seconds", "share", "flops",
-    "bytes", "launches"}}, "scopes": [{"scope", "seconds", "share"}], "ops": the `top` kernels by time}.
+    per call), "unknown_trip_counts" (loops counted once for want of a trip count: the totals then undercount),
+    "compute_bound_seconds", "memory_bound_seconds", "kinds": {kind: {"seconds", "share", "flops", "bytes",
+    "launches"}}, "scopes": [{"scope", "seconds", "share"}], "ops": the `top` kernels by time}.
     """
     fp32_flops = fp32_flops or peak_flops / 2
     info = profile.parse_hlo([hlo_text])
@@ -360,7 +393,8 @@ def estimate(hlo_text: str, peak_flops: float, bandwidth: float, fp32_flops: flo
     rows = []
     totals = {"seconds": 0.0, "flops": 0.0, "bytes": 0.0, "kernels": 0.0, "compute_bound_seconds": 0.0,
               "memory_bound_seconds": 0.0}
-    for k in kernels(hlo_text):
+    listed, totals["unknown_trip_counts"] = _kernels(hlo_text)
+    for k in listed:
         meta = info.get(k["name"], {"kind": "other", "scope": ""})
         compute = k["flops"] / (fp32_flops if k["fp32"] else peak_flops)
         memory = k["bytes"] / bandwidth

@@ -324,7 +324,8 @@ def compile_train_step(config, devices, phase: int | None = None, extrapolate: b
     # nor the time estimate covers the step. XLA:GPU has no cost model at all (0 FLOPs): there the roofline's count,
     # which does cover the loops, stands in.
     undercounted = bool(flops) and (plan.model_cfg.scan_layers or config.micro_batches > 1)
-    if not flops and bound is not None:
+    whole = bound is not None and not bound["unknown_trip_counts"]  # else a loop was counted once
+    if not flops and whole:
         flops = bound["flops"]
     estimate, source, whole_flops, extra_seconds = None, None, None, 0.0
     if not undercounted:
@@ -333,7 +334,7 @@ def compile_train_step(config, devices, phase: int | None = None, extrapolate: b
         ex = depth_extrapolation(config, devices, phase)
         estimate, whole_flops, extra_seconds = ex["seconds"], ex["flops"], ex["compile_seconds"]
         source = "compiler, extrapolated from depth 1 and 2" if estimate else None
-    if estimate is None and bound is not None:
+    if estimate is None and whole:
         estimate, source = bound["seconds"], "roofline"
     counts = flops_lib.step_counts(plan, phase)
     return {
@@ -418,7 +419,9 @@ def format_report(report: dict, topology: str = "") -> str:
                      f"{bound['compute_bound_seconds'] * 1e3:.4g} ms, memory-bound "
                      f"{bound['memory_bound_seconds'] * 1e3:.4g} ms, {bound['bytes'] / 1e9:.4g} GB of HBM traffic); "
                      "by kind: " + ", ".join(f"{k} {v['share']:.0%}" for k, v in bound["kinds"].items()
-                                             if v["share"] >= 0.005))
+                                             if v["share"] >= 0.005)
+                     + (f" (an undercount: {bound['unknown_trip_counts']} loops of unknown trip count counted once)"
+                        if bound["unknown_trip_counts"] else ""))
     lines.append(f"lowering {report['lower_seconds']:.1f} s, compile {report['compile_seconds']:.1f} s"
                  + (f", extrapolation compiles {report['extrapolation_seconds']:.1f} s"
                     if report["extrapolation_seconds"] else ""))

@@ -83,3 +83,38 @@ def test_a_conditional_counts_its_heaviest_branch_once():
     assert "conditional(" in hlo
     est = roofline.estimate(hlo, PEAK, BANDWIDTH)
     assert est["flops"] == 2 * (2 * n ** 3)  # the two matmuls of the heavy branch, once
+
+
+def test_a_loop_without_a_known_trip_count_reads_its_condition():
+    # XLA:TPU does not annotate known_trip_count: the bound the condition compares the counter with stands in; a
+    # loop with neither is counted once and reported.
+    def module(condition):
+        return f"""HloModule m, entry_computation_layout={{()->f32[]}}
+
+%body (p: (s32[], f32[64,64])) -> (s32[], f32[64,64]) {{
+  %p = (s32[], f32[64,64]{{1,0}}) parameter(0)
+  %i = s32[] get-tuple-element(%p), index=0
+  %x = f32[64,64]{{1,0}} get-tuple-element(%p), index=1
+  %d = f32[64,64]{{1,0}} dot(%x, %x), lhs_contracting_dims={{1}}, rhs_contracting_dims={{0}}
+  ROOT %t = (s32[], f32[64,64]{{1,0}}) tuple(%i, %d)
+}}
+
+%cond (p: (s32[], f32[64,64])) -> pred[] {{
+  %p = (s32[], f32[64,64]{{1,0}}) parameter(0)
+  %i = s32[] get-tuple-element(%p), index=0
+  {condition}
+}}
+
+ENTRY %main (x: f32[64,64]) -> f32[] {{
+  %x = f32[64,64]{{1,0}} parameter(0)
+  %zero = s32[] constant(0)
+  %init = (s32[], f32[64,64]{{1,0}}) tuple(%zero, %x)
+  %w = (s32[], f32[64,64]{{1,0}}) while(%init), condition=%cond, body=%body
+  ROOT %c = f32[] constant(0)
+}}
+"""
+    bounded = roofline.estimate(module("%n = s32[] constant(5)\n  ROOT %lt = pred[] compare(%i, %n), direction=LT"),
+                                PEAK, BANDWIDTH)
+    assert bounded["flops"] == 5 * 2 * 64 ** 3 and bounded["unknown_trip_counts"] == 0
+    unbounded = roofline.estimate(module("ROOT %lt = pred[] compare(%i, %i), direction=LT"), PEAK, BANDWIDTH)
+    assert unbounded["flops"] == 2 * 64 ** 3 and unbounded["unknown_trip_counts"] == 1
