@@ -37,6 +37,7 @@ setup(
         "bench": ["torch>=2.4", "transformers>=4.46", "timm>=1.0.15", "diffusers>=0.32"],
         "test": [
             "pytest>=8.0",
+            "pytest-xdist>=3.5",  # test modules spread over the cores (-n auto --dist loadfile)
             # The pair the parity tests run with; PyPI's torchvision fails beside any other torch version.
             "torch==2.14.1",
             "torchvision==0.29.1",

@@ -18,3 +18,18 @@ def tiny_config() -> JanusFlowConfig:
     from configs import tiny
 
     return JanusFlowConfig.from_dict(tiny.get_config().model.to_dict())
+
+
+def pytest_terminal_summary(terminalreporter):
+    """The parity tests' measured errors (test_parity.py attaches them to each test's report), one line each."""
+    errors: dict[str, float] = {}
+    reports = [r for group in terminalreporter.stats.values() for r in group]  # teardown reports carry them
+    for report in reports:
+        for key, value in getattr(report, "user_properties", ()) or ():
+            if key == "parity_errors":
+                for name, err in value.items():
+                    errors[name] = max(err, errors.get(name, 0.0))
+    if errors:
+        terminalreporter.section("JanusFlow vs PyTorch reference (max|jax-torch| / max|torch|)")
+        for name, err in errors.items():
+            terminalreporter.write_line(f"  {name:<52s} {err:.2e}")
