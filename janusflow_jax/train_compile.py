@@ -406,7 +406,8 @@ def format_report(report: dict, topology: str = "") -> str:
                      f"{report['estimated_step_seconds'] * 1e3:.4g} ms"
                      + (f" -> MFU {100 * report['mfu']:.1f}% (counted FLOPs / estimate / {report['chips']} chips x "
                         f"{report['peak_flops_per_chip'] / 1e12:.0f} TFLOP/s peak; a roofline leaves out "
-                        "collectives, launch gaps and kernels' shortfall from the peaks, so this is an upper bound)" if report["mfu"] else ""))
+                        "collectives, launch gaps and kernels' shortfall from the peaks, so this is an upper bound)"
+                        if report["mfu"] else ""))
     elif report["flops_undercounted"] and not report["extrapolation_seconds"]:
         lines.append("step time estimate: none (XLA sees one iteration of each loop"
                      + (f": {report['compiler_seconds'] * 1e3:.1f} ms" if report["compiler_seconds"] else "")
