@@ -30,7 +30,7 @@ What is counted:
 from __future__ import annotations
 
 import collections
-import json
+import dataclasses
 import math
 import re
 
@@ -46,15 +46,19 @@ _FREE = {"parameter", "constant", "get-tuple-element", "tuple", "bitcast", "afte
          "partition-id", "replica-id", "add-dependency", "domain", "async-done", "async-update", "copy-done",
          "send-done", "recv-done", "iota"}
 _SLICES = {"dynamic-slice", "slice", "gather"}
-_FLOP_KINDS = ("matmul", "attention", "convolution")
 
 
+@dataclasses.dataclass(slots=True)
 class _Inst:
-    __slots__ = ("name", "shape", "opcode", "operands", "line", "root")
+    """One HLO instruction: its name, result shape (text), opcode, operand names, the whole line, and whether it is
+    its computation's ROOT."""
 
-    def __init__(self, name, shape, opcode, operands, line, root):
-        self.name, self.shape, self.opcode, self.operands, self.line, self.root = (
-            name, shape, opcode, operands, line, root)
+    name: str
+    shape: str
+    opcode: str
+    operands: list[str]
+    line: str
+    root: bool
 
 
 def _balanced(text: str, start: int) -> int:
@@ -243,18 +247,18 @@ def _through_bitcasts(name: str, users: dict) -> list[tuple[_Inst, int]]:
 
 
 def _fusion_bytes(inst: _Inst, computations: dict, by_name: dict) -> float:
+    """HBM bytes of one fusion: its operands as read (only the slices of an operand it only slices; nothing of a
+    buffer it updates in place) plus its results as written (only the update of an in-place dynamic-update-slice)."""
     body_name = next(iter(_called(inst, "calls")), None)
     body = computations.get(body_name or "", [])
     if not body:
         return shape_bytes(inst.shape) + sum(shape_bytes(by_name[o].shape) for o in dict.fromkeys(inst.operands)
                                              if o in by_name)
     users = _users(body)
-    params = {int(re.search(r"parameter\((\d+)\)", i.line).group(1)): i for i in body if i.opcode == "parameter"}
-    # In-place dynamic-update-slices: their buffer operand is not read, and only the update is written.
-    root = next((i for i in body if i.root), body[-1])
-    roots = [root] if root.opcode != "tuple" else [by_name_b for o in root.operands
-                                                    if (by_name_b := _names(body).get(o)) is not None]
     body_names = _names(body)
+    params = {int(re.search(r"parameter\((\d+)\)", i.line).group(1)): i for i in body if i.opcode == "parameter"}
+    root = next((i for i in body if i.root), body[-1])
+    roots = [body_names[o] for o in root.operands if o in body_names] if root.opcode == "tuple" else [root]
     in_place, written = set(), 0.0
     for r in roots:
         while r.opcode == "bitcast" and r.operands and r.operands[0] in body_names:
@@ -443,6 +447,3 @@ def format_estimate(est: dict, top: int | None = 10, measured_seconds: float | N
               f"{r['seconds'] * 1e3:.2f} | {r['share']:.1%} |" for r in est["ops"][:top]]
     return "\n".join(lines)
 
-
-def to_json(est: dict) -> str:
-    return json.dumps(est, indent=1)
