@@ -20,18 +20,22 @@ rows; an event without an `hlo_op` tag counts under its own name, classed by tha
 "memcpy", ...), so the time is kernel time. On a CPU the op thunks
 of the runtime's threads are counted, and parallel threads can add up to more than the wall time. Each op also carries
 its source scope (the op_name metadata: jit/transform wrappers dropped), which names the flax module it came from.
+
+`parse_module` reads an optimized HLO module's text into computations of `Instruction`s (name, shape, opcode,
+operands); `classify` classes their instructions as above. `roofline.py` reads the same parse.
 """
 
 from __future__ import annotations
 
 import collections
+import dataclasses
 import glob
 import gzip
 import json
 import os
 import re
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Sequence
 
 import jax
 
@@ -42,7 +46,7 @@ _COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "collective-permut
 _MOVEMENT = ("copy", "transpose", "slice", "dynamic-slice", "dynamic-update-slice", "pad", "concatenate", "gather",
              "scatter", "bitcast", "reshape", "broadcast")
 _HEADER = re.compile(r"^(?:ENTRY\s+)?%?([\w.\-]+)\s+\(.*\)\s+->\s+.*\{\s*$")
-_INSTRUCTION = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s+=\s+.*?(?<![\w.\-])([a-z][a-z0-9\-]*)\(")
+_START = re.compile(r"^\s*(ROOT\s+)?%?([\w.\-]+)\s+=\s+")
 _CALLS = re.compile(r"\b(?:calls|to_apply|body|condition|branch_computations)=\{?%?([\w.\-]+)")
 _TARGET = re.compile(r'custom_call_target="([^"]+)"')
 _OP_NAME = re.compile(r'op_name="([^"]+)"')
@@ -64,6 +68,76 @@ def trace(fn: Callable[[], object], calls: int, log_dir) -> Path:
     if not new:
         raise RuntimeError(f"the profiler wrote no Perfetto trace under {log_dir}")
     return Path(new[-1])
+
+
+# ------------------------------------------------------------------------------------------------- HLO text
+@dataclasses.dataclass(slots=True)
+class Instruction:
+    """One HLO instruction: its name, result shape (text), opcode, operand names, the whole line, and whether it is
+    its computation's ROOT."""
+
+    name: str
+    shape: str
+    opcode: str
+    operands: list[str]
+    line: str
+    root: bool
+
+
+def _balanced(text: str, start: int) -> int:
+    """Index just past the bracket group that opens at text[start]."""
+    depth = 0
+    for i in range(start, len(text)):
+        if text[i] in "({[":
+            depth += 1
+        elif text[i] in ")}]":
+            depth -= 1
+            if depth == 0:
+                return i + 1
+    return len(text)
+
+
+def _parse_instruction(line: str) -> Instruction | None:
+    m = _START.match(line)
+    if not m:
+        return None
+    i = m.end()
+    if line.startswith("(", i):  # tuple shape
+        j = _balanced(line, i)
+    else:
+        j = line.find(" ", i)
+        if j < 0:
+            return None
+    shape = line[i:j]
+    k = line.find("(", j)
+    if k < 0:
+        return None
+    opcode = line[j:k].strip()
+    if not re.fullmatch(r"[a-z][a-z0-9\-]*", opcode):
+        return None
+    end = _balanced(line, k)
+    operands = re.findall(r"%([\w.\-]+)", line[k:end])
+    return Instruction(m.group(2), shape, opcode, operands, line, bool(m.group(1)))
+
+
+def parse_module(hlo_text: str) -> tuple[dict[str, list[Instruction]], str | None]:
+    """({computation: [instructions]}, entry computation name) of one optimized HLO module's text."""
+    computations: dict[str, list[Instruction]] = {}
+    entry, current = None, None
+    for line in hlo_text.splitlines():
+        header = _HEADER.match(line)
+        if header:
+            current = computations.setdefault(header.group(1), [])
+            if line.startswith("ENTRY"):
+                entry = header.group(1)
+            continue
+        if current is not None:
+            inst = _parse_instruction(line)
+            if inst is not None:
+                current.append(inst)
+    return computations, entry
+
+
 
 
 def _kind_of(opcode: str, line: str, computations: dict, seen: frozenset = frozenset()) -> str:
@@ -89,7 +163,7 @@ def _kind_of(opcode: str, line: str, computations: dict, seen: frozenset = froze
         for kind in ("matmul", "attention", "convolution", "collective"):
             if kind in inner:
                 return kind
-        body = [op for name in _CALLS.findall(line) for op, _ in computations.get(name, ())]
+        body = [i.opcode for name in _CALLS.findall(line) for i in computations.get(name, ())]
         if "reduce" in body or "reduce-window" in body:
             return "reduction"
         if body and all(op in _MOVEMENT or op in ("parameter", "constant", "tuple", "get-tuple-element")
@@ -135,28 +209,26 @@ def _kind_from_name(name: str) -> str:
 
 
 def _computation_kinds(name: str, computations: dict, seen: frozenset) -> list[str]:
-    return [_kind_of(op, line, computations, seen) for op, line in computations.get(name, ())]
+    return [_kind_of(i.opcode, i.line, computations, seen) for i in computations.get(name, ())]
 
 
 def parse_hlo(hlo_texts: Iterable[str]) -> dict[str, dict]:
     """{instruction name: {"kind", "opcode", "scope"}} for every instruction of the given optimized HLO modules."""
-    computations: dict[str, list[tuple[str, str]]] = {}
-    instructions: list[tuple[str, str, str]] = []
+    computations: dict[str, list[Instruction]] = {}
     for text in hlo_texts:
-        current = None
-        for line in text.splitlines():
-            header = _HEADER.match(line)
-            if header:
-                current = computations.setdefault(header.group(1), [])
-                continue
-            match = _INSTRUCTION.match(line)
-            if match and current is not None:
-                current.append((match.group(2), line))
-                instructions.append((match.group(1), match.group(2), line))
+        for name, instructions in parse_module(text)[0].items():
+            computations.setdefault(name, []).extend(instructions)
+    return classify(computations)
+
+
+def classify(computations: dict[str, list[Instruction]]) -> dict[str, dict]:
+    """{instruction name: {"kind", "opcode", "scope"}} for every instruction of parsed computations."""
     out = {}
-    for name, opcode, line in instructions:
-        op_name = (_OP_NAME.search(line) or [None, ""])[1]
-        out[name] = {"kind": _kind_of(opcode, line, computations), "opcode": opcode, "scope": _scope(op_name)}
+    for instructions in computations.values():
+        for i in instructions:
+            op_name = (_OP_NAME.search(i.line) or [None, ""])[1]
+            out[i.name] = {"kind": _kind_of(i.opcode, i.line, computations), "opcode": i.opcode,
+                           "scope": _scope(op_name)}
     return out
 
 
@@ -215,17 +287,24 @@ def summarize(trace_file, calls: int, hlo_texts: Iterable[str] = (), top: int = 
             "scopes": [{"scope": s, "seconds": t, "share": t / total} for s, t in scopes.most_common(top)]}
 
 
+def markdown_table(headers: Sequence[str], rows: Iterable[Sequence]) -> list[str]:
+    """A markdown table's lines: the header, its rule and one line per row (cells as given, str()-ed)."""
+    return ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)] + \
+        ["| " + " | ".join(map(str, row)) + " |" for row in rows]
+
+
 def format_summary(summary: dict, top: int | None = None) -> str:
     """The summary as three markdown tables: by kind of work, by source scope, and the top ops (`top` rows of the
     last two; default: all that the summary kept)."""
     lines = [f"Profile: {summary['op_seconds'] * 1e3:.1f} ms of op time per call ({summary['source']}, "
-             f"{summary['calls']} calls)", "", "| kind | ms per call | share |", "|---|---|---|"]
-    for kind, v in summary["kinds"].items():
-        if v["seconds"]:
-            lines.append(f"| {kind} | {v['seconds'] * 1e3:.2f} | {v['share']:.1%} |")
-    lines += ["", "| source scope | ms per call | share |", "|---|---|---|"]
-    lines += [f"| {s['scope']} | {s['seconds'] * 1e3:.2f} | {s['share']:.1%} |" for s in summary["scopes"][:top]]
-    lines += ["", "| op | kind | scope | ms per call | share | runs per call |", "|---|---|---|---|---|---|"]
-    lines += [f"| {r['op']} | {r['kind']} | {r['scope'][-60:]} | {r['seconds'] * 1e3:.2f} | {r['share']:.1%} | "
-              f"{r['count']:g} |" for r in summary["ops"][:top]]
+             f"{summary['calls']} calls)", ""]
+    lines += markdown_table(("kind", "ms per call", "share"),
+                            [(kind, f"{v['seconds'] * 1e3:.2f}", f"{v['share']:.1%}")
+                             for kind, v in summary["kinds"].items() if v["seconds"]])
+    lines += [""] + markdown_table(("source scope", "ms per call", "share"),
+                                   [(s["scope"], f"{s['seconds'] * 1e3:.2f}", f"{s['share']:.1%}")
+                                    for s in summary["scopes"][:top]])
+    lines += [""] + markdown_table(("op", "kind", "scope", "ms per call", "share", "runs per call"),
+                                   [(r["op"], r["kind"], r["scope"][-60:], f"{r['seconds'] * 1e3:.2f}",
+                                     f"{r['share']:.1%}", f"{r['count']:g}") for r in summary["ops"][:top]])
     return "\n".join(lines)

@@ -30,89 +30,20 @@ What is counted:
 from __future__ import annotations
 
 import collections
-import dataclasses
 import math
 import re
 
 from janusflow_jax import profile
+from janusflow_jax.profile import Instruction
 
 _DTYPE_BYTES = {"pred": 1, "s4": 0.5, "u4": 0.5, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "s32": 4, "u32": 4, "s64": 8,
                 "u64": 8, "f16": 2, "bf16": 2, "f32": 4, "f64": 8, "c64": 8, "c128": 16, "token": 0}
 _ARRAY = re.compile(r"\b([a-z]+\d*(?:e\d+m\d+\w*)?)\[([\d,]*)\]")
-_HEADER = re.compile(r"^(?:ENTRY\s+)?%?([\w.\-]+)\s+\(.*\)\s+->\s+.*\{\s*$")
-_START = re.compile(r"^\s*(ROOT\s+)?%?([\w.\-]+)\s+=\s+")
 _TRIP = re.compile(r'"known_trip_count":\{"n":"(\d+)"')
 _FREE = {"parameter", "constant", "get-tuple-element", "tuple", "bitcast", "after-all", "opt-barrier",
          "partition-id", "replica-id", "add-dependency", "domain", "async-done", "async-update", "copy-done",
          "send-done", "recv-done", "iota"}
 _SLICES = {"dynamic-slice", "slice", "gather"}
-
-
-@dataclasses.dataclass(slots=True)
-class _Inst:
-    """One HLO instruction: its name, result shape (text), opcode, operand names, the whole line, and whether it is
-    its computation's ROOT."""
-
-    name: str
-    shape: str
-    opcode: str
-    operands: list[str]
-    line: str
-    root: bool
-
-
-def _balanced(text: str, start: int) -> int:
-    """Index just past the bracket group that opens at text[start]."""
-    depth = 0
-    for i in range(start, len(text)):
-        if text[i] in "({[":
-            depth += 1
-        elif text[i] in ")}]":
-            depth -= 1
-            if depth == 0:
-                return i + 1
-    return len(text)
-
-
-def _parse_instruction(line: str) -> _Inst | None:
-    m = _START.match(line)
-    if not m:
-        return None
-    i = m.end()
-    if line.startswith("(", i):  # tuple shape
-        j = _balanced(line, i)
-    else:
-        j = line.find(" ", i)
-        if j < 0:
-            return None
-    shape = line[i:j]
-    k = line.find("(", j)
-    if k < 0:
-        return None
-    opcode = line[j:k].strip()
-    if not re.fullmatch(r"[a-z][a-z0-9\-]*", opcode):
-        return None
-    end = _balanced(line, k)
-    operands = re.findall(r"%([\w.\-]+)", line[k:end])
-    return _Inst(m.group(2), shape, opcode, operands, line, bool(m.group(1)))
-
-
-def parse(hlo_text: str) -> tuple[dict[str, list[_Inst]], str | None]:
-    """({computation: [instructions]}, entry computation name) of one optimized HLO module's text."""
-    computations: dict[str, list[_Inst]] = {}
-    entry, current = None, None
-    for line in hlo_text.splitlines():
-        header = _HEADER.match(line)
-        if header:
-            current = computations.setdefault(header.group(1), [])
-            if line.startswith("ENTRY"):
-                entry = header.group(1)
-            continue
-        if current is not None:
-            inst = _parse_instruction(line)
-            if inst is not None:
-                current.append(inst)
-    return computations, entry
 
 
 def shape_bytes(shape: str) -> float:
@@ -134,13 +65,13 @@ def _tuple_parts(shape: str) -> list[str]:
     return [f"{d}[{s}]" for d, s in _ARRAY.findall(shape)]
 
 
-def _called(inst: _Inst, key: str) -> list[str]:
+def _called(inst: Instruction, key: str) -> list[str]:
     m = re.search(rf"\b{key}=\{{?([^}},]+(?:,\s*%[\w.\-]+)*)\}}?", inst.line)
     return re.findall(r"%?([\w.\-]+)", m.group(1)) if m else []
 
 
 # ------------------------------------------------------------------------------------------------------- FLOPs
-def _dot_flops(inst: _Inst, by_name: dict[str, _Inst]) -> float:
+def _dot_flops(inst: Instruction, by_name: dict[str, Instruction]) -> float:
     lhs = by_name.get(inst.operands[0]) if inst.operands else None
     m = re.search(r"lhs_contracting_dims=\{([\d,]*)\}", inst.line)
     if lhs is None or m is None:
@@ -150,7 +81,7 @@ def _dot_flops(inst: _Inst, by_name: dict[str, _Inst]) -> float:
     return 2.0 * math.prod(_dims(inst.shape)) * contracted
 
 
-def _conv_flops(inst: _Inst, by_name: dict[str, _Inst], target: str = "") -> float:
+def _conv_flops(inst: Instruction, by_name: dict[str, Instruction], target: str = "") -> float:
     """2 x (elements of the forward output) x (filter elements per output feature), for a convolution or a cuDNN
     convolution call of any direction (the call keeps the forward convolution's dim_labels)."""
     labels = re.search(r"dim_labels=(\w+)_(\w+)->(\w+)", inst.line)
@@ -171,7 +102,7 @@ def _conv_flops(inst: _Inst, by_name: dict[str, _Inst], target: str = "") -> flo
     return 2.0 * math.prod(_dims(fwd_out)) * math.prod(filt_dims) / filt_dims[o]
 
 
-def _attention_flops(inst: _Inst, by_name: dict[str, _Inst]) -> float:
+def _attention_flops(inst: Instruction, by_name: dict[str, Instruction]) -> float:
     """cuDNN flash attention: the two matmuls of the forward (4·b·h·q·k·d), five in the backward."""
     m = re.search(r'"intermediate_tensor_shape":\s*\{[^{}]*?"dimensions":\s*\[([^\]]*)\]', inst.line)
     q = by_name.get(inst.operands[0]) if inst.operands else None
@@ -184,7 +115,7 @@ def _attention_flops(inst: _Inst, by_name: dict[str, _Inst]) -> float:
     return flops * (2.5 if "Backward" in inst.line.split("custom_call_target=")[1][:60] else 1.0)
 
 
-def _gemm_flops(inst: _Inst, by_name: dict[str, _Inst]) -> float:
+def _gemm_flops(inst: Instruction, by_name: dict[str, Instruction]) -> float:
     """A cuBLAS GEMM custom call: its backend config carries the dot's dimension numbers."""
     m = re.search(r'"lhs_contracting_dimensions":\s*\[([^\]]*)\]', inst.line)
     lhs = by_name.get(inst.operands[0]) if inst.operands else None
@@ -196,7 +127,7 @@ def _gemm_flops(inst: _Inst, by_name: dict[str, _Inst]) -> float:
     return 2.0 * math.prod(_dims(out)) * contracted
 
 
-def _flops(inst: _Inst, computations: dict, by_name: dict, seen: frozenset = frozenset()) -> tuple[float, bool]:
+def _flops(inst: Instruction, computations: dict, by_name: dict, seen: frozenset = frozenset()) -> tuple[float, bool]:
     """(FLOPs, whether any operand is fp32) of one instruction, looking inside fusions and calls."""
     op = inst.opcode
     if op in ("dot", "dot-general"):
@@ -222,12 +153,12 @@ def _flops(inst: _Inst, computations: dict, by_name: dict, seen: frozenset = fro
     return total, fp32
 
 
-def _names(insts: list[_Inst]) -> dict[str, _Inst]:
+def _names(insts: list[Instruction]) -> dict[str, Instruction]:
     return {i.name: i for i in insts}
 
 
 # ------------------------------------------------------------------------------------------------------- bytes
-def _users(insts: list[_Inst]) -> dict[str, list[_Inst]]:
+def _users(insts: list[Instruction]) -> dict[str, list[Instruction]]:
     users = collections.defaultdict(list)
     for i in insts:
         for o in dict.fromkeys(i.operands):
@@ -235,7 +166,7 @@ def _users(insts: list[_Inst]) -> dict[str, list[_Inst]]:
     return users
 
 
-def _through_bitcasts(name: str, users: dict) -> list[tuple[_Inst, int]]:
+def _through_bitcasts(name: str, users: dict) -> list[tuple[Instruction, int]]:
     """The users of `name` seen through bitcasts, each with the operand position `name` (or its bitcast) takes."""
     out = []
     for u in users.get(name, ()):
@@ -246,7 +177,7 @@ def _through_bitcasts(name: str, users: dict) -> list[tuple[_Inst, int]]:
     return out
 
 
-def _fusion_bytes(inst: _Inst, computations: dict, by_name: dict) -> float:
+def _fusion_bytes(inst: Instruction, computations: dict, by_name: dict) -> float:
     """HBM bytes of one fusion: its operands as read (only the slices of an operand it only slices; nothing of a
     buffer it updates in place) plus its results as written (only the update of an in-place dynamic-update-slice)."""
     body_name = next(iter(_called(inst, "calls")), None)
@@ -290,7 +221,7 @@ def _fusion_bytes(inst: _Inst, computations: dict, by_name: dict) -> float:
     return read + written
 
 
-def _kernel_bytes(inst: _Inst, computations: dict, by_name: dict) -> float:
+def _kernel_bytes(inst: Instruction, computations: dict, by_name: dict) -> float:
     if inst.opcode == "fusion":
         return _fusion_bytes(inst, computations, by_name)
     if inst.opcode == "dynamic-update-slice":
@@ -306,12 +237,11 @@ def _kernel_bytes(inst: _Inst, computations: dict, by_name: dict) -> float:
 def kernels(hlo_text: str) -> list[dict]:
     """Every kernel the program launches, with how many times it runs per call: [{"name", "opcode", "computation",
     "runs", "flops", "fp32", "bytes"}] (FLOPs and bytes of one run)."""
-    return _kernels(hlo_text)[0]
+    return _kernels(*profile.parse_module(hlo_text))[0]
 
 
-def _kernels(hlo_text: str) -> tuple[list[dict], int]:
-    """(`kernels`, the number of while loops whose trip count could not be read)."""
-    computations, entry = parse(hlo_text)
+def _kernels(computations: dict, entry: str | None) -> tuple[list[dict], int]:
+    """(`kernels` of a parsed module, the number of while loops whose trip count could not be read)."""
     out: list[dict] = []
     unknown = [0]
 
@@ -357,7 +287,7 @@ def _kernels(hlo_text: str) -> tuple[list[dict], int]:
     return out, unknown[0]
 
 
-def _trip_count(inst: _Inst, computations: dict) -> int | None:
+def _trip_count(inst: Instruction, computations: dict) -> int | None:
     """How many times a while loop runs: XLA's known_trip_count (XLA:GPU and XLA:CPU annotate it), else the one
     positive integer constant its condition compares the counter with (a scan's `i < n`; XLA:TPU), else None."""
     trip = _TRIP.search(inst.line)
@@ -391,13 +321,14 @@ def estimate(hlo_text: str, peak_flops: float, bandwidth: float, fp32_flops: flo
     "launches"}}, "scopes": [{"scope", "seconds", "share"}], "ops": the `top` kernels by time}.
     """
     fp32_flops = fp32_flops or peak_flops / 2
-    info = profile.parse_hlo([hlo_text])
+    computations, entry = profile.parse_module(hlo_text)
+    info = profile.classify(computations)
     kinds = collections.defaultdict(lambda: {"seconds": 0.0, "flops": 0.0, "bytes": 0.0, "launches": 0.0})
     scopes = collections.Counter()
     rows = []
     totals = {"seconds": 0.0, "flops": 0.0, "bytes": 0.0, "kernels": 0.0, "compute_bound_seconds": 0.0,
               "memory_bound_seconds": 0.0}
-    listed, totals["unknown_trip_counts"] = _kernels(hlo_text)
+    listed, totals["unknown_trip_counts"] = _kernels(computations, entry)
     for k in listed:
         meta = info.get(k["name"], {"kind": "other", "scope": ""})
         compute = k["flops"] / (fp32_flops if k["fp32"] else peak_flops)
@@ -436,14 +367,16 @@ def format_estimate(est: dict, top: int | None = 10, measured_seconds: float | N
             f"{est['compute_bound_seconds'] * 1e3:.1f} ms, memory-bound {est['memory_bound_seconds'] * 1e3:.1f} ms")
     if measured_seconds:
         head += f"; measured {measured_seconds * 1e3:.1f} ms = {measured_seconds / est['seconds']:.2f}x the bound"
-    lines = [head, "", "| kind | ms (bound) | share | TFLOP | GB | launches |", "|---|---|---|---|---|---|"]
-    for kind, v in est["kinds"].items():
-        lines.append(f"| {kind} | {v['seconds'] * 1e3:.1f} | {v['share']:.1%} | {v['flops'] / 1e12:.1f} | "
-                     f"{v['bytes'] / 1e9:.1f} | {v['launches']:.0f} |")
-    lines += ["", "| source scope | ms (bound) | share |", "|---|---|---|"]
-    lines += [f"| {s['scope']} | {s['seconds'] * 1e3:.1f} | {s['share']:.1%} |" for s in est["scopes"][:top]]
-    lines += ["", "| kernel | kind | bound | scope | runs | ms (bound) | share |", "|---|---|---|---|---|---|---|"]
-    lines += [f"| {r['op']} | {r['kind']} | {r['bound']} | {r['scope'][-60:]} | {r['runs']:g} | "
-              f"{r['seconds'] * 1e3:.2f} | {r['share']:.1%} |" for r in est["ops"][:top]]
+    lines = [head, ""] + profile.markdown_table(
+        ("kind", "ms (bound)", "share", "TFLOP", "GB", "launches"),
+        [(kind, f"{v['seconds'] * 1e3:.1f}", f"{v['share']:.1%}", f"{v['flops'] / 1e12:.1f}", f"{v['bytes'] / 1e9:.1f}",
+          f"{v['launches']:.0f}") for kind, v in est["kinds"].items()])
+    lines += [""] + profile.markdown_table(("source scope", "ms (bound)", "share"),
+                                           [(s["scope"], f"{s['seconds'] * 1e3:.1f}", f"{s['share']:.1%}")
+                                            for s in est["scopes"][:top]])
+    lines += [""] + profile.markdown_table(("kernel", "kind", "bound", "scope", "runs", "ms (bound)", "share"),
+                                           [(r["op"], r["kind"], r["bound"], r["scope"][-60:], f"{r['runs']:g}",
+                                             f"{r['seconds'] * 1e3:.2f}", f"{r['share']:.1%}")
+                                            for r in est["ops"][:top]])
     return "\n".join(lines)
 
