@@ -67,14 +67,15 @@ MIB = 2 ** 20
 
 # NVIDIA GPUs a compile can target without the hardware: XLA's deviceless GPU compiler, reached through JAX's CUDA
 # plugin, takes a description of the device instead of querying one. These are the properties it reads (CUDA's device
-# query: SMs, clocks, shared memory, L2, memory as the driver reports it; cuDNN 9.10 for the fused attention).
+# query: SMs, clocks, shared memory, L2, memory as the driver reports it; cuDNN 9.10 for the fused attention; the HBM
+# bandwidth is flops.HBM_BANDWIDTH's).
 GPU_TARGETS = {
-    "h100": dict(name="NVIDIA H100 80GB HBM3", capability=(9, 0), cores=132, clock_ghz=1.98, bandwidth=3.35e12,
-                 memory=81559 * MIB, l2=50 * MIB, smem_block_optin=232448, smem_core=233472),
-    "h200": dict(name="NVIDIA H200", capability=(9, 0), cores=132, clock_ghz=1.98, bandwidth=4.8e12,
-                 memory=143771 * MIB, l2=50 * MIB, smem_block_optin=232448, smem_core=233472),
-    "a100": dict(name="NVIDIA A100-SXM4-80GB", capability=(8, 0), cores=108, clock_ghz=1.41, bandwidth=2.039e12,
-                 memory=81920 * MIB, l2=40 * MIB, smem_block_optin=166912, smem_core=167936),
+    "h100": dict(name="NVIDIA H100 80GB HBM3", capability=(9, 0), cores=132, clock_ghz=1.98, memory=81559 * MIB,
+                 l2=50 * MIB, smem_block_optin=232448, smem_core=233472),
+    "h200": dict(name="NVIDIA H200", capability=(9, 0), cores=132, clock_ghz=1.98, memory=143771 * MIB,
+                 l2=50 * MIB, smem_block_optin=232448, smem_core=233472),
+    "a100": dict(name="NVIDIA A100-SXM4-80GB", capability=(8, 0), cores=108, clock_ghz=1.41, memory=81920 * MIB,
+                 l2=40 * MIB, smem_block_optin=166912, smem_core=167936),
 }
 HBM_BYTES.update({key: spec["memory"] for key, spec in GPU_TARGETS.items()})
 
@@ -140,7 +141,7 @@ def gpu_target_config(target: str) -> str:
   block_dim_limit_x: 2147483647
   block_dim_limit_y: 65535
   block_dim_limit_z: 65535
-  memory_bandwidth: {int(spec["bandwidth"])}
+  memory_bandwidth: {int(flops_lib.HBM_BANDWIDTH[target])}
   l2_cache_size: {spec["l2"]}
   clock_rate_ghz: {spec["clock_ghz"]}
   device_memory_size: {spec["memory"]}
