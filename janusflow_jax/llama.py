@@ -220,8 +220,11 @@ class LlamaModel(nn.Module):
             new_cache = []
             for i, layer in enumerate(self.layers):
                 layer_cache = None if cache is None else jax.tree.map(lambda c: c[i], cache)
-                (x, captured), layer_cache = layer((x, captured), jnp.asarray(i), layer_cache, positions, mask,
-                                                   segments, cache_index)
+                # The layer index is known here, so REPA's capture is a Python choice, not a select in every block.
+                (x, _), layer_cache = layer((x, None), jnp.asarray(i), layer_cache, positions, mask, segments,
+                                            cache_index)
+                if i + 1 == self.capture_after:
+                    captured = x
                 new_cache.append(layer_cache)
             if cache is not None:
                 cache = jax.tree.map(lambda *c: jnp.stack(c), *new_cache)
