@@ -11,9 +11,10 @@ A report is a plain dict (JSON-ready):
           directory: `profile.summarize` of a few traced steps, else None); roofline (where the chip's HBM
           bandwidth is known: `roofline.py`'s bound for the compiled step and measured_over_bound, else None)
   sample  one row per (batch, steps, cfg, prompt cache): compile_s, latency_s (one call = one batch of images,
-          median), images_per_s, per_image_s
+          median), images_per_s, per_image_s, flops (`flops.sampling_flops`), tflops_per_device, mfu
   torch   rows for the velocity forward, the train step and the 30-step CFG sampling loop: jax_s, torch_s (medians
-          of alternating repetitions) and speedup = torch_s / jax_s; torch runs on the GPU when it sees one
+          of alternating repetitions), speedup = torch_s / jax_s, both sides' counted FLOPs and TFLOP/s, and
+          speedup_ceiling (torch_s / the JAX FLOPs at peak); torch runs on the GPU when it sees one
   vae     (mode "vae" only) SDXL-VAE encode/decode rows at 384^2: compile_s, latency_s, images_per_s
   data    (mode "data" only) this host's loader alone (`bench_data`): batches, rows_per_batch, bytes_per_batch,
           batch_s_median / batch_s_max, examples_per_s and megabytes_per_s, source, num_workers, prefetch
@@ -178,6 +179,15 @@ class _Both:
             m.__exit__(*exc)
 
 
+def device_peak(cpu_peak: float | None = None, devices: int = 1) -> tuple[float, str]:
+    """(peak FLOP/s of one of `devices` devices, where it comes from): the bf16 table on accelerators; on a CPU a
+    measured fp32 matmul (`cpu_peak`, else measured now), shared by the `devices` fake devices of a CPU mesh."""
+    peak = flops_lib.peak_flops_per_device()
+    if not peak and jax.devices()[0].platform == "cpu":
+        return (cpu_peak or cpu_peak_flops()) / devices, "measured fp32 JAX matmul on this CPU (no bf16 table entry)"
+    return peak, "bf16 table (flops.PEAK_BF16)"
+
+
 def bench_train(config, steps: int = 10, warmup: int = 2, cpu_peak: float | None = None,
                 bench: TrainBench | None = None, profile_dir: str | None = None, profile_steps: int = 3) -> dict:
     """Compile time, median step time and derived throughput of the train step of `config` (`bench`: reuse an
@@ -197,12 +207,7 @@ def bench_train(config, steps: int = 10, warmup: int = 2, cpu_peak: float | None
     counts = flops_lib.step_counts(bench.plan, bench.phase)
     n_dev = jax.device_count()
     tflops = counts["flops"] / step_s / n_dev / 1e12
-    peak = flops_lib.peak_flops_per_device()
-    peak_source = "bf16 table (flops.PEAK_BF16)"
-    if not peak and jax.devices()[0].platform == "cpu":
-        # The fake devices of a multi-device CPU run share the same cores: the measured peak is of the whole CPU.
-        peak = (cpu_peak or cpu_peak_flops()) / n_dev
-        peak_source = "measured fp32 JAX matmul on this CPU (no bf16 table entry)"
+    peak, peak_source = device_peak(cpu_peak, n_dev)
     memory, memory_source = peak_memory()
     summary = profile_train(bench, profile_steps, profile_dir) if profile_dir else None
     bandwidth = flops_lib.hbm_bandwidth()
@@ -268,12 +273,15 @@ class SampleBench:
 
 
 def bench_sample(config, batch_sizes: Sequence[int] = (1, 8), steps: Sequence[int] = (30,),
-                 cfgs: Sequence[float] = (2.0,), reps: int = 3, bench: SampleBench | None = None) -> list[dict]:
-    """images/s and latency for every (batch, steps, cfg, prompt cache on/off); `bench`: reuse a `SampleBench`."""
+                 cfgs: Sequence[float] = (2.0,), reps: int = 3, bench: SampleBench | None = None,
+                 cpu_peak: float | None = None) -> list[dict]:
+    """images/s, latency, TFLOP/s and MFU (FLOPs: `flops.sampling_flops`; one device) for every (batch, steps, cfg,
+    prompt cache on/off); `bench`: reuse a `SampleBench`; `cpu_peak`: as `device_peak`."""
     if reps < 1 or any(b < 1 for b in batch_sizes) or any(s < 1 for s in steps) or any(w < 1 for w in cfgs):
         raise BenchError(f"sample needs reps >= 1, batch sizes >= 1, steps >= 1 and cfg >= 1; got reps={reps} "
                          f"batch_sizes={list(batch_sizes)} steps={list(steps)} cfg={list(cfgs)}")
     bench = bench or SampleBench(config)
+    peak, _ = device_peak(cpu_peak)
     rows = []
     for b in batch_sizes:
         for s in steps:
@@ -282,15 +290,19 @@ def bench_sample(config, batch_sizes: Sequence[int] = (1, 8), steps: Sequence[in
                     run = bench.runner(b, s, w, cache)
                     compile_s = time_call(run)  # first call: trace + compile + one run
                     latency = statistics.median(time_call(run) for _ in range(reps))
+                    flops = flops_lib.sampling_flops(bench.cfg, b, s, bench.prompt_len, w != 1.0, cache)
                     rows.append({"batch": b, "steps": s, "cfg": w, "prompt_cache": cache, "compile_s": compile_s,
-                                 "latency_s": latency, "images_per_s": b / latency, "per_image_s": latency / b})
+                                 "latency_s": latency, "images_per_s": b / latency, "per_image_s": latency / b,
+                                 "flops": flops, "tflops_per_device": flops / latency / 1e12,
+                                 "mfu": flops / latency / peak if peak else float("nan"), "peak_flops": peak})
                     progress(f"sample: {rows[-1]}")
     return rows
 
 
 # ------------------------------------------------------------------------------------------------ vs PyTorch eager
 def bench_torch(config, reps: int = 5, sample_batch: int = 4, sample_steps: int = 30, cfg: float = 2.0,
-                torch_threads: int = 0, train: TrainBench | None = None, sample: SampleBench | None = None) -> dict:
+                torch_threads: int = 0, train: TrainBench | None = None, sample: SampleBench | None = None,
+                cpu_peak: float | None = None) -> dict:
     """The same work in JAX and PyTorch eager, one JAX repetition then one torch repetition, `reps` times.
 
     (a) velocity forward of [cond; uncond] rows (2 x sample_batch), whole sequence, no cache, in both;
@@ -298,7 +310,11 @@ def bench_torch(config, reps: int = 5, sample_batch: int = 4, sample_steps: int 
     (c) the CFG sampling loop: torch as the official demo (whole sequence recomputed each step); JAX both with its
         prompt cache (the library default) and without (the demo's algorithm).
     torch_threads: torch.set_num_threads (0 keeps torch's default: one per core). train/sample: reuse built benches
-    (their compilations are then shared with the train and sample modes)."""
+    (their compilations are then shared with the train and sample modes).
+
+    Each row also has both sides' counted FLOPs (`flops.py`; they differ where the algorithms do: the prompt cache)
+    and TFLOP/s, and `speedup_ceiling`: torch_s over the time JAX's FLOPs would take at the device's peak
+    (`device_peak`), the most any JAX implementation of that algorithm could gain on this device."""
     try:
         import torch
     except ImportError:
@@ -380,12 +396,25 @@ def bench_torch(config, reps: int = 5, sample_batch: int = 4, sample_steps: int 
                 t_times[key].append(time_torch(torch_work[key]))
             progress(f"torch: {name}: JAX {j_times[name][-1]:.4g} s, torch {t_times[key][-1]:.4g} s")
     times = {name: (j_times[name], t_times[key]) for name, (_, key) in work.items()}
+    # Counted FLOPs (JAX's, torch's) of each piece of work.
+    rows_2b, gen_seq = 2 * sample_batch, sample.prompt_len + 1 + model_cfg.num_gen_tokens
+    velocity_flops = (flops_lib.llm_forward(model_cfg, rows_2b, gen_seq, logits=False)
+                      + flops_lib.gen_towers_forward(model_cfg, rows_2b))
+    train_flops = flops_lib.step_counts(train.plan, train.phase)["flops"]
+    sampled = {cache: flops_lib.sampling_flops(model_cfg, sample_batch, sample_steps, sample.prompt_len, cfg != 1.0,
+                                               cache) for cache in (True, False)}
+    counted = dict(zip(work, [(velocity_flops,) * 2, (train_flops,) * 2, (sampled[True], sampled[False]),
+                              (sampled[False],) * 2]))
+    peak, _ = device_peak(cpu_peak)
     rows = []
     for name, (j_times, t_times) in times.items():
         j_s, t_s = statistics.median(j_times), statistics.median(t_times)
+        j_f, t_f = counted[name]
         rows.append({"work": name, "jax_s": j_s, "torch_s": t_s, "speedup": t_s / j_s, "jax_s_all": j_times,
-                     "torch_s_all": t_times})
-    return {"rows": rows, "reps": reps, "sample_batch": sample_batch, "torch": torch.__version__,
+                     "torch_s_all": t_times, "jax_flops": j_f, "torch_flops": t_f, "jax_tflops": j_f / j_s / 1e12,
+                     "torch_tflops": t_f / t_s / 1e12,
+                     "speedup_ceiling": t_s * peak / j_f if peak else float("nan")})
+    return {"rows": rows, "reps": reps, "sample_batch": sample_batch, "torch": torch.__version__, "peak_flops": peak,
             "torch_threads": torch.get_num_threads(), "train_batch_size": train.plan.config.batch_size,
             "torch_device": str(device)}
 
@@ -471,7 +500,7 @@ def run(mode: str, config, *, label: str, command: str = "", steps: int = 10, wa
         raise BenchError(f"--profile_dir profiles the train step: use it with mode train or all, not {mode!r}")
     report = {"mode": mode, "meta": {**meta(label, command), "note": note}}
     cpu_peak = None
-    if mode in ("train", "all") and jax.devices()[0].platform == "cpu":  # only the train table's MFU uses it
+    if mode in ("train", "sample", "torch", "all") and jax.devices()[0].platform == "cpu":  # for MFU on a CPU
         cpu_peak = cpu_peak_flops()
         report["meta"]["cpu_peak_flops"] = cpu_peak
     train = TrainBench(config) if mode in ("train", "torch", "all") else None
@@ -481,14 +510,14 @@ def run(mode: str, config, *, label: str, command: str = "", steps: int = 10, wa
     if mode in ("train", "all"):
         report["train"] = bench_train(config, steps, warmup, cpu_peak, bench=train, profile_dir=profile_dir)
     if mode in ("sample", "all"):
-        report["sample"] = bench_sample(config, batch_sizes, sample_steps, cfgs, reps, bench=sample)
+        report["sample"] = bench_sample(config, batch_sizes, sample_steps, cfgs, reps, bench=sample, cpu_peak=cpu_peak)
     if mode == "vae":
         report["vae"] = bench_vae(batch_sizes, dtypes=vae_dtypes, reps=reps, seed=config.seed)
     if mode == "data":
         report["data"] = bench_data(config, batches=steps, warmup=warmup)
     if mode in ("torch", "all"):
         report["torch"] = bench_torch(config, reps, max(batch_sizes), sample_steps[0], cfgs[0], torch_threads,
-                                      train=train, sample=sample)
+                                      train=train, sample=sample, cpu_peak=cpu_peak)
     report["meta"]["load_average_end"] = load_average()
     return report
 
@@ -534,13 +563,16 @@ def format_report(report: dict) -> str:
             lines += [f"Profile failed: {t['profile']['error']}" if "error" in t["profile"]
                       else profile_lib.format_summary(t["profile"], top=12), ""]
     if "sample" in report:
-        lines += ["| batch | steps | cfg | prompt cache | compile s | latency s | images/s | s/image |",
-                  "|---|---|---|---|---|---|---|---|"]
+        lines += ["| batch | steps | cfg | prompt cache | compile s | latency s | images/s | s/image | TFLOP/s | MFU |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
         for r in report["sample"]:
             lines.append(f"| {r['batch']} | {r['steps']} | {r['cfg']:g} | {'on' if r['prompt_cache'] else 'off'} | "
                          f"{_num(r['compile_s'])} | {_num(r['latency_s'])} | {_num(r['images_per_s'])} | "
-                         f"{_num(r['per_image_s'])} |")
-        lines += ["", "Latents only: the config carries no VAE, so decoding is not timed.", ""]
+                         f"{_num(r['per_image_s'])} | {_num(r.get('tflops_per_device'))} | "
+                         f"{_num(100 * r['mfu']) + '%' if 'mfu' in r else 'n/a'} |")
+        lines += ["", "Latents only: the config carries no VAE, so decoding is not timed. FLOPs: `flops.sampling_flops` "
+                  "(every step's LLM and generation towers on the [cond; uncond] rows; the cached prompt once); MFU "
+                  "against the device's bf16 peak (on a CPU: a measured fp32 matmul).", ""]
     if "data" in report:
         d = report["data"]
         lines += ["| source | workers | prefetch | rows per batch | MB per batch | batch ms (median / max) | examples/s "
@@ -563,10 +595,17 @@ def format_report(report: dict) -> str:
         lines += [f"JAX vs PyTorch {t['torch']} eager on {t.get('torch_device', 'cpu')} ({t['torch_threads']} torch "
                   f"threads; bf16 weights and AdamW state when the config computes in bf16), {t['reps']} alternating "
                   f"repetitions, sampling batch {t['sample_batch']}, train batch {t['train_batch_size']}:", "",
-                  "| work | JAX s (median) | PyTorch s (median) | JAX speedup |", "|---|---|---|---|"]
+                  "| work | JAX s (median) | PyTorch s (median) | JAX speedup | JAX TFLOP/s | PyTorch TFLOP/s | "
+                  "speedup ceiling |", "|---|---|---|---|---|---|---|"]
         for r in t["rows"]:
-            lines.append(f"| {r['work']} | {_num(r['jax_s'])} | {_num(r['torch_s'])} | {r['speedup']:.2f}x |")
-        lines.append("")
+            ceiling = r.get("speedup_ceiling")
+            lines.append(f"| {r['work']} | {_num(r['jax_s'])} | {_num(r['torch_s'])} | {r['speedup']:.2f}x | "
+                         f"{_num(r.get('jax_tflops'))} | {_num(r.get('torch_tflops'))} | "
+                         f"{'n/a' if ceiling is None or not math.isfinite(ceiling) else f'{ceiling:.2f}x'} |")
+        lines += ["", "TFLOP/s: each side's counted FLOPs (`flops.py`) over its time; the JAX prompt cache does less "
+                  "work than the torch loop. Speedup ceiling: the PyTorch time over the time the JAX FLOPs would take "
+                  "at the device's peak, the most any implementation of the JAX side's algorithm could gain here.",
+                  ""]
     return "\n".join(lines)
 
 

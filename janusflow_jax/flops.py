@@ -64,12 +64,13 @@ def peak_flops_per_device(device=None) -> float:
     return _lookup(PEAK_BF16, device)
 
 
-def llm_forward(cfg: JanusFlowConfig, rows: int, seq: int, logits: bool) -> float:
+def llm_forward(cfg: JanusFlowConfig, rows: int, seq: int, logits: bool, past: int = 0) -> float:
+    """`seq` new tokens per row, attending causally to themselves and to `past` cached keys before them."""
     c = cfg.llm
     attn_dim, kv_dim = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
     per_token = c.hidden_size * (2 * attn_dim + 2 * kv_dim) + 3 * c.hidden_size * c.intermediate_size
     flops = 2 * per_token * c.num_layers * rows * seq
-    flops += 4 * rows * seq * seq * attn_dim * c.num_layers / 2  # causal
+    flops += 4 * rows * seq * (past + seq / 2) * attn_dim * c.num_layers  # causal: the new block's square halved
     if logits:
         flops += 2 * rows * seq * c.hidden_size * c.vocab_size
     return flops
@@ -106,6 +107,24 @@ def gen_towers_forward(cfg: JanusFlowConfig, examples: int) -> float:
 def repa_projector_forward(cfg: JanusFlowConfig, tokens: int) -> float:
     h = cfg.repa.hidden_dim
     return 2 * tokens * (cfg.llm.hidden_size * h + h * h + h * cfg.und_encoder.width)
+
+
+def sampling_flops(cfg: JanusFlowConfig, batch: int, steps: int, prompt_len: int, guided: bool,
+                   prompt_cache: bool) -> float:
+    """Counted FLOPs of generating `batch` images with `steps` Euler steps (`sampler.sample_latents`, latents only).
+
+    Every step runs the generation towers and the LLM on the rows of the batch, twice as many with classifier-free
+    guidance (the [cond; uncond] rows). With the prompt cache the prompt's `prompt_len` tokens go through the LLM once
+    and each step computes t_emb + the latent tokens against the cached keys; without it (the official demo's loop)
+    each step recomputes the whole row."""
+    rows = 2 * batch if guided else batch
+    gen = 1 + cfg.num_gen_tokens
+    if prompt_cache:
+        llm = llm_forward(cfg, rows, prompt_len, logits=False)
+        llm += steps * llm_forward(cfg, rows, gen, logits=False, past=prompt_len)
+    else:
+        llm = steps * llm_forward(cfg, rows, prompt_len + gen, logits=False)
+    return llm + steps * gen_towers_forward(cfg, rows)
 
 
 def _trains(labels: dict, prefix: str) -> bool:

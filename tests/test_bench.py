@@ -64,8 +64,33 @@ def test_sample_rows(report):
     assert {r["prompt_cache"] for r in rows} == {True, False}
     for r in rows:
         assert r["batch"] == 1 and r["steps"] == 2
-        for key in ("compile_s", "latency_s", "images_per_s", "per_image_s"):
+        for key in ("compile_s", "latency_s", "images_per_s", "per_image_s", "flops", "tflops_per_device", "mfu"):
             assert _positive(r[key]), (key, r)
+        assert r["mfu"] == pytest.approx(r["flops"] / r["latency_s"] / r["peak_flops"])
+    cached, full = (next(r["flops"] for r in rows if r["prompt_cache"] is c) for c in (True, False))
+    assert cached < full  # the cache skips the prompt at every step but the first
+    assert "| MFU |" in bench.format_report(report)
+
+
+def test_sampling_flops_match_the_compiled_sampler():
+    """flops.sampling_flops against the matmul and convolution FLOPs of the compiled tiny sampler (roofline.py walks
+    the Euler loop by its trip count). They differ only by what the count leaves out or halves: the generation
+    towers' depthwise convs (multiply-adds on a CPU) and the masked half of causal attention."""
+    import jax.numpy as jnp
+
+    from janusflow_jax import roofline, sampler
+
+    sb = bench.SampleBench(stage2.get_config("tiny"))
+    ids, mask, z0 = (jnp.asarray(x) for x in sb.inputs(2))
+    steps = 3
+    for cache in (True, False):
+        compiled = sampler._sample.lower(sb.model, sb.params, ids, mask, None, z0,
+                                         jnp.asarray(sampler.step_times(steps)), 2.0, guided=True,
+                                         use_prompt_cache=cache).compile()
+        est = roofline.estimate(compiled.as_text(), 1e12, 1e11)
+        assert est["unknown_trip_counts"] == 0
+        counted = flops_lib.sampling_flops(sb.cfg, 2, steps, sb.prompt_len, guided=True, prompt_cache=cache)
+        assert 0.9 < est["flops"] / counted < 1.1, (cache, est["flops"], counted)
 
 
 @pytest.mark.skipif(not HAS_TORCH, reason="torch not installed")
@@ -77,6 +102,10 @@ def test_torch_rows(report):
         assert len(r["jax_s_all"]) == len(r["torch_s_all"]) == 1
         assert _positive(r["jax_s"]) and _positive(r["torch_s"])
         assert r["speedup"] == pytest.approx(r["torch_s"] / r["jax_s"])
+        assert r["speedup_ceiling"] == pytest.approx(r["torch_s"] * report["torch"]["peak_flops"] / r["jax_flops"])
+        assert r["jax_flops"] <= r["torch_flops"] and _positive(r["jax_tflops"]) and _positive(r["torch_tflops"])
+    assert rows[2]["jax_flops"] < rows[2]["torch_flops"]  # the prompt cache; the torch loop recomputes the prompt
+    assert "speedup ceiling" in bench.format_report(report)
 
 
 def test_outputs_keep_the_other_section(report, tmp_path):
