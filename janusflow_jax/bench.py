@@ -563,16 +563,18 @@ def format_report(report: dict) -> str:
             lines += [f"Profile failed: {t['profile']['error']}" if "error" in t["profile"]
                       else profile_lib.format_summary(t["profile"], top=12), ""]
     if "sample" in report:
-        lines += ["| batch | steps | cfg | prompt cache | compile s | latency s | images/s | s/image | TFLOP/s | MFU |",
-                  "|---|---|---|---|---|---|---|---|---|---|"]
+        counted = all("flops" in r for r in report["sample"])  # reports from before sampling FLOPs were counted: not
+        lines += ["| batch | steps | cfg | prompt cache | compile s | latency s | images/s | s/image |"
+                  + (" TFLOP/s | MFU |" if counted else ""), "|---|---|---|---|---|---|---|---|" + "---|---|" * counted]
         for r in report["sample"]:
             lines.append(f"| {r['batch']} | {r['steps']} | {r['cfg']:g} | {'on' if r['prompt_cache'] else 'off'} | "
                          f"{_num(r['compile_s'])} | {_num(r['latency_s'])} | {_num(r['images_per_s'])} | "
-                         f"{_num(r['per_image_s'])} | {_num(r.get('tflops_per_device'))} | "
-                         f"{_num(100 * r['mfu']) + '%' if 'mfu' in r else 'n/a'} |")
-        lines += ["", "Latents only: the config carries no VAE, so decoding is not timed. FLOPs: `flops.sampling_flops` "
-                  "(every step's LLM and generation towers on the [cond; uncond] rows; the cached prompt once); MFU "
-                  "against the device's bf16 peak (on a CPU: a measured fp32 matmul).", ""]
+                         f"{_num(r['per_image_s'])} |"
+                         + (f" {_num(r['tflops_per_device'])} | {_num(100 * r['mfu'])}% |" if counted else ""))
+        lines += ["", "Latents only: the config carries no VAE, so decoding is not timed."
+                  + (" FLOPs: `flops.sampling_flops` (every step's LLM and generation towers on the [cond; uncond] "
+                     "rows; the cached prompt once); MFU against the device's bf16 peak (on a CPU: a measured fp32 "
+                     "matmul)." if counted else ""), ""]
     if "data" in report:
         d = report["data"]
         lines += ["| source | workers | prefetch | rows per batch | MB per batch | batch ms (median / max) | examples/s "
@@ -592,20 +594,24 @@ def format_report(report: dict) -> str:
                   "work), decode = latents to pixels (the sampler's last stage).", ""]
     if "torch" in report:
         t = report["torch"]
+        counted = all("jax_flops" in r for r in t["rows"])
         lines += [f"JAX vs PyTorch {t['torch']} eager on {t.get('torch_device', 'cpu')} ({t['torch_threads']} torch "
                   f"threads; bf16 weights and AdamW state when the config computes in bf16), {t['reps']} alternating "
                   f"repetitions, sampling batch {t['sample_batch']}, train batch {t['train_batch_size']}:", "",
-                  "| work | JAX s (median) | PyTorch s (median) | JAX speedup | JAX TFLOP/s | PyTorch TFLOP/s | "
-                  "speedup ceiling |", "|---|---|---|---|---|---|---|"]
+                  "| work | JAX s (median) | PyTorch s (median) | JAX speedup |"
+                  + (" JAX TFLOP/s | PyTorch TFLOP/s | speedup ceiling |" if counted else ""),
+                  "|---|---|---|---|" + "---|---|---|" * counted]
         for r in t["rows"]:
-            ceiling = r.get("speedup_ceiling")
-            lines.append(f"| {r['work']} | {_num(r['jax_s'])} | {_num(r['torch_s'])} | {r['speedup']:.2f}x | "
-                         f"{_num(r.get('jax_tflops'))} | {_num(r.get('torch_tflops'))} | "
-                         f"{'n/a' if ceiling is None or not math.isfinite(ceiling) else f'{ceiling:.2f}x'} |")
-        lines += ["", "TFLOP/s: each side's counted FLOPs (`flops.py`) over its time; the JAX prompt cache does less "
-                  "work than the torch loop. Speedup ceiling: the PyTorch time over the time the JAX FLOPs would take "
-                  "at the device's peak, the most any implementation of the JAX side's algorithm could gain here.",
-                  ""]
+            lines.append(f"| {r['work']} | {_num(r['jax_s'])} | {_num(r['torch_s'])} | {r['speedup']:.2f}x |"
+                         + (f" {_num(r['jax_tflops'])} | {_num(r['torch_tflops'])} | "
+                            f"{_num(r['speedup_ceiling'])}{'x' * math.isfinite(r['speedup_ceiling'])} |"
+                            if counted else ""))
+        lines.append("")
+        if counted:
+            lines += ["TFLOP/s: each side's counted FLOPs (`flops.py`) over its time; the JAX prompt cache does less "
+                      "work than the torch loop. Speedup ceiling: the PyTorch time over the time the JAX FLOPs would "
+                      "take at the device's peak, the most any implementation of the JAX side's algorithm could gain "
+                      "here.", ""]
     return "\n".join(lines)
 
 
