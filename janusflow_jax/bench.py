@@ -563,7 +563,7 @@ def format_report(report: dict) -> str:
             lines += [f"Profile failed: {t['profile']['error']}" if "error" in t["profile"]
                       else profile_lib.format_summary(t["profile"], top=12), ""]
     if "sample" in report:
-        counted = all("flops" in r for r in report["sample"])  # reports from before sampling FLOPs were counted: not
+        counted = all("flops" in r for r in report["sample"])  # older reports keep their table (no sampling FLOPs)
         lines += ["| batch | steps | cfg | prompt cache | compile s | latency s | images/s | s/image |"
                   + (" TFLOP/s | MFU |" if counted else ""), "|---|---|---|---|---|---|---|---|" + "---|---|" * counted]
         for r in report["sample"]:
