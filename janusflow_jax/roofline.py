@@ -20,7 +20,9 @@ What is counted:
   causal). Elementwise arithmetic is left out: it never bounds a kernel on these chips.
 - Bytes: each kernel reads its operands and writes its result once. A fusion operand that the fusion only slices
   (one layer of stacked scan weights) counts the slices, and an in-place dynamic-update-slice (a scan writing its
-  layer's activations into the stacked buffer) counts the update, not the whole buffer. Caches are ignored, so a
+  layer's activations into the stacked buffer) counts the update, not the whole buffer. Buffers that XLA:TPU keeps
+  in on-chip memory (layout memory space S(1), VMEM) are not HBM traffic: a prefetch into VMEM (copy-start) counts
+  its HBM read once and the kernel that reads the prefetched copy nothing for it. Caches are ignored, so a
   kernel whose inputs stay in L2 is estimated slower than it is: it is a bound on the DRAM traffic model, not on time.
 - Not counted: kernel launch gaps, collectives' latency, and the efficiency of each kernel against the peaks (GEMMs
   reach ~80% of the bf16 peak, memory-bound kernels ~70-90% of the bandwidth). A measured step time divided by this
@@ -39,6 +41,9 @@ from janusflow_jax.profile import Instruction
 _DTYPE_BYTES = {"pred": 1, "s4": 0.5, "u4": 0.5, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "s32": 4, "u32": 4, "s64": 8,
                 "u64": 8, "f16": 2, "bf16": 2, "f32": 4, "f64": 8, "c64": 8, "c128": 16, "token": 0}
 _ARRAY = re.compile(r"\b([a-z]+\d*(?:e\d+m\d+\w*)?)\[([\d,]*)\]")
+# An array with its layout: XLA:TPU marks buffers outside HBM (VMEM, SMEM, ...) with a memory space S(n), n != 0.
+_ARRAY_LAYOUT = re.compile(r"\b([a-z]+\d*(?:e\d+m\d+\w*)?)\[([\d,]*)\](\{[^}]*\})?")
+_MEMORY_SPACE = re.compile(r"S\((\d+)\)")
 _TRIP = re.compile(r'"known_trip_count":\{"n":"(\d+)"')
 _FREE = {"parameter", "constant", "get-tuple-element", "tuple", "bitcast", "after-all", "opt-barrier",
          "partition-id", "replica-id", "add-dependency", "domain", "async-done", "async-update", "copy-done",
@@ -46,13 +51,29 @@ _FREE = {"parameter", "constant", "get-tuple-element", "tuple", "bitcast", "afte
 _SLICES = {"dynamic-slice", "slice", "gather"}
 
 
+def _array_bytes(dtype: str, dims: str) -> float:
+    return _DTYPE_BYTES.get(dtype, 1 if dtype.startswith("f8") else 4) * math.prod(int(d) for d in dims.split(",") if d)
+
+
 def shape_bytes(shape: str) -> float:
     """Bytes of an HLO shape string (arrays of a tuple summed; layouts and comments ignored)."""
-    total = 0.0
-    for dtype, dims in _ARRAY.findall(shape):
-        total += _DTYPE_BYTES.get(dtype, 1 if dtype.startswith("f8") else 4) * math.prod(
-            int(d) for d in dims.split(",") if d)
-    return total
+    return sum(_array_bytes(dtype, dims) for dtype, dims in _ARRAY.findall(shape))
+
+
+def _in_hbm(layout: str) -> bool:
+    space = _MEMORY_SPACE.search(layout or "")
+    return space is None or space.group(1) == "0"
+
+
+def hbm_bytes(shape: str) -> float:
+    """`shape_bytes` of the arrays that live in HBM: a buffer that XLA:TPU placed in on-chip memory (layout
+    memory space S(1), VMEM) moves no HBM bytes when a kernel reads or writes it."""
+    return sum(_array_bytes(dtype, dims) for dtype, dims, layout in _ARRAY_LAYOUT.findall(shape) if _in_hbm(layout))
+
+
+def _hbm_parts(shape: str) -> list[bool]:
+    """For each array of a (possibly tuple) shape, in order: whether it lives in HBM."""
+    return [_in_hbm(layout) for _, _, layout in _ARRAY_LAYOUT.findall(shape)]
 
 
 def _dims(shape: str) -> list[int]:
@@ -183,15 +204,18 @@ def _fusion_bytes(inst: Instruction, computations: dict, by_name: dict) -> float
     body_name = next(iter(_called(inst, "calls")), None)
     body = computations.get(body_name or "", [])
     if not body:
-        return shape_bytes(inst.shape) + sum(shape_bytes(by_name[o].shape) for o in dict.fromkeys(inst.operands)
-                                             if o in by_name)
+        return hbm_bytes(inst.shape) + sum(hbm_bytes(by_name[o].shape) for o in dict.fromkeys(inst.operands)
+                                           if o in by_name)
     users = _users(body)
     body_names = _names(body)
     params = {int(re.search(r"parameter\((\d+)\)", i.line).group(1)): i for i in body if i.opcode == "parameter"}
     root = next((i for i in body if i.root), body[-1])
     roots = [body_names[o] for o in root.operands if o in body_names] if root.opcode == "tuple" else [root]
     in_place, written = set(), 0.0
-    for r in roots:
+    out_hbm = _hbm_parts(inst.shape)  # where each result lives (the body's own shapes may not say)
+    for index, r in enumerate(roots):
+        if index < len(out_hbm) and not out_hbm[index]:
+            continue  # written to on-chip memory
         while r.opcode == "bitcast" and r.operands and r.operands[0] in body_names:
             r = body_names[r.operands[0]]
         if r.opcode == "dynamic-update-slice" and len(r.operands) > 1:
@@ -209,9 +233,9 @@ def _fusion_bytes(inst: Instruction, computations: dict, by_name: dict) -> float
         if operand in inst.operands[:pos]:
             continue
         if param is None:
-            read += shape_bytes(by_name[operand].shape) if operand in by_name else 0.0
+            read += hbm_bytes(by_name[operand].shape) if operand in by_name else 0.0
             continue
-        if param.name in in_place:
+        if param.name in in_place or not all(_hbm_parts(param.shape)):
             continue
         uses = _through_bitcasts(param.name, users)
         if uses and all(u.opcode in _SLICES and p == 0 for u, p in uses):
@@ -226,11 +250,15 @@ def _kernel_bytes(inst: Instruction, computations: dict, by_name: dict) -> float
         return _fusion_bytes(inst, computations, by_name)
     if inst.opcode == "dynamic-update-slice":
         update = by_name.get(inst.operands[1]) if len(inst.operands) > 1 else None
-        return 2 * shape_bytes(update.shape) if update else shape_bytes(inst.shape)
+        return 2 * hbm_bytes(update.shape) if update else hbm_bytes(inst.shape)
     if inst.opcode in _SLICES:
-        return 2 * shape_bytes(inst.shape)
-    return shape_bytes(inst.shape) + sum(shape_bytes(by_name[o].shape) for o in dict.fromkeys(inst.operands)
-                                         if o in by_name)
+        return 2 * hbm_bytes(inst.shape)
+    if inst.opcode == "copy-start":  # (destination, source alias, context): the source is the operand
+        parts = _ARRAY_LAYOUT.findall(inst.shape)
+        dest = hbm_bytes("".join(f"{d}[{s}]{l}" for d, s, l in parts[:1]))
+        return dest + sum(hbm_bytes(by_name[o].shape) for o in inst.operands[:1] if o in by_name)
+    return hbm_bytes(inst.shape) + sum(hbm_bytes(by_name[o].shape) for o in dict.fromkeys(inst.operands)
+                                       if o in by_name)
 
 
 # ------------------------------------------------------------------------------------------------------ kernels

@@ -76,6 +76,34 @@ ENTRY %main (q: bf16[2,256,4,64], k: bf16[2,256,4,64], v: bf16[2,256,4,64], x: b
     assert "| attention |" in text and "2.00x the bound" in text
 
 
+def test_tpu_on_chip_buffers_move_no_hbm_bytes():
+    # XLA:TPU prefetches an operand into VMEM (memory space S(1)) with copy-start/copy-done; the fusion then reads it
+    # from there. HBM sees the copy's read once, the fusion's other operand and its result; not the VMEM side.
+    t = "{1,0:T(8,128)(2,1)}"
+    v = "{1,0:T(8,128)(2,1)S(1)}"
+    hlo = f"""HloModule m, entry_computation_layout={{()->f32[]}}
+
+%fused (p0: bf16[1024,1024], p1: bf16[1024,1024]) -> bf16[1024,1024] {{
+  %p0 = bf16[1024,1024]{v} parameter(0)
+  %p1 = bf16[1024,1024]{t} parameter(1)
+  ROOT %add = bf16[1024,1024]{t} add(%p0, %p1)
+}}
+
+ENTRY %main (a: bf16[1024,1024], b: bf16[1024,1024]) -> bf16[1024,1024] {{
+  %a = bf16[1024,1024]{t} parameter(0)
+  %b = bf16[1024,1024]{t} parameter(1)
+  %cs = (bf16[1024,1024]{v}, bf16[1024,1024]{t}, u32[]{{:S(2)}}) copy-start(%a)
+  %cd = bf16[1024,1024]{v} copy-done(%cs)
+  %f = bf16[1024,1024]{t} fusion(%cd, %b), kind=kLoop, calls=%fused
+  ROOT %again = (bf16[1024,1024]{v}, bf16[1024,1024]{t}, u32[]{{:S(2)}}) copy-start(%f)
+}}
+"""
+    mb = 2 * 1024 * 1024
+    kernels = {k["name"]: k["bytes"] for k in roofline.kernels(hlo)}
+    assert kernels == {"cs": mb, "f": 2 * mb, "again": mb}
+    assert roofline.hbm_bytes(f"(bf16[1024,1024]{v}, bf16[1024,1024]{t})") == mb
+
+
 def test_a_conditional_counts_its_heaviest_branch_once():
     n = 128
     x = jnp.ones((n, n), jnp.float32)
