@@ -140,11 +140,12 @@ def parse_module(hlo_text: str) -> tuple[dict[str, list[Instruction]], str | Non
 
 
 
-def _kind_of(opcode: str, line: str, computations: dict, seen: frozenset = frozenset()) -> str:
+def _kind_of(opcode: str, line: str, computations: dict, seen: frozenset = frozenset(),
+             lhs_shape: str | None = None) -> str:
     if opcode in ("dot", "dot-general"):
         return "matmul"
     if opcode == "convolution":
-        return "matmul" if _is_matmul_convolution(line) else "convolution"
+        return "matmul" if _is_matmul_convolution(line, lhs_shape) else "convolution"
     if opcode == "custom-call":
         target = (_TARGET.search(line) or [None, ""])[1].lower()
         if any(s in target for s in ("fmha", "flash", "attention", "splash", "tpu_custom_call", "mosaic")):
@@ -177,19 +178,34 @@ def _kind_of(opcode: str, line: str, computations: dict, seen: frozenset = froze
     return "other"
 
 
-def _is_matmul_convolution(line: str) -> bool:
-    """XLA:TPU writes matmuls (and their gradients) as convolutions: without a spatial window, with a window of ones,
-    or with a window that covers the whole input (every spatial output dimension has size 1)."""
+def _is_matmul_convolution(line: str, lhs_shape: str | None = None) -> bool:
+    """XLA:TPU writes matmuls (and their gradients) as convolutions. It is one when every spatial dimension whose
+    window is longer than 1 is either covered whole by the window (its output has size 1: a contraction) or slides
+    over an input of size 1 padded to the window (one real tap per output position: the output gains a dimension, as
+    in an einsum into heads; `lhs_shape`, the input's shape, shows it). Windows of 1 carry a batch-like dimension."""
     window = _WINDOW.search(line)
-    if window is None or all(int(k) == 1 for k in window.group(1).split("x")):
+    if window is None:
         return True
-    labels = re.search(r"dim_labels=\w+_\w+->(\w+)", line)
+    labels = re.search(r"dim_labels=(\w+)_\w+->(\w+)", line)
     shape = re.search(r"=\s+[a-z]+\d*\[([\d,]*)\]", line)
+    sizes = [int(k) for k in window.group(1).split("x")]
+    if all(k == 1 for k in sizes):
+        return True
     if labels is None or shape is None:
         return False
-    dims = [int(d) for d in shape.group(1).split(",") if d]
-    spatial = [dims[i] for i, c in enumerate(labels.group(1)) if c.isdigit() and i < len(dims)]
-    return bool(spatial) and all(d == 1 for d in spatial)
+    out_dims = [int(d) for d in shape.group(1).split(",") if d]
+    lhs = re.search(r"\[([\d,]*)\]", lhs_shape or "")
+    lhs_dims = [int(d) for d in lhs.group(1).split(",") if d] if lhs else []
+    for i, k in enumerate(sizes):
+        if k == 1:
+            continue
+        out_pos, lhs_pos = labels.group(2).find(str(i)), labels.group(1).find(str(i))
+        if 0 <= out_pos < len(out_dims) and out_dims[out_pos] == 1:
+            continue
+        if 0 <= lhs_pos < len(lhs_dims) and lhs_dims[lhs_pos] == 1:
+            continue
+        return False
+    return True
 
 
 _KERNEL_NAMES = (  # for device events the HLO does not name (kernel names): first match wins
@@ -209,7 +225,13 @@ def _kind_from_name(name: str) -> str:
 
 
 def _computation_kinds(name: str, computations: dict, seen: frozenset) -> list[str]:
-    return [_kind_of(i.opcode, i.line, computations, seen) for i in computations.get(name, ())]
+    instructions = computations.get(name, ())
+    shapes = {i.name: i.shape for i in instructions}
+    return [_kind_of(i.opcode, i.line, computations, seen, _lhs_shape(i, shapes)) for i in instructions]
+
+
+def _lhs_shape(inst: Instruction, shapes: dict[str, str]) -> str | None:
+    return shapes.get(inst.operands[0]) if inst.opcode == "convolution" and inst.operands else None
 
 
 def parse_hlo(hlo_texts: Iterable[str]) -> dict[str, dict]:
@@ -225,10 +247,11 @@ def classify(computations: dict[str, list[Instruction]]) -> dict[str, dict]:
     """{instruction name: {"kind", "opcode", "scope"}} for every instruction of parsed computations."""
     out = {}
     for instructions in computations.values():
+        shapes = {i.name: i.shape for i in instructions}
         for i in instructions:
             op_name = (_OP_NAME.search(i.line) or [None, ""])[1]
-            out[i.name] = {"kind": _kind_of(i.opcode, i.line, computations), "opcode": i.opcode,
-                           "scope": _scope(op_name)}
+            out[i.name] = {"kind": _kind_of(i.opcode, i.line, computations, lhs_shape=_lhs_shape(i, shapes)),
+                           "opcode": i.opcode, "scope": _scope(op_name)}
     return out
 
 

@@ -120,7 +120,43 @@ def _conv_flops(inst: Instruction, by_name: dict[str, Instruction], target: str 
     o = labels.group(2).find("o")
     if not filt_dims or o < 0 or o >= len(filt_dims):
         return 0.0
-    return 2.0 * math.prod(_dims(fwd_out)) * math.prod(filt_dims) / filt_dims[o]
+    fwd_in = result if "BackwardInput" in target else ops[0].shape
+    return (2.0 * math.prod(_dims(fwd_out)) * math.prod(filt_dims) / filt_dims[o]
+            * _valid_tap_fraction(inst.line, labels, _dims(fwd_in), _dims(fwd_out)))
+
+
+def _window_attr(line: str, key: str) -> list[str] | None:
+    m = re.search(rf"window=\{{[^}}]*\b{key}=([\w\-]+)", line)
+    return m.group(1).split("x") if m else None
+
+
+def _valid_tap_fraction(line: str, labels, in_dims: list[int], out_dims: list[int]) -> float:
+    """The share of (output position, filter tap) pairs that read the input rather than its padding, over all
+    spatial dimensions; XLA's cost analysis counts only those. XLA:TPU writes some matmuls as convolutions whose
+    window slides over a size-1 dimension padded to the window (`size=1x16 pad=0_0x15_15`): 1 tap in 16 is real."""
+    sizes = _window_attr(line, "size")
+    if not sizes:
+        return 1.0
+    pads = _window_attr(line, "pad") or ["0_0"] * len(sizes)
+    strides = _window_attr(line, "stride") or ["1"] * len(sizes)
+    rhs_dilation = _window_attr(line, "rhs_dilate") or ["1"] * len(sizes)
+    lhs_dilation = _window_attr(line, "lhs_dilate") or ["1"] * len(sizes)
+    lhs_labels, out_labels = labels.group(1), labels.group(3)
+    fraction = 1.0
+    for i, size in enumerate(sizes):
+        d = str(i)
+        if d not in lhs_labels or d not in out_labels or lhs_labels.find(d) >= len(in_dims) \
+                or out_labels.find(d) >= len(out_dims):
+            return 1.0
+        n, out, k = in_dims[lhs_labels.find(d)], out_dims[out_labels.find(d)], int(size)
+        low, stride = int(pads[i].split("_")[0]), int(strides[i])
+        rd, ld = int(rhs_dilation[i]), int(lhs_dilation[i])
+        if out * k == 0 or out * k > 1_000_000:
+            continue
+        valid = sum(1 for p in range(out) for t in range(k)
+                    if 0 <= p * stride + t * rd - low <= (n - 1) * ld and (p * stride + t * rd - low) % ld == 0)
+        fraction *= valid / (out * k)
+    return fraction
 
 
 def _attention_flops(inst: Instruction, by_name: dict[str, Instruction]) -> float:

@@ -199,6 +199,11 @@ def test_hlo_ops_are_classed_by_what_they_compute():
     # A weight gradient: the window covers the whole (size-3) input dimension, so the output's is 1.
     line = "  %c = bf16[8,16,1]{2,1,0} convolution(%a, %b), window={size=3}, dim_labels=0fb_0io->bf0"
     assert profile._kind_of("convolution", line, {}) == "matmul"
+    # An einsum into heads as XLA:TPU writes it: the window slides over a size-1 input dimension padded to the window.
+    line = ("  %c = bf16[26,705,16,128]{3,1,2,0} convolution(%a, %b), window={size=1x16 pad=0_0x15_15 rhs_reversal=0x1}, "
+            "dim_labels=0bf1_i1o0->0b1f")
+    assert profile._kind_of("convolution", line, {}, lhs_shape="bf16[26,705,2048,1]") == "matmul"
+    assert profile._kind_of("convolution", line, {}, lhs_shape="bf16[26,705,2048,16]") == "convolution"
 
 
 def test_device_timeline_counts_kernels_only(tmp_path):
