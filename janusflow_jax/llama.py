@@ -17,7 +17,8 @@ import jax
 import jax.numpy as jnp
 
 from janusflow_jax.config import LlamaConfig
-from janusflow_jax.layers import DEFAULT_KERNEL_INIT, RMSNorm, dense, dot_product_attention, logical_init, maybe_remat
+from janusflow_jax.layers import (DEFAULT_KERNEL_INIT, HeadsDense, RMSNorm, dense, dot_product_attention, logical_init,
+                                  maybe_remat)
 
 Cache = dict[str, jax.Array]  # {"k": [layers, batch, max_len, kv_heads, head_dim], "v": same}
 
@@ -63,14 +64,10 @@ class LlamaAttention(nn.Module):
     @nn.compact
     def __call__(self, x, positions, mask, layer_cache, cache_index, segments=None):
         cfg = self.config
-        b, s, _ = x.shape
-        kw = dict(use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype)
-        q = dense(cfg.num_heads * cfg.head_dim, ("embed", "heads"), name="q_proj", **kw)(x)
-        k = dense(cfg.num_kv_heads * cfg.head_dim, ("embed", "kv_heads"), name="k_proj", **kw)(x)
-        v = dense(cfg.num_kv_heads * cfg.head_dim, ("embed", "kv_heads"), name="v_proj", **kw)(x)
-        q = q.reshape(b, s, cfg.num_heads, cfg.head_dim)
-        k = k.reshape(b, s, cfg.num_kv_heads, cfg.head_dim)
-        v = v.reshape(b, s, cfg.num_kv_heads, cfg.head_dim)
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        q = HeadsDense(cfg.num_heads, cfg.head_dim, ("embed", "heads"), name="q_proj", **kw)(x)
+        k = HeadsDense(cfg.num_kv_heads, cfg.head_dim, ("embed", "kv_heads"), name="k_proj", **kw)(x)
+        v = HeadsDense(cfg.num_kv_heads, cfg.head_dim, ("embed", "kv_heads"), name="v_proj", **kw)(x)
         q = rotary_embedding(q, positions, cfg.rope_theta)
         k = rotary_embedding(k, positions, cfg.rope_theta)
         q = nn.with_logical_constraint(q, ("activation_batch", "activation_length", "activation_heads", None))
@@ -82,8 +79,8 @@ class LlamaAttention(nn.Module):
             layer_cache = {"k": k_all, "v": v_all}
             k, v = k_all.astype(self.dtype), v_all.astype(self.dtype)
         out = dot_product_attention(q, k, v, mask, implementation=self.attention, segments=segments, causal=True)
-        out = out.reshape(b, s, cfg.num_heads * cfg.head_dim)
-        out = dense(cfg.hidden_size, ("heads", "embed"), name="o_proj", **kw)(out)
+        out = HeadsDense(cfg.num_heads, cfg.head_dim, ("heads", "embed"), to_heads=False, features=cfg.hidden_size,
+                         name="o_proj", **kw)(out)
         return out, layer_cache
 
 
