@@ -16,32 +16,6 @@ Axes = Sequence[str | None]
 # Default initialisers (only used for freshly created parameters; converted checkpoints overwrite them).
 DEFAULT_KERNEL_INIT = nn.initializers.normal(stddev=0.02)
 
-class HeadsDense(nn.Module):
-    """A bias-free projection into or out of attention heads: nn.Dense's parameter (one [in, out] kernel, same name,
-    shape, logical axes and initialiser, so checkpoints and conversion do not change) applied with the kernel
-    reshaped to heads, so the activations are never reshaped. `to_heads`: [..., in] -> [..., heads, head_dim];
-    else [..., heads, head_dim] -> [..., features]. Reshaping [batch, seq, heads * head_dim] activations into heads
-    changes their tiled layout on a TPU, a copy per projection and per gradient; the kernel is small."""
-
-    heads: int
-    head_dim: int
-    axes: Axes  # the kernel's logical axes (in, out), as for `dense`
-    to_heads: bool = True
-    features: int = 0  # the output width when not to_heads
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
-
-    @nn.compact
-    def __call__(self, x):
-        width = self.heads * self.head_dim
-        shape = (x.shape[-1], width) if self.to_heads else (width, self.features)
-        kernel = self.param("kernel", logical_init(DEFAULT_KERNEL_INIT, self.axes), shape, self.param_dtype)
-        x, kernel = nn.dtypes.promote_dtype(x, kernel, dtype=self.dtype)
-        if self.to_heads:
-            return jnp.einsum("...e,ehd->...hd", x, kernel.reshape(shape[0], self.heads, self.head_dim))
-        return jnp.einsum("...hd,hdf->...f", x, kernel.reshape(self.heads, self.head_dim, self.features))
-
-
 # Named rematerialisation policies, selected by `config.remat_policy`.
 REMAT_POLICIES: dict[str, Callable | None] = {
     "none": None,  # no remat: keep every activation
@@ -82,6 +56,32 @@ def dense(
         bias_init=logical_init(nn.initializers.zeros_init(), (axes[-1],)),
         name=name,
     )
+
+
+class HeadsDense(nn.Module):
+    """A bias-free projection into or out of attention heads: nn.Dense's parameter (one [in, out] kernel, same name,
+    shape, logical axes and initialiser, so checkpoints and conversion do not change) applied with the kernel
+    reshaped to heads, so the activations are never reshaped. `to_heads`: [..., in] -> [..., heads, head_dim];
+    else [..., heads, head_dim] -> [..., features]. Reshaping [batch, seq, heads * head_dim] activations into heads
+    changes their tiled layout on a TPU, a copy per projection and per gradient; the kernel is small."""
+
+    heads: int
+    head_dim: int
+    axes: Axes  # the kernel's logical axes (in, out), as for `dense`
+    to_heads: bool = True
+    features: int = 0  # the output width when not to_heads
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        width = self.heads * self.head_dim
+        shape = (x.shape[-1], width) if self.to_heads else (width, self.features)
+        kernel = self.param("kernel", logical_init(DEFAULT_KERNEL_INIT, self.axes), shape, self.param_dtype)
+        x, kernel = nn.dtypes.promote_dtype(x, kernel, dtype=self.dtype)
+        if self.to_heads:
+            return jnp.einsum("...e,ehd->...hd", x, kernel.reshape(shape[0], self.heads, self.head_dim))
+        return jnp.einsum("...hd,hdf->...f", x, kernel.reshape(self.heads, self.head_dim, self.features))
 
 
 class RMSNorm(nn.Module):
