@@ -631,7 +631,7 @@ def save_json(report: dict, json_dir) -> Path:
 GPU_NOTE = """### Running these on a GPU
 
 `bash benchmarks/gpu_session.sh` runs the 1.3B set on one NVIDIA GPU step by step (the profiled train step, the
-same step with remat "dots", sample, torch, vae), each in its own process with its own time limit; the summary of
+same step with the layers unrolled, sample, torch, vae), each in its own process with its own time limit; the summary of
 the H200 run is in "One H200" above this section.
 """
 
