@@ -62,9 +62,9 @@ J="--json_dir=$OUT --out="
 #    in /tmp/profile on the machine: too large to bring back).
 step train 240 $B train --config=$CONFIG --config.batch_size=48 --steps=5 --warmup=2 --profile_dir=/tmp/profile $J \
   --note="one GPU, batch 48 in the 14:80:6 phase, profiled"
-# 2. The same step with the layers unrolled (scan_layers=False): its compiled program moves 855 GB of HBM a step
+# 2. The same step with the layers unrolled (scan_layers=False): its compiled program moves 844 GB of HBM a step
 #    instead of 1,138 (no stacking of the saved activations) and needs 68 GiB instead of 85 (roofline.py on the
-#    H200-compiled programs: bound 437.9 vs 497.0 ms). (remat "dots" compiles to the same program as dots_no_batch
+#    H200-compiled programs: bound 435.6 vs 497.0 ms). (remat "dots" compiles to the same program as dots_no_batch
 #    here, so it is not worth a step.)
 step train_unrolled 200 $B train --config=$CONFIG --config.batch_size=48 --config.model.scan_layers=False --steps=5 \
   --warmup=2 $J --note="one GPU, batch 48, layers unrolled"
