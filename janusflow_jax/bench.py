@@ -363,19 +363,29 @@ def bench_torch(config, reps: int = 5, sample_batch: int = 4, sample_steps: int 
     def torch_sample(steps=sample_steps):
         return tb.sample_official(t_model.eval(), t_ids, t_mask, t_z0, steps, cfg)
 
+    # Counted FLOPs of each piece of work (`flops.py`); the sampling loops differ by the prompt cache.
+    rows_2b, gen_seq = 2 * sample_batch, sample.prompt_len + 1 + model_cfg.num_gen_tokens
+    velocity_flops = (flops_lib.llm_forward(model_cfg, rows_2b, gen_seq, logits=False)
+                      + flops_lib.gen_towers_forward(model_cfg, rows_2b))
+    train_flops = flops_lib.step_counts(train.plan, train.phase)["flops"]
+    sampled = {cache: flops_lib.sampling_flops(model_cfg, sample_batch, sample_steps, sample.prompt_len, cfg != 1.0,
+                                               cache) for cache in (True, False)}
+
     sampling = f"sampling {sample_steps} steps cfg {cfg:g}"
-    # JAX work -> the torch work it is compared with. Both JAX sampling variants are compared with the same torch
-    # loop (timed once per repetition: it is the slowest item).
+    # JAX work -> (function, the torch work it is compared with, its FLOPs). Both JAX sampling variants are compared
+    # with the same torch loop (timed once per repetition: it is the slowest item).
     work = {
-        "velocity forward": (lambda: velocity(sample.params, v_ids, v_mask, v_z, v_t), "velocity"),
-        "train step": (train.step, "train"),
+        "velocity forward": (lambda: velocity(sample.params, v_ids, v_mask, v_z, v_t), "velocity", velocity_flops),
+        "train step": (train.step, "train", train_flops),
         f"{sampling}, JAX prompt cache": (
-            lambda: sample_latents(sample.model, sample.params, j_ids, j_mask, j_z0, sample_steps, cfg), "sample"),
+            lambda: sample_latents(sample.model, sample.params, j_ids, j_mask, j_z0, sample_steps, cfg), "sample",
+            sampled[True]),
         f"{sampling}, JAX full recompute": (
             lambda: sample_latents(sample.model, sample.params, j_ids, j_mask, j_z0, sample_steps, cfg,
-                                   use_prompt_cache=False), "sample"),
+                                   use_prompt_cache=False), "sample", sampled[False]),
     }
     torch_work = {"velocity": torch_velocity, "train": torch_train, "sample": torch_sample}
+    torch_flops = {"velocity": velocity_flops, "train": train_flops, "sample": sampled[False]}  # the demo recomputes
 
     def time_torch(fn):
         start = time.perf_counter()
@@ -383,35 +393,24 @@ def bench_torch(config, reps: int = 5, sample_batch: int = 4, sample_steps: int 
         tb.synchronize(device)
         return time.perf_counter() - start
 
-    for name, (j, _) in work.items():  # warm-up: compiles JAX, lets torch allocate (the loop with 2 steps: same kernels)
+    for name, (j, _, _) in work.items():  # warm-up: compiles JAX, lets torch allocate (the loop with 2 steps: same kernels)
         progress(f"torch: JAX warm-up of {name}: {time_call(j):.1f} s")
     for key, t in torch_work.items():
         time_torch((lambda: torch_sample(min(2, sample_steps))) if key == "sample" else t)
     j_times = {name: [] for name in work}
     t_times = {key: [] for key in torch_work}
     for _ in range(reps):
-        for name, (j, key) in work.items():  # alternate: JAX, torch, JAX, torch, ...
+        for name, (j, key, _) in work.items():  # alternate: JAX, torch, JAX, torch, ...
             j_times[name].append(time_call(j))
             if len(t_times[key]) < len(j_times[name]):
                 t_times[key].append(time_torch(torch_work[key]))
             progress(f"torch: {name}: JAX {j_times[name][-1]:.4g} s, torch {t_times[key][-1]:.4g} s")
-    times = {name: (j_times[name], t_times[key]) for name, (_, key) in work.items()}
-    # Counted FLOPs (JAX's, torch's) of each piece of work.
-    rows_2b, gen_seq = 2 * sample_batch, sample.prompt_len + 1 + model_cfg.num_gen_tokens
-    velocity_flops = (flops_lib.llm_forward(model_cfg, rows_2b, gen_seq, logits=False)
-                      + flops_lib.gen_towers_forward(model_cfg, rows_2b))
-    train_flops = flops_lib.step_counts(train.plan, train.phase)["flops"]
-    sampled = {cache: flops_lib.sampling_flops(model_cfg, sample_batch, sample_steps, sample.prompt_len, cfg != 1.0,
-                                               cache) for cache in (True, False)}
-    counted = dict(zip(work, [(velocity_flops,) * 2, (train_flops,) * 2, (sampled[True], sampled[False]),
-                              (sampled[False],) * 2]))
     peak, _ = device_peak(cpu_peak)
     rows = []
-    for name, (j_times, t_times) in times.items():
-        j_s, t_s = statistics.median(j_times), statistics.median(t_times)
-        j_f, t_f = counted[name]
-        rows.append({"work": name, "jax_s": j_s, "torch_s": t_s, "speedup": t_s / j_s, "jax_s_all": j_times,
-                     "torch_s_all": t_times, "jax_flops": j_f, "torch_flops": t_f, "jax_tflops": j_f / j_s / 1e12,
+    for name, (_, key, j_f) in work.items():
+        j_s, t_s, t_f = statistics.median(j_times[name]), statistics.median(t_times[key]), torch_flops[key]
+        rows.append({"work": name, "jax_s": j_s, "torch_s": t_s, "speedup": t_s / j_s, "jax_s_all": j_times[name],
+                     "torch_s_all": t_times[key], "jax_flops": j_f, "torch_flops": t_f, "jax_tflops": j_f / j_s / 1e12,
                      "torch_tflops": t_f / t_s / 1e12,
                      "speedup_ceiling": t_s * peak / j_f if peak else float("nan")})
     return {"rows": rows, "reps": reps, "sample_batch": sample_batch, "torch": torch.__version__, "peak_flops": peak,
