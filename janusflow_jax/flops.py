@@ -49,19 +49,21 @@ HBM_BANDWIDTH = {
 }
 
 
-def _lookup(table: dict, device) -> float:
+def lookup(table: dict, device=None) -> float:
+    """The value of `table` (keyed by lower-case device-kind fragments) for `device` (default: the first): the
+    longest key its device kind contains, 0 when none does."""
     kind = (device or jax.devices()[0]).device_kind.lower()
     return next((table[name] for name in sorted(table, key=len, reverse=True) if name in kind), 0.0)
 
 
 def hbm_bandwidth(device=None) -> float:
     """HBM bytes/s of `device` (default: the first), 0 when unknown."""
-    return _lookup(HBM_BANDWIDTH, device)
+    return lookup(HBM_BANDWIDTH, device)
 
 
 def peak_flops_per_device(device=None) -> float:
     """Peak bf16 FLOP/s of `device` (default: the first), 0 when unknown (CPU: MFU is then not reported)."""
-    return _lookup(PEAK_BF16, device)
+    return lookup(PEAK_BF16, device)
 
 
 def llm_forward(cfg: JanusFlowConfig, rows: int, seq: int, logits: bool, past: int = 0) -> float:

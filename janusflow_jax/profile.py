@@ -6,7 +6,8 @@ event that XLA tagged with an `hlo_op` (device kernels on a GPU/TPU; the runtime
 op, and each op is classed from the optimized HLO of the compiled program (`compiled.as_text()`):
 
   matmul        a dot, a fusion around one (cuBLAS/Triton GEMMs, TPU matmul fusions) or a GEMM custom call; also a
-                convolution with no spatial window, or a window of ones (how XLA:TPU writes matmuls)
+                convolution that is a matmul in XLA:TPU's writing (`_is_matmul_convolution`: windows of ones, windows
+                covering their whole input, windows over size-1 inputs padded to the window)
   attention     a fused attention kernel (cuDNN flash attention; on a TPU, the Pallas Splash kernel)
   convolution   a convolution with a spatial window, or a fusion around one
   reduction     a fusion whose work is a reduce (norms, softmax statistics, losses, gradient sums)
@@ -136,8 +137,6 @@ def parse_module(hlo_text: str) -> tuple[dict[str, list[Instruction]], str | Non
             if inst is not None:
                 current.append(inst)
     return computations, entry
-
-
 
 
 def _kind_of(opcode: str, line: str, computations: dict, seen: frozenset = frozenset(),

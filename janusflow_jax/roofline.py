@@ -291,7 +291,7 @@ def _kernel_bytes(inst: Instruction, computations: dict, by_name: dict) -> float
         return 2 * hbm_bytes(inst.shape)
     if inst.opcode == "copy-start":  # (destination, source alias, context): the source is the operand
         parts = _ARRAY_LAYOUT.findall(inst.shape)
-        dest = hbm_bytes("".join(f"{d}[{s}]{l}" for d, s, l in parts[:1]))
+        dest = _array_bytes(*parts[0][:2]) if parts and _in_hbm(parts[0][2]) else 0.0
         return dest + sum(hbm_bytes(by_name[o].shape) for o in inst.operands[:1] if o in by_name)
     return hbm_bytes(inst.shape) + sum(hbm_bytes(by_name[o].shape) for o in dict.fromkeys(inst.operands)
                                        if o in by_name)

@@ -313,7 +313,7 @@ def compile_train_step(config, devices, phase: int | None = None, extrapolate: b
     }
     memory["total"] = (memory["argument"] + memory["output"] - memory["alias"] + memory["temp"]
                        + memory["generated_code"])
-    hbm = next((b for k, b in sorted(HBM_BYTES.items(), key=lambda kv: -len(kv[0])) if k in kind.lower()), None)
+    hbm = flops_lib.lookup(HBM_BYTES, devices[0]) or None
     flops, compiler_seconds = _flops_and_seconds(compiled)
     peak = flops_lib.peak_flops_per_device(devices[0])
     bandwidth = flops_lib.hbm_bandwidth(devices[0])
