@@ -62,22 +62,26 @@ def main(argv) -> int:
     if not batch_sizes or not sample_steps or not cfgs:
         print("error: --batch_sizes, --sample_steps and --cfg need at least one value", file=sys.stderr)
         return 2
+    from janusflow_jax import paths
+
+    config = paths.resolve_config_paths(_CONFIG.value)
+    out, json_dir, profile_dir = (paths.resolve(f.value) for f in (_OUT, _JSON_DIR, _PROFILE_DIR))
     raw = sys.argv[1:]
     command = "python -m launch.bench " + " ".join(shlex.quote(a) for a in raw)
     try:
-        report = bench.run(argv[1], _CONFIG.value, label=_label(raw), command=command, steps=_STEPS.value,
+        report = bench.run(argv[1], config, label=_label(raw), command=command, steps=_STEPS.value,
                            warmup=_WARMUP.value, batch_sizes=batch_sizes, sample_steps=sample_steps, cfgs=cfgs,
                            reps=_REPS.value, torch_threads=_TORCH_THREADS.value, note=_NOTE.value,
-                           vae_dtypes=_VAE_DTYPES.value, profile_dir=_PROFILE_DIR.value or None)
+                           vae_dtypes=_VAE_DTYPES.value, profile_dir=profile_dir or None)
     except (bench.BenchError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     print(bench.format_report(report))
     try:
-        path = bench.save_json(report, _JSON_DIR.value)
+        path = bench.save_json(report, json_dir)
         print(f"saved {path}")
-        if _OUT.value:
-            bench.write_markdown(_OUT.value, _JSON_DIR.value)
+        if out:
+            bench.write_markdown(out, json_dir)
             print(f"updated the bench section of {_OUT.value}")
     except OSError as e:
         print(f"error: cannot write the results: {e}", file=sys.stderr)

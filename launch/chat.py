@@ -63,15 +63,16 @@ def main(argv) -> int:
         raise app.UsageError("--checkpoint is required")
     if not flags.FLAGS["verbosity"].present:  # orbax logs every restore step at INFO
         logging.set_verbosity(logging.WARNING)
-    from janusflow_jax import chat, inference
+    from janusflow_jax import chat, inference, paths
 
     options = dict(max_new_tokens=_MAX_NEW_TOKENS.value, temperature=_TEMPERATURE.value, top_p=_TOP_P.value,
                    seed=_SEED.value)
     try:
         from janusflow_jax.processor import load_image
 
-        images = [load_image(path) for path in _IMAGE.value]  # an unreadable image fails before the weights load
-        loaded = inference.load(_CHECKPOINT.value, dtype=_DTYPE.value)
+        # An unreadable image fails before the weights load.
+        images = [load_image(paths.resolve(path)) for path in _IMAGE.value]
+        loaded = inference.load(paths.resolve(_CHECKPOINT.value), dtype=_DTYPE.value)
         if not _QUESTION.value:
             return interactive(loaded, images, options)
         answers = chat.chat(loaded.model, loaded.params, loaded.processor, images, _QUESTION.value, **options)

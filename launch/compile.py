@@ -44,7 +44,7 @@ def main(argv) -> int:
         raise app.UsageError("--config and --topology are required")
     if not flags.FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)
-    from janusflow_jax import train_compile, trainer
+    from janusflow_jax import paths, train_compile, trainer
 
     try:
         devices = train_compile.topology_devices(_TOPOLOGY.value)
@@ -55,7 +55,7 @@ def main(argv) -> int:
         return 1
     print(train_compile.format_report(report, _TOPOLOGY.value))
     if _JSON.value:
-        with open(_JSON.value, "w") as f:
+        with open(paths.resolve(_JSON.value), "w") as f:
             json.dump({"topology": _TOPOLOGY.value, **report}, f, indent=1)
     return 0
 

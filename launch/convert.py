@@ -139,15 +139,17 @@ def main(argv) -> int:
     _check_args()
     if not flags.FLAGS["verbosity"].present:  # orbax logs every step of a save at INFO
         logging.set_verbosity(logging.WARNING)
+    from janusflow_jax import paths
     from janusflow_jax.convert import CheckpointMismatchError
 
+    out, torch_dir, ckpt = (paths.resolve_optional(f.value) for f in (_OUT, _TORCH_DIR, _CKPT))
     start = time.perf_counter()
     try:
         if _TO.value == "jax":
-            summary = to_jax(_TORCH_DIR.value, _OUT.value, _PARAM_DTYPE.value or "float32", _SCAN_LAYERS.value,
+            summary = to_jax(torch_dir, out, _PARAM_DTYPE.value or "float32", _SCAN_LAYERS.value,
                              _SEED.value, _OVERWRITE.value)
         else:
-            summary = to_torch(_OUT.value, _CKPT.value, _RANDOM_CONFIG.value, _PARAM_DTYPE.value, _TORCH_DTYPE.value,
+            summary = to_torch(out, ckpt, _RANDOM_CONFIG.value, _PARAM_DTYPE.value, _TORCH_DTYPE.value,
                                _INCLUDE_REPA.value, _SEED.value, _OVERWRITE.value)
     except (CheckpointMismatchError, FileExistsError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)

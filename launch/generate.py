@@ -59,19 +59,19 @@ def main(argv) -> int:
             raise app.UsageError(f"--{name} is required")
     if not flags.FLAGS["verbosity"].present:  # orbax logs every restore step at INFO
         logging.set_verbosity(logging.WARNING)
-    from janusflow_jax import inference, sampler
+    from janusflow_jax import inference, paths, sampler
 
+    checkpoint, out, vae = (paths.resolve_optional(f.value) for f in (_CHECKPOINT, _OUT, _VAE))
     try:
-        prompts = read_prompts(_PROMPT.value, _PROMPTS_FILE.value)
+        prompts = read_prompts(_PROMPT.value, paths.resolve_optional(_PROMPTS_FILE.value))
         start = time.perf_counter()
-        loaded = inference.load(_CHECKPOINT.value, dtype=_DTYPE.value, with_vae=True, vae=_VAE.value)
+        loaded = inference.load(checkpoint, dtype=_DTYPE.value, with_vae=True, vae=vae)
         settings = dict(cfg=_CFG.value, steps=_STEPS.value, seed=_SEED.value, template=_TEMPLATE.value,
                         reference_t_rounding=_REFERENCE_T.value)
         images = sampler.generate_images(loaded.model, loaded.params, loaded.processor, loaded.vae,
                                          loaded.vae_params, prompts, images_per_prompt=_NUM_IMAGES.value,
                                          batch_size=_BATCH_SIZE.value, progress=True, **settings)
-        files = inference.save_images(_OUT.value, images, prompts, _NUM_IMAGES.value,
-                                       dict(settings, checkpoint=_CHECKPOINT.value))
+        files = inference.save_images(out, images, prompts, _NUM_IMAGES.value, dict(settings, checkpoint=checkpoint))
     except inference.USER_ERRORS as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

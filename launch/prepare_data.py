@@ -32,10 +32,10 @@ def main(argv) -> int:
         import jax
 
         jax.distributed.initialize()
-    from janusflow_jax import prepare
+    from janusflow_jax import paths, prepare
 
     try:
-        summary = prepare.run(_CONFIG.value, progress=_PROGRESS.value)
+        summary = prepare.run(paths.resolve_config_paths(_CONFIG.value), progress=_PROGRESS.value)
     except (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

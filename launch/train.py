@@ -47,24 +47,27 @@ def main(argv) -> int:
         jax.distributed.initialize()
     from janusflow_jax import trainer
 
-    config = _CONFIG.value
+    from janusflow_jax import paths
+
+    config = paths.resolve_config_paths(_CONFIG.value)  # user paths, relative to where the command was typed
+    workdir = paths.resolve(_WORKDIR.value)
     try:
         if "recipe" in config:  # a multi-stage recipe (configs/digits.py): its own pipeline prints where things are
             if "digits" in config:
                 from janusflow_jax import digits
 
-                digits.run(config, _WORKDIR.value, progress=_PROGRESS.value)
+                digits.run(config, workdir, progress=_PROGRESS.value)
             else:
                 from janusflow_jax import recipe
 
-                recipe.run_stages(config, _WORKDIR.value, progress=_PROGRESS.value)
+                recipe.run_stages(config, workdir, progress=_PROGRESS.value)
             return 0
-        metrics = trainer.train(config, _WORKDIR.value, progress=_PROGRESS.value)
+        metrics = trainer.train(config, workdir, progress=_PROGRESS.value)
     except (trainer.TrainingError, ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     if jax.process_index() == 0:
-        workdir = Path(_WORKDIR.value)
+        workdir = Path(_WORKDIR.value)  # as the user typed it
         print(f"done: final loss {metrics.get('loss', float('nan')):.4f}; checkpoints in {workdir / 'checkpoints'}, "
               f"loss curve {workdir / 'loss_curve.png'}, TensorBoard logs in {workdir / 'tensorboard'}")
     return 0

@@ -4,6 +4,7 @@ The CLI's `main` runs in-process (absl flags reset before each call); one subpro
 """
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -93,6 +94,19 @@ def test_round_trip_fp32(official_dir, tmp_path, capsys):
     assert "--overwrite" in capsys.readouterr().err
     assert run_cli("--to=torch", f"--ckpt={ckpt}", f"--out={back}", "--overwrite", "--include_repa") == 0
     assert any(k.startswith("repa_projector.") for k in load_file(str(back / "model.safetensors")))
+
+
+def test_relative_paths_both_ways(official_dir, tmp_path, monkeypatch, capsys):
+    """As a user types it: every path relative to the current directory (orbax itself needs absolute ones)."""
+    (tmp_path / "sub").mkdir()
+    monkeypatch.chdir(tmp_path / "sub")  # the source is reached through "..": nothing is absolute
+    source = Path(os.path.relpath(official_dir, tmp_path / "sub"))
+    assert not source.is_absolute() and source.parts[0] == ".."
+    assert run_cli("--to=jax", f"--torch_dir={source}", "--out=ckpts/tiny") == 0
+    assert run_cli("--to=torch", "--ckpt=ckpts/tiny", "--out=back") == 0
+    assert "wrote 125 tensors" in capsys.readouterr().out
+    assert (tmp_path / "sub" / "ckpts" / "tiny").is_dir()
+    assert_same_official(official_dir, tmp_path / "sub" / "back")
 
 
 def test_round_trip_scanned(official_dir, scanned_ckpt, tmp_path):

@@ -7,6 +7,7 @@ one subprocess checks the module entry point.
 from __future__ import annotations
 
 import io
+import os
 import shutil
 import subprocess
 import sys
@@ -116,6 +117,20 @@ def test_convert_copies_inference_files_and_clis_run_from_orbax(orbax_ckpt, offi
                    "--question=what color is the cat", "--max_new_tokens=4") == 0
     out = capsys.readouterr().out
     assert out.count("Q: ") == 2 and "Q: what color is the cat\nA: " in out
+
+
+def test_relative_paths(orbax_ckpt, image, tmp_path, monkeypatch, capsys):
+    """The orbax checkpoint, the image, the prompts file and the output as a user types them: relative to the current
+    directory (orbax refuses relative paths; the CLIs resolve them where they enter)."""
+    monkeypatch.chdir(tmp_path)
+    ckpt, photo = os.path.relpath(orbax_ckpt, tmp_path), os.path.relpath(image, tmp_path)
+    assert ckpt.startswith("..") and photo.startswith("..")
+    Path("prompts.txt").write_text("a red cat\n", encoding="utf-8")
+    assert run_cli(generate_cli, f"--checkpoint={ckpt}", "--prompts_file=prompts.txt", "--out=gen",
+                   *GENERATE_ARGS[1:]) == 0
+    assert "wrote 2 images" in capsys.readouterr().out and (tmp_path / "gen" / "grid.png").is_file()
+    assert run_cli(chat_cli, f"--checkpoint={ckpt}", f"--image={photo}", "--question=what is this",
+                   "--max_new_tokens=2") == 0
 
 
 def test_chat_interactive(official, image, monkeypatch, capsys):
