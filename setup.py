@@ -6,7 +6,7 @@ setup(
     name="janusflow_jax",
     version="0.1.0",
     description="JAX/Flax reimplementation of DeepSeek JanusFlow with exact PyTorch checkpoint conversion and training.",
-    packages=find_packages(include=["janusflow_jax", "janusflow_jax.*", "configs", "launch"]),
+    packages=find_packages(include=["janusflow_jax", "janusflow_jax.*", "configs", "launch", "examples", "examples.*"]),
     python_requires=">=3.10",
     install_requires=[
         "jax>=0.7",

@@ -21,8 +21,10 @@ import numpy as np
 from PIL import Image
 
 from configs import prepare_data
-from janusflow_jax import prepare, vae
-from janusflow_jax.processor import make_tokenizer
+from janusflow_jax.data import prepare
+from janusflow_jax.convert import vae as vae_convert
+from janusflow_jax.models import vae
+from janusflow_jax.data.processor import make_tokenizer
 
 WORDS = ("a the red blue green cat dog bird photo of what is this on in big small sky grass tree two three "
          "people street car house water mountain light dark old new man woman child table chair window").split()
@@ -46,7 +48,7 @@ def build(out: Path, records: int = 96, seed: int = 0) -> Path:
     for name, rows in (("gen", gen), ("und", und), ("text", text)):
         (out / f"{name}.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     vae_config = vae.VAEConfig(block_out_channels=(8, 8, 8, 8), layers_per_block=1, norm_num_groups=4)
-    vae.to_diffusers(vae_config, vae.init_vae_params(vae_config, jax.random.key(seed)), out / "vae")
+    vae_convert.to_diffusers(vae_config, vae.init_vae_params(vae_config, jax.random.key(seed)), out / "vae")
     config = prepare_data.get_config("1.3b")
     with config.unlocked():
         config.prepare.update(dict(

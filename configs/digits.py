@@ -9,7 +9,7 @@ manifests (understanding "What digit is this?" -> "seven", generation "a handwri
 sentences about digits); `launch.prepare_data`'s job turns them into ArrayRecord shards in the download-free
 `space_to_depth` latent space; then the three stages train as configs/stage{1,2,3}.py do (same freeze rules and
 mixtures, each initialised from the previous stage's EMA weights) and the held-out 20% is evaluated
-(janusflow_jax/digits.py). The top-level fields are those of a stage config and apply to every stage; `recipe.stageN`
+(examples/digits/pipeline.py). The top-level fields are those of a stage config and apply to every stage; `recipe.stageN`
 holds what differs per stage (steps, lr, warmup, EMA decay, mixture, freeze rules), e.g.
 `--config.recipe.stage2.steps=600`.
 
@@ -26,7 +26,7 @@ of an 8 x 8 digit.
 import ml_collections
 
 from configs import stage1, stage2, stage3
-from janusflow_jax.train_config import base_config
+from configs._base import base_config
 
 IMAGE_SIZE = 16
 PATCH_SIZE = 4  # SigLIP: (16 / 4)^2 = 16 patches, one per latent token (REPA)

@@ -16,7 +16,7 @@ from configs import janusflow_1_3b, tiny
 
 
 def prepare_config(**overrides) -> ml_collections.ConfigDict:
-    """The job's fields (see janusflow_jax/prepare.py for the inputs and the record format)."""
+    """The job's fields (see janusflow_jax/data/prepare.py for the inputs and the record format)."""
     job = ml_collections.ConfigDict(dict(
         out="",  # output directory, seen by every host
         tokenizer="",  # a directory with tokenizer.json (+ processor_config.json / preprocessor_config.json)
@@ -30,7 +30,7 @@ def prepare_config(**overrides) -> ml_collections.ConfigDict:
         seq_len=4096,
         prompt_len=128,
         # Share of generation prompts in the SFT template "User: {p}\n\nAssistant:"; the rest use the pre-training
-        # template "<prompt>" (REFERENCE.md §7: pre-training data as <prompt><image>, SFT data in the chat template).
+        # template "<prompt>" (docs/reference.md §7: pre-training data as <prompt><image>, SFT data in the chat template).
         sft_fraction=0.0,
         system_prompt=config_dict.placeholder(str),  # None: the official system prompt; "" for none
         gen_crop="random",  # "random" (paper) or "center" square crop of the short-side-resized image

@@ -6,7 +6,7 @@ generation encoder/decoder and the REPA projector; the LLM and SigLIP stay froze
 Variant for tests and laptops: --config=stage1:tiny
 """
 
-from janusflow_jax.train_config import base_config
+from configs._base import base_config
 
 NEW_PARTS = r"(und_aligner|beg_of_und_embed|gen_encoder|gen_enc_aligner|gen_decoder|gen_dec_aligner_norm|gen_dec_aligner|repa_projector)/?"
 

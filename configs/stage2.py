@@ -5,7 +5,7 @@ The first 10,000 steps use the 30:50:20 mixture, then 14:80:6.
 Variant for tests and laptops: --config=stage2:tiny
 """
 
-from janusflow_jax.train_config import base_config
+from configs._base import base_config
 
 
 def get_config(arg=None):

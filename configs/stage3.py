@@ -4,7 +4,7 @@
 Variant for tests and laptops: --config=stage3:tiny
 """
 
-from janusflow_jax.train_config import base_config
+from configs._base import base_config
 
 
 def get_config(arg=None):

@@ -5,9 +5,9 @@ between the official PyTorch layout and JAX; `janusflow_jax.sharding` creates pa
 `sample_latents` / `generate_images` (text-to-image) and `chat` (image chat) are the inference entry points.
 """
 
-from janusflow_jax.config import (GenDecoderConfig, GenEncoderConfig, JanusFlowConfig, LlamaConfig, RepaConfig,
-                                  SigLIPConfig)
-from janusflow_jax.model import JanusFlow, abstract_params, init_params
+from janusflow_jax.models.config import (GenDecoderConfig, GenEncoderConfig, JanusFlowConfig, LlamaConfig,
+                                         RepaConfig, SigLIPConfig)
+from janusflow_jax.models.janusflow import JanusFlow, abstract_params, init_params
 
 __all__ = [
     "JanusFlow",
@@ -24,9 +24,9 @@ __all__ = [
     "chat",
 ]
 
-# Inference entry points, imported on first use (they pull in the tokenizer stack). `chat` is the module
-# janusflow_jax/chat.py, which is callable: janusflow_jax.chat(...) runs chat.chat(...).
-_LAZY = {"sample_latents": "janusflow_jax.sampler", "generate_images": "janusflow_jax.sampler"}
+# Inference entry points, imported on first use (they pull in the tokenizer stack).
+_LAZY = {"sample_latents": "janusflow_jax.inference.sampler", "generate_images": "janusflow_jax.inference.sampler",
+         "chat": "janusflow_jax.inference.chat"}
 
 
 def __getattr__(name):
@@ -34,6 +34,4 @@ def __getattr__(name):
 
     if name in _LAZY:
         return getattr(importlib.import_module(_LAZY[name]), name)
-    if name == "chat":
-        return importlib.import_module("janusflow_jax.chat")
     raise AttributeError(f"module 'janusflow_jax' has no attribute {name!r}")

@@ -15,25 +15,45 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import traverse_util
 
-from janusflow_jax.config import JanusFlowConfig
+from janusflow_jax.models.config import JanusFlowConfig
 
 
-def _manager(directory, create: bool = True) -> ocp.CheckpointManager:
-    # Handlers named up front: without them a fresh manager cannot read item metadata (it returns None).
-    # `ema` exists in training checkpoints (janusflow_jax/trainer.py): the EMA of the trainable parameters.
+# The items of a checkpoint step, each with its orbax handler. Training writes all of them
+# (`train/checkpointing.py`); `save_params` writes params + config; every reader opens a manager with all of them
+# named up front (without the handlers a fresh manager cannot read an item's metadata: it returns None).
+ITEMS = {
+    "params": "the full parameter tree (trainable + frozen)",
+    "ema": "the EMA of the trainable parameters (training checkpoints; `load_params(weights='ema')` overlays it)",
+    "opt_state": "the optimizer state of the trainable parameters",
+    "counters": "step and consecutive-skip count",
+    "data": "the data iterator's state (grain's handler: one file per process)",
+    "config": "the model config (JSON)",
+    "run_config": "the whole run config (JSON)",
+}
+
+
+def item_handlers() -> dict:
+    """{item: orbax handler} for every entry of ITEMS."""
     import grain.checkpoint as grain_ckpt
 
-    handlers = dict(params=ocp.StandardCheckpointHandler(), ema=ocp.StandardCheckpointHandler(),
-                    opt_state=ocp.StandardCheckpointHandler(), counters=ocp.StandardCheckpointHandler(),
-                    data=grain_ckpt.CheckpointHandler(), config=ocp.JsonCheckpointHandler(),
-                    run_config=ocp.JsonCheckpointHandler())
-    options = ocp.CheckpointManagerOptions(create=create, enable_async_checkpointing=False)
-    return ocp.CheckpointManager(os.fspath(directory), item_handlers=handlers, options=options)
+    array_tree, json_ = ocp.StandardCheckpointHandler, ocp.JsonCheckpointHandler
+    handlers = dict(params=array_tree(), ema=array_tree(), opt_state=array_tree(), counters=array_tree(),
+                    data=grain_ckpt.CheckpointHandler(), config=json_(), run_config=json_())
+    assert handlers.keys() == ITEMS.keys()
+    return handlers
+
+
+def manager(directory, *, create: bool = True, async_save: bool = False,
+            max_to_keep: int | None = None) -> ocp.CheckpointManager:
+    """An orbax CheckpointManager over the root `directory` that knows every item of ITEMS."""
+    options = ocp.CheckpointManagerOptions(create=create, enable_async_checkpointing=async_save,
+                                           max_to_keep=max_to_keep)
+    return ocp.CheckpointManager(os.fspath(directory), item_handlers=item_handlers(), options=options)
 
 
 def save_params(directory, config: JanusFlowConfig, params, step: int = 0, overwrite: bool = False):
     """Saves `params` (numpy or jax arrays, sharded or not) and `config` as step `step` of the root `directory`."""
-    with _manager(directory) as mngr:
+    with manager(directory) as mngr:
         if step in mngr.all_steps():
             if not overwrite:
                 raise FileExistsError(f"{directory} already holds step {step} (pass overwrite=True)")
@@ -56,7 +76,7 @@ def load_params(directory, mesh=None, shardings=None, step: int | None = None,
         raise ValueError(f"weights must be 'ema' or 'params', got {weights!r}")
     if not os.fspath(directory).startswith(("gs://", "s3://")) and not os.path.isdir(directory):
         raise FileNotFoundError(f"no checkpoint directory {directory}")
-    with _manager(directory, create=False) as mngr:
+    with manager(directory, create=False) as mngr:
         step = mngr.latest_step() if step is None else step
         if step is None:
             raise FileNotFoundError(f"no checkpoint steps in {directory}")

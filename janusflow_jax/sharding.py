@@ -6,16 +6,17 @@ A dimension that the mapped mesh axis does not divide is replicated instead (e.g
 
 from __future__ import annotations
 
+import contextlib
 import math
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import flax.linen as nn
 import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from janusflow_jax.config import JanusFlowConfig
-from janusflow_jax.model import JanusFlow, abstract_params
+from janusflow_jax.models.config import JanusFlowConfig
+from janusflow_jax.models.janusflow import JanusFlow, abstract_params
 
 MESH_AXES = ("data", "fsdp", "tensor")
 
@@ -41,6 +42,12 @@ DEFAULT_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     # generation encoder/decoder (small: only the wide ConvNeXt MLP is split)
     ("gen_mlp", "tensor"),
     ("gen_channels", "fsdp"),
+    # Mamba-2 (models/mamba2.py): the inner width and the per-head values split like the Llama's MLP and heads;
+    # the B/C state width and the conv taps are small
+    ("ssm_inner", "tensor"),
+    ("ssm_heads", "tensor"),
+    ("ssm_state", None),
+    ("conv_width", None),
     # stacked layers, norms and conv spatial dims stay replicated
     ("layers", None),
     ("norm", None),
@@ -82,6 +89,14 @@ def logical_to_shardings(abstract_boxed, mesh: Mesh, rules=DEFAULT_RULES):
                         is_leaf=lambda x: isinstance(x, PartitionSpec))
 
 
+@contextlib.contextmanager
+def mesh_context(mesh: Mesh, rules=DEFAULT_RULES) -> Iterator[Mesh]:
+    """The mesh and the logical-axis rules in force together: what tracing the model under a mesh needs (its
+    activation constraints name logical axes; the fused attention kernels read the mesh)."""
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        yield mesh
+
+
 def param_shardings(config: JanusFlowConfig, mesh: Mesh, rules=DEFAULT_RULES):
     return logical_to_shardings(abstract_params(config), mesh, rules)
 
@@ -91,7 +106,7 @@ def create_sharded_params(config: JanusFlowConfig, mesh: Mesh, rng, rules=DEFAUL
     model = JanusFlow(config)
     shardings = param_shardings(config, mesh, rules)
     init = jax.jit(lambda r: nn.unbox(model.init(r, method=JanusFlow.init_all)["params"]), out_shardings=shardings)
-    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    with mesh_context(mesh, rules):
         return init(rng)
 
 

@@ -4,7 +4,7 @@
                          --cfg=2.0 --reps=3 --torch_threads=0 --profile_dir=DIR] [--out=BENCHMARKS.md
                          --json_dir=benchmarks]
 
-MODE: train | sample | torch | vae | data | all (= train + sample + torch; see janusflow_jax/bench.py). Config overrides
+MODE: train | sample | torch | vae | data | all (= train + sample + torch; see janusflow_jax/perf/bench.py). Config overrides
 work as in launch.train (--config.batch_size=32, --config.model.llm.num_layers=4, ...). The report is printed as
 tables, saved as JSON under --json_dir and, unless --out is empty, written into the bench section of --out.
 """
@@ -44,7 +44,7 @@ def _label(argv: list[str]) -> str:
 
 
 def main(argv) -> int:
-    from janusflow_jax import bench
+    from janusflow_jax.perf import bench
 
     if len(argv) != 2 or argv[1] not in bench.MODES:
         print(f"error: give exactly one mode ({', '.join(bench.MODES)}), got {argv[1:]}", file=sys.stderr)

@@ -32,7 +32,7 @@ EXIT_WORDS = ("exit", "quit")
 
 def interactive(loaded, images, options, stdin=None, stdout=None) -> int:
     """Reads one question per line until end of input or "exit"; each answer sees the whole conversation."""
-    from janusflow_jax import chat
+    from janusflow_jax.inference import chat
 
     stdin, stdout = stdin or sys.stdin, stdout or sys.stdout
     tty = stdin.isatty()
@@ -63,12 +63,14 @@ def main(argv) -> int:
         raise app.UsageError("--checkpoint is required")
     if not flags.FLAGS["verbosity"].present:  # orbax logs every restore step at INFO
         logging.set_verbosity(logging.WARNING)
-    from janusflow_jax import chat, inference, paths
+    from janusflow_jax import paths
+    from janusflow_jax.inference import chat
+    from janusflow_jax.inference import load as inference
 
     options = dict(max_new_tokens=_MAX_NEW_TOKENS.value, temperature=_TEMPERATURE.value, top_p=_TOP_P.value,
                    seed=_SEED.value)
     try:
-        from janusflow_jax.processor import load_image
+        from janusflow_jax.data.processor import load_image
 
         # An unreadable image fails before the weights load.
         images = [load_image(paths.resolve(path)) for path in _IMAGE.value]

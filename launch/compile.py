@@ -11,7 +11,7 @@ TPU topologies need libtpu (`pip install "jax[tpu]"`; it warns about missing TPU
 GPU targets JAX's CUDA plugin (`pip install "jax[cuda13]"` at the installed jax version; no GPU or driver).
 `--config` resolves like launch/train.py; every --config.FIELD override works. Prints memory per chip against the
 chip's HBM, the compiled and counted FLOPs, the time estimate (XLA's where it has one, else the roofline of the
-compiled program, `roofline.py`), the MFU it implies and the roofline by kind of work (janusflow_jax/train_compile.py
+compiled program, `roofline.py`), the MFU it implies and the roofline by kind of work (janusflow_jax/perf/aot.py
 says how to read them). Exits 1 with one line when the topology is unknown or XLA cannot compile (e.g. out of HBM).
 """
 
@@ -31,8 +31,6 @@ _TOPOLOGY = flags.DEFINE_string("topology", None, "v5p-128, v5e-256, v6e-256, v4
                                                   "h100, h200, a100 (optionally :GPUS or :HOSTSxGPUS), or cpu:N for "
                                                   "N local CPU devices.")
 _PHASE = flags.DEFINE_integer("phase", None, "Mixture phase whose batch shapes to compile (default: the longest).")
-_EXTRAPOLATE = flags.DEFINE_bool("extrapolate", True, "When loops (scanned layers, micro-batches) hide the step's "
-                                  "cost from XLA, estimate the whole step from three small unrolled compiles.")
 _JSON = flags.DEFINE_string("json", None, "Also write the report as JSON to this path.")
 
 
@@ -44,12 +42,13 @@ def main(argv) -> int:
         raise app.UsageError("--config and --topology are required")
     if not flags.FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)
-    from janusflow_jax import paths, train_compile, trainer
+    from janusflow_jax import paths
+    from janusflow_jax.perf import aot as train_compile
+    from janusflow_jax.train import loop as trainer
 
     try:
         devices = train_compile.topology_devices(_TOPOLOGY.value)
-        report = train_compile.compile_train_step(config, devices, phase=_PHASE.value,
-                                                   extrapolate=_EXTRAPOLATE.value)
+        report = train_compile.compile_train_step(config, devices, phase=_PHASE.value)
     except (train_compile.TopologyError, train_compile.CompileError, trainer.TrainingError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -20,7 +20,7 @@ def resolve_config_arg(argv: list[str]) -> list[str]:
             if "/" not in name and not name.endswith(".py"):
                 path = CONFIG_DIR / f"{name}.py"
                 if not path.exists():
-                    known = sorted(p.stem for p in CONFIG_DIR.glob("*.py") if p.stem != "__init__")
+                    known = sorted(p.stem for p in CONFIG_DIR.glob("*.py") if not p.stem.startswith("_"))
                     raise SystemExit(f"error: no config {name!r} (configs/{name}.py); known: {', '.join(known)}")
                 a = f"--config={path}" + (f":{arg}" if arg else "")
         out.append(a)

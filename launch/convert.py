@@ -80,7 +80,9 @@ def to_jax(torch_dir: str, out: str, param_dtype: str = "float32", scan_layers: 
     Returns a summary dict."""
     import jax
 
-    from janusflow_jax import checkpoint, convert, inference
+    from janusflow_jax import checkpoint
+    from janusflow_jax.convert import janusflow as convert
+    from janusflow_jax.inference import load as inference
 
     _check_out(out, overwrite)
     config, params = convert.from_pytorch(torch_dir, param_dtype=param_dtype, rng=jax.random.key(seed),
@@ -103,8 +105,8 @@ def to_jax(torch_dir: str, out: str, param_dtype: str = "float32", scan_layers: 
 def _random_params(name: str, param_dtype: str | None, seed: int):
     import jax
 
-    from janusflow_jax.config import JanusFlowConfig
-    from janusflow_jax.model import init_params
+    from janusflow_jax.models.config import JanusFlowConfig
+    from janusflow_jax.models.janusflow import init_params
 
     config = JanusFlowConfig.from_dict(importlib.import_module(_RANDOM_CONFIGS[name]).get_config().model.to_dict())
     if param_dtype is not None:
@@ -118,7 +120,8 @@ def to_torch(out: str, ckpt: str | None = None, random_config: str | None = None
     """Orbax checkpoint (or a random `configs/<random_config>` model) -> official directory. Returns a summary."""
     from safetensors import safe_open
 
-    from janusflow_jax import checkpoint, convert
+    from janusflow_jax import checkpoint
+    from janusflow_jax.convert import janusflow as convert
 
     _check_out(out, overwrite)
     if ckpt is not None:
@@ -140,7 +143,7 @@ def main(argv) -> int:
     if not flags.FLAGS["verbosity"].present:  # orbax logs every step of a save at INFO
         logging.set_verbosity(logging.WARNING)
     from janusflow_jax import paths
-    from janusflow_jax.convert import CheckpointMismatchError
+    from janusflow_jax.convert.janusflow import CheckpointMismatchError
 
     out, torch_dir, ckpt = (paths.resolve_optional(f.value) for f in (_OUT, _TORCH_DIR, _CKPT))
     start = time.perf_counter()

@@ -59,7 +59,10 @@ def main(argv) -> int:
             raise app.UsageError(f"--{name} is required")
     if not flags.FLAGS["verbosity"].present:  # orbax logs every restore step at INFO
         logging.set_verbosity(logging.WARNING)
-    from janusflow_jax import inference, paths, sampler
+    from janusflow_jax import paths
+    from janusflow_jax.inference import images as images_lib
+    from janusflow_jax.inference import load as inference
+    from janusflow_jax.inference import sampler
 
     checkpoint, out, vae = (paths.resolve_optional(f.value) for f in (_CHECKPOINT, _OUT, _VAE))
     try:
@@ -71,7 +74,7 @@ def main(argv) -> int:
         images = sampler.generate_images(loaded.model, loaded.params, loaded.processor, loaded.vae,
                                          loaded.vae_params, prompts, images_per_prompt=_NUM_IMAGES.value,
                                          batch_size=_BATCH_SIZE.value, progress=True, **settings)
-        files = inference.save_images(out, images, prompts, _NUM_IMAGES.value, dict(settings, checkpoint=checkpoint))
+        files = images_lib.save_images(out, images, prompts, _NUM_IMAGES.value, dict(settings, checkpoint=checkpoint))
     except inference.USER_ERRORS as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -32,7 +32,8 @@ def main(argv) -> int:
         import jax
 
         jax.distributed.initialize()
-    from janusflow_jax import paths, prepare
+    from janusflow_jax import paths
+    from janusflow_jax.data import prepare
 
     try:
         summary = prepare.run(paths.resolve_config_paths(_CONFIG.value), progress=_PROGRESS.value)

@@ -45,7 +45,7 @@ def main(argv) -> int:
 
     if _DISTRIBUTED.value == "yes" or (_DISTRIBUTED.value == "auto" and _multihost_environment()):
         jax.distributed.initialize()
-    from janusflow_jax import trainer
+    from janusflow_jax.train import loop as trainer
 
     from janusflow_jax import paths
 
@@ -54,11 +54,11 @@ def main(argv) -> int:
     try:
         if "recipe" in config:  # a multi-stage recipe (configs/digits.py): its own pipeline prints where things are
             if "digits" in config:
-                from janusflow_jax import digits
+                from examples.digits import pipeline as digits
 
                 digits.run(config, workdir, progress=_PROGRESS.value)
             else:
-                from janusflow_jax import recipe
+                from janusflow_jax.train import recipe
 
                 recipe.run_stages(config, workdir, progress=_PROGRESS.value)
             return 0

@@ -10,7 +10,7 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import pytest  # noqa: E402
 
-from janusflow_jax.config import JanusFlowConfig  # noqa: E402
+from janusflow_jax.models.config import JanusFlowConfig  # noqa: E402
 
 
 @pytest.fixture

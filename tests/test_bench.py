@@ -10,8 +10,9 @@ from pathlib import Path
 import pytest
 
 from configs import stage2
-from janusflow_jax import bench
-from janusflow_jax import flops as flops_lib
+from janusflow_jax.perf import bench
+from janusflow_jax.perf import chips
+from janusflow_jax.perf import flops as flops_lib
 
 HAS_TORCH = importlib.util.find_spec("torch") is not None
 
@@ -24,7 +25,7 @@ def report(tmp_path_factory):
                   cfgs=(2.0,), reps=1, torch_threads=1, profile_dir=str(tmp_path_factory.mktemp("profile")))
     with pytest.MonkeyPatch.context() as patch:
         # A CPU has no HBM bandwidth in the table; a nominal one turns on the roofline of the compiled step.
-        patch.setitem(flops_lib.HBM_BANDWIDTH, "cpu", 20e9)
+        patch.setitem(chips.CHIPS, "cpu", chips.Chip(peak_bf16=0.0, hbm_bandwidth=20e9, hbm_bytes=0))
         if HAS_TORCH:
             return bench.run("all", stage2.get_config("tiny"), **kwargs)
         out = bench.run("train", stage2.get_config("tiny"), **kwargs)
@@ -78,7 +79,8 @@ def test_sampling_flops_match_the_compiled_sampler():
     towers' depthwise convs (multiply-adds on a CPU) and the masked half of causal attention."""
     import jax.numpy as jnp
 
-    from janusflow_jax import roofline, sampler
+    from janusflow_jax.perf import roofline
+    from janusflow_jax.inference import sampler
 
     sb = bench.SampleBench(stage2.get_config("tiny"))
     ids, mask, z0 = (jnp.asarray(x) for x in sb.inputs(2))
@@ -143,7 +145,7 @@ def test_cli_bad_mode_is_one_line():
 
 
 def test_vae_mode_reports_encode_and_decode_rows():
-    from janusflow_jax.vae import VAEConfig
+    from janusflow_jax.models.vae import VAEConfig
 
     small = VAEConfig(block_out_channels=(32, 64), norm_num_groups=8, layers_per_block=1)  # the SDXL one compiles 10 s
     rows = bench.bench_vae(batch_sizes=(1,), image_size=16, dtypes=("float32",), reps=1, config=small)
@@ -160,7 +162,7 @@ def test_vae_mode_reports_encode_and_decode_rows():
 
 def test_train_profile(report):
     """The profiled steps: op time is found, classed (the step's matmuls are matmuls) and traced back to modules."""
-    from janusflow_jax import profile
+    from janusflow_jax.perf import profile
 
     p = report["train"]["profile"]
     assert Path(p["trace"]).exists() and p["source"].startswith("host")  # a CPU: no device timeline
@@ -175,7 +177,7 @@ def test_hlo_ops_are_classed_by_what_they_compute():
     import jax
     import jax.numpy as jnp
 
-    from janusflow_jax import profile
+    from janusflow_jax.perf import profile
 
     def f(a, w, x):
         y = jnp.dot(a, w)
@@ -211,7 +213,7 @@ def test_device_timeline_counts_kernels_only(tmp_path):
     whole-module row; kernels without an hlo_op tag count under their own name."""
     import gzip
 
-    from janusflow_jax import profile
+    from janusflow_jax.perf import profile
 
     meta = [{"ph": "M", "pid": 1, "name": "process_name", "args": {"name": "/host:CPU"}},
             {"ph": "M", "pid": 2, "name": "process_name", "args": {"name": "/device:GPU:0"}},
@@ -253,12 +255,11 @@ ENTRY %main (a: f32[4,4], b: f32[4]) -> f32[4,4] {
 
 def test_loop_spans_are_not_counted_twice(tmp_path):
     """A scanned model's while loop shows as one span around its body's ops (on a CPU): only the ops count."""
-    import gzip
 
     import jax
     import jax.numpy as jnp
 
-    from janusflow_jax import profile
+    from janusflow_jax.perf import profile
 
     def f(x):
         return jax.lax.scan(lambda c, _: (jnp.tanh(c @ c), None), x, None, length=4)[0]
@@ -286,7 +287,7 @@ def test_a_profiler_failure_keeps_the_timings(report, monkeypatch, tmp_path):
     import copy
     import types
 
-    from janusflow_jax import profile
+    from janusflow_jax.perf import profile
 
     def broken(*args, **kwargs):
         raise RuntimeError("no CUPTI")

@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from janusflow_jax import chat
-from janusflow_jax.model import JanusFlow, init_params, prompt_positions
-from janusflow_jax.processor import Processor, make_tokenizer
-from janusflow_jax.sampler import PromptTooLongError
+from janusflow_jax.inference import chat
+from janusflow_jax.models.janusflow import JanusFlow, init_params, prompt_positions
+from janusflow_jax.data.processor import Processor, make_tokenizer
+from janusflow_jax.inference.sampler import PromptTooLongError
 
 try:  # tests/ may or may not be a package
     from .test_sampler import randomize
@@ -26,7 +26,7 @@ WORDS = "a the red blue cat dog on mat what is this photo color sky".split()
 @pytest.fixture(scope="module")
 def tiny():
     from configs import tiny as tiny_config
-    from janusflow_jax.config import JanusFlowConfig
+    from janusflow_jax.models.config import JanusFlowConfig
 
     cfg = JanusFlowConfig.from_dict(tiny_config.get_config().model.to_dict())
     return JanusFlow(cfg), randomize(init_params(cfg, jax.random.key(0)), seed=1)

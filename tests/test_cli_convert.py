@@ -18,7 +18,8 @@ from flax import traverse_util
 from jax.sharding import NamedSharding
 from safetensors.numpy import load_file, save_file
 
-from janusflow_jax import checkpoint, convert
+from janusflow_jax import checkpoint
+from janusflow_jax.convert import janusflow as convert
 from janusflow_jax.sharding import make_mesh, param_shardings
 from launch import convert as cli
 

@@ -19,10 +19,12 @@ import pytest
 from absl import flags
 from PIL import Image
 
-from janusflow_jax import convert, inference
-from janusflow_jax import vae as vae_lib
-from janusflow_jax.model import init_params
-from janusflow_jax.processor import Processor, make_tokenizer
+from janusflow_jax.convert import janusflow as convert
+from janusflow_jax.inference import load as inference
+from janusflow_jax.convert import vae as vae_convert
+from janusflow_jax.models import vae as vae_lib
+from janusflow_jax.models.janusflow import init_params
+from janusflow_jax.data.processor import Processor, make_tokenizer
 from launch import chat as chat_cli
 from launch import convert as convert_cli
 from launch import generate as generate_cli
@@ -51,7 +53,7 @@ def one_error_line(err: str) -> str:
 def official(tmp_path_factory) -> Path:
     """Official layout + tokenizer/processor files + vae/ (what a user has after downloading release and VAE)."""
     from configs import tiny
-    from janusflow_jax.config import JanusFlowConfig
+    from janusflow_jax.models.config import JanusFlowConfig
 
     cfg = JanusFlowConfig.from_dict(tiny.get_config().model.to_dict())
     root = convert.to_pytorch(cfg, init_params(cfg, jax.random.key(0)), tmp_path_factory.mktemp("ckpt") / "tiny")
@@ -61,7 +63,7 @@ def official(tmp_path_factory) -> Path:
     shutil.copy(tokenizer / "special_tokens_map.json", root)
     # 4 blocks: an 8x downsampling VAE, as the SDXL-VAE (8 x 8 latents -> 64 x 64 images), at 8 channels.
     vae_config = vae_lib.VAEConfig(block_out_channels=(8, 8, 8, 8), norm_num_groups=4, layers_per_block=1)
-    vae_lib.to_diffusers(vae_config, vae_lib.init_vae_params(vae_config, jax.random.key(1)), root / "vae")
+    vae_convert.to_diffusers(vae_config, vae_lib.init_vae_params(vae_config, jax.random.key(1)), root / "vae")
     return root
 
 

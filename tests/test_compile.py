@@ -1,7 +1,6 @@
 """Ahead-of-time compile of the train step: the tiny stage-2 step against the 8 local CPU devices (and, where libtpu
 is installed, against a TPU topology description), plus the topology-name mapping and the CLI's error line."""
 
-import os
 import copy
 import importlib.util
 import subprocess
@@ -10,7 +9,7 @@ import sys
 import jax
 import pytest
 
-from janusflow_jax import train_compile
+from janusflow_jax.perf import aot as train_compile
 
 
 def _tiny_stage2(**mesh):
@@ -49,18 +48,6 @@ def test_tiny_stage2_compiles_on_a_2x2x2_cpu_mesh(cpu_compile):
     assert report["estimated_step_seconds"] is None and report["mfu"] is None  # XLA:CPU gives no time estimate
     assert report["attention"] == "auto" and report["kernel_calls"] == 0  # "auto" is XLA attention on a CPU
     assert "mesh data=2 fsdp=2 tensor=2" in train_compile.format_report(report, "cpu:8")
-
-
-@pytest.mark.skipif(not os.environ.get("JANUSFLOW_SLOW_TESTS"),
-                    reason="three more 8-device compiles (~2 min on 2 cores): JANUSFLOW_SLOW_TESTS=1 runs it")
-def test_depth_extrapolation_reproduces_the_unrolled_step(cpu_compile):
-    # The tiny model has 2 LLM and 2 SigLIP blocks: extrapolating from (1,1), (2,1), (1,2) must land on the
-    # directly compiled (2,2) step, which is what makes the 24-block extrapolation trustworthy.
-    config, devices, report = cpu_compile
-    assert (config.model.llm.num_layers, config.model.und_encoder.depth) == (2, 2)
-    ex = train_compile.depth_extrapolation(config, devices, report["phase"])
-    assert ex["flops"] == pytest.approx(report["compiled_flops_per_chip"], rel=1e-3)
-    assert ex["seconds"] is None and ex["compile_seconds"] > 0
 
 
 @pytest.mark.parametrize("name, expected", [
@@ -120,15 +107,16 @@ def test_tiny_stage2_compiles_for_a_tpu_topology(tpu_compile):
 
 
 @needs_libtpu
-def test_scanned_tpu_step_gets_an_extrapolated_estimate(tpu_compile):
+def test_scanned_tpu_step_gets_the_roofline_estimate(tpu_compile):
+    # Scanned layers hide all but one iteration from XLA's cost analysis; the roofline walks the loop by its trip
+    # count, so its whole-step FLOPs must cover the unrolled step's.
     config, devices, unrolled = tpu_compile
     config = copy.deepcopy(config)
     config.model.scan_layers = True
-    report = train_compile.compile_train_step(config, devices, extrapolate=True)
+    report = train_compile.compile_train_step(config, devices)
     assert report["flops_undercounted"] and report["compiled_flops"] < unrolled["compiled_flops"]
-    assert report["estimate_source"].startswith("compiler, extrapolated")
-    assert report["whole_step_flops"] == pytest.approx(unrolled["compiled_flops"], rel=1e-3)
-    assert report["estimated_step_seconds"] == pytest.approx(unrolled["estimated_step_seconds"], rel=0.05)
+    assert report["estimate_source"] == "roofline" and report["estimated_step_seconds"] > 0
+    assert report["whole_step_flops"] == pytest.approx(unrolled["compiled_flops"], rel=0.1)
 
 
 def _gpu_devices(topology):

@@ -1,4 +1,4 @@
-"""Checkpoint conversion (janusflow_jax/convert.py): exact round trips, the released 1.3B layout, config.json
+"""Checkpoint conversion (janusflow_jax/convert/janusflow.py): exact round trips, the released 1.3B layout, config.json
 variants, damaged/sharded/.bin checkpoints, atomic export, and the stage-1 parts (HF Llama, timm SigLIP)."""
 
 from __future__ import annotations
@@ -21,14 +21,13 @@ import jax  # noqa: E402
 import flax.linen as nn  # noqa: E402
 from flax import traverse_util  # noqa: E402
 
-from janusflow_jax import convert, llama  # noqa: E402
-from janusflow_jax.config import JanusFlowConfig  # noqa: E402
-from janusflow_jax.siglip import SigLIPViT  # noqa: E402
+from janusflow_jax.convert import janusflow as convert
+from janusflow_jax.convert import tensors
+from janusflow_jax.models import llama  # noqa: E402
+from janusflow_jax.models.config import JanusFlowConfig  # noqa: E402
+from janusflow_jax.models.siglip import SigLIPViT  # noqa: E402
 
-try:  # tests/ may or may not be a package
-    from . import torch_reference as ref
-except ImportError:
-    import torch_reference as ref
+from janusflow_jax.reference import janusflow_torch as ref  # noqa: E402
 
 _STATE_DICT_LIST = os.path.join(os.path.dirname(__file__), "data", "janusflow_1_3b_state_dict.txt")
 
@@ -150,7 +149,7 @@ def test_released_1_3b_layout_without_allocation():
     torch_keys = [t for _, t, _ in rules]
     jax_paths = [j for j, _, _ in rules]
     assert len(set(torch_keys)) == len(torch_keys) == 587 and len(set(jax_paths)) == 587
-    got = {t: convert._torch_shape(tr, expected[j]) for j, t, tr in rules}
+    got = {t: tensors.torch_shape(tr, expected[j]) for j, t, tr in rules}
     assert got == released
     # Every JAX parameter is covered, except our REPA projector (not part of the release).
     assert set(expected) - set(jax_paths) == {j for j in expected if j.startswith("repa_projector/")}
@@ -400,7 +399,7 @@ def test_init_from_parts(tiny_cfg, hf_llama_dir, timm_dirs, monkeypatch, scan_la
 
     `init_params` itself (a ~15 s threefry-heavy XLA compile on a 2-core CPU) is replaced by a stand-in with the
     same tree, filled with a sentinel, so this test checks only what `init_from_parts` adds."""
-    from janusflow_jax import model as model_lib
+    from janusflow_jax.models import janusflow as model_lib
 
     def fake_init_params(config, rng):
         assert not config.scan_layers  # parts are loaded in the per-layer layout, then scanned
@@ -429,8 +428,9 @@ def test_training_initialises_from_an_official_dir_and_from_parts(tiny_cfg, hf_l
     import ml_collections
 
     from configs import stage1
-    from janusflow_jax import model as model_lib
-    from janusflow_jax import trainer
+    from janusflow_jax.models import janusflow as model_lib
+    from janusflow_jax.train import loop as trainer
+    from janusflow_jax.train.init import initial_params
 
     def fake_init_params(config, rng):  # as in test_init_from_parts: skip the threefry-heavy init compile
         return jax.tree.map(lambda s: np.full(s.shape, 7.0, s.dtype), nn.unbox(model_lib.abstract_params(config)))
@@ -445,7 +445,7 @@ def test_training_initialises_from_an_official_dir_and_from_parts(tiny_cfg, hf_l
             config.init.kind, config.init.path = kind, path
             config.init.llm_path, config.init.siglip_path = str(hf_llama_dir[0]), str(prefixed)
         plan = trainer.make_plan(config)
-        params = trainer.initial_params(plan)
+        params = initial_params(plan)
         gate = params["language_model"]["layers_0"]["mlp"]["gate_proj"]["kernel"]
         assert gate.sharding.mesh.shape == plan.mesh.shape
         if kind == "official":

@@ -1,4 +1,4 @@
-"""The grain training loader (janusflow_jax/data.py) on a small dataset written by the preparation job.
+"""The grain training loader (janusflow_jax/data/loader.py) on a small dataset written by the preparation job.
 
 12 records per type (tiny model shapes: 64 px images, 16 image tokens, 8 x 8 x 192 space_to_depth latents), rows of
 160 tokens, at most 2 images per understanding row, 2 / 3 / 2 rows of und / gen / text per batch.
@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import shutil
@@ -17,15 +18,17 @@ import pytest
 from PIL import Image
 
 from configs import prepare_data as prepare_configs
-from janusflow_jax import data, prepare
-from janusflow_jax.batch import batch_shapes
-from janusflow_jax.processor import make_tokenizer
+from janusflow_jax.data import loader as data
+from janusflow_jax.data import prepare
+from janusflow_jax.data import records as codec
+from janusflow_jax.data.batch import BatchGeometry
+from janusflow_jax.data.processor import make_tokenizer
 
 WORDS = "a the red blue cat dog bird photo of what is this on in big small sky grass tree two".split()
 N = 12  # records per type
 SIZES = {"und": 2, "gen": 3, "text": 2}
-SHAPES = dict(seq_len=160, prompt_len=32, image_size=64, latent_size=8, latent_channels=192, images_per_row=2)
-LOADER = dict(SHAPES, num_image_tokens=16)
+GEOMETRY = BatchGeometry(seq_len=160, prompt_len=32, image_size=64, latent_size=8, latent_channels=192,
+                         images_per_row=2, num_image_tokens=16)
 
 
 @pytest.fixture(scope="module")
@@ -72,7 +75,7 @@ def _records(directory, kind) -> list[dict]:
     out = []
     for name in meta["shards"][kind]:
         reader = ArrayRecordReader(str(Path(directory) / name))
-        out += [prepare.decode_record(b) for b in reader.read_all()]
+        out += [codec.decode_record(b) for b in reader.read_all()]
         reader.close()
     return out
 
@@ -99,29 +102,29 @@ def _identities(batch) -> dict[str, list]:
 def _all_identities(directory) -> dict[str, set]:
     meta = data.load_metadata(directory)["image"]
     ids = {kind: {tuple(r["input_ids"]) for r in _records(directory, kind)} for kind in ("und", "text")}
-    ids["gen"] = {hashlib.sha1(prepare.normalize_pixels(r["image"], meta["mean"], meta["std"]).tobytes()).hexdigest()
+    ids["gen"] = {hashlib.sha1(codec.normalize_pixels(r["image"], meta["mean"], meta["std"]).tobytes()).hexdigest()
                   for r in _records(directory, "gen")}
     return ids
 
 
 # -------------------------------------------------------------------------------------------------------- layout
 def test_batches_follow_the_batch_layout(dataset):
-    iterator = data.make_train_iterator(_config(dataset), SIZES, **LOADER, shard_index=0, shard_count=1)
+    iterator = data.make_train_iterator(_config(dataset), SIZES, GEOMETRY, shard_index=0, shard_count=1)
     for batch in _take(iterator, 3):
-        assert {k: (v.shape, v.dtype) for k, v in batch.items()} == batch_shapes(SIZES, **SHAPES)
+        assert {k: (v.shape, v.dtype) for k, v in batch.items()} == GEOMETRY.shapes(SIZES)
     iterator.close()
     # A stage config's `data` (other fields too, some loader fields left out) works as is; no und rows: no und keys.
     stage_data = ml_collections.ConfigDict(dict(source="prepared", dir=str(dataset), seq_len=160, prompt_len=32,
                                                 images_per_row=2, pack=True, num_workers=0, prefetch=0))
     sizes = {"gen": 2, "text": 1}
-    batch = next(data.make_train_iterator(stage_data, sizes, **LOADER, shard_index=0, shard_count=1))
-    assert {k: (v.shape, v.dtype) for k, v in batch.items()} == batch_shapes(sizes, **SHAPES)
+    batch = next(data.make_train_iterator(stage_data, sizes, GEOMETRY, shard_index=0, shard_count=1))
+    assert {k: (v.shape, v.dtype) for k, v in batch.items()} == GEOMETRY.shapes(sizes)
 
 
 def test_packing_keeps_examples_intact(dataset):
-    records = {kind: {tuple(r["input_ids"]): r for r in _records(dataset, kind)} for kind in ("und", "text")}
+    by_ids = {kind: {tuple(r["input_ids"]): r for r in _records(dataset, kind)} for kind in ("und", "text")}
     meta = data.load_metadata(dataset)["image"]
-    iterator = data.make_train_iterator(_config(dataset, prefetch=0), SIZES, **LOADER, shard_index=0, shard_count=1)
+    iterator = data.make_train_iterator(_config(dataset, prefetch=0), SIZES, GEOMETRY, shard_index=0, shard_count=1)
     per_row = []
     for batch in _take(iterator, 8):
         for kind in ("und", "text"):
@@ -134,7 +137,7 @@ def test_packing_keeps_examples_intact(dataset):
             images_in_row = np.zeros(len(seg), int)
             for r, a, b in _segments(batch, kind):
                 np.testing.assert_array_equal(pos[r, a:b], np.arange(b - a))  # positions restart per example
-                record = records[kind][tuple(batch[f"{kind}/input_ids"][r, a:b])]  # a whole prepared example
+                record = by_ids[kind][tuple(batch[f"{kind}/input_ids"][r, a:b])]  # a whole prepared example
                 np.testing.assert_array_equal(loss[r, a:b], record["loss_mask"])
                 assert loss[r, a] == 0  # no target across a segment boundary
                 if kind == "und":
@@ -142,7 +145,7 @@ def test_packing_keeps_examples_intact(dataset):
                     # Its image fills the next image group of the row, normalised like the processor's pixels.
                     k = images_in_row[r]
                     np.testing.assert_array_equal(batch["und/images"][r, k],
-                                                  prepare.normalize_pixels(record["images"][0], meta["mean"],
+                                                  codec.normalize_pixels(record["images"][0], meta["mean"],
                                                                            meta["std"]))
                     images_in_row[r] += 1
             if kind == "und":
@@ -152,7 +155,7 @@ def test_packing_keeps_examples_intact(dataset):
                 per_row += list(images_in_row)
     assert max(per_row) == 2 and min(per_row) >= 1  # rows do hold 2 examples, never more than images_per_row
 
-    padded = data.make_train_iterator(_config(dataset, pack=False, prefetch=0), SIZES, **LOADER, shard_index=0,
+    padded = data.make_train_iterator(_config(dataset, pack=False, prefetch=0), SIZES, GEOMETRY, shard_index=0,
                                       shard_count=1)
     batch = next(padded)
     assert (batch["und/segment_ids"].max(1) == 1).all() and (batch["text/segment_ids"].max(1) == 1).all()
@@ -169,7 +172,7 @@ def test_pad_fraction():
 # ------------------------------------------------------------------------------------------- order and mixture
 def test_every_record_is_drawn_and_epochs_reshuffle(dataset):
     everything = _all_identities(dataset)
-    iterator = data.make_train_iterator(_config(dataset), SIZES, **LOADER, shard_index=0, shard_count=1)
+    iterator = data.make_train_iterator(_config(dataset), SIZES, GEOMETRY, shard_index=0, shard_count=1)
     seen = {kind: [] for kind in SIZES}
     for batch in _take(iterator, 12):
         for kind in SIZES:  # the mixture is fixed by construction: exactly these rows of each type
@@ -185,7 +188,7 @@ def test_every_record_is_drawn_and_epochs_reshuffle(dataset):
 
 def test_same_seed_same_batches_other_seed_other_order(dataset):
     def first(run_seed, **changes):
-        iterator = data.make_train_iterator(_config(dataset, prefetch=0, **changes), SIZES, **LOADER, seed=run_seed,
+        iterator = data.make_train_iterator(_config(dataset, prefetch=0, **changes), SIZES, GEOMETRY, seed=run_seed,
                                             shard_index=0, shard_count=1)
         return _take(iterator, 2)
 
@@ -201,7 +204,7 @@ def test_hosts_see_disjoint_records(dataset):
     everything = _all_identities(dataset)
     seen = []
     for host in range(2):
-        iterator = data.make_train_iterator(_config(dataset, prefetch=0), SIZES, **LOADER, shard_index=host,
+        iterator = data.make_train_iterator(_config(dataset, prefetch=0), SIZES, GEOMETRY, shard_index=host,
                                             shard_count=2)
         ids = {kind: set() for kind in SIZES}
         for batch in _take(iterator, 6):
@@ -227,7 +230,7 @@ def test_resume_from_a_saved_state_is_exact(dataset, tmp_path):
     import orbax.checkpoint as ocp
 
     config = _config(dataset)  # background prefetch on: the state is that of the last batch handed out
-    iterator = data.make_train_iterator(config, SIZES, **LOADER, shard_index=0, shard_count=1)
+    iterator = data.make_train_iterator(config, SIZES, GEOMETRY, shard_index=0, shard_count=1)
     _take(iterator, 3)
     state = iterator.get_state()
     json.dumps(state)  # plain JSON: one small file per host in the checkpoint
@@ -237,11 +240,11 @@ def test_resume_from_a_saved_state_is_exact(dataset, tmp_path):
         mngr.save(3, args=ocp.args.Composite(data=grain.checkpoint.CheckpointSave(iterator)))
     reference = _take(iterator, 5)  # the uninterrupted run
 
-    restored = data.make_train_iterator(config, SIZES, **LOADER, shard_index=0, shard_count=1)
+    restored = data.make_train_iterator(config, SIZES, GEOMETRY, shard_index=0, shard_count=1)
     restored.set_state(state)
     _assert_same(_take(restored, 5), reference)
 
-    fresh = data.make_train_iterator(config, SIZES, **LOADER, shard_index=0, shard_count=1)
+    fresh = data.make_train_iterator(config, SIZES, GEOMETRY, shard_index=0, shard_count=1)
     with ocp.CheckpointManager(tmp_path / "ckpt", item_handlers=dict(data=grain.checkpoint.CheckpointHandler()),
                                options=options) as mngr:
         mngr.restore(3, args=ocp.args.Composite(data=grain.checkpoint.CheckpointRestore(fresh)))
@@ -252,7 +255,7 @@ def test_resume_from_a_saved_state_is_exact(dataset, tmp_path):
 
 def test_worker_processes_resume_exactly(dataset):
     # One iterator (starting worker processes is the slow part): rewinding it to a saved state replays the batches.
-    iterator = data.make_train_iterator(_config(dataset, num_workers=2, prefetch=1), SIZES, **LOADER, shard_index=0,
+    iterator = data.make_train_iterator(_config(dataset, num_workers=2, prefetch=1), SIZES, GEOMETRY, shard_index=0,
                                         shard_count=1)
     head = _take(iterator, 2)
     state = iterator.get_state()
@@ -260,7 +263,7 @@ def test_worker_processes_resume_exactly(dataset):
     iterator.set_state(state)
     _assert_same(_take(iterator, 3), tail)
     iterator.close()
-    assert {k: (v.shape, v.dtype) for k, v in head[0].items()} == batch_shapes(SIZES, **SHAPES)
+    assert {k: (v.shape, v.dtype) for k, v in head[0].items()} == GEOMETRY.shapes(SIZES)
 
 
 # ------------------------------------------------------------------------------------------ latents and checks
@@ -273,21 +276,21 @@ def test_latents_are_posterior_draws_or_means(dataset, tmp_path):
     logvar = float(np.log(0.1 ** 2))
     for name in data.load_metadata(copy)["shards"]["gen"]:
         reader = ArrayRecordReader(str(copy / name))
-        records = [prepare.decode_record(b) for b in reader.read_all()]
+        records = [codec.decode_record(b) for b in reader.read_all()]
         reader.close()
         writer = ArrayRecordWriter(str(copy / name), "group_size:1")
         for record in records:
             record["latent_logvar"] = np.full_like(record["latent_mean"], logvar)
-            writer.write(prepare.encode_record(record))
+            writer.write(codec.encode_record(record))
         writer.close()
     means = {}
     meta = data.load_metadata(copy)["image"]
     for record in _records(copy, "gen"):
-        key = hashlib.sha1(prepare.normalize_pixels(record["image"], meta["mean"], meta["std"]).tobytes()).hexdigest()
+        key = hashlib.sha1(codec.normalize_pixels(record["image"], meta["mean"], meta["std"]).tobytes()).hexdigest()
         means[key] = record["latent_mean"]
 
     def draws(posterior):
-        iterator = data.make_train_iterator(_config(copy, posterior=posterior, prefetch=0), {"gen": 3}, **LOADER,
+        iterator = data.make_train_iterator(_config(copy, posterior=posterior, prefetch=0), {"gen": 3}, GEOMETRY,
                                             shard_index=0, shard_count=1)
         out = []
         for batch in _take(iterator, 8):  # two epochs of 12
@@ -311,10 +314,10 @@ def test_mismatched_dataset_is_refused(dataset):
                             (dict(num_image_tokens=576), "576"),
                             (dict(image_size=384), "384")):
         with pytest.raises(ValueError, match=message):
-            data.make_train_iterator(config, SIZES, **{**LOADER, **change}, shard_index=0, shard_count=1)
+            data.make_train_iterator(config, SIZES, dataclasses.replace(GEOMETRY, **change), shard_index=0, shard_count=1)
     with pytest.raises(ValueError, match="cannot feed 13 host shard"):
-        data.make_train_iterator(config, SIZES, **LOADER, shard_index=0, shard_count=13)
+        data.make_train_iterator(config, SIZES, GEOMETRY, shard_index=0, shard_count=13)
     with pytest.raises(FileNotFoundError, match="not a prepared dataset"):
-        data.make_train_iterator(_config(Path(dataset).parent), SIZES, **LOADER, shard_index=0, shard_count=1)
+        data.make_train_iterator(_config(Path(dataset).parent), SIZES, GEOMETRY, shard_index=0, shard_count=1)
     with pytest.raises(ValueError, match="sizes"):
-        data.make_train_iterator(config, {"vqa": 2}, **LOADER, shard_index=0, shard_count=1)
+        data.make_train_iterator(config, {"vqa": 2}, GEOMETRY, shard_index=0, shard_count=1)

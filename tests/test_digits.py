@@ -13,7 +13,9 @@ import numpy as np
 import pytest
 
 from configs import digits as digits_config
-from janusflow_jax import digits, inference, recipe
+from examples.digits import pipeline as digits
+from janusflow_jax.inference import load as inference
+from janusflow_jax.train import recipe
 
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -76,7 +78,9 @@ def test_evaluation_is_written(run):
 
 def test_final_checkpoint_serves_generation_and_chat(run):
     config, workdir, _ = run
-    from janusflow_jax import chat, latents, sampler
+    from janusflow_jax.inference import chat
+    from janusflow_jax.data import latents
+    from janusflow_jax.inference import sampler
 
     loaded = inference.load(workdir / "stage3" / "checkpoints", with_vae=True)
     assert isinstance(loaded.vae, latents.SpaceToDepth)

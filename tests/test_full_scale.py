@@ -18,10 +18,7 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("timm")
 pytest.importorskip("diffusers")
 
-try:
-    from . import torch_reference as ref
-except ImportError:
-    import torch_reference as ref
+from janusflow_jax.reference import janusflow_torch as ref
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +39,7 @@ def official_dir(tmp_path_factory):
 
 
 def test_round_trip_full_size_is_byte_identical(official_dir, tmp_path):
-    from janusflow_jax import convert
+    from janusflow_jax.convert import janusflow as convert
 
     config, params = convert.from_pytorch(official_dir, param_dtype="float32", scan_layers=True)
     convert.to_pytorch(config, params, tmp_path / "export", torch_dtype="bfloat16")
@@ -81,7 +78,8 @@ def test_both_paths_match_pytorch_in_fp32(official_dir):
 
     import jax
 
-    from janusflow_jax import JanusFlow, convert
+    from janusflow_jax import JanusFlow
+    from janusflow_jax.convert import janusflow as convert
 
     config, params = convert.from_pytorch(official_dir, param_dtype="float32")
     params = jax.device_put(params)

@@ -5,8 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from janusflow_jax import convert
-from janusflow_jax.model import JanusFlow, init_params
+from janusflow_jax.convert import janusflow as convert
+from janusflow_jax.models.janusflow import JanusFlow, init_params
 
 
 def _inputs(cfg, batch=2, prompt_len=5):
@@ -27,7 +27,7 @@ def _velocity(cfg, params, *args, **kw):
 @pytest.fixture(scope="module")
 def tiny():
     from configs import tiny
-    from janusflow_jax.config import JanusFlowConfig
+    from janusflow_jax.models.config import JanusFlowConfig
 
     cfg = JanusFlowConfig.from_dict(tiny.get_config().model.to_dict())
     return cfg, init_params(cfg, jax.random.key(0))
@@ -76,8 +76,8 @@ def test_fused_attention_padding_and_masks_match_xla():
     its place (no GPU here) it must equal our attention for a generation-like row (left-padded prompt, odd length)
     and a GQA shape. Fully masked rows (padding queries, never read) stay finite; their uniform average then also
     spans the padded keys, so they are compared only for finiteness."""
-    from janusflow_jax.layers import cudnn_attention, dot_product_attention
-    from janusflow_jax.llama import causal_key_mask
+    from janusflow_jax.models.layers import cudnn_attention, dot_product_attention
+    from janusflow_jax.models.llama import causal_key_mask
 
     rng = np.random.default_rng(1)
     b, s, h, kv, d = 2, 37, 4, 2, 16
@@ -99,7 +99,7 @@ def test_fused_attention_padding_and_masks_match_xla():
 
 
 def test_attention_option_is_validated():
-    from janusflow_jax.config import JanusFlowConfig
+    from janusflow_jax.models.config import JanusFlowConfig
 
     with pytest.raises(ValueError, match="attention 'flash'"):
         JanusFlowConfig(attention="flash")
@@ -108,7 +108,7 @@ def test_attention_option_is_validated():
         JanusFlowConfig(attention="cudnn", dtype="float32")
     assert JanusFlowConfig(attention="cudnn", dtype="bfloat16").attention == "cudnn"
     # "auto" is XLA here (a CPU), so every parity test runs the exact path.
-    from janusflow_jax.layers import _cudnn_applies
+    from janusflow_jax.models.layers import _cudnn_applies
 
     assert not _cudnn_applies(jnp.zeros((1, 128, 2, 64), jnp.bfloat16))
 
@@ -116,7 +116,7 @@ def test_attention_option_is_validated():
 def test_depthwise_conv_forms_agree():
     """The gen towers' depthwise conv: the shifted multiply-adds ("auto" on a CPU, so the parity tests check it) and
     the grouped convolution ("auto" on GPUs/TPUs) give the same outputs and gradients."""
-    from janusflow_jax.uvit import DepthwiseConv
+    from janusflow_jax.models.uvit import DepthwiseConv
 
     x = jnp.asarray(np.random.default_rng(3).standard_normal((2, 6, 6, 8)), jnp.float32)
     shifted, grouped = (DepthwiseConv(8, 7, 3, form=form) for form in ("shifted", "grouped"))

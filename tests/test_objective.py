@@ -7,7 +7,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from janusflow_jax import batch, objective, optimizer, rectified_flow, repa
+from janusflow_jax.data import batch
+from janusflow_jax.train import objective
+from janusflow_jax.train import optimizer
+from janusflow_jax.train import rectified_flow
+from janusflow_jax.train import repa
 
 
 def test_next_token_loss_counts_only_response_tokens():
@@ -50,7 +54,7 @@ def test_cfg_drop_keeps_bos_only_and_left_padding():
     mask = jnp.array([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1], [0, 1, 1, 1, 1]])
     dropped = rectified_flow.drop_prompts(mask, jnp.array([True, False, True]))
     np.testing.assert_array_equal(dropped, [[0, 0, 1, 0, 0], [1, 1, 1, 1, 1], [0, 1, 0, 0, 0]])
-    from janusflow_jax.model import prompt_positions  # positions come from the undropped mask: unchanged
+    from janusflow_jax.models.janusflow import prompt_positions  # positions come from the undropped mask: unchanged
 
     np.testing.assert_array_equal(prompt_positions(mask)[0], [0, 0, 0, 1, 2])
 
@@ -87,7 +91,7 @@ def test_sub_batch_rounding():
 
 def test_freeze_rules_cover_every_parameter(tiny_config):
     from configs import stage1, stage2, stage3
-    from janusflow_jax.model import abstract_params
+    from janusflow_jax.models.janusflow import abstract_params
     import flax.linen as nn
 
     params = nn.unbox(abstract_params(tiny_config))

@@ -1,4 +1,4 @@
-"""fp32 parity of the Flax JanusFlow against the PyTorch reference (tests/torch_reference.py), with random weights.
+"""fp32 parity of the Flax JanusFlow against the PyTorch reference (janusflow_jax/reference/janusflow_torch.py), with random weights.
 
 One tiny reference with EVERY tensor randomised (the official init leaves GRN and `beg_of_und_embed` at zero, which
 would hide bugs in those paths) is written as an official checkpoint directory and imported with
@@ -25,16 +25,14 @@ safetensors_torch = pytest.importorskip("safetensors.torch")
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
-from janusflow_jax import convert, llama  # noqa: E402
-from janusflow_jax.config import RepaConfig  # noqa: E402
-from janusflow_jax.model import JanusFlow, RepaProjector  # noqa: E402
-from janusflow_jax.siglip import SigLIPViT  # noqa: E402
-from janusflow_jax.uvit import ShallowUViTDecoder, ShallowUViTEncoder  # noqa: E402
+from janusflow_jax.convert import janusflow as convert
+from janusflow_jax.models import llama  # noqa: E402
+from janusflow_jax.models.config import RepaConfig  # noqa: E402
+from janusflow_jax.models.janusflow import JanusFlow, RepaProjector  # noqa: E402
+from janusflow_jax.models.siglip import SigLIPViT  # noqa: E402
+from janusflow_jax.models.uvit import ShallowUViTDecoder, ShallowUViTEncoder  # noqa: E402
 
-try:  # tests/ may or may not be a package
-    from . import torch_reference as ref
-except ImportError:
-    import torch_reference as ref
+from janusflow_jax.reference import janusflow_torch as ref  # noqa: E402
 
 RTOL = 1e-4
 # The tiny reference has 2 LLM layers; REPA reads after block 1 so the captured stream is a true intermediate

@@ -1,4 +1,4 @@
-"""The preparation job (janusflow_jax/prepare.py, launch/prepare_data.py) and the latent spaces (latents.py).
+"""The preparation job (janusflow_jax/data/prepare.py, launch/prepare_data.py) and the latent spaces (latents.py).
 
 Inputs are generated here: PNG/JPEG images of several sizes and modes plus a corrupt file, a truncated PNG, a truncated
 JPEG, a missing file, an empty caption and a malformed line; understanding records (question/answer, multi-turn,
@@ -20,8 +20,10 @@ import pytest
 from PIL import Image
 
 from configs import prepare_data as prepare_configs
-from janusflow_jax import latents, prepare
-from janusflow_jax.processor import Processor, make_tokenizer
+from janusflow_jax.data import latents
+from janusflow_jax.data import prepare
+from janusflow_jax.data import records as codec
+from janusflow_jax.data.processor import Processor, make_tokenizer
 
 WORDS = "a an the red blue green cat dog bird photo of what is this in on two big small sky grass".split()
 SIZE, TOKENS, LATENT = 64, 16, 8  # configs/prepare_data.py:tiny (configs/tiny.py's model): 64 px, 16 patches
@@ -94,7 +96,7 @@ def _records(path: Path) -> list[dict]:
 
     reader = ArrayRecordReader(str(path))
     try:
-        return [prepare.decode_record(b) for b in reader.read_all()]
+        return [codec.decode_record(b) for b in reader.read_all()]
     finally:
         reader.close()
 
@@ -159,7 +161,7 @@ EXPECTED_SKIPS = {
 
 def test_bad_inputs_are_skipped_and_counted(prepared):
     config, out, summary = prepared
-    meta = json.loads((out / prepare.METADATA).read_text())
+    meta = json.loads((out / codec.METADATA).read_text())
     assert meta["skipped"] == EXPECTED_SKIPS == summary["skipped"]
     # 9 good images; 3 good understanding records; texts: 2 short + the long one split into 128-token pieces.
     long_tokens = 1 + 250 * 6 + 1  # BOS, "a", " ", "big", " ", "dog", " " x 250, EOS
@@ -187,12 +189,12 @@ def test_generation_records(prepared, processor):
         templates.add(record["template"])
         np.testing.assert_array_equal(record["prompt_ids"],
                                       processor.encode_generation_prompt(record["caption"], record["template"]))
-        pixels = prepare.normalize_pixels(record["image"], (0.5,) * 3, (0.5,) * 3)
+        pixels = codec.normalize_pixels(record["image"], (0.5,) * 3, (0.5,) * 3)
         assert "latent_logvar" not in record
         np.testing.assert_array_equal(record["latent_mean"], np.asarray(space.encode(pixels[None]))[0])
     assert templates == {"sft", "pretrain"}  # sft_fraction 0.5 over 9 prompts
     # The crop is random but reproducible: the first image (a 48 x 96 JPEG) re-cropped with its record's RNG.
-    from janusflow_jax.processor import load_image, resize_short_side_and_crop
+    from janusflow_jax.data.processor import load_image, resize_short_side_and_crop
 
     rng = np.random.default_rng([config.prepare.seed, 0, 0])
     rng.random()  # the template draw comes first
@@ -214,9 +216,9 @@ def test_understanding_and_text_records(prepared, processor):
         np.testing.assert_array_equal(first[key], want[key])
     assert first["image_token_mask"].sum() == 1 + TOKENS
     # uint8 pixels normalised as the loader does == the processor's float input, bit for bit.
-    meta = json.loads((out / prepare.METADATA).read_text())["image"]
+    meta = json.loads((out / codec.METADATA).read_text())["image"]
     for record, name in ((first, "img0.jpg"), (records[2], "img5.png")):
-        again = prepare.normalize_pixels(record["images"], meta["mean"], meta["std"], meta["rescale_factor"])
+        again = codec.normalize_pixels(record["images"], meta["mean"], meta["std"], meta["rescale_factor"])
         np.testing.assert_array_equal(again, processor.preprocess_understanding([root / "images" / name]))
     # " a dog" and " a bird" (the space after "Assistant:" + 3 pieces each) + their EOS
     assert records[1]["loss_mask"].sum() == 2 * (1 + 3 + 1)
@@ -252,7 +254,7 @@ def test_killed_run_resumes_to_identical_bytes(inputs, prepared, tmp_path, monke
     with pytest.raises(KeyboardInterrupt):
         prepare.run(config, progress=False)
     monkeypatch.undo()
-    assert not (out / prepare.METADATA).exists()
+    assert not (out / codec.METADATA).exists()
     kept = {name: (out / name.split("-")[0] / f"{name}.array_record").stat().st_mtime_ns for name in written}
     (out / "gen" / ".gen-00002-of-00004.array_record.tmp").write_bytes(b"half a shard")  # killed mid-write
 
@@ -327,12 +329,13 @@ def _tfds_dataset(data_dir: Path):
 
 
 def test_tfds_captions_through_a_tiny_vae(inputs, tmp_path):
-    from janusflow_jax import vae
+    from janusflow_jax.convert import vae as vae_convert
+    from janusflow_jax.models import vae
 
     name = _tfds_dataset(tmp_path / "tfds")
     vae_config = vae.VAEConfig(block_out_channels=(8, 8, 8, 8), layers_per_block=1, norm_num_groups=4)
     params = vae.init_vae_params(vae_config, jax.random.key(0))
-    vae.to_diffusers(vae_config, params, tmp_path / "vae")
+    vae_convert.to_diffusers(vae_config, params, tmp_path / "vae")
     config = _config(inputs, tmp_path / "out", gen_jsonl="", und_jsonl="", text_jsonl="", records_per_shard=8)
     with config.unlocked():
         config.model.gen_encoder.in_channels = config.model.gen_decoder.out_channels = 4
@@ -340,12 +343,12 @@ def test_tfds_captions_through_a_tiny_vae(inputs, tmp_path):
         config.prepare.latent.update(dict(kind="sdxl_vae", vae_path=str(tmp_path / "vae")))
     summary = prepare.run(config, progress=False)
     assert summary["counts"]["gen"] == 4 and summary["skipped"]["gen"] == {"empty_caption": 1}
-    meta = json.loads((tmp_path / "out" / prepare.METADATA).read_text())
+    meta = json.loads((tmp_path / "out" / codec.METADATA).read_text())
     assert meta["latent"]["kind"] == "sdxl_vae" and meta["latent"]["scaling_factor"] == 0.13025
     assert meta["sources"]["gen"] == [f"tfds:{name}/train"]
     records = _records(tmp_path / "out" / "gen" / "gen-00000-of-00001.array_record")
     assert records[2]["caption"] == "a photo of 3 red birds"
-    pixels = np.stack([prepare.normalize_pixels(r["image"], (0.5,) * 3, (0.5,) * 3) for r in records])
+    pixels = np.stack([codec.normalize_pixels(r["image"], (0.5,) * 3, (0.5,) * 3) for r in records])
     mean, logvar = vae.AutoencoderKL(vae_config).apply({"params": params}, pixels, method="encode")
     got_mean = np.stack([r["latent_mean"] for r in records])
     got_logvar = np.stack([r["latent_logvar"] for r in records])

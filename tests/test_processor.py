@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from janusflow_jax.processor import (DEFAULT_SYSTEM_PROMPT, EOS_TOKEN, IMAGE_END_TAG, IMAGE_GEN_TAG, IMAGE_START_TAG,
+from janusflow_jax.data.processor import (DEFAULT_SYSTEM_PROMPT, EOS_TOKEN, IMAGE_END_TAG, IMAGE_GEN_TAG, IMAGE_START_TAG,
                                      IMAGE_TAG, ImageError, Processor, load_image, make_tokenizer)
 
 WORDS = ("a an the red blue green yellow black white cat dog bird fish car tree house man woman child ball on in "

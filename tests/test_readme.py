@@ -24,7 +24,8 @@ def test_ci_runs_the_readme_test_command():
 
 
 def test_compute_both_paths_example(tmp_path, tiny_config):
-    from janusflow_jax import convert, init_params
+    from janusflow_jax import init_params
+    from janusflow_jax.convert import janusflow as convert
 
     checkpoint = tmp_path / "janusflow_tiny"
     convert.to_pytorch(tiny_config, init_params(tiny_config, jax.random.key(0)), checkpoint)

@@ -1,4 +1,4 @@
-"""The roofline of a compiled program (janusflow_jax/roofline.py): FLOPs and HBM bytes of every kernel, read from
+"""The roofline of a compiled program (janusflow_jax/perf/roofline.py): FLOPs and HBM bytes of every kernel, read from
 XLA's optimized HLO, with while loops counted by their trip counts. Checked on small CPU-compiled programs whose
 counts are known by hand, plus hand-written HLO for what only GPU programs contain (cuDNN calls)."""
 
@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from janusflow_jax import roofline
+from janusflow_jax.perf import roofline
 
 PEAK, BANDWIDTH = 100e12, 1e12
 

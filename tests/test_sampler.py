@@ -1,5 +1,5 @@
 """The text-to-image sampler: cached + compiled ODE loop vs a full-recompute loop, and vs the official procedure in
-PyTorch (tests/torch_reference.py's model with the same weights, the demo's Euler loop with CFG rows [cond; uncond]).
+PyTorch (janusflow_jax/reference/janusflow_torch.py's model with the same weights, the demo's Euler loop with CFG rows [cond; uncond]).
 
 Trajectories are compared on their displacement z_T - z_0 (the part the model computes; z_0 itself would hide
 errors), with the suite's criterion max|got - want| <= 1e-4 * max|want|.
@@ -16,11 +16,12 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
-from janusflow_jax import convert, sampler
-from janusflow_jax.model import JanusFlow, init_params, prompt_positions
+from janusflow_jax.convert import janusflow as convert
+from janusflow_jax.inference import sampler
+from janusflow_jax.models.janusflow import JanusFlow, init_params, prompt_positions
 
 RTOL = 1e-4
-# REFERENCE.md §5: 1000 t as the official sampler feeds it for 30 steps (rounded to bfloat16).
+# docs/reference.md §5: 1000 t as the official sampler feeds it for 30 steps (rounded to bfloat16).
 REFERENCE_T_30 = [0, 33.25, 66.5, 100, 133, 167, 200, 233, 266, 300, 334, 366, 400, 434, 466, 500, 532, 568, 600, 632,
                   668, 700, 732, 768, 800, 832, 868, 900, 932, 968]
 
@@ -59,7 +60,7 @@ def randomize(params, seed: int = 0):
 @pytest.fixture(scope="module")
 def tiny():
     from configs import tiny as tiny_config
-    from janusflow_jax.config import JanusFlowConfig
+    from janusflow_jax.models.config import JanusFlowConfig
 
     cfg = JanusFlowConfig.from_dict(tiny_config.get_config().model.to_dict())
     return JanusFlow(cfg), randomize(init_params(cfg, jax.random.key(0)))
@@ -169,7 +170,7 @@ def test_generate_images_batching_and_decoder(tiny):
 
 
 def official_sample(model, input_ids, z0, steps: int, cfg: float, pad_id: int, round_t: bool):
-    """demo/app_janusflow.py's generation loop in fp32 (REFERENCE.md §5): input_ids [B, L + 1] end with the tag."""
+    """demo/app_janusflow.py's generation loop in fp32 (docs/reference.md §5): input_ids [B, L + 1] end with the tag."""
     import torch
 
     b = input_ids.shape[0]
@@ -206,10 +207,7 @@ def torch_model(tiny, tmp_path_factory):
     pytest.importorskip("diffusers")
     from safetensors.torch import load_file
 
-    try:
-        from . import torch_reference as ref
-    except ImportError:
-        import torch_reference as ref
+    from janusflow_jax.reference import janusflow_torch as ref
 
     model, params = tiny
     out = convert.to_pytorch(model.config, params, tmp_path_factory.mktemp("official") / "tiny")

@@ -7,7 +7,7 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from janusflow_jax import sharding
-from janusflow_jax.model import JanusFlow, abstract_params, init_params
+from janusflow_jax.models.janusflow import JanusFlow, abstract_params, init_params
 
 
 @pytest.mark.parametrize("scan", [False, True])

@@ -7,8 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from janusflow_jax.layers import dot_product_attention, splash_attention
-from janusflow_jax.llama import causal_key_mask
+from janusflow_jax.models.layers import dot_product_attention, splash_attention
+from janusflow_jax.models.llama import causal_key_mask
 
 
 def _qkv(b, s, h, kv, d, seed=0):

@@ -1,4 +1,4 @@
-"""Self-checks of the PyTorch reference (tests/torch_reference.py): exact checkpoint names/shapes for the 1.3B
+"""Self-checks of the PyTorch reference (janusflow_jax/reference/janusflow_torch.py): exact checkpoint names/shapes for the 1.3B
 config, and a tiny end-to-end smoke run of both forward paths."""
 
 import os
@@ -10,10 +10,7 @@ pytest.importorskip("timm")
 pytest.importorskip("diffusers")
 pytest.importorskip("transformers")
 
-try:  # tests/ may or may not be a package
-    from . import torch_reference as ref
-except ImportError:
-    import torch_reference as ref
+from janusflow_jax.reference import janusflow_torch as ref  # noqa: E402
 
 _STATE_DICT_LIST = os.path.join(os.path.dirname(__file__), "data", "janusflow_1_3b_state_dict.txt")
 

@@ -17,7 +17,7 @@ ROOT = Path(__file__).parents[1]
 KILLER = """
 import os, signal, sys
 from configs import stage2
-from janusflow_jax import trainer
+from janusflow_jax.train import loop as trainer
 
 def kill_after_step_5(step, state, metrics):
     if step == 5:
@@ -96,7 +96,7 @@ def test_train_cli_user_errors_are_one_line(env, tmp_path):
 SIGTERM_AT_3 = """
 import os, signal, sys
 from configs import stage2
-from janusflow_jax import trainer
+from janusflow_jax.train import loop as trainer
 
 def preempt(step, state, metrics):
     if step == 3:
@@ -109,10 +109,11 @@ NAN_DATA = """
 import sys
 import numpy as np
 from configs import stage2
-from janusflow_jax import trainer
+from janusflow_jax.data import synthetic
+from janusflow_jax.train import loop as trainer
 
 
-class Poisoned(trainer.SyntheticSource):  # every batch after the first two has NaN latents
+class Poisoned(synthetic.SyntheticSource):  # every batch after the first two has NaN latents
     def __next__(self):
         batch = super().__next__()
         if self.phase > 0:
@@ -120,7 +121,7 @@ class Poisoned(trainer.SyntheticSource):  # every batch after the first two has 
         return batch
 
 
-trainer.SyntheticSource = Poisoned
+synthetic.SyntheticSource = Poisoned
 config = stage2.get_config("tiny")
 config.max_consecutive_skips = 3
 try:

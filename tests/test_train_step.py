@@ -5,8 +5,11 @@ import jax
 import numpy as np
 import pytest
 
-from janusflow_jax import trainer, train_step
-from janusflow_jax.model import init_params
+from janusflow_jax.data.synthetic import SyntheticSource
+from janusflow_jax.models.janusflow import init_params
+from janusflow_jax.sharding import mesh_context
+from janusflow_jax.train import loop as trainer
+from janusflow_jax.train import step as train_step
 
 
 def _config(stage="stage2", data=-1, fsdp=1, tensor=1, micro=1, lr=1e-3, eps=1e-8):
@@ -35,15 +38,12 @@ class Runner:
     def __init__(self, config, devices, host_params):
         import flax.linen as nn
 
-        from janusflow_jax.sharding import DEFAULT_RULES, param_shardings
+        from janusflow_jax.sharding import param_shardings
 
         self.plan = trainer.make_plan(config, devices)
-        self.mesh, self.rules = self.plan.mesh, DEFAULT_RULES
-        shapes = self.plan.batch_shapes(0)
-        self.b_sh = train_step.batch_shardings(shapes, self.mesh)
-        fn = train_step.make_train_step(self.plan.model, self.plan.tx, config.loss, config.optimizer,
-                                        seed=config.seed, micro_batches=config.micro_batches)
-        self.step_fn = train_step.jit_train_step(fn, self.plan.state_sh, self.b_sh, self.mesh)
+        self.mesh = self.plan.mesh
+        self.b_sh = self.plan.batch_shardings(0)
+        self.step_fn = self.plan.jitted_step(0)
         self.params = jax.device_put(host_params, param_shardings(self.plan.model_cfg, self.mesh))
         self.init = jax.jit(lambda p: train_step.init_state(p, self.plan.labels, self.plan.tx, True),
                             out_shardings=self.plan.state_sh)
@@ -56,7 +56,7 @@ class Runner:
         return self
 
     def step(self, batch):
-        with jax.set_mesh(self.mesh), self.nn.logical_axis_rules(self.rules):
+        with mesh_context(self.mesh):
             self.state, metrics = self.step_fn(self.state, trainer.global_batch(batch, self.b_sh))
         return {k: float(v) for k, v in jax.device_get(metrics).items()}
 
@@ -66,7 +66,7 @@ def setup():
     config = _config()
     plan = trainer.make_plan(config, jax.devices()[:1])
     host_params = jax.device_get(init_params(plan.model_cfg, jax.random.key(0)))
-    source = trainer.SyntheticSource(plan.host_sizes(0), 0, 0, plan.model_cfg, config.data)
+    source = SyntheticSource(plan.host_sizes(0), 0, 0, plan.geometry)
     batches = [next(source) for _ in range(3)]
     # The single-device runner of the tests that do not compare updates (frozen, NaN, overfit) steps at the
     # overfitting test's learning rate: one compile serves all three.

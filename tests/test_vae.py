@@ -1,4 +1,4 @@
-"""The Flax SDXL-VAE (janusflow_jax/vae.py) against diffusers' AutoencoderKL with random weights.
+"""The Flax SDXL-VAE (janusflow_jax/models/vae.py) against diffusers' AutoencoderKL with random weights.
 
 A tiny AutoencoderKL (2 blocks of 32/64 channels, 8 groups, so conv_shortcut, downsample, upsample and the mid-block
 attention all appear) with EVERY tensor randomised (norm scales and biases too) is saved in the current and in the
@@ -18,7 +18,11 @@ import pytest
 import jax
 import jax.numpy as jnp
 
-from janusflow_jax import convert, sharding, vae
+from janusflow_jax import sharding
+from janusflow_jax.convert import janusflow as convert
+from janusflow_jax.convert import tensors
+from janusflow_jax.convert import vae as vae_convert
+from janusflow_jax.models import vae
 
 RTOL = 1e-4
 _SDXL_LIST = os.path.join(os.path.dirname(__file__), "data", "sdxl_vae_state_dict.txt")
@@ -57,7 +61,7 @@ def _write_dir(path, config: dict, state: dict):
 
     path.mkdir(parents=True, exist_ok=True)
     (path / "config.json").write_text(json.dumps(config))
-    save_file({k: v.contiguous() for k, v in state.items()}, str(path / vae.WEIGHTS_NAME), metadata={"format": "pt"})
+    save_file({k: v.contiguous() for k, v in state.items()}, str(path / vae_convert.WEIGHTS_NAME), metadata={"format": "pt"})
     return path
 
 
@@ -114,8 +118,8 @@ def _read_sdxl_list():
 def test_sdxl_layout_matches_the_reference_list_without_allocation():
     cfg = vae.VAEConfig()
     shapes = vae.vae_param_shapes(cfg)
-    rules = vae.vae_rules(cfg)
-    got = [(key, convert._torch_shape(transform, shapes[path])) for path, key, transform in rules]
+    rules = vae_convert.vae_rules(cfg)
+    got = [(key, tensors.torch_shape(transform, shapes[path])) for path, key, transform in rules]
     want = _read_sdxl_list()
     assert len(want) == 248
     assert got == want  # same names, shapes and state-dict order
@@ -157,7 +161,7 @@ def test_config_from_and_to_diffusers():
 @pytest.mark.parametrize("naming", ["current", "deprecated"])
 def test_fp32_parity_with_diffusers(reference, naming):
     _, _, dirs, out = reference
-    cfg, params = vae.from_diffusers(dirs[naming])
+    cfg, params = vae_convert.from_diffusers(dirs[naming])
     assert cfg.block_out_channels == (32, 64) and cfg.norm_num_groups == 8
     mean, logvar = _encode(cfg, params, out["images"])
     decoded = _decode(cfg, params, out["latents"])
@@ -170,7 +174,7 @@ def test_fp32_parity_with_diffusers(reference, naming):
 
 def test_bf16_smoke(reference):
     _, _, dirs, out = reference
-    cfg, params = vae.from_diffusers(dirs["current"], param_dtype="bfloat16", dtype="bfloat16")
+    cfg, params = vae_convert.from_diffusers(dirs["current"], param_dtype="bfloat16", dtype="bfloat16")
     assert jax.tree.leaves(params)[0].dtype == jnp.bfloat16
     mean, logvar = _encode(cfg, params, out["images"])
     decoded = _decode(cfg, params, out["latents"])
@@ -195,7 +199,7 @@ def test_damaged_file_reports_every_bad_tensor_at_once(reference, tmp_path):
     state[unknown] = torch.zeros(3, 5)
     directory = _write_dir(tmp_path / "damaged", dict(model.config), state)
     with pytest.raises(convert.CheckpointMismatchError) as info:
-        vae.from_diffusers(directory)
+        vae_convert.from_diffusers(directory)
     message = str(info.value)
     assert f"{removed} (expected shape {removed_shape})" in message
     assert f"{unknown} (shape [3, 5])" in message
@@ -203,8 +207,8 @@ def test_damaged_file_reports_every_bad_tensor_at_once(reference, tmp_path):
     assert [m[0] for m in info.value.missing] == [removed]
     assert [u[0] for u in info.value.unexpected] == [unknown]
     assert [s[0] for s in info.value.mis_shaped] == [reshaped]
-    with pytest.raises(FileNotFoundError, match=vae.WEIGHTS_NAME):
-        vae.from_diffusers(tmp_path)
+    with pytest.raises(FileNotFoundError, match=vae_convert.WEIGHTS_NAME):
+        vae_convert.from_diffusers(tmp_path)
 
 
 def test_round_trip_is_bit_exact_and_loads_in_diffusers(reference, tmp_path):
@@ -212,14 +216,14 @@ def test_round_trip_is_bit_exact_and_loads_in_diffusers(reference, tmp_path):
     from safetensors.numpy import load_file
 
     _, state, dirs, _ = reference
-    cfg, params = vae.from_diffusers(dirs["deprecated"])
-    out = vae.to_diffusers(cfg, params, tmp_path / "export")
-    written = load_file(str(out / vae.WEIGHTS_NAME))
+    cfg, params = vae_convert.from_diffusers(dirs["deprecated"])
+    out = vae_convert.to_diffusers(cfg, params, tmp_path / "export")
+    written = load_file(str(out / vae_convert.WEIGHTS_NAME))
     assert sorted(written) == sorted(state)  # current naming, nothing more or less
     for key, value in state.items():
         assert written[key].dtype == np.float32 and np.array_equal(written[key], value.numpy()), key
     with pytest.raises(FileExistsError):
-        vae.to_diffusers(cfg, params, out)
+        vae_convert.to_diffusers(cfg, params, out)
     reloaded = diffusers.AutoencoderKL.from_pretrained(str(out))
     assert all(np.array_equal(v.numpy(), state[k].numpy()) for k, v in reloaded.state_dict().items())
     assert vae.VAEConfig.from_diffusers_config(dict(reloaded.config)) == cfg
@@ -229,11 +233,11 @@ def test_fresh_params_export_and_bad_input(tmp_path):
     cfg = vae.VAEConfig(block_out_channels=(16, 32), norm_num_groups=4, layers_per_block=1,
                         mid_block_add_attention=False, use_quant_conv=False)
     params = vae.init_vae_params(cfg, jax.random.key(0))
-    assert {k: v.shape for k, v in convert._flat(params).items()} == vae.vae_param_shapes(cfg)
+    assert {k: v.shape for k, v in tensors.flatten(params).items()} == vae.vae_param_shapes(cfg)
     assert "quant_conv" not in params and "post_quant_conv" in params
-    assert not any("attentions" in k for k in convert._flat(params))
-    out = vae.to_diffusers(cfg, params, tmp_path / "fresh")
-    cfg2, params2 = vae.from_diffusers(out)
+    assert not any("attentions" in k for k in tensors.flatten(params))
+    out = vae_convert.to_diffusers(cfg, params, tmp_path / "fresh")
+    cfg2, params2 = vae_convert.from_diffusers(out)
     assert cfg2 == cfg
     jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), b), params, params2)
     model = vae.AutoencoderKL(cfg)

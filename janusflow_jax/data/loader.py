@@ -1,0 +1,295 @@
+"""The training loader: prepared ArrayRecord shards -> batches in the fixed layout of `batch.py`, with grain.
+
+One grain pipeline per data type, each
+    ArrayRecord source -> this host's records [shard_index::shard_count] -> global shuffle (a new order every epoch,
+    seeded) -> repeat forever -> decode (generation: draw the latent from the stored posterior, a fresh draw per
+    epoch) -> understanding/text: first-fit packing into rows of seq_len (at most `images_per_row` images per
+    understanding row), or one example per row when `pack` is False -> fixed sub-batch,
+and the sub-batches zipped into one dict per step. Packing writes segment ids (1, 2, ... per example, 0 = padding)
+and positions restarting at 0 in every example; prepared records have no loss on their first token, so no target
+crosses a segment boundary. Images stay uint8 until the sub-batch is formed and are then normalised exactly as the
+official processor does (metadata["image"]); unused image slots of a row are zeros.
+
+Checkpointing: the iterator is a grain `DatasetIterator`; its state is a small JSON-able dict (read positions,
+packing progress), saved beside the train state in the same orbax step:
+
+    mngr = ocp.CheckpointManager(dir, item_handlers=dict(state=..., data=grain.checkpoint.CheckpointHandler()))
+    mngr.save(step, args=ocp.args.Composite(state=..., data=grain.checkpoint.CheckpointSave(iterator)))
+    mngr.restore(step, args=ocp.args.Composite(state=..., data=grain.checkpoint.CheckpointRestore(iterator)))
+
+(one file per host; or `it.get_state()` / `it.set_state(state)` directly). The batches after a restore equal those of
+an uninterrupted run. Restore with the same data config (num_workers included), sizes and host count: the state
+indexes this exact pipeline.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Mapping
+
+import ml_collections
+import numpy as np
+
+from janusflow_jax.data.batch import DATA_TYPES, BatchGeometry
+from janusflow_jax.data.records import METADATA, decode_record, normalize_pixels
+
+_TYPE_IDS = {kind: i for i, kind in enumerate(DATA_TYPES)}
+
+
+def default_config() -> ml_collections.ConfigDict:
+    """The loader fields (a stage config embeds them in `config.data`; fields it leaves out take these values)."""
+    return ml_collections.ConfigDict(dict(
+        dir="",  # a directory written by launch.prepare_data (holds metadata.json)
+        pack=True,  # pack understanding / text examples into rows of seq_len; False: one example per row, padded
+        packing_bins=64,  # rows filled at once by first-fit packing (more bins: less padding, more memory)
+        posterior="sample",  # generation latents: "sample" a fresh posterior draw, or the posterior "mean"
+        seed=0,  # folded with make_train_iterator's `seed`: order, posterior draws
+        num_workers=0,  # grain worker processes (each builds whole batches from its slice); 0 = in this process
+        prefetch=2,  # batches buffered ahead (per worker with workers, in a background thread without)
+        read_threads=4,  # threads reading + decoding records, per process
+        read_buffer=64,  # records read ahead per data type, per process
+    ))
+
+
+def _loader_fields(data_config) -> ml_collections.ConfigDict:
+    """`default_config()` updated with the loader fields `data_config` sets; its other fields (a stage config's
+    `data` also holds seq_len, source, ...) are ignored."""
+    fields = default_config()
+    given = data_config.to_dict() if hasattr(data_config, "to_dict") else dict(data_config)
+    fields.update({key: value for key, value in given.items() if key in fields})
+    return fields
+
+
+def load_metadata(directory) -> dict:
+    """metadata.json of a prepared dataset (with a clear error when it is not one)."""
+    path = Path(directory) / METADATA
+    if not path.is_file():
+        raise FileNotFoundError(f"{directory} is not a prepared dataset (no {METADATA}; run launch.prepare_data)")
+    return json.loads(path.read_text())
+
+
+def _check(meta: Mapping, sizes: Mapping[str, int], geometry: BatchGeometry, shard_count: int):
+    """Refuses a dataset that does not fit the batch the model expects, naming the mismatch."""
+    g = geometry
+    seq_len, prompt_len, image_size, images_per_row = g.seq_len, g.prompt_len, g.image_size, g.images_per_row
+    latent_size, latent_channels, num_image_tokens = g.latent_size, g.latent_channels, g.num_image_tokens
+    problems = []
+    lengths = meta["lengths"]
+    for kind in DATA_TYPES:
+        if sizes.get(kind, 0) and meta["counts"][kind] < shard_count:
+            problems.append(f"{meta['counts'][kind]} {kind} records cannot feed {shard_count} host shard(s)")
+    if sizes.get("und", 0):
+        if meta["image"]["size"] != image_size:
+            problems.append(f"images were prepared at {meta['image']['size']} px, the model wants {image_size}")
+        if meta["image"]["num_image_tokens"] != num_image_tokens:
+            problems.append(f"understanding records have {meta['image']['num_image_tokens']} image tokens per image, "
+                            f"the model wants {num_image_tokens}")
+        if lengths["max_und_length"] > seq_len:
+            problems.append(f"an understanding record has {lengths['max_und_length']} tokens > seq_len {seq_len}")
+        if lengths["max_images_per_record"] > images_per_row:
+            problems.append(f"a record has {lengths['max_images_per_record']} images > images_per_row "
+                            f"{images_per_row}")
+    if sizes.get("text", 0) and lengths["max_text_length"] > seq_len:
+        problems.append(f"a text record has {lengths['max_text_length']} tokens > seq_len {seq_len}")
+    if sizes.get("gen", 0):
+        latent = meta["latent"]
+        if (latent["latent_size"], latent["latent_channels"]) != (latent_size, latent_channels):
+            problems.append(f"latents are {latent['latent_size']}^2 x {latent['latent_channels']} ({latent['kind']}), "
+                            f"the model wants {latent_size}^2 x {latent_channels}")
+        if meta["image"]["size"] != image_size:
+            problems.append(f"generation crops are {meta['image']['size']} px, the model wants {image_size}")
+        if lengths["max_prompt_length"] > prompt_len:
+            problems.append(f"a prompt has {lengths['max_prompt_length']} tokens > prompt_len {prompt_len}")
+    if problems:
+        raise ValueError(f"the prepared dataset {meta['config']['prepare']['out']} does not fit this run: "
+                         + "; ".join(problems))
+
+
+def _seeds(data_config, seed: int, kind: str) -> tuple[int, int]:
+    """(shuffle seed, per-example RNG seed) of one data type, both in [0, 2^32)."""
+    state = np.random.SeedSequence([data_config.seed, seed, _TYPE_IDS[kind]]).generate_state(2)
+    return int(state[0]), int(state[1])
+
+
+class _Images:
+    """Normalisation of uint8 pixels as the prepared dataset's processor does it."""
+
+    def __init__(self, image_meta: Mapping):
+        self.mean, self.std = image_meta["mean"], image_meta["std"]
+        self.rescale, self.normalize = image_meta["rescale_factor"], image_meta["do_normalize"]
+
+    def __call__(self, pixels: np.ndarray) -> np.ndarray:
+        return normalize_pixels(pixels, self.mean, self.std, self.rescale, self.normalize)
+
+
+def _records(grain, meta: Mapping, directory: Path, kind: str, shard_index: int, shard_count: int, shuffle_seed: int):
+    """This host's records of one type, shuffled anew every epoch, repeated forever (a grain MapDataset of bytes)."""
+    paths = [str(directory / f) for f in meta["shards"][kind]]
+    source = grain.sources.ArrayRecordDataSource(paths)
+    return grain.MapDataset.source(source)[shard_index::shard_count].shuffle(seed=shuffle_seed).repeat()
+
+
+def _sequence_pipeline(grain, data_config, meta, directory, kind, rows, *, seq_len, images_per_row, shard_index,
+                       shard_count, seed):
+    """Understanding or text rows: decode -> first-fit packing (or one example per row) -> sub-batch of `rows`."""
+    shuffle_seed, _ = _seeds(data_config, seed, kind)
+    fields = ("input_ids", "loss_mask") + (("image_token_mask", "images") if kind == "und" else ())
+
+    def decode(data: bytes) -> dict:
+        record = decode_record(data)
+        return {field: record[field] for field in fields}
+
+    ds = _records(grain, meta, directory, kind, shard_index, shard_count, shuffle_seed).map(decode)
+    ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=data_config.read_threads,
+                                              prefetch_buffer_size=data_config.read_buffer))
+    lengths = {field: seq_len for field in fields}
+    if kind == "und":
+        lengths["images"] = images_per_row  # images pack along their first axis, at most K per row
+    pad_id = meta["tokenizer"]["pad_id"]
+    ds = grain.experimental.FirstFitPackIterDataset(
+        ds, length_struct=lengths, num_packing_bins=max(rows, data_config.packing_bins), shuffle_bins=False,
+        padding_struct={field: (pad_id if field == "input_ids" else 0) for field in fields},
+        max_sequences_per_bin=None if data_config.pack else 1)
+    ds = ds.batch(rows, drop_remainder=True)
+    normalize = _Images(meta["image"]) if kind == "und" else None
+
+    def finish(packed: dict) -> dict:
+        out = {f"{kind}/{field}": packed[field].astype(np.int32)
+               for field in ("input_ids", "loss_mask") + (("image_token_mask",) if kind == "und" else ())}
+        out[f"{kind}/segment_ids"] = packed["input_ids_segment_ids"].astype(np.int32)
+        out[f"{kind}/positions"] = packed["input_ids_positions"].astype(np.int32)
+        if kind == "und":
+            pixels = packed["images"]  # uint8 [rows, K, S, S, 3]
+            images = np.zeros(pixels.shape, np.float32)
+            used = packed["images_segment_ids"] > 0
+            images[used] = normalize(pixels[used])
+            out["und/images"] = images
+        return out
+
+    return ds.map(finish)
+
+
+def _gen_pipeline(grain, data_config, meta, directory, rows, *, prompt_len, shard_index, shard_count, seed):
+    """Generation rows: left-padded prompt, latent (a posterior draw or the mean), normalised crop."""
+    shuffle_seed, example_seed = _seeds(data_config, seed, "gen")
+    pad_id = meta["tokenizer"]["pad_id"]
+    draw = data_config.posterior == "sample"
+
+    def decode(data: bytes, rng: np.random.Generator) -> dict:
+        record = decode_record(data)
+        ids = record["prompt_ids"]
+        prompt_ids = np.full(prompt_len, pad_id, np.int32)
+        prompt_ids[prompt_len - len(ids):] = ids
+        mask = np.zeros(prompt_len, np.int32)
+        mask[prompt_len - len(ids):] = 1
+        latents = np.array(record["latent_mean"], np.float32)
+        if draw and "latent_logvar" in record:
+            eps = rng.standard_normal(latents.shape, dtype=np.float32)
+            latents += np.exp(0.5 * record["latent_logvar"]) * eps
+        return {"prompt_ids": prompt_ids, "prompt_mask": mask, "latents": latents, "pixels": record["image"]}
+
+    ds = _records(grain, meta, directory, "gen", shard_index, shard_count, shuffle_seed)
+    ds = ds.random_map(decode, seed=example_seed)
+    ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=data_config.read_threads,
+                                              prefetch_buffer_size=data_config.read_buffer))
+    ds = ds.batch(rows, drop_remainder=True)
+    normalize = _Images(meta["image"])
+
+    def finish(batch: dict) -> dict:
+        return {"gen/prompt_ids": batch["prompt_ids"], "gen/prompt_mask": batch["prompt_mask"],
+                "gen/latents": batch["latents"], "gen/images": normalize(batch["pixels"])}
+
+    return ds.map(finish)
+
+
+def pad_fraction(lengths, num_images, *, seq_len: int, images_per_row: int = 1, pack: bool = True,
+                 packing_bins: int = 64) -> float:
+    """Share of pad tokens in the rows the loader builds from examples of these token lengths and image counts (in
+    this order), with the same packer: first-fit into rows of seq_len, or one example per row when not `pack`."""
+    import grain
+
+    examples = [{"tokens": np.zeros(n, np.int32), "images": np.zeros((k, 1), np.uint8)}
+                for n, k in zip(lengths, num_images)]
+    ds = grain.MapDataset.source(examples).to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0))
+    ds = grain.experimental.FirstFitPackIterDataset(
+        ds, length_struct={"tokens": seq_len, "images": images_per_row}, num_packing_bins=packing_bins,
+        shuffle_bins=False, max_sequences_per_bin=None if pack else 1)
+    rows = used = 0
+    for row in ds:
+        rows += 1
+        used += int((row["tokens_segment_ids"] > 0).sum())
+    return 1.0 - used / (rows * seq_len)
+
+
+def _merge(parts: tuple) -> dict:
+    out = {}
+    for part in parts:
+        out.update(part)
+    return out
+
+
+def make_train_iterator(data_config, sizes: Mapping[str, int], geometry: BatchGeometry, *, seed: int = 0,
+                        shard_index: int | None = None, shard_count: int | None = None):
+    """An endless iterator of numpy batches in the `batch.py` layout, for THIS host's rows.
+
+    sizes: rows per data type on this host ({"und": .., "gen": .., "text": ..}; a type with 0 rows is absent from the
+    batches and its records are never read). geometry: the batch's shapes (`BatchGeometry.from_config`), checked
+    against the prepared dataset's metadata.json.
+    seed: the run's seed, folded with data_config.seed. shard_index / shard_count: this host's share of the records
+    (default jax.process_index() / jax.process_count()); hosts see disjoint records.
+
+    Returns a grain DatasetIterator: `next(it)` -> dict, `it.get_state()` / `it.set_state(state)`, and orbax
+    checkpointing through grain.checkpoint.CheckpointSave / CheckpointRestore (module docstring). Deterministic for a
+    given seed, config, sizes and shard, also with worker processes.
+    """
+    import grain
+
+    data_config = _loader_fields(data_config)
+    if shard_index is None or shard_count is None:
+        import jax
+
+        shard_index = jax.process_index() if shard_index is None else shard_index
+        shard_count = jax.process_count() if shard_count is None else shard_count
+    if not 0 <= shard_index < shard_count:
+        raise ValueError(f"shard_index {shard_index} outside [0, {shard_count})")
+    unknown = sorted(set(sizes) - set(DATA_TYPES))
+    if unknown or any(n < 0 for n in sizes.values()) or not any(sizes.values()):
+        raise ValueError(f"sizes must give rows >= 0 for {DATA_TYPES} (at least one > 0), got {dict(sizes)}")
+    if data_config.posterior not in ("sample", "mean"):
+        raise ValueError(f"data.posterior must be 'sample' or 'mean', got {data_config.posterior!r}")
+    if geometry.images_per_row < 1:
+        raise ValueError(f"images_per_row must be >= 1, got {geometry.images_per_row}")
+    if not data_config.dir:
+        raise ValueError("no prepared dataset: set config.data.dir (written by launch.prepare_data)")
+    directory = Path(data_config.dir)
+    meta = load_metadata(directory)
+    _check(meta, sizes, geometry, shard_count)
+
+    common = dict(shard_index=shard_index, shard_count=shard_count, seed=seed)
+    parts = []
+    for kind in DATA_TYPES:  # fixed order: the zipped state lists the types in this order
+        rows = sizes.get(kind, 0)
+        if not rows:
+            continue
+        if kind == "gen":
+            parts.append(_gen_pipeline(grain, data_config, meta, directory, rows, prompt_len=geometry.prompt_len,
+                                       **common))
+        else:
+            parts.append(_sequence_pipeline(grain, data_config, meta, directory, kind, rows,
+                                            seq_len=geometry.seq_len, images_per_row=geometry.images_per_row,
+                                            **common))
+    ds = grain.experimental.ZipIterDataset(parts).map(_merge)
+    if data_config.num_workers > 0:
+        from absl import flags
+
+        # grain's worker processes read its absl flags; outside an absl app (a notebook, pytest) they were never
+        # parsed, so take their defaults instead of failing.
+        if not flags.FLAGS.is_parsed():
+            flags.FLAGS.mark_as_parsed()
+        ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=data_config.num_workers,
+                                                         per_worker_buffer_size=data_config.prefetch))
+    elif data_config.prefetch > 0:
+        ds = grain.experimental.ThreadPrefetchIterDataset(ds, prefetch_buffer_size=data_config.prefetch)
+    return iter(ds)
+

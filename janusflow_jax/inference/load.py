@@ -1,0 +1,200 @@
+"""Loading a checkpoint for inference: weights, tokenizer/processor and (for generation) the VAE, from one directory.
+
+A checkpoint directory is either
+  * the official PyTorch layout (config.json + model.safetensors / sharded safetensors / pytorch_model.bin), as
+    downloaded from deepseek-ai/JanusFlow-1.3B, converted on the fly; or
+  * our orbax checkpoint root (`checkpoint.save_params`), as written by `launch.convert --to=jax`, which also copies
+    the tokenizer and processor files (`INFERENCE_FILES`) and a `vae/` folder beside it.
+The tokenizer and processor files sit in the checkpoint directory itself in both cases. The VAE (a diffusers
+AutoencoderKL directory, e.g. stabilityai/sdxl-vae) is taken from an explicit path, else from `<checkpoint>/vae`;
+a checkpoint trained in another latent space carries `latent.json` (`latents.describe()`) instead, turned into the
+decoder by `latents.from_description`.
+
+Every failure a user can cause (no such directory, no tokenizer, no VAE, truncated weights, a tokenizer that does not
+fit the model) raises an exception whose message names the file and the fix; `USER_ERRORS` lists their types, which
+the CLIs turn into one line on stderr.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import jax.numpy as jnp
+
+from janusflow_jax.models.config import JanusFlowConfig
+from janusflow_jax.models.janusflow import JanusFlow
+
+# The files of the release that inference needs besides the weights (tokenizer + processor configuration).
+INFERENCE_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "processor_config.json",
+                   "preprocessor_config.json")
+VAE_DIR = "vae"  # the VAE's conventional place inside a checkpoint directory
+# A checkpoint trained in a latent space other than the SDXL-VAE's (e.g. the digits run's space_to_depth) describes it
+# here; `load` then decodes with that space instead of looking for a VAE.
+LATENT_FILE = "latent.json"
+
+# Exceptions that mean bad input (a missing or damaged file, an unusable prompt or image), not a bug. ImageError,
+# PromptTooLongError and CheckpointMismatchError are ValueErrors; FileNotFoundError is an OSError.
+USER_ERRORS = (ValueError, OSError)
+
+
+def is_official_dir(path: str | os.PathLike) -> bool:
+    """True for an official PyTorch JanusFlow directory (its config.json has a `language_config`)."""
+    config = Path(path) / "config.json"
+    if not config.is_file():
+        return False
+    try:
+        return "language_config" in json.loads(config.read_text())
+    except ValueError as e:
+        raise ValueError(f"{config} is not valid JSON: {e}") from None
+
+
+def load_model(checkpoint: str | os.PathLike, dtype: str | None = None) -> tuple[JanusFlow, Any]:
+    """(model, params) from an official PyTorch directory or an orbax checkpoint root.
+
+    dtype: compute dtype ("float32", "bfloat16"); default the checkpoint config's. Parameters keep the stored dtype
+    (official directories are read as float32).
+    """
+    from janusflow_jax import checkpoint as checkpoint_lib
+    from janusflow_jax.convert import janusflow as convert
+
+    path = Path(checkpoint)
+    if not path.is_dir():
+        raise FileNotFoundError(f"no checkpoint directory {checkpoint}")
+    if is_official_dir(path):
+        config, params = convert.from_pytorch(path)
+    elif (path / "config.json").is_file() and not any(p.name.isdigit() for p in path.iterdir()):
+        raise ValueError(f"{path / 'config.json'} is not a JanusFlow config (no language_config)")
+    else:
+        try:
+            config, params = checkpoint_lib.load_params(path)
+        except FileNotFoundError:
+            raise FileNotFoundError(f"{checkpoint} is neither an official JanusFlow directory (config.json + "
+                                    f"model.safetensors) nor an orbax checkpoint (numbered step folders)") from None
+    if dtype is not None:
+        config = config.replace(dtype=jnp.dtype(dtype).name)
+    return JanusFlow(config), params
+
+
+def require_tokenizer(checkpoint: str | os.PathLike) -> Path:
+    """Returns the checkpoint path; raises FileNotFoundError when it holds no tokenizer.json."""
+    path = Path(checkpoint)
+    if not (path / "tokenizer.json").is_file():
+        raise FileNotFoundError(
+            f"{path} has no tokenizer (tokenizer.json): put the release's {', '.join(INFERENCE_FILES)} there, or "
+            f"convert with `python -m launch.convert --to=jax` from a directory that has them")
+    return path
+
+
+def load_processor(checkpoint: str | os.PathLike, config: JanusFlowConfig):
+    """The processor from the tokenizer/processor files in `checkpoint`, with the model's image geometry."""
+    from janusflow_jax.data.processor import Processor
+
+    path = require_tokenizer(checkpoint)
+    processor = Processor.from_pretrained(path, num_image_tokens=config.und_encoder.num_patches,
+                                          image_size=config.und_encoder.image_size)
+    if processor.vocab_size > config.llm.vocab_size:
+        raise ValueError(f"the tokenizer in {path} has {processor.vocab_size} ids but the model's embedding table only "
+                         f"{config.llm.vocab_size}: tokenizer and weights do not belong together")
+    return processor
+
+
+def find_vae(checkpoint: str | os.PathLike | None = None, vae: str | os.PathLike | None = None) -> Path:
+    """The VAE directory: `vae` if given, else `<checkpoint>/vae`. Raises FileNotFoundError naming both options."""
+    if vae is not None:
+        path = Path(vae)
+        if not path.is_dir():
+            raise FileNotFoundError(f"no VAE directory {vae} (a diffusers AutoencoderKL directory: config.json + "
+                                    f"diffusion_pytorch_model.safetensors)")
+        return path
+    path = None if checkpoint is None else Path(checkpoint) / VAE_DIR
+    if path is None or not path.is_dir():
+        raise FileNotFoundError(f"no VAE: pass --vae DIR (a diffusers AutoencoderKL directory such as "
+                                f"stabilityai/sdxl-vae) or put one at {path or '<checkpoint>/vae'}")
+    return path
+
+
+def load_vae(path: str | os.PathLike, dtype: str | None = None):
+    """(AutoencoderKL module, params) from a diffusers VAE directory; dtype: compute dtype (fp16 is refused)."""
+    from janusflow_jax.convert import vae as vae_convert
+    from janusflow_jax.models import vae as vae_lib
+
+    config, params = vae_convert.from_diffusers(path, dtype=jnp.dtype(dtype or "float32").name)
+    return vae_lib.AutoencoderKL(config), params
+
+
+@dataclasses.dataclass
+class InferenceModel:
+    """Everything inference needs, loaded from one checkpoint directory."""
+
+    model: JanusFlow
+    params: Any
+    processor: Any
+    vae: Any = None  # vae.AutoencoderKL, or None when not loaded (understanding only)
+    vae_params: Any = None
+
+    @property
+    def config(self) -> JanusFlowConfig:
+        return self.model.config
+
+
+def load(checkpoint: str | os.PathLike, *, dtype: str | None = None, with_vae: bool = False,
+         vae: str | os.PathLike | None = None) -> InferenceModel:
+    """Loads weights + processor (+ the VAE when `with_vae` or `vae` is given) for `launch.generate`/`launch.chat`.
+
+    The tokenizer and the VAE are located before the (possibly slow) weights are read, so a missing one fails fast.
+    """
+    if not Path(checkpoint).is_dir():
+        raise FileNotFoundError(f"no checkpoint directory {checkpoint}")
+    require_tokenizer(checkpoint)
+    space = None
+    if (with_vae or vae is not None) and vae is None and (Path(checkpoint) / LATENT_FILE).is_file():
+        space = load_latent_space(checkpoint)  # a run trained in another latent space (e.g. the digits run)
+    vae_path = find_vae(checkpoint, vae) if (with_vae or vae is not None) and space is None else None
+    model, params = load_model(checkpoint, dtype)
+    processor = load_processor(checkpoint, model.config)
+    vae_module = vae_params = None
+    if vae_path is not None:
+        vae_module, vae_params = load_vae(vae_path, dtype)
+    elif space is not None:
+        vae_module = space  # an object with decode(): sampler.latent_decoder applies it as is
+    return InferenceModel(model, params, processor, vae_module, vae_params)
+
+
+def load_latent_space(checkpoint: str | os.PathLike):
+    """The latent space `<checkpoint>/latent.json` describes (`latents.describe()`), as a decoder for sampling."""
+    from janusflow_jax.data import latents
+
+    path = Path(checkpoint) / LATENT_FILE
+    try:
+        return latents.from_description(json.loads(path.read_text()))
+    except (ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"{path} does not describe a latent space: {e}") from None
+
+
+def copy_inference_files(src: str | os.PathLike, dst: str | os.PathLike) -> list[str]:
+    """Copies the tokenizer/processor files (`INFERENCE_FILES`) and a `vae/` folder from `src` into `dst` (local or
+    remote, e.g. gs://), skipping absent ones. Returns the names copied."""
+    from etils import epath
+
+    src, dst = Path(src), epath.Path(dst)
+    copied = []
+    for name in INFERENCE_FILES:
+        if (src / name).is_file():
+            (dst / name).write_bytes((src / name).read_bytes())
+            copied.append(name)
+    if (src / VAE_DIR).is_dir():
+        if "://" in os.fspath(dst):
+            for f in sorted((src / VAE_DIR).rglob("*")):
+                if f.is_file():
+                    target = dst / VAE_DIR / f.relative_to(src / VAE_DIR).as_posix()
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                    target.write_bytes(f.read_bytes())
+        else:
+            shutil.copytree(src / VAE_DIR, Path(os.fspath(dst)) / VAE_DIR)
+        copied.append(VAE_DIR + "/")
+    return copied

@@ -1,0 +1,61 @@
+"""Where a run's parameters start (`config.init.kind`): random, a previous stage's checkpoint (EMA or raw weights),
+the official PyTorch release, or stage 1's parts (an HF Llama and a timm SigLIP, the rest random); placed on the mesh
+in the config's layout (scanned or per-layer) and storage dtype."""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+
+from janusflow_jax import checkpoint as checkpoint_lib
+from janusflow_jax.models.config import JanusFlowConfig
+from janusflow_jax.sharding import param_shardings
+from janusflow_jax.train.plan import Plan, TrainingError
+
+
+def initial_params(plan: Plan):
+    """Parameters placed on the mesh, from the source `config.init` names."""
+    init, cfg = plan.config.init, plan.model_cfg
+    shardings = param_shardings(cfg, plan.mesh)
+    if init.kind == "random":
+        from janusflow_jax.sharding import create_sharded_params
+
+        return create_sharded_params(cfg, plan.mesh, jax.random.key(plan.config.seed))
+    if init.kind == "checkpoint":
+        if not init.path:
+            raise TrainingError("config.init.kind='checkpoint' needs --config.init.path (an orbax checkpoint root: "
+                                "the previous stage's <workdir>/checkpoints or a `launch.convert --to=jax` output)")
+        saved_cfg, params = checkpoint_lib.load_params(init.path, weights=init.weights)
+        _check_same_model(saved_cfg, cfg, init.path)
+        return _place(params, cfg, saved_cfg, shardings, plan.config.seed)
+    if init.kind == "official":
+        from janusflow_jax.convert import janusflow as convert
+
+        saved_cfg, params = convert.from_pytorch(init.path, rng=jax.random.key(plan.config.seed),
+                                                 scan_layers=cfg.scan_layers, repa=cfg.repa)
+        _check_same_model(saved_cfg, cfg, init.path)
+        return _place(params, cfg, saved_cfg, shardings, plan.config.seed)
+    if init.kind == "parts":
+        from janusflow_jax.convert import janusflow as convert
+
+        params = convert.init_from_parts(cfg, jax.random.key(plan.config.seed), llm_path=init.llm_path or None,
+                                         siglip_path=init.siglip_path or None)
+        return jax.device_put(params, shardings)
+    raise TrainingError(f"unknown config.init.kind {init.kind!r}: random, checkpoint, official or parts")
+
+
+def _check_same_model(saved: JanusFlowConfig, wanted: JanusFlowConfig, path):
+    def shape_fields(c: JanusFlowConfig):  # what decides parameter shapes (not dtypes, scan or remat)
+        return (c.llm, c.und_encoder, c.gen_encoder, c.gen_decoder, c.repa.hidden_dim, c.latent_size)
+
+    if shape_fields(saved) != shape_fields(wanted):
+        raise TrainingError(f"the checkpoint at {path} holds a different model than config.model")
+
+
+def _place(params, cfg: JanusFlowConfig, saved_cfg: JanusFlowConfig, shardings, seed: int):
+    from janusflow_jax.convert import janusflow as convert
+
+    if saved_cfg.scan_layers != cfg.scan_layers:
+        params = (convert.scan_params if cfg.scan_layers else convert.unscan_params)(params, cfg)
+    dtype = cfg.storage_dtype
+    return jax.device_put(jax.tree.map(lambda x: np.asarray(x).astype(dtype), params), shardings)
