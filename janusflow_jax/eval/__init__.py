@@ -1,0 +1,14 @@
+"""The paper's benchmarks, scored offline (phase B of `launch.evaluate`): pure Python + numpy, no model, no network.
+
+  paper            the JanusFlow paper's numbers (Tables 2-5) and a markdown table of a checkpoint's beside them
+  formats          reading VLMEvalKit TSVs, CSV/JSON(L) benchmark files and predictions JSONL; one-line input errors
+  vqa              VQAv2 (VQA API vqaEval.py) and TextVQA (m4c_evaluator) accuracy, GQA exact match
+  pope             POPE yes/no parsing, F1/accuracy/precision/recall/yes-ratio per subset
+  mme              MME acc and acc+ per subtask, perception and cognition sums (calculation.py)
+  multiple_choice  VLMEvalKit option extraction, accuracy per category, circular evaluation (MMBench, SEED)
+  mmmu             MMMU's response parsers (seeded random fallback) and accuracy per subject
+  geneval          GenEval's clause logic on detections and its summary_scores aggregation
+  dpg              DPG-Bench's parent-zeroed per-prompt scores and category scores (compute_dpg_bench.py)
+  fid              the Fréchet distance of two Gaussians (pytorch-fid / clean-fid)
+  score            the suite registry SUITES and score_files, what the CLI calls
+"""
