@@ -1,0 +1,383 @@
+"""The Mamba-2 language model (Dao & Gu 2024, "Transformers are SSMs"), numerically equal to transformers'
+`Mamba2ForCausalLM` (its pure-PyTorch path); the backbone of OmniMamba (docs/reference.md §9, §9.1).
+
+Layout. The fused PyTorch `in_proj` ([z | x | B | C | dt] rows) is five projections here (`z_proj`, `x_proj`,
+`B_proj`, `C_proj`, `dt_proj`) and the depthwise `conv1d` over the [x | B | C] channels is three (`conv_x`, `conv_B`,
+`conv_C`: the conv is per channel, so splitting it changes nothing). Each piece then carries its own logical axes and
+a projection never has to be sliced across a sharded dimension. `convert/mamba2.py` splits and merges the fused
+tensors exactly (a round trip is bit-exact).
+
+Logical axes: "embed", "vocab", "norm" and "layers" as in the Llama; new here are "ssm_inner" (d_inner = heads x
+head_dim, the Mamba analogue of "mlp"), "ssm_heads" (one value per head: dt, A_log, D, dt_bias), "ssm_state" (the
+B / C width, ngroups x d_state) and "conv_width" (the conv taps), mapped to the mesh in `sharding.DEFAULT_RULES`
+("ssm_inner" and "ssm_heads" like "mlp").
+
+Calls (all on `Mamba2LM`, via `model.apply(params, ..., method=...)`):
+  `__call__(input_ids) -> logits`                       the whole sequence, chunked SSD scan (training);
+  `prefill(input_ids, cache=None) -> (logits, cache)`   the same, continuing from `cache` (default: empty) and
+                                                        returning the conv and SSM states after the last token;
+  `decode_step(token, cache) -> (logits, cache)`        one token per row through the recurrence.
+
+The gated norm is group-wise, RMS over d_inner / ngroups channels (mamba_ssm's RMSNormGated with group_size =
+d_inner / ngroups; transformers 5's MambaRMSNormGated does the same). With ngroups = 1 it spans all of d_inner.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from flax import traverse_util
+
+from janusflow_jax.models import layers
+
+Cache = dict[str, jax.Array]  # see `init_cache`
+
+
+@dataclasses.dataclass(frozen=True)
+class Mamba2Config:
+    """A Mamba-2 LM; defaults are mamba2-1.3b as OmniMamba uses it (REFERENCE.md §9.1)."""
+
+    d_model: int = 2048
+    n_layer: int = 48
+    d_state: int = 128
+    d_conv: int = 4
+    expand: int = 2
+    headdim: int = 64
+    ngroups: int = 1
+    chunk_size: int = 256
+    vocab_size: int = 50288
+    norm_eps: float = 1e-5
+    residual_in_fp32: bool = True
+    tie_embeddings: bool = True
+    conv_bias: bool = True
+    dt_limit: tuple[float, float] = (0.0, math.inf)  # dt is clipped to this range after the softplus
+    # Compute dtype and storage dtype of every parameter (the SSM maths always runs in fp32).
+    dtype: str = "float32"
+    param_dtype: str = "float32"
+    scan_layers: bool = False
+    remat_policy: str = "none"  # layers.REMAT_POLICIES
+
+    def __post_init__(self):
+        if self.d_inner % self.headdim:
+            raise ValueError(f"d_inner={self.d_inner} (expand x d_model) is not a multiple of headdim={self.headdim}")
+        if self.nheads % self.ngroups:
+            raise ValueError(f"nheads={self.nheads} is not a multiple of ngroups={self.ngroups}")
+        if self.remat_policy not in layers.REMAT_POLICIES:
+            raise ValueError(f"remat_policy {self.remat_policy!r} not in {sorted(layers.REMAT_POLICIES)}")
+        jnp.dtype(self.dtype), jnp.dtype(self.param_dtype)
+
+    @property
+    def d_inner(self) -> int:
+        return self.expand * self.d_model
+
+    @property
+    def nheads(self) -> int:
+        return self.d_inner // self.headdim
+
+    @property
+    def bc_width(self) -> int:
+        """Width of B (and of C): ngroups x d_state."""
+        return self.ngroups * self.d_state
+
+    @property
+    def compute_dtype(self):
+        return jnp.dtype(self.dtype)
+
+    @property
+    def storage_dtype(self):
+        return jnp.dtype(self.param_dtype)
+
+    def replace(self, **changes) -> "Mamba2Config":
+        return dataclasses.replace(self, **changes)
+
+
+def init_cache(config: Mamba2Config, batch: int) -> Cache:
+    """An empty decoding state, one entry per layer on a leading axis (both layer layouts use it):
+    conv_x / conv_B / conv_C: [layers, batch, d_conv, channels], the last d_conv pre-activation conv inputs, zero
+    (= the conv's left padding) before the first token, in the compute dtype; ssm: [layers, batch, nheads, headdim,
+    d_state] in fp32."""
+    cfg = config
+    conv = lambda width: jnp.zeros((cfg.n_layer, batch, cfg.d_conv, width), cfg.compute_dtype)  # noqa: E731
+    return {"conv_x": conv(cfg.d_inner), "conv_B": conv(cfg.bc_width), "conv_C": conv(cfg.bc_width),
+            "ssm": jnp.zeros((cfg.n_layer, batch, cfg.nheads, cfg.headdim, cfg.d_state), jnp.float32)}
+
+
+# ------------------------------------------------------------------------------------------------------- SSD maths
+def segsum(a):
+    """Stable segment sums: out[..., i, j] = a[..., j+1] + ... + a[..., i] for i >= j, -inf above the diagonal.
+    A masked cumsum (never a difference of two cumsums), as ssd_minimal's `segsum`. a: [..., T] -> [..., T, T]."""
+    t = a.shape[-1]
+    rows = jnp.broadcast_to(a[..., :, None], a.shape + (t,))  # rows[..., k, j] = a[..., k]
+    rows = jnp.where(jnp.tril(jnp.ones((t, t), bool), -1), rows, 0.0)  # keep k > j
+    sums = jnp.cumsum(rows, axis=-2)
+    return jnp.where(jnp.tril(jnp.ones((t, t), bool)), sums, -jnp.inf)
+
+
+def ssd_chunked(x, dt, A, B, C, chunk_size: int, initial_state=None):
+    """The chunked SSD scan (ssd_minimal_discrete on x·dt and A·dt), any length.
+
+    Per head: S_t = exp(dt_t A) S_{t-1} + dt_t x_t ⊗ B_t,  y_t = S_t C_t  (no D term).
+    x: [batch, seq, nheads, headdim]; dt: [batch, seq, nheads] (after softplus); A: [nheads] (negative);
+    B, C: [batch, seq, ngroups, d_state], head h reading group h // (nheads / ngroups); initial_state:
+    [batch, nheads, headdim, d_state] or None (zeros). All fp32. The sequence is padded to a multiple of
+    `chunk_size` with dt = 0 (decay 1, no input), so the final state is that after the last real token.
+    Returns y [batch, seq, nheads, headdim] and the final state [batch, nheads, headdim, d_state].
+    """
+    batch, length, heads, head_dim = x.shape
+    groups, state = B.shape[2], B.shape[3]
+    per_group = heads // groups
+    pad = -length % chunk_size
+    if pad:
+        x, dt, B, C = (jnp.pad(t, [(0, 0), (0, pad)] + [(0, 0)] * (t.ndim - 2)) for t in (x, dt, B, C))
+    chunks, q = (length + pad) // chunk_size, chunk_size
+    xdt = (x * dt[..., None]).reshape(batch, chunks, q, groups, per_group, head_dim)
+    a = jnp.moveaxis((dt * A).reshape(batch, chunks, q, groups, per_group), 2, -1)  # [b, c, g, r, q]
+    B = B.reshape(batch, chunks, q, groups, state)
+    C = C.reshape(batch, chunks, q, groups, state)
+    a_cum = jnp.cumsum(a, axis=-1)
+
+    # 1. Within each chunk: a causal, decay-weighted "attention" C_l·B_s.
+    decay = jnp.exp(segsum(a))  # [b, c, g, r, l, s]
+    scores = jnp.einsum("bclgn,bcsgn->bcgls", C, B)[:, :, :, None] * decay
+    y_diag = jnp.einsum("bcgrls,bcsgrp->bclgrp", scores, xdt)
+    # 2. The state each chunk leaves behind, from its own inputs only.
+    decay_to_end = jnp.exp(a_cum[..., -1:] - a_cum)  # <= 1: the cumsum only decreases
+    chunk_states = jnp.einsum("bcsgn,bcgrs,bcsgrp->bcgrpn", B, decay_to_end, xdt)
+    # 3. Chunk-to-chunk recurrence (a segsum over chunk totals), starting from the initial state.
+    if initial_state is None:
+        initial_state = jnp.zeros((batch, heads, head_dim, state), jnp.float32)
+    start = initial_state.astype(jnp.float32).reshape(batch, 1, groups, per_group, head_dim, state)
+    states = jnp.concatenate([start, chunk_states], axis=1)  # [b, c + 1, g, r, p, n]
+    totals = jnp.pad(jnp.moveaxis(a_cum[..., -1], 1, -1), [(0, 0)] * 3 + [(1, 0)])  # [b, g, r, c + 1]
+    states = jnp.einsum("bgrzc,bcgrpn->bzgrpn", jnp.exp(segsum(totals)), states)
+    states, final = states[:, :-1], states[:, -1]  # the state entering each chunk; after the last one
+    # 4. What the entering state contributes inside each chunk.
+    y_off = jnp.einsum("bclgn,bcgrpn,bcgrl->bclgrp", C, states, jnp.exp(a_cum))
+    y = (y_diag + y_off).reshape(batch, chunks * q, heads, head_dim)[:, :length]
+    return y, final.reshape(batch, heads, head_dim, state)
+
+
+def ssd_step(ssm_state, x, dt, A, B, C):
+    """One recurrence step. ssm_state: [batch, nheads, headdim, d_state]; x: [batch, nheads, headdim];
+    dt: [batch, nheads]; A: [nheads]; B, C: [batch, ngroups, d_state]. Returns (y [batch, nheads, headdim],
+    new state). All fp32."""
+    per_group = x.shape[1] // B.shape[1]
+    B, C = jnp.repeat(B, per_group, axis=1), jnp.repeat(C, per_group, axis=1)
+    ssm_state = (ssm_state * jnp.exp(dt * A)[..., None, None]
+                 + (dt[..., None] * x)[..., None] * B[:, :, None, :])
+    return jnp.einsum("bhpn,bhn->bhp", ssm_state, C), ssm_state
+
+
+# ------------------------------------------------------------------------------------------------------- modules
+def _conv_init(key, shape, dtype=jnp.float32):
+    """PyTorch Conv1d's default for a depthwise conv (kaiming-uniform, a=√5): U(±1/√taps)."""
+    bound = 1.0 / math.sqrt(shape[0])
+    return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+
+def _a_log_init(key, shape, dtype=jnp.float32):
+    """mamba_ssm's A_init_range (1, 16): A = -U(1, 16)."""
+    return jnp.log(jax.random.uniform(key, shape, jnp.float32, 1.0, 16.0)).astype(dtype)
+
+
+def _dt_bias_init(key, shape, dtype=jnp.float32):
+    """softplus⁻¹ of dt ~ log-uniform on [1e-3, 1e-1] (floored at 1e-4), mamba_ssm's initialisation."""
+    dt = jnp.exp(jax.random.uniform(key, shape, jnp.float32, math.log(1e-3), math.log(1e-1)))
+    dt = jnp.maximum(dt, 1e-4)
+    return (dt + jnp.log(-jnp.expm1(-dt))).astype(dtype)
+
+
+class CausalConv1d(nn.Module):
+    """Depthwise causal conv over [batch, seq, channels]: out_t = bias + sum_j kernel[j] · in_{t - taps + 1 + j}.
+    kernel: [taps, channels] (PyTorch's conv1d weight [channels, 1, taps] transposed). Without a state the input is
+    left-padded with taps - 1 zeros; with one ([batch, taps, channels], the last inputs seen) its last taps - 1 rows
+    are the left context, and the new state (the last `taps` inputs) is returned as well."""
+
+    taps: int
+    axis: str  # the channels' logical axis
+    use_bias: bool = True
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, u, state=None):
+        channels = u.shape[-1]
+        kernel = self.param("kernel", layers.logical_init(_conv_init, ("conv_width", self.axis)),
+                            (self.taps, channels), self.param_dtype)
+        u = u.astype(self.dtype)
+        if state is None:
+            context = jnp.zeros(u.shape[:1] + (self.taps - 1, channels), self.dtype)
+        else:
+            context = state[:, 1:].astype(self.dtype)
+        padded = jnp.concatenate([context, u], axis=1)
+        length = u.shape[1]
+        kernel = kernel.astype(self.dtype)
+        out = sum(padded[:, j:j + length] * kernel[j] for j in range(self.taps))
+        if self.use_bias:
+            bias = self.param("bias", layers.logical_init(nn.initializers.zeros_init(), (self.axis,)), (channels,),
+                              self.param_dtype)
+            out = out + bias.astype(self.dtype)
+        new_state = None
+        if state is not None:
+            new_state = jnp.concatenate([state.astype(self.dtype), u], axis=1)[:, -self.taps:].astype(state.dtype)
+        return out, new_state
+
+
+class GatedRMSNorm(nn.Module):
+    """norm(y · silu(z)) · scale with the RMS taken per group of channels (norm_before_gate=False), in fp32."""
+
+    eps: float
+    groups: int = 1
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, y, z):
+        width = y.shape[-1]
+        scale = self.param("scale", layers.logical_init(nn.initializers.ones_init(), ("ssm_inner",)), (width,),
+                           self.param_dtype)
+        h = y.astype(jnp.float32) * nn.silu(z.astype(jnp.float32))
+        grouped = h.reshape(h.shape[:-1] + (self.groups, width // self.groups))
+        grouped = grouped * jax.lax.rsqrt(jnp.mean(grouped * grouped, axis=-1, keepdims=True) + self.eps)
+        return grouped.reshape(h.shape) * scale.astype(jnp.float32)
+
+
+class Mamba2Mixer(nn.Module):
+    """The Mamba-2 mixer. u: [batch, seq, d_model] -> ([batch, seq, d_model], new layer cache or None).
+
+    With a layer cache (`init_cache` sliced to one layer) the sequence continues from it; a single token then runs
+    the recurrence (`ssd_step`) instead of the chunked scan."""
+
+    config: Mamba2Config
+
+    @nn.compact
+    def __call__(self, u, cache=None):
+        cfg = self.config
+        dtype, param_dtype = cfg.compute_dtype, cfg.storage_dtype
+        batch, length, _ = u.shape
+
+        def project(features, axis, name):
+            return layers.dense(features, ("embed", axis), use_bias=False, dtype=dtype, param_dtype=param_dtype,
+                                name=name)(u)
+
+        def conv(v, axis, name):
+            return CausalConv1d(cfg.d_conv, axis, cfg.conv_bias, dtype, param_dtype, name=name)(
+                v, None if cache is None else cache[name])
+
+        z = project(cfg.d_inner, "ssm_inner", "z_proj")
+        x = project(cfg.d_inner, "ssm_inner", "x_proj")
+        b = project(cfg.bc_width, "ssm_state", "B_proj")
+        c = project(cfg.bc_width, "ssm_state", "C_proj")
+        dt = project(cfg.nheads, "ssm_heads", "dt_proj")
+        (x, conv_x), (b, conv_b), (c, conv_c) = (conv(x, "ssm_inner", "conv_x"), conv(b, "ssm_state", "conv_B"),
+                                                 conv(c, "ssm_state", "conv_C"))
+        x = nn.silu(x).astype(jnp.float32).reshape(batch, length, cfg.nheads, cfg.headdim)
+        b = nn.silu(b).astype(jnp.float32).reshape(batch, length, cfg.ngroups, cfg.d_state)
+        c = nn.silu(c).astype(jnp.float32).reshape(batch, length, cfg.ngroups, cfg.d_state)
+
+        head_param = lambda name, init: self.param(name, layers.logical_init(init, ("ssm_heads",)),  # noqa: E731
+                                                   (cfg.nheads,), param_dtype).astype(jnp.float32)
+        dt_bias = head_param("dt_bias", _dt_bias_init)
+        A = -jnp.exp(head_param("A_log", _a_log_init))
+        D = head_param("D", nn.initializers.ones_init())
+        dt = jnp.clip(jax.nn.softplus(dt.astype(jnp.float32) + dt_bias), *cfg.dt_limit)
+
+        if cache is not None and length == 1:
+            y, ssm = ssd_step(cache["ssm"], x[:, 0], dt[:, 0], A, b[:, 0], c[:, 0])
+            y = y[:, None]
+        else:
+            y, ssm = ssd_chunked(x, dt, A, b, c, cfg.chunk_size, None if cache is None else cache["ssm"])
+        y = (y + D[:, None] * x).reshape(batch, length, cfg.d_inner)
+        y = GatedRMSNorm(cfg.norm_eps, cfg.ngroups, param_dtype, name="norm")(y, z)
+        y = nn.with_logical_constraint(y.astype(dtype), ("activation_batch", "activation_length", "activation_mlp"))
+        out = layers.dense(cfg.d_model, ("ssm_inner", "embed"), use_bias=False, dtype=dtype, param_dtype=param_dtype,
+                           name="out_proj")(y)
+        new_cache = None
+        if cache is not None:
+            new_cache = {"conv_x": conv_x, "conv_B": conv_b, "conv_C": conv_c, "ssm": ssm}
+        return out, new_cache
+
+
+class Mamba2Block(nn.Module):
+    """RMSNorm -> mixer, plus the residual (carried in fp32 with residual_in_fp32). Signature fits nn.scan."""
+
+    config: Mamba2Config
+
+    @nn.compact
+    def __call__(self, residual, layer_cache):
+        cfg = self.config
+        h = layers.RMSNorm(cfg.norm_eps, cfg.compute_dtype, cfg.storage_dtype, name="norm")(residual)
+        h, layer_cache = Mamba2Mixer(cfg, name="mixer")(h, layer_cache)
+        residual = (residual + h).astype(residual.dtype)
+        residual = nn.with_logical_constraint(residual, ("activation_batch", "activation_length", "activation_embed"))
+        return residual, layer_cache
+
+
+class Mamba2LM(nn.Module):
+    """Embedding, `n_layer` blocks (`layers_{i}`, or `layers` with a leading layer axis under scan_layers), norm_f,
+    logits through the tied embedding (or `lm_head`). Logits come out in the compute dtype."""
+
+    config: Mamba2Config
+
+    def setup(self):
+        cfg = self.config
+        self.embeddings = nn.Embed(cfg.vocab_size, cfg.d_model, dtype=cfg.compute_dtype, param_dtype=cfg.storage_dtype,
+                                   embedding_init=layers.logical_init(layers.DEFAULT_KERNEL_INIT, ("vocab", "embed")))
+        block_cls = layers.maybe_remat(Mamba2Block, cfg.remat_policy)
+        if cfg.scan_layers:
+            self.layers = nn.scan(block_cls, variable_axes={"params": 0}, split_rngs={"params": True}, in_axes=(0,),
+                                  length=cfg.n_layer, metadata_params={nn.PARTITION_NAME: "layers"})(cfg)
+        else:
+            self.layers = [block_cls(cfg) for _ in range(cfg.n_layer)]
+        self.norm_f = layers.RMSNorm(cfg.norm_eps, cfg.compute_dtype, cfg.storage_dtype)
+        if not cfg.tie_embeddings:
+            self.lm_head = layers.dense(cfg.vocab_size, ("embed", "vocab"), use_bias=False, dtype=cfg.compute_dtype,
+                                        param_dtype=cfg.storage_dtype, name="lm_head")
+
+    def _forward(self, input_ids, cache):
+        cfg = self.config
+        x = self.embeddings(input_ids)
+        x = x.astype(jnp.float32 if cfg.residual_in_fp32 else cfg.compute_dtype)
+        if cfg.scan_layers:
+            x, cache = self.layers(x, cache)
+        else:
+            new_cache = []
+            for i, layer in enumerate(self.layers):
+                x, layer_cache = layer(x, None if cache is None else jax.tree.map(lambda t: t[i], cache))
+                new_cache.append(layer_cache)
+            if cache is not None:
+                cache = jax.tree.map(lambda *t: jnp.stack(t), *new_cache)
+        hidden = self.norm_f(x)
+        logits = self.embeddings.attend(hidden) if cfg.tie_embeddings else self.lm_head(hidden)
+        return logits, cache
+
+    def __call__(self, input_ids):
+        """input_ids: [batch, seq] -> logits [batch, seq, vocab]."""
+        return self._forward(input_ids, None)[0]
+
+    def prefill(self, input_ids, cache: Cache | None = None):
+        """input_ids: [batch, seq]; cache: the state to continue from (default: `init_cache`, an empty history).
+        Returns (logits [batch, seq, vocab], the cache after the last token)."""
+        if cache is None:
+            cache = init_cache(self.config, input_ids.shape[0])
+        return self._forward(input_ids, cache)
+
+    def decode_step(self, token, cache: Cache):
+        """token: [batch] ids; returns (logits [batch, vocab], the cache after it)."""
+        logits, cache = self._forward(token[:, None], cache)
+        return logits[:, 0], cache
+
+
+def init_params(config: Mamba2Config, rng) -> dict:
+    """Fresh parameters (boxed with their logical axes; `nn.unbox` for plain arrays)."""
+    return Mamba2LM(config).init(rng, jnp.zeros((1, 1), jnp.int32))["params"]
+
+
+def param_shapes(config: Mamba2Config) -> dict[str, tuple]:
+    """{"a/b/kernel": shape} of every parameter, without allocating any."""
+    abstract = jax.eval_shape(lambda: init_params(config, jax.random.key(0)))
+    return {k: tuple(v.shape) for k, v in traverse_util.flatten_dict(nn.unbox(abstract), sep="/").items()}
