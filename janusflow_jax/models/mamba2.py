@@ -16,7 +16,18 @@ Calls (all on `Mamba2LM`, via `model.apply(params, ..., method=...)`):
   `__call__(input_ids) -> logits`                       the whole sequence, chunked SSD scan (training);
   `prefill(input_ids, cache=None) -> (logits, cache)`   the same, continuing from `cache` (default: empty) and
                                                         returning the conv and SSM states after the last token;
-  `decode_step(token, cache) -> (logits, cache)`        one token per row through the recurrence.
+  `decode_step(token, cache) -> (logits, cache)`        one token per row through the recurrence;
+  `hidden_states(inputs_embeds, cache=None)`            the blocks and norm_f over given input embeddings
+                                                        (composites such as OmniMamba build their own inputs and
+                                                        heads), returning (hidden [batch, seq, d_model], cache).
+Each takes `task` (the active LoRA adapter, static) and `deterministic` (False: LoRA dropout on, needs a "dropout"
+rng) as keywords.
+
+Task LoRA (OmniMamba, docs/reference.md §9.1). With `lora_tasks` set, every mixer carries one adapter per task on
+its input projection: A [d_model, r] and B [r, in_proj rows], output W·u + (alpha / r)·B(A(dropout(u))). Our input
+projection is five projections, so B is stored as five pieces (`B_z`, `B_x`, `B_B`, `B_C`, `B_dt`), the rows of the
+fused B in the order of the fused in_proj: exactly LoRA on the fused in_proj. `fold_lora` merges one task's adapter
+into the kernels for inference (a model without `lora_tasks` then runs it).
 
 The gated norm is group-wise, RMS over d_inner / ngroups channels (mamba_ssm's RMSNormGated with group_size =
 d_inner / ngroups; transformers 5's MambaRMSNormGated does the same). With ngroups = 1 it spans all of d_inner.
@@ -61,8 +72,17 @@ class Mamba2Config:
     param_dtype: str = "float32"
     scan_layers: bool = False
     remat_policy: str = "none"  # layers.REMAT_POLICIES
+    # Task LoRA on the input projection (empty: none). alpha / rank scales the update; dropout acts on its input.
+    lora_tasks: tuple[str, ...] = ()
+    lora_rank: int = 8
+    lora_alpha: float = 32.0
+    lora_dropout: float = 0.0
 
     def __post_init__(self):
+        object.__setattr__(self, "lora_tasks", tuple(self.lora_tasks))  # a JSON list comes back as a list
+        object.__setattr__(self, "dt_limit", tuple(float(v) for v in self.dt_limit))
+        if len(set(self.lora_tasks)) != len(self.lora_tasks) or self.lora_tasks and self.lora_rank < 1:
+            raise ValueError(f"lora_tasks {self.lora_tasks} must be distinct names and lora_rank >= 1")
         if self.d_inner % self.headdim:
             raise ValueError(f"d_inner={self.d_inner} (expand x d_model) is not a multiple of headdim={self.headdim}")
         if self.nheads % self.ngroups:
@@ -83,6 +103,10 @@ class Mamba2Config:
     def bc_width(self) -> int:
         """Width of B (and of C): ngroups x d_state."""
         return self.ngroups * self.d_state
+
+    @property
+    def lora_scale(self) -> float:
+        return self.lora_alpha / self.lora_rank
 
     @property
     def compute_dtype(self):
@@ -246,23 +270,65 @@ class GatedRMSNorm(nn.Module):
         return grouped.reshape(h.shape) * scale.astype(jnp.float32)
 
 
-class Mamba2Mixer(nn.Module):
-    """The Mamba-2 mixer. u: [batch, seq, d_model] -> ([batch, seq, d_model], new layer cache or None).
+# The input projection's pieces in the order of the fused in_proj rows: (name, logical axis of its output).
+IN_PROJ_PIECES = (("z", "ssm_inner"), ("x", "ssm_inner"), ("B", "ssm_state"), ("C", "ssm_state"), ("dt", "ssm_heads"))
 
-    With a layer cache (`init_cache` sliced to one layer) the sequence continues from it; a single token then runs
-    the recurrence (`ssd_step`) instead of the chunked scan."""
+
+def _lora_a_init(key, shape, dtype=jnp.float32):
+    """PyTorch Linear's default on A's [rank, d_model] weight (kaiming-uniform, a=√5): U(±1/√d_model)."""
+    bound = 1.0 / math.sqrt(shape[0])
+    return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+
+class TaskLoRA(nn.Module):
+    """One task's adapter parameters: A [d_model, rank] and B_{z,x,B,C,dt} [rank, piece width] (B zero-initialised,
+    as LoRA). Returns them as a dict; the mixer applies them."""
 
     config: Mamba2Config
 
     @nn.compact
-    def __call__(self, u, cache=None):
+    def __call__(self):
+        cfg = self.config
+        widths = {"z": cfg.d_inner, "x": cfg.d_inner, "B": cfg.bc_width, "C": cfg.bc_width, "dt": cfg.nheads}
+        out = {"A": self.param("A", layers.logical_init(_lora_a_init, ("embed", None)), (cfg.d_model, cfg.lora_rank),
+                               cfg.storage_dtype)}
+        for piece, axis in IN_PROJ_PIECES:
+            out[piece] = self.param(f"B_{piece}", layers.logical_init(nn.initializers.zeros_init(), (None, axis)),
+                                    (cfg.lora_rank, widths[piece]), cfg.storage_dtype)
+        return out
+
+
+class Mamba2Mixer(nn.Module):
+    """The Mamba-2 mixer. u: [batch, seq, d_model] -> ([batch, seq, d_model], new layer cache or None).
+
+    With a layer cache (`init_cache` sliced to one layer) the sequence continues from it; a single token then runs
+    the recurrence (`ssd_step`) instead of the chunked scan. `task` picks the LoRA adapter (one of
+    `config.lora_tasks`; None runs the plain projections); `deterministic=False` applies the LoRA dropout."""
+
+    config: Mamba2Config
+
+    @nn.compact
+    def __call__(self, u, cache=None, task: str | None = None, deterministic: bool = True):
         cfg = self.config
         dtype, param_dtype = cfg.compute_dtype, cfg.storage_dtype
         batch, length, _ = u.shape
 
+        # Every task's adapter exists (so `init` creates them all); only the active one is applied.
+        adapters = {t: TaskLoRA(cfg, name=f"lora_{t}")() for t in cfg.lora_tasks}
+        if task is not None and cfg.lora_tasks and task not in adapters:
+            raise ValueError(f"unknown LoRA task {task!r}; this model has {cfg.lora_tasks}")
+        lora_hidden = None
+        if task in adapters:
+            lora_in = nn.Dropout(cfg.lora_dropout)(u, deterministic=deterministic)
+            lora_hidden = jnp.dot(lora_in.astype(dtype), adapters[task]["A"].astype(dtype))  # [b, s, rank]
+
         def project(features, axis, name):
-            return layers.dense(features, ("embed", axis), use_bias=False, dtype=dtype, param_dtype=param_dtype,
-                                name=name)(u)
+            out = layers.dense(features, ("embed", axis), use_bias=False, dtype=dtype, param_dtype=param_dtype,
+                               name=name)(u)
+            if lora_hidden is not None:
+                b = adapters[task][name.removesuffix("_proj")].astype(dtype)
+                out = out + (cfg.lora_scale * jnp.dot(lora_hidden, b)).astype(out.dtype)
+            return out
 
         def conv(v, axis, name):
             return CausalConv1d(cfg.d_conv, axis, cfg.conv_bias, dtype, param_dtype, name=name)(
@@ -303,15 +369,16 @@ class Mamba2Mixer(nn.Module):
 
 
 class Mamba2Block(nn.Module):
-    """RMSNorm -> mixer, plus the residual (carried in fp32 with residual_in_fp32). Signature fits nn.scan."""
+    """RMSNorm -> mixer, plus the residual (carried in fp32 with residual_in_fp32). Signature fits nn.scan (task and
+    deterministic are broadcast, and static under remat)."""
 
     config: Mamba2Config
 
     @nn.compact
-    def __call__(self, residual, layer_cache):
+    def __call__(self, residual, layer_cache, task=None, deterministic=True):
         cfg = self.config
         h = layers.RMSNorm(cfg.norm_eps, cfg.compute_dtype, cfg.storage_dtype, name="norm")(residual)
-        h, layer_cache = Mamba2Mixer(cfg, name="mixer")(h, layer_cache)
+        h, layer_cache = Mamba2Mixer(cfg, name="mixer")(h, layer_cache, task, deterministic)
         residual = (residual + h).astype(residual.dtype)
         residual = nn.with_logical_constraint(residual, ("activation_batch", "activation_length", "activation_embed"))
         return residual, layer_cache
@@ -327,10 +394,12 @@ class Mamba2LM(nn.Module):
         cfg = self.config
         self.embeddings = nn.Embed(cfg.vocab_size, cfg.d_model, dtype=cfg.compute_dtype, param_dtype=cfg.storage_dtype,
                                    embedding_init=layers.logical_init(layers.DEFAULT_KERNEL_INIT, ("vocab", "embed")))
-        block_cls = layers.maybe_remat(Mamba2Block, cfg.remat_policy)
+        # task and deterministic are Python values: static under remat (self is argument 0), broadcast under scan.
+        block_cls = layers.maybe_remat(Mamba2Block, cfg.remat_policy, static_argnums=(3, 4))
         if cfg.scan_layers:
-            self.layers = nn.scan(block_cls, variable_axes={"params": 0}, split_rngs={"params": True}, in_axes=(0,),
-                                  length=cfg.n_layer, metadata_params={nn.PARTITION_NAME: "layers"})(cfg)
+            self.layers = nn.scan(block_cls, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
+                                  in_axes=(0, nn.broadcast, nn.broadcast), length=cfg.n_layer,
+                                  metadata_params={nn.PARTITION_NAME: "layers"})(cfg)
         else:
             self.layers = [block_cls(cfg) for _ in range(cfg.n_layer)]
         self.norm_f = layers.RMSNorm(cfg.norm_eps, cfg.compute_dtype, cfg.storage_dtype)
@@ -338,37 +407,46 @@ class Mamba2LM(nn.Module):
             self.lm_head = layers.dense(cfg.vocab_size, ("embed", "vocab"), use_bias=False, dtype=cfg.compute_dtype,
                                         param_dtype=cfg.storage_dtype, name="lm_head")
 
-    def _forward(self, input_ids, cache):
+    def hidden_states(self, inputs_embeds, cache: Cache | None = None, task: str | None = None,
+                      deterministic: bool = True):
+        """inputs_embeds: [batch, seq, d_model] -> (the final-normed hidden states [batch, seq, d_model] in the
+        compute dtype, the cache after the last position, or None without a cache)."""
         cfg = self.config
-        x = self.embeddings(input_ids)
-        x = x.astype(jnp.float32 if cfg.residual_in_fp32 else cfg.compute_dtype)
+        x = inputs_embeds.astype(jnp.float32 if cfg.residual_in_fp32 else cfg.compute_dtype)
         if cfg.scan_layers:
-            x, cache = self.layers(x, cache)
+            x, cache = self.layers(x, cache, task, deterministic)
         else:
             new_cache = []
             for i, layer in enumerate(self.layers):
-                x, layer_cache = layer(x, None if cache is None else jax.tree.map(lambda t: t[i], cache))
+                x, layer_cache = layer(x, None if cache is None else jax.tree.map(lambda t: t[i], cache), task,
+                                       deterministic)
                 new_cache.append(layer_cache)
             if cache is not None:
                 cache = jax.tree.map(lambda *t: jnp.stack(t), *new_cache)
-        hidden = self.norm_f(x)
-        logits = self.embeddings.attend(hidden) if cfg.tie_embeddings else self.lm_head(hidden)
-        return logits, cache
+        return self.norm_f(x), cache
 
-    def __call__(self, input_ids):
+    def logits(self, hidden):
+        """hidden [..., d_model] -> text logits [..., vocab] (tied embedding or lm_head)."""
+        return self.embeddings.attend(hidden) if self.config.tie_embeddings else self.lm_head(hidden)
+
+    def _forward(self, input_ids, cache, task=None, deterministic=True):
+        hidden, cache = self.hidden_states(self.embeddings(input_ids), cache, task, deterministic)
+        return self.logits(hidden), cache
+
+    def __call__(self, input_ids, task: str | None = None, deterministic: bool = True):
         """input_ids: [batch, seq] -> logits [batch, seq, vocab]."""
-        return self._forward(input_ids, None)[0]
+        return self._forward(input_ids, None, task, deterministic)[0]
 
-    def prefill(self, input_ids, cache: Cache | None = None):
+    def prefill(self, input_ids, cache: Cache | None = None, task: str | None = None):
         """input_ids: [batch, seq]; cache: the state to continue from (default: `init_cache`, an empty history).
         Returns (logits [batch, seq, vocab], the cache after the last token)."""
         if cache is None:
             cache = init_cache(self.config, input_ids.shape[0])
-        return self._forward(input_ids, cache)
+        return self._forward(input_ids, cache, task)
 
-    def decode_step(self, token, cache: Cache):
+    def decode_step(self, token, cache: Cache, task: str | None = None):
         """token: [batch] ids; returns (logits [batch, vocab], the cache after it)."""
-        logits, cache = self._forward(token[:, None], cache)
+        logits, cache = self._forward(token[:, None], cache, task)
         return logits[:, 0], cache
 
 
@@ -381,3 +459,27 @@ def param_shapes(config: Mamba2Config) -> dict[str, tuple]:
     """{"a/b/kernel": shape} of every parameter, without allocating any."""
     abstract = jax.eval_shape(lambda: init_params(config, jax.random.key(0)))
     return {k: tuple(v.shape) for k, v in traverse_util.flatten_dict(nn.unbox(abstract), sep="/").items()}
+
+
+def fold_lora(params, config: Mamba2Config, task: str) -> dict:
+    """Merges `task`'s adapter into the input projections (kernel += scale · A @ B, computed in fp32, stored in the
+    kernel's dtype) and drops every adapter: the result runs under `config.replace(lora_tasks=())` and gives that
+    task's outputs (to fp32 rounding) without the adapter's two extra matmuls. Either layer layout; host or device
+    arrays."""
+    if task not in config.lora_tasks:
+        raise ValueError(f"unknown LoRA task {task!r}; this model has {config.lora_tasks}")
+    flat = traverse_util.flatten_dict(nn.unbox(params), sep="/")
+    out = {}
+    for path, value in flat.items():
+        parts = path.split("/")
+        if len(parts) >= 2 and parts[-2].startswith("lora_") and parts[-3:-2] == ["mixer"]:
+            continue  # every task's adapter goes
+        if parts[-1] == "kernel" and len(parts) >= 3 and parts[-3] == "mixer" and parts[-2].endswith("_proj") \
+                and parts[-2] != "out_proj":
+            mixer = "/".join(parts[:-2])
+            a = flat[f"{mixer}/lora_{task}/A"].astype(jnp.float32)
+            b = flat[f"{mixer}/lora_{task}/B_{parts[-2].removesuffix('_proj')}"].astype(jnp.float32)
+            delta = jnp.einsum("...dr,...ro->...do", a, b) * config.lora_scale
+            value = (jnp.asarray(value, jnp.float32) + delta).astype(value.dtype)
+        out[path] = value
+    return traverse_util.unflatten_dict(out, sep="/")
