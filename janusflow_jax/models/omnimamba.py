@@ -1,0 +1,318 @@
+"""OmniMamba (hustvl/OmniMamba, arXiv 2503.08686): one Mamba-2 LM for image understanding (text out) and
+text-to-image generation (LlamaGen VQ codes out), with decoupled vocabularies and task LoRA (docs/reference.md §9.1).
+
+The parts, as the release's `MixerModel` / `MambaLMHeadModel` hold them:
+  * `backbone`: the Mamba-2 LM (`models/mamba2.py`): text embedding (tied to the text head `lm_head`), 48 blocks
+    whose mixers carry one LoRA adapter per task ("mmu", "t2i") on the input projection, norm_f;
+  * `img_embeddings`: the VQ-code table (16384 x d), tied to the image head `img_head`, followed by
+    `img_project_in` (Linear d -> 4d, GELU, Linear 4d -> d, GELU, Linear d -> d, with biases, exact GELU);
+  * `caption_embed`: fc1, fc2 (d x d, no bias) with a tanh-GELU between, applied to the text embeddings of the
+    whole t2i prompt (task and marker tokens included, as the release's t2i_generate and training do);
+  * `pos_embed` [num_image_tokens + caption_length + 5, d] (329) added at every t2i position, and `mmu_pos_embed`
+    [1500, d] added at every understanding position (decoding included).
+
+Sequences:
+  t2i: [<|t2i|>, <|sot|>, caption (68, left-padded with [PAD]), <|eot|>, <|soi|>] (the 72-token prompt), then the
+       256 image tokens; the logits at positions 71 .. 326 (img_head) predict image tokens 0 .. 255;
+  mmu: [<|mmu|>, <|soi|>, 729 image features (after the projector), <|eoi|>, <|sot|>, text ...]; the ids are given
+       without the feature slots ([<|mmu|>, <|soi|>, <|eoi|>, <|sot|>, text ...], the release's layout) and the
+       features are spliced in after the first two; logits from lm_head. Without an image the 729 slots are zeros
+       (the release's text-only rows).
+No position is masked: Mamba has no attention mask, pad tokens are real inputs (as in the release).
+
+Calls (`model.apply(variables, ..., method=...)`): `t2i_logits`, `t2i_prefill`, `t2i_decode_step`, `mmu_logits`,
+`mmu_prefill`, `mmu_decode_step`. Prefill/decode carry the Mamba cache (`models.mamba2.init_cache`); a decode step
+takes the position it writes (a scalar) to pick its position-table row. `fold_lora` merges one task's adapter for
+inference (then run `config.without_lora()`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Mapping
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from flax import traverse_util
+
+from janusflow_jax.models import layers, mamba2
+from janusflow_jax.models.config import build_dataclass
+from janusflow_jax.models.mamba2 import Mamba2Config, Mamba2LM
+
+FAMILY = "omnimamba"  # the `family` field of a saved config (checkpoint.py tells the model families apart by it)
+TASKS = ("mmu", "t2i")
+
+
+def _release_backbone() -> Mamba2Config:
+    """mamba2-1.3b with the text vocabulary padded to 50288 and the release's task LoRA (r 8, alpha 32, p 0.05)."""
+    return Mamba2Config(vocab_size=50288, lora_tasks=TASKS, lora_rank=8, lora_alpha=32.0, lora_dropout=0.05)
+
+
+@dataclasses.dataclass(frozen=True)
+class OmniMambaConfig:
+    """OmniMamba-1.3B as released (config_stage2.yaml + models/mamba_vlm.py). LoRA settings live in the backbone
+    config (`lora_tasks`, `lora_rank`, `lora_alpha`, `lora_dropout`); `tasks` and `lora_scale` read them."""
+
+    backbone: Mamba2Config = dataclasses.field(default_factory=_release_backbone)
+    image_vocab_size: int = 16384  # LlamaGen VQ-16 codebook
+    num_image_tokens: int = 256  # 16 x 16 codes for a 256 px image
+    caption_length: int = 68  # caption tokens in the t2i prompt (left-padded with [PAD])
+    image_mlp_ratio: int = 4  # img_project_in: d -> ratio·d -> d -> d
+    mmu_pos_embed_rows: int = 1500
+    num_image_features: int = 729  # understanding features per image (27 x 27 patches, after the projector)
+
+    def __post_init__(self):
+        if isinstance(self.backbone, Mapping):
+            object.__setattr__(self, "backbone", build_dataclass(Mamba2Config, self.backbone))
+        if math.isqrt(self.num_image_tokens) ** 2 != self.num_image_tokens:
+            raise ValueError(f"num_image_tokens={self.num_image_tokens} is not a square grid")
+        if self.num_image_features + 4 > self.mmu_pos_embed_rows:
+            raise ValueError(f"{self.num_image_features} image features do not fit {self.mmu_pos_embed_rows} "
+                             f"mmu positions")
+
+    # ---------------------------------------------------------------------------------------------- derived
+    @property
+    def d_model(self) -> int:
+        return self.backbone.d_model
+
+    @property
+    def text_vocab_size(self) -> int:
+        return self.backbone.vocab_size
+
+    @property
+    def tasks(self) -> tuple[str, ...]:
+        return self.backbone.lora_tasks
+
+    @property
+    def lora_scale(self) -> float:
+        return self.backbone.lora_scale
+
+    @property
+    def t2i_prompt_length(self) -> int:
+        """[<|t2i|>, <|sot|>, caption, <|eot|>, <|soi|>]: 72."""
+        return self.caption_length + 4
+
+    @property
+    def pos_embed_rows(self) -> int:
+        """The t2i prompt, the image tokens and <|eoi|>: 72 + 256 + 1 = 329 (the release's num_tokens + 73)."""
+        return self.t2i_prompt_length + self.num_image_tokens + 1
+
+    @property
+    def image_grid(self) -> int:
+        return math.isqrt(self.num_image_tokens)
+
+    @property
+    def compute_dtype(self):
+        return self.backbone.compute_dtype
+
+    @property
+    def storage_dtype(self):
+        return self.backbone.storage_dtype
+
+    # --------------------------------------------------------------------------------------------- variants
+    def replace(self, **changes) -> "OmniMambaConfig":
+        """dataclasses.replace; backbone fields (dtype, scan_layers, ...) may be given directly."""
+        backbone_fields = {f.name for f in dataclasses.fields(Mamba2Config)}
+        backbone = {k: changes.pop(k) for k in list(changes) if k in backbone_fields}
+        if backbone:
+            changes["backbone"] = changes.get("backbone", self.backbone).replace(**backbone)
+        return dataclasses.replace(self, **changes)
+
+    def without_lora(self) -> "OmniMambaConfig":
+        """The config `fold_lora`'s parameters run under (no adapters)."""
+        return self.replace(lora_tasks=())
+
+    def to_dict(self) -> dict:
+        return {"family": FAMILY, **dataclasses.asdict(self)}
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> "OmniMambaConfig":
+        values = dict(values)
+        family = values.pop("family", FAMILY)
+        if family != FAMILY:
+            raise ValueError(f"config family {family!r} is not {FAMILY!r}")
+        if "backbone" in values and not isinstance(values["backbone"], Mamba2Config):
+            values["backbone"] = build_dataclass(Mamba2Config, values["backbone"])
+        return build_dataclass(cls, values)
+
+
+def tiny_config(**changes) -> OmniMambaConfig:
+    """A few-kilobyte OmniMamba for tests: d 32, 2 layers, 8 heads, 12 caption tokens, 4 x 4 image tokens."""
+    backbone = Mamba2Config(d_model=32, n_layer=2, d_state=8, headdim=8, chunk_size=8, vocab_size=96,
+                            lora_tasks=TASKS, lora_rank=4, lora_alpha=16.0, lora_dropout=0.05)
+    values = dict(backbone=backbone, image_vocab_size=48, num_image_tokens=16, caption_length=12,
+                  mmu_pos_embed_rows=64, num_image_features=9)
+    values.update(changes)
+    return OmniMambaConfig(**values)
+
+
+# ----------------------------------------------------------------------------------------------------- modules
+_TABLE_INIT = nn.initializers.truncated_normal(0.02)  # the release's trunc_normal_(std=0.02) position tables
+
+
+class ImageProjectIn(nn.Module):
+    """The release's img_embeddings.project_in (a FusedMLPProjector d -> d): Linear d -> ratio·d, GELU,
+    Linear -> d, GELU, Linear d -> d, with biases, exact GELU."""
+
+    config: OmniMambaConfig
+
+    @nn.compact
+    def __call__(self, x):
+        cfg = self.config
+        d, dtype, param_dtype = cfg.d_model, cfg.compute_dtype, cfg.storage_dtype
+        dense = lambda n, axes, name: layers.dense(n, axes, use_bias=True, dtype=dtype,  # noqa: E731
+                                                   param_dtype=param_dtype, name=name)
+        x = nn.gelu(dense(cfg.image_mlp_ratio * d, ("embed", "mlp"), "fc0")(x), approximate=False)
+        x = nn.gelu(dense(d, ("mlp", "embed"), "fc1")(x), approximate=False)
+        return dense(d, ("embed", "mlp"), "fc2")(x)
+
+
+class CaptionEmbed(nn.Module):
+    """The release's caption_embed.cap_proj: fc1, tanh-GELU, fc2 (d x d, no bias)."""
+
+    config: OmniMambaConfig
+
+    @nn.compact
+    def __call__(self, x):
+        cfg = self.config
+        dense = lambda axes, name: layers.dense(cfg.d_model, axes, use_bias=False, dtype=cfg.compute_dtype,  # noqa
+                                                param_dtype=cfg.storage_dtype, name=name)
+        return dense(("mlp", "embed"), "fc2")(nn.gelu(dense(("embed", "mlp"), "fc1")(x), approximate=True))
+
+
+class OmniMamba(nn.Module):
+    """The composite; see the module docstring. Logits come out in the compute dtype."""
+
+    config: OmniMambaConfig
+
+    def setup(self):
+        cfg = self.config
+        self.backbone = Mamba2LM(cfg.backbone)
+        self.img_embeddings = nn.Embed(cfg.image_vocab_size, cfg.d_model, dtype=cfg.compute_dtype,
+                                       param_dtype=cfg.storage_dtype,
+                                       embedding_init=layers.logical_init(layers.DEFAULT_KERNEL_INIT,
+                                                                          ("vocab", "embed")))
+        self.img_project_in = ImageProjectIn(cfg)
+        self.caption_embed = CaptionEmbed(cfg)
+        self.pos_embed = self.param("pos_embed", layers.logical_init(_TABLE_INIT, (None, "embed")),
+                                    (cfg.pos_embed_rows, cfg.d_model), cfg.storage_dtype)
+        self.mmu_pos_embed = self.param("mmu_pos_embed", layers.logical_init(_TABLE_INIT, (None, "embed")),
+                                        (cfg.mmu_pos_embed_rows, cfg.d_model), cfg.storage_dtype)
+
+    # ------------------------------------------------------------------------------------------ embeddings
+    def _table_rows(self, table, start, length: int):
+        """table[start : start + length] with a traced start, in the compute dtype."""
+        return jax.lax.dynamic_slice_in_dim(table, start, length, axis=0).astype(self.config.compute_dtype)
+
+    def embed_t2i_prompt(self, prompt_ids):
+        """[batch, L] text ids -> caption_embed(text embedding) [batch, L, d] (no positions)."""
+        return self.caption_embed(self.backbone.embeddings(prompt_ids))
+
+    def embed_image_tokens(self, image_ids):
+        """[batch, n] VQ codes -> img_project_in(img_embeddings) [batch, n, d] (no positions)."""
+        return self.img_project_in(self.img_embeddings(image_ids))
+
+    def mmu_embeddings(self, input_ids, image_features=None):
+        """input_ids [batch, S] ([<|mmu|>, <|soi|>, <|eoi|>, <|sot|>, text ...]) and image_features [batch, F, d]
+        (None: zeros) -> [batch, S + F, d] with mmu_pos_embed added."""
+        cfg = self.config
+        text = self.backbone.embeddings(input_ids)
+        if image_features is None:
+            image_features = jnp.zeros((text.shape[0], cfg.num_image_features, cfg.d_model), text.dtype)
+        embeds = jnp.concatenate([text[:, :2], image_features.astype(text.dtype), text[:, 2:]], axis=1)
+        return embeds + self._table_rows(self.mmu_pos_embed, 0, embeds.shape[1])
+
+    # ---------------------------------------------------------------------------------------------- heads
+    def image_logits(self, hidden):
+        """img_head, tied to the VQ-code table: [..., d] -> [..., image_vocab]."""
+        return self.img_embeddings.attend(hidden)
+
+    def text_logits(self, hidden):
+        """lm_head, tied to the text embedding: [..., d] -> [..., text_vocab]."""
+        return self.backbone.logits(hidden)
+
+    # ------------------------------------------------------------------------------------------ text-to-image
+    def t2i_logits(self, prompt_ids, image_ids, deterministic: bool = True):
+        """Teacher-forced image-token logits. prompt_ids: [batch, P] (the 72-token t2i prompt, the release's
+        `caption_ids`); image_ids: [batch, n] (n <= num_image_tokens). Returns [batch, n, image_vocab]: row i
+        predicts image token i (from positions P - 1 .. P + n - 2)."""
+        embeds = jnp.concatenate([self.embed_t2i_prompt(prompt_ids), self.embed_image_tokens(image_ids)], axis=1)
+        embeds = embeds + self._table_rows(self.pos_embed, 0, embeds.shape[1])
+        hidden, _ = self.backbone.hidden_states(embeds, None, "t2i", deterministic)
+        p, n = prompt_ids.shape[1], image_ids.shape[1]
+        return self.image_logits(hidden[:, p - 1:p - 1 + n])
+
+    def t2i_prefill(self, prompt_ids, cache=None):
+        """The t2i prompt into the recurrent state: (logits for image token 0 [batch, image_vocab], cache)."""
+        embeds = self.embed_t2i_prompt(prompt_ids)
+        embeds = embeds + self._table_rows(self.pos_embed, 0, embeds.shape[1])
+        if cache is None:
+            cache = mamba2.init_cache(self.config.backbone, prompt_ids.shape[0])
+        hidden, cache = self.backbone.hidden_states(embeds, cache, "t2i")
+        return self.image_logits(hidden[:, -1]), cache
+
+    def t2i_decode_step(self, image_token, position, cache):
+        """image_token: [batch] VQ codes written at sequence `position` (a scalar: prompt length + its index).
+        Returns (logits for the next image token [batch, image_vocab], cache)."""
+        embeds = self.embed_image_tokens(image_token[:, None]) + self._table_rows(self.pos_embed, position, 1)
+        hidden, cache = self.backbone.hidden_states(embeds, cache, "t2i")
+        return self.image_logits(hidden[:, 0]), cache
+
+    # -------------------------------------------------------------------------------------- understanding
+    def mmu_logits(self, input_ids, image_features=None, deterministic: bool = True):
+        """input_ids [batch, S], image_features [batch, F, d] or None -> text logits [batch, S + F, text_vocab]
+        at every position of [<|mmu|>, <|soi|>, features, <|eoi|>, <|sot|>, text ...]."""
+        hidden, _ = self.backbone.hidden_states(self.mmu_embeddings(input_ids, image_features), None, "mmu",
+                                                deterministic)
+        return self.text_logits(hidden)
+
+    def mmu_prefill(self, input_ids, image_features=None, cache=None):
+        """The understanding prompt into the recurrent state: (logits for the first answer token
+        [batch, text_vocab], cache)."""
+        embeds = self.mmu_embeddings(input_ids, image_features)
+        if cache is None:
+            cache = mamba2.init_cache(self.config.backbone, input_ids.shape[0])
+        hidden, cache = self.backbone.hidden_states(embeds, cache, "mmu")
+        return self.text_logits(hidden[:, -1]), cache
+
+    def mmu_decode_step(self, token, position, cache):
+        """token: [batch] text ids written at sequence `position` (a scalar). Returns (next-token logits
+        [batch, text_vocab], cache)."""
+        embeds = self.backbone.embeddings(token[:, None]) + self._table_rows(self.mmu_pos_embed, position, 1)
+        hidden, cache = self.backbone.hidden_states(embeds, cache, "mmu")
+        return self.text_logits(hidden[:, 0]), cache
+
+    def init_all(self):
+        """Touches every parameter (for `init`)."""
+        cfg = self.config
+        ids = jnp.zeros((1, 4), jnp.int32)
+        self.t2i_logits(jnp.zeros((1, cfg.t2i_prompt_length), jnp.int32), jnp.zeros((1, 1), jnp.int32))
+        return self.mmu_logits(ids, jnp.zeros((1, cfg.num_image_features, cfg.d_model), cfg.compute_dtype))
+
+
+# ------------------------------------------------------------------------------------------------------ params
+def init_params(config: OmniMambaConfig, rng) -> dict:
+    """Fresh parameters (boxed with their logical axes; `nn.unbox` for plain arrays)."""
+    return OmniMamba(config).init(rng, method=OmniMamba.init_all)["params"]
+
+
+def abstract_params(config: OmniMambaConfig):
+    """The boxed parameter tree as ShapeDtypeStructs (for shardings), without allocating."""
+    return jax.eval_shape(lambda: init_params(config, jax.random.key(0)))
+
+
+def param_shapes(config: OmniMambaConfig) -> dict[str, tuple]:
+    """{"a/b/kernel": shape} of every parameter."""
+    return {k: tuple(v.shape) for k, v in traverse_util.flatten_dict(nn.unbox(abstract_params(config)),
+                                                                     sep="/").items()}
+
+
+def fold_lora(params, config: OmniMambaConfig, task: str) -> dict:
+    """`task`'s adapter merged into the backbone's input projections, all adapters dropped: parameters for
+    `OmniMamba(config.without_lora())`, which then computes that task's outputs (both heads stay; running the other
+    task with them is meaningless)."""
+    params = dict(nn.unbox(params))
+    params["backbone"] = mamba2.fold_lora(params["backbone"], config.backbone, task)
+    return params
