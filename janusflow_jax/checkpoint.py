@@ -4,6 +4,10 @@ The layout is an orbax `CheckpointManager` root, so training checkpoints (more i
 writes each step into a temporary directory and renames it on commit: a crashed save leaves no half checkpoint.
 Arrays are stored in their own dtype (bf16 stays bit-exact). With a mesh, arrays are restored straight into their
 shards (each device reads only its slice); without one they come back as host numpy arrays.
+
+Model families: the config item is the config's `to_dict()`. An OmniMamba config writes `"family": "omnimamba"`;
+a config without the field is JanusFlow's (every checkpoint written before OmniMamba existed). `load_params` builds
+the matching config class (`config_from_dict`).
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from flax import traverse_util
 
 from janusflow_jax.models.config import JanusFlowConfig
 
+FAMILIES = ("janusflow", "omnimamba")  # the values of a saved config's "family" field (absent = "janusflow")
 
 # The items of a checkpoint step, each with its orbax handler. Training writes all of them
 # (`train/checkpointing.py`); `save_params` writes params + config; every reader opens a manager with all of them
@@ -51,8 +56,26 @@ def manager(directory, *, create: bool = True, async_save: bool = False,
     return ocp.CheckpointManager(os.fspath(directory), item_handlers=item_handlers(), options=options)
 
 
-def save_params(directory, config: JanusFlowConfig, params, step: int = 0, overwrite: bool = False):
-    """Saves `params` (numpy or jax arrays, sharded or not) and `config` as step `step` of the root `directory`."""
+def config_family(raw: dict) -> str:
+    """The model family of a saved config dict; one without a "family" field is JanusFlow's."""
+    family = raw.get("family", "janusflow")
+    if family not in FAMILIES:
+        raise ValueError(f"unknown model family {family!r} in the checkpoint config (known: {FAMILIES})")
+    return family
+
+
+def config_from_dict(raw: dict):
+    """A saved config dict -> JanusFlowConfig or OmniMambaConfig, by its family."""
+    if config_family(raw) == "omnimamba":
+        from janusflow_jax.models.omnimamba import OmniMambaConfig
+
+        return OmniMambaConfig.from_dict(raw)
+    return JanusFlowConfig.from_dict({k: v for k, v in raw.items() if k != "family"})
+
+
+def save_params(directory, config, params, step: int = 0, overwrite: bool = False):
+    """Saves `params` (numpy or jax arrays, sharded or not) and `config` (any config with `to_dict()`: JanusFlow's,
+    OmniMamba's) as step `step` of the root `directory`."""
     with manager(directory) as mngr:
         if step in mngr.all_steps():
             if not overwrite:
@@ -63,9 +86,9 @@ def save_params(directory, config: JanusFlowConfig, params, step: int = 0, overw
         mngr.wait_until_finished()
 
 
-def load_params(directory, mesh=None, shardings=None, step: int | None = None,
-                weights: str = "ema") -> tuple[JanusFlowConfig, dict]:
-    """Restores (config, params) from `step` (default: the latest) of the root `directory`.
+def load_params(directory, mesh=None, shardings=None, step: int | None = None, weights: str = "ema") -> tuple:
+    """Restores (config, params) from `step` (default: the latest) of the root `directory`; the config is a
+    JanusFlowConfig or an OmniMambaConfig by the saved family (`config_from_dict`).
 
     mesh: restore each array directly into `sharding.param_shardings(config, mesh)`. shardings: an explicit tree of
     shardings instead. Neither: host numpy arrays.
@@ -81,7 +104,7 @@ def load_params(directory, mesh=None, shardings=None, step: int | None = None,
         if step is None:
             raise FileNotFoundError(f"no checkpoint steps in {directory}")
         raw = mngr.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
-        config = JanusFlowConfig.from_dict(raw)
+        config = config_from_dict(raw)
         if shardings is None and mesh is not None:
             from janusflow_jax.sharding import param_shardings
 

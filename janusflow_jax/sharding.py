@@ -98,6 +98,11 @@ def mesh_context(mesh: Mesh, rules=DEFAULT_RULES) -> Iterator[Mesh]:
 
 
 def param_shardings(config: JanusFlowConfig, mesh: Mesh, rules=DEFAULT_RULES):
+    """The parameters' shardings for a JanusFlowConfig or an OmniMambaConfig."""
+    from janusflow_jax.models import omnimamba
+
+    if isinstance(config, omnimamba.OmniMambaConfig):
+        return logical_to_shardings(omnimamba.abstract_params(config), mesh, rules)
     return logical_to_shardings(abstract_params(config), mesh, rules)
 
 
