@@ -5,7 +5,10 @@ A checkpoint directory is either
     downloaded from deepseek-ai/JanusFlow-1.3B, converted on the fly; or
   * our orbax checkpoint root (`checkpoint.save_params`), as written by `launch.convert --to=jax`, which also copies
     the tokenizer and processor files (`INFERENCE_FILES`) and a `vae/` folder beside it.
-The tokenizer and processor files sit in the checkpoint directory itself in both cases. The VAE (a diffusers
+The tokenizer and processor files sit in the checkpoint directory itself in both cases. An OmniMamba checkpoint
+(our orbax root whose config carries "family": "omnimamba", or a directory holding the release's
+OmniMamba-1.3b.pth) loads as `models.omnimamba.OmniMamba` with its `OmniMambaProcessor` (gpt-neox-20b tokenizer
+files in the directory); its VQ decoder is not loaded here. The VAE (a diffusers
 AutoencoderKL directory, e.g. stabilityai/sdxl-vae) is taken from an explicit path, else from `<checkpoint>/vae`;
 a checkpoint trained in another latent space carries `latent.json` (`latents.describe()`) instead, turned into the
 decoder by `latents.from_description`.
@@ -53,19 +56,28 @@ def is_official_dir(path: str | os.PathLike) -> bool:
         raise ValueError(f"{config} is not valid JSON: {e}") from None
 
 
-def load_model(checkpoint: str | os.PathLike, dtype: str | None = None) -> tuple[JanusFlow, Any]:
-    """(model, params) from an official PyTorch directory or an orbax checkpoint root.
+OMNIMAMBA_RELEASE_FILE = "OmniMamba-1.3b.pth"  # hustvl/OmniMamba's weights file
+
+
+def load_model(checkpoint: str | os.PathLike, dtype: str | None = None) -> tuple[Any, Any]:
+    """(model, params) from an official PyTorch directory or an orbax checkpoint root: a JanusFlow, or an
+    OmniMamba for an OmniMamba checkpoint (our orbax root with that family, or the release's .pth in the directory).
 
     dtype: compute dtype ("float32", "bfloat16"); default the checkpoint config's. Parameters keep the stored dtype
     (official directories are read as float32).
     """
     from janusflow_jax import checkpoint as checkpoint_lib
     from janusflow_jax.convert import janusflow as convert
+    from janusflow_jax.models.omnimamba import OmniMamba, OmniMambaConfig
 
     path = Path(checkpoint)
     if not path.is_dir():
         raise FileNotFoundError(f"no checkpoint directory {checkpoint}")
-    if is_official_dir(path):
+    if (path / OMNIMAMBA_RELEASE_FILE).is_file():
+        from janusflow_jax.convert import omnimamba as omnimamba_convert
+
+        config, params = omnimamba_convert.from_release(path / OMNIMAMBA_RELEASE_FILE)
+    elif is_official_dir(path):
         config, params = convert.from_pytorch(path)
     elif (path / "config.json").is_file() and not any(p.name.isdigit() for p in path.iterdir()):
         raise ValueError(f"{path / 'config.json'} is not a JanusFlow config (no language_config)")
@@ -77,7 +89,7 @@ def load_model(checkpoint: str | os.PathLike, dtype: str | None = None) -> tuple
                                     f"model.safetensors) nor an orbax checkpoint (numbered step folders)") from None
     if dtype is not None:
         config = config.replace(dtype=jnp.dtype(dtype).name)
-    return JanusFlow(config), params
+    return (OmniMamba if isinstance(config, OmniMambaConfig) else JanusFlow)(config), params
 
 
 def require_tokenizer(checkpoint: str | os.PathLike) -> Path:
@@ -91,10 +103,20 @@ def require_tokenizer(checkpoint: str | os.PathLike) -> Path:
 
 
 def load_processor(checkpoint: str | os.PathLike, config: JanusFlowConfig):
-    """The processor from the tokenizer/processor files in `checkpoint`, with the model's image geometry."""
+    """The processor from the tokenizer/processor files in `checkpoint`, with the model's image geometry (an
+    OmniMambaProcessor with the model's caption length for an OmniMamba config)."""
     from janusflow_jax.data.processor import Processor
+    from janusflow_jax.models.omnimamba import OmniMambaConfig
 
     path = require_tokenizer(checkpoint)
+    if isinstance(config, OmniMambaConfig):
+        from janusflow_jax.data.omnimamba_processor import OmniMambaProcessor
+
+        processor = OmniMambaProcessor.from_pretrained(path, caption_length=config.caption_length)
+        if processor.vocab_size > config.text_vocab_size:
+            raise ValueError(f"the tokenizer in {path} has {processor.vocab_size} ids but the model's text embedding "
+                             f"only {config.text_vocab_size}: tokenizer and weights do not belong together")
+        return processor
     processor = Processor.from_pretrained(path, num_image_tokens=config.und_encoder.num_patches,
                                           image_size=config.und_encoder.image_size)
     if processor.vocab_size > config.llm.vocab_size:
@@ -156,6 +178,9 @@ def load(checkpoint: str | os.PathLike, *, dtype: str | None = None, with_vae: b
         space = load_latent_space(checkpoint)  # a run trained in another latent space (e.g. the digits run)
     vae_path = find_vae(checkpoint, vae) if (with_vae or vae is not None) and space is None else None
     model, params = load_model(checkpoint, dtype)
+    if vae_path is not None and not isinstance(model, JanusFlow):
+        raise ValueError(f"{checkpoint} is an OmniMamba checkpoint: its images come from VQ codes (the LlamaGen "
+                         f"tokenizer), not from an SDXL-VAE")
     processor = load_processor(checkpoint, model.config)
     vae_module = vae_params = None
     if vae_path is not None:
