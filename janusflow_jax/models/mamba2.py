@@ -51,7 +51,7 @@ Cache = dict[str, jax.Array]  # see `init_cache`
 
 @dataclasses.dataclass(frozen=True)
 class Mamba2Config:
-    """A Mamba-2 LM; defaults are mamba2-1.3b as OmniMamba uses it (REFERENCE.md §9.1)."""
+    """A Mamba-2 LM; defaults are mamba2-1.3b as OmniMamba uses it (docs/reference.md §9.1)."""
 
     d_model: int = 2048
     n_layer: int = 48
