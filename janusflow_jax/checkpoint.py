@@ -7,7 +7,8 @@ shards (each device reads only its slice); without one they come back as host nu
 
 Model families: the config item is the config's `to_dict()`. An OmniMamba config writes `"family": "omnimamba"`;
 a config without the field is JanusFlow's (every checkpoint written before OmniMamba existed). `load_params` builds
-the matching config class (`config_from_dict`).
+the matching config class (`config_from_dict`); an OmniMamba checkpoint from `launch.convert` holds the whole system
+(params {"lm", "vision", "projector", "vq"}, `OmniMambaSystemConfig`). `load_config` reads the config alone.
 """
 
 from __future__ import annotations
@@ -65,11 +66,14 @@ def config_family(raw: dict) -> str:
 
 
 def config_from_dict(raw: dict):
-    """A saved config dict -> JanusFlowConfig or OmniMambaConfig, by its family."""
+    """A saved config dict -> JanusFlowConfig, or for OmniMamba its OmniMambaSystemConfig (the whole system, as
+    `launch.convert` writes it) or OmniMambaConfig (the language model alone), by its family."""
     if config_family(raw) == "omnimamba":
-        from janusflow_jax.models.omnimamba import OmniMambaConfig
+        from janusflow_jax.models import omnimamba
 
-        return OmniMambaConfig.from_dict(raw)
+        if omnimamba.is_system_config(raw):
+            return omnimamba.OmniMambaSystemConfig.from_dict(raw)
+        return omnimamba.OmniMambaConfig.from_dict(raw)
     return JanusFlowConfig.from_dict({k: v for k, v in raw.items() if k != "family"})
 
 
@@ -130,3 +134,15 @@ def load_params(directory, mesh=None, shardings=None, step: int | None = None, w
                 flat[path] = value.astype(flat[path].dtype)
             params = traverse_util.unflatten_dict(flat, sep="/")
     return config, params
+
+
+def load_config(directory, step: int | None = None):
+    """The config of `step` (default: the latest) of the root `directory`, without reading any array."""
+    if not os.fspath(directory).startswith(("gs://", "s3://")) and not os.path.isdir(directory):
+        raise FileNotFoundError(f"no checkpoint directory {directory}")
+    with manager(directory, create=False) as mngr:
+        step = mngr.latest_step() if step is None else step
+        if step is None:
+            raise FileNotFoundError(f"no checkpoint steps in {directory}")
+        raw = mngr.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
+    return config_from_dict(raw)

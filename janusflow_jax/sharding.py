@@ -98,9 +98,11 @@ def mesh_context(mesh: Mesh, rules=DEFAULT_RULES) -> Iterator[Mesh]:
 
 
 def param_shardings(config: JanusFlowConfig, mesh: Mesh, rules=DEFAULT_RULES):
-    """The parameters' shardings for a JanusFlowConfig or an OmniMambaConfig."""
+    """The parameters' shardings for a JanusFlowConfig, an OmniMambaConfig or an OmniMambaSystemConfig."""
     from janusflow_jax.models import omnimamba
 
+    if isinstance(config, omnimamba.OmniMambaSystemConfig):
+        return logical_to_shardings(omnimamba.abstract_system_params(config), mesh, rules)
     if isinstance(config, omnimamba.OmniMambaConfig):
         return logical_to_shardings(omnimamba.abstract_params(config), mesh, rules)
     return logical_to_shardings(abstract_params(config), mesh, rules)

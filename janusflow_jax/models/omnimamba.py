@@ -24,6 +24,9 @@ Calls (`model.apply(variables, ..., method=...)`): `t2i_logits`, `t2i_prefill`, 
 `mmu_prefill`, `mmu_decode_step`. Prefill/decode carry the Mamba cache (`models.mamba2.init_cache`); a decode step
 takes the position it writes (a scalar) to pick its position-table row. `fold_lora` merges one task's adapter for
 inference (then run `config.without_lora()`).
+
+`OmniMambaSystemConfig` describes everything inference needs, as one checkpoint holds it: parameters {"lm": this
+composite, "vision": `models.dinosiglip.DinoSigLIP`, "projector": `FusedGeluMLP`, "vq": `models.vq.VQModel`}.
 """
 
 from __future__ import annotations
@@ -39,7 +42,9 @@ from flax import traverse_util
 
 from janusflow_jax.models import layers, mamba2
 from janusflow_jax.models.config import build_dataclass
+from janusflow_jax.models.dinosiglip import DinoSigLIP, DinoSigLIPConfig, FusedGeluMLP, ProjectorConfig
 from janusflow_jax.models.mamba2 import Mamba2Config, Mamba2LM
+from janusflow_jax.models.vq import VQConfig, abstract_vq_params
 
 FAMILY = "omnimamba"  # the `family` field of a saved config (checkpoint.py tells the model families apart by it)
 TASKS = ("mmu", "t2i")
@@ -146,6 +151,56 @@ def tiny_config(**changes) -> OmniMambaConfig:
                   mmu_pos_embed_rows=64, num_image_features=9)
     values.update(changes)
     return OmniMambaConfig(**values)
+
+
+@dataclasses.dataclass(frozen=True)
+class OmniMambaSystemConfig:
+    """The release's parts, as our one OmniMamba checkpoint holds them (params {"lm", "vision", "projector", "vq"}):
+    the composite LM, the understanding tower (DINOv2 + SigLIP, read at 384 px), the projector from the tower's
+    fused features to the LM width, and the VQ tokenizer that turns the LM's codes into pixels. Defaults: the
+    release."""
+
+    lm: OmniMambaConfig = dataclasses.field(default_factory=OmniMambaConfig)
+    vision: DinoSigLIPConfig = dataclasses.field(default_factory=DinoSigLIPConfig)
+    projector: ProjectorConfig = dataclasses.field(default_factory=ProjectorConfig)
+    vq: VQConfig = dataclasses.field(default_factory=VQConfig)
+
+    def __post_init__(self):
+        checks = [(self.projector.vision_dim, self.vision.width, "projector.vision_dim", "the tower's channels"),
+                  (self.projector.llm_dim, self.lm.d_model, "projector.llm_dim", "the LM width"),
+                  (self.vision.num_patches, self.lm.num_image_features, "the tower's patches",
+                   "lm.num_image_features"),
+                  (self.vq.codebook_size, self.lm.image_vocab_size, "vq.codebook_size", "lm.image_vocab_size")]
+        bad = [f"{a} = {x} != {b} = {y}" for x, y, a, b in checks if x != y]
+        if bad:
+            raise ValueError(f"the OmniMamba parts do not fit together: {'; '.join(bad)}")
+
+    @property
+    def image_size(self) -> int:
+        """Side of a generated image: the code grid times the VQ's downsampling (16 x 16 = 256 px)."""
+        return self.lm.image_grid * self.vq.downsample_factor
+
+    def to_dict(self) -> dict:
+        lm = self.lm.to_dict()
+        lm.pop("family")
+        return {"family": FAMILY, "lm": lm, "vision": self.vision.to_dict(),
+                "projector": dataclasses.asdict(self.projector), "vq": self.vq.to_dict()}
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> "OmniMambaSystemConfig":
+        values = dict(values)
+        family = values.pop("family", FAMILY)
+        if family != FAMILY:
+            raise ValueError(f"config family {family!r} is not {FAMILY!r}")
+        parts = {"lm": OmniMambaConfig.from_dict, "vision": DinoSigLIPConfig.from_dict,
+                 "projector": lambda v: build_dataclass(ProjectorConfig, v), "vq": VQConfig.from_dict}
+        return build_dataclass(cls, {k: parts[k](v) if k in parts and isinstance(v, Mapping) else v
+                                     for k, v in values.items()})
+
+
+def is_system_config(raw: Mapping[str, Any]) -> bool:
+    """True for a saved config dict of the whole system (`OmniMambaSystemConfig`), False for the LM alone."""
+    return "lm" in raw
 
 
 # ----------------------------------------------------------------------------------------------------- modules
@@ -301,6 +356,17 @@ def init_params(config: OmniMambaConfig, rng) -> dict:
 def abstract_params(config: OmniMambaConfig):
     """The boxed parameter tree as ShapeDtypeStructs (for shardings), without allocating."""
     return jax.eval_shape(lambda: init_params(config, jax.random.key(0)))
+
+
+def abstract_system_params(config: OmniMambaSystemConfig) -> dict:
+    """{"lm", "vision", "projector", "vq"}: each part's boxed parameter tree as ShapeDtypeStructs."""
+    side, key = config.vision.image_size, jax.random.key(0)
+    images = jax.ShapeDtypeStruct((1, side, side, 3), jnp.float32)
+    features = jax.ShapeDtypeStruct((1, config.projector.vision_dim), jnp.float32)
+    return {"lm": abstract_params(config.lm),
+            "vision": jax.eval_shape(lambda x: DinoSigLIP(config.vision).init(key, x), images)["params"],
+            "projector": jax.eval_shape(lambda x: FusedGeluMLP(config.projector).init(key, x), features)["params"],
+            "vq": abstract_vq_params(config.vq)}
 
 
 def param_shapes(config: OmniMambaConfig) -> dict[str, tuple]:
