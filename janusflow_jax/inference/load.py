@@ -6,12 +6,13 @@ A checkpoint directory is either
   * our orbax checkpoint root (`checkpoint.save_params`), as written by `launch.convert --to=jax`, which also copies
     the tokenizer and processor files (`INFERENCE_FILES`) and a `vae/` folder beside it.
 The tokenizer and processor files sit in the checkpoint directory itself in both cases. An OmniMamba checkpoint
-(our orbax root whose config carries "family": "omnimamba", or a directory holding the release's
-OmniMamba-1.3b.pth) loads as `models.omnimamba.OmniMamba` with its `OmniMambaProcessor` (gpt-neox-20b tokenizer
-files in the directory); its VQ decoder is not loaded here. The VAE (a diffusers
-AutoencoderKL directory, e.g. stabilityai/sdxl-vae) is taken from an explicit path, else from `<checkpoint>/vae`;
-a checkpoint trained in another latent space carries `latent.json` (`latents.describe()`) instead, turned into the
-decoder by `latents.from_description`.
+(our orbax root whose config carries "family": "omnimamba", or a release directory holding OmniMamba-1.3b.pth,
+`convert/omnimamba_release.py`) is told apart by `checkpoint_family`; `load_omnimamba` returns its whole system
+(`OmniMambaInference`: the LM, its `OmniMambaProcessor` from the gpt-neox-20b tokenizer files in the directory, the
+DINOv2 + SigLIP tower, the projector and the VQ), while `load_model` / `load` give its language model alone.
+The VAE (a diffusers AutoencoderKL directory, e.g. stabilityai/sdxl-vae) is taken from an explicit path, else from
+`<checkpoint>/vae`; a checkpoint trained in another latent space carries `latent.json` (`latents.describe()`)
+instead, turned into the decoder by `latents.from_description`.
 
 Every failure a user can cause (no such directory, no tokenizer, no VAE, truncated weights, a tokenizer that does not
 fit the model) raises an exception whose message names the file and the fix; `USER_ERRORS` lists their types, which
@@ -77,6 +78,10 @@ def load_model(checkpoint: str | os.PathLike, dtype: str | None = None) -> tuple
         from janusflow_jax.convert import omnimamba as omnimamba_convert
 
         config, params = omnimamba_convert.from_release(path / OMNIMAMBA_RELEASE_FILE)
+    elif checkpoint_family(path) == "omnimamba":
+        config, params = checkpoint_lib.load_params(path)
+        if not isinstance(config, OmniMambaConfig):  # the whole system: its language model
+            config, params = config.lm, params["lm"]
     elif is_official_dir(path):
         config, params = convert.from_pytorch(path)
     elif (path / "config.json").is_file() and not any(p.name.isdigit() for p in path.iterdir()):
@@ -201,14 +206,15 @@ def load_latent_space(checkpoint: str | os.PathLike):
         raise ValueError(f"{path} does not describe a latent space: {e}") from None
 
 
-def copy_inference_files(src: str | os.PathLike, dst: str | os.PathLike) -> list[str]:
-    """Copies the tokenizer/processor files (`INFERENCE_FILES`) and a `vae/` folder from `src` into `dst` (local or
-    remote, e.g. gs://), skipping absent ones. Returns the names copied."""
+def copy_inference_files(src: str | os.PathLike, dst: str | os.PathLike,
+                         names: tuple[str, ...] = INFERENCE_FILES) -> list[str]:
+    """Copies the tokenizer/processor files (`names`, default JanusFlow's `INFERENCE_FILES`) and a `vae/` folder from
+    `src` into `dst` (local or remote, e.g. gs://), skipping absent ones. Returns the names copied."""
     from etils import epath
 
     src, dst = Path(src), epath.Path(dst)
     copied = []
-    for name in INFERENCE_FILES:
+    for name in names:
         if (src / name).is_file():
             (dst / name).write_bytes((src / name).read_bytes())
             copied.append(name)
@@ -223,3 +229,79 @@ def copy_inference_files(src: str | os.PathLike, dst: str | os.PathLike) -> list
             shutil.copytree(src / VAE_DIR, Path(os.fspath(dst)) / VAE_DIR)
         copied.append(VAE_DIR + "/")
     return copied
+
+
+# ------------------------------------------------------------------------------------------------------ OmniMamba
+OMNIMAMBA_TOKENIZER_HINT = ("EleutherAI/gpt-neox-20b's tokenizer.json, tokenizer_config.json and "
+                            "special_tokens_map.json")
+
+
+def checkpoint_family(checkpoint: str | os.PathLike) -> str:
+    """"omnimamba" for a directory holding the OmniMamba release's .pth or our orbax checkpoint of that family, else
+    "janusflow" (whatever is wrong with such a directory, `load` reports it)."""
+    from janusflow_jax import checkpoint as checkpoint_lib
+
+    if "://" not in os.fspath(checkpoint):  # local: the directory's files tell
+        path = Path(checkpoint)
+        if (path / OMNIMAMBA_RELEASE_FILE).is_file():
+            return "omnimamba"
+        if is_official_dir(path) or not any(p.name.isdigit() for p in (path.iterdir() if path.is_dir() else ())):
+            return "janusflow"
+    try:
+        config = checkpoint_lib.load_config(checkpoint)
+    except FileNotFoundError:
+        return "janusflow"
+    return "janusflow" if isinstance(config, JanusFlowConfig) else "omnimamba"
+
+
+@dataclasses.dataclass
+class OmniMambaInference:
+    """Everything OmniMamba inference needs, loaded from one checkpoint directory: the LM (`model`, `params`), the
+    processor, the understanding tower (`vision`: DinoSigLIP), the projector (FusedGeluMLP) and the VQ (VQModel),
+    each module with its parameters."""
+
+    config: Any  # models.omnimamba.OmniMambaSystemConfig
+    model: Any
+    params: Any
+    processor: Any
+    vision: Any
+    vision_params: Any
+    projector: Any
+    projector_params: Any
+    vq: Any
+    vq_params: Any
+
+
+def load_omnimamba(checkpoint: str | os.PathLike, *, dtype: str | None = None) -> OmniMambaInference:
+    """An OmniMamba release directory (`convert/omnimamba_release.py`, converted on the fly) or our orbax checkpoint
+    of the whole system (`launch.convert --to=jax`) -> OmniMambaInference. dtype: compute dtype of every part
+    (default: the LM config's). The tokenizer is looked for before the weights are read."""
+    from janusflow_jax import checkpoint as checkpoint_lib
+    from janusflow_jax.convert import omnimamba_release
+    from janusflow_jax.models import omnimamba
+    from janusflow_jax.models.dinosiglip import DinoSigLIP, FusedGeluMLP
+    from janusflow_jax.models.vq import VQModel
+
+    path = Path(checkpoint)
+    if not path.is_dir():
+        raise FileNotFoundError(f"no checkpoint directory {checkpoint}")
+    if not (path / "tokenizer.json").is_file():
+        raise FileNotFoundError(f"{path} has no tokenizer (tokenizer.json): put {OMNIMAMBA_TOKENIZER_HINT} there, "
+                                f"or convert with `python -m launch.convert --to=jax` from a directory that has them")
+    if omnimamba_release.is_release_dir(path):
+        config, params = omnimamba_release.from_release_dir(path)
+    else:
+        config, params = checkpoint_lib.load_params(path)
+        if isinstance(config, omnimamba.OmniMambaConfig):
+            raise ValueError(f"{path} holds the OmniMamba language model only: inference also needs the vision "
+                             f"tower, the projector and the VQ (convert a release directory with `python -m "
+                             f"launch.convert --to=jax`)")
+        if not isinstance(config, omnimamba.OmniMambaSystemConfig):
+            raise ValueError(f"{path} is not an OmniMamba checkpoint")
+    lm = config.lm if dtype is None else config.lm.replace(dtype=jnp.dtype(dtype).name)
+    towers = dict(dtype=jnp.dtype(lm.backbone.dtype))  # the parameters keep their stored dtype
+    return OmniMambaInference(
+        config=config, model=omnimamba.OmniMamba(lm), params=params["lm"], processor=load_processor(path, lm),
+        vision=DinoSigLIP(config.vision, **towers), vision_params=params["vision"],
+        projector=FusedGeluMLP(config.projector, **towers), projector_params=params["projector"],
+        vq=VQModel(config.vq, **towers), vq_params=params["vq"])

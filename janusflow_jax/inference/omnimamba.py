@@ -18,6 +18,10 @@ Understanding. [<|mmu|>, <|soi|>, 729 features, <|eoi|>, <|sot|>, text] is prefi
 position table has 1500 rows and every fed position needs one, so a request whose prompt + answer would pass it is
 refused with one ValueError (the release lets decoding run to 2048, past the table). Mamba has no attention mask:
 a padded row would compute a different state, so only prompts of equal length share a batch (`chat` groups them).
+
+The whole system (an `inference.load.OmniMambaInference`, what `launch.generate` / `launch.chat` use):
+`generate_images` (codes, then the VQ's `decode_codes` to uint8 images) and `image_features` (resize-naive to 384 px,
+DINOv2 + SigLIP, the projector) for `chat`.
 """
 
 from __future__ import annotations
@@ -248,3 +252,61 @@ def chat(model: OmniMamba, params, processor, questions: str | Sequence[str], im
         for i, row, n in zip(group, tokens, lengths):
             answers[i] = processor.decode(row[:n])
     return answers
+
+
+# ---------------------------------------------------------------------------------------- the whole system (CLIs)
+# `loaded` below is an `inference.load.OmniMambaInference`: the LM, processor, tower, projector and VQ of one
+# checkpoint.
+def resize_naive(image, size: int) -> np.ndarray:
+    """Prismatic's "resize-naive" (OmniMamba's image transform): an RGB PIL image resized to size x size, bicubic
+    (the timm data configs' interpolation; no crop, no padding), as float32 [size, size, 3] in [0, 1] (ToTensor).
+    The backbones' normalisations are `DinoSigLIP`'s."""
+    from PIL import Image
+
+    resized = image.convert("RGB").resize((size, size), Image.BICUBIC)
+    return np.asarray(resized, np.float32) / 255.0
+
+
+@functools.partial(jax.jit, static_argnames=("vision", "projector"))
+def _features(vision, projector, vision_params, projector_params, pixels):
+    return projector.apply({"params": projector_params}, vision.apply({"params": vision_params}, pixels))
+
+
+def image_features(loaded, image) -> np.ndarray:
+    """One PIL image -> its understanding features [F, d] (729 x 2048 for the release): resize-naive to the tower's
+    side, DINOv2 + SigLIP (second-to-last blocks, concatenated), the projector."""
+    pixels = resize_naive(image, loaded.config.vision.image_size)[None]
+    return np.asarray(_features(loaded.vision, loaded.projector, loaded.vision_params, loaded.projector_params,
+                                jnp.asarray(pixels)))[0]
+
+
+@functools.partial(jax.jit, static_argnames=("vq",))
+def _decode(vq, vq_params, codes):
+    from janusflow_jax.models.vq import VQModel
+
+    return vq.apply({"params": vq_params}, codes, method=VQModel.decode_codes)
+
+
+def decode_images(loaded, codes, batch_size: int = 8) -> np.ndarray:
+    """VQ codes [n, grid, grid] -> uint8 images [n, side, side, 3] (256 x 256 for the release): `decode_codes`, then
+    clipped to [-1, 1] and mapped to [0, 255] (the release's make_grid(normalize=True, value_range=(-1, 1))). Batches
+    of one shape (the last filled with repeats), so the decoder compiles once."""
+    from janusflow_jax.inference.sampler import to_uint8
+
+    codes = np.asarray(codes, np.int32)
+    batch_size = max(1, min(batch_size, len(codes)))
+    out = []
+    for start in range(0, len(codes), batch_size):
+        index = np.minimum(np.arange(start, start + batch_size), len(codes) - 1)
+        images = to_uint8(_decode(loaded.vq, loaded.vq_params, jnp.asarray(codes[index])))
+        out.append(images[:min(batch_size, len(codes) - start)])
+    return np.concatenate(out)
+
+
+def generate_images(loaded, prompts: Sequence[str], *, images_per_prompt: int = 1, batch_size: int = 8,
+                    seed: int = 0, **sampling) -> np.ndarray:
+    """Prompts -> uint8 images [len(prompts) * images_per_prompt, side, side, 3], prompt-major: the LM writes the VQ
+    codes (`text_to_image_codes`; `sampling`: cfg, temperature, top_k, top_p), the VQ decodes them."""
+    codes = text_to_image_codes(loaded.model, loaded.params, loaded.processor, prompts,
+                                images_per_prompt=images_per_prompt, batch_size=batch_size, seed=seed, **sampling)
+    return decode_images(loaded, codes, batch_size)
