@@ -7,6 +7,17 @@
 --to=jax also copies the tokenizer and processor files (tokenizer.json, tokenizer_config.json, special_tokens_map.json,
 processor_config.json, preprocessor_config.json) and a vae/ folder, where present, beside the orbax checkpoint.
 Outputs are written atomically (nothing is left behind on failure); an existing non-empty output needs --overwrite.
+
+OmniMamba: the family is told by the directory. A --torch_dir holding OmniMamba-1.3b.pth is an OmniMamba release
+directory (+ dinov2.safetensors, siglip.safetensors and gpt-neox-20b's tokenizer files; convert/omnimamba_release.py):
+
+  python -m launch.convert --to=jax --torch_dir=OmniMamba --out=ckpt/omnimamba [--param_dtype=float32] [--scan_layers]
+  python -m launch.convert --to=torch --ckpt=ckpt/omnimamba --out=OmniMamba-export [--torch_dtype=float16]
+
+--to=jax writes one checkpoint with the LM, the DINOv2 + SigLIP tower, the projector and the VQ (--scan_layers stacks
+the LM's blocks); --to=torch writes the .pth (float16 as released unless --torch_dtype), the two tower files (in the
+parameters' dtype unless --torch_dtype), omnimamba_config.json and the tokenizer files. --seed and --include_repa
+are JanusFlow's.
 """
 
 from __future__ import annotations
@@ -82,8 +93,11 @@ def to_jax(torch_dir: str, out: str, param_dtype: str = "float32", scan_layers: 
 
     from janusflow_jax import checkpoint
     from janusflow_jax.convert import janusflow as convert
+    from janusflow_jax.convert import omnimamba_release
     from janusflow_jax.inference import load as inference
 
+    if omnimamba_release.is_release_dir(torch_dir):
+        return omnimamba_to_jax(torch_dir, out, param_dtype, scan_layers, overwrite)
     _check_out(out, overwrite)
     config, params = convert.from_pytorch(torch_dir, param_dtype=param_dtype, rng=jax.random.key(seed),
                                           scan_layers=scan_layers)
@@ -100,6 +114,54 @@ def to_jax(torch_dir: str, out: str, param_dtype: str = "float32", scan_layers: 
     leaves = jax.tree.leaves(params)
     return dict(tensors=len(leaves), parameters=sum(math.prod(x.shape) for x in leaves),
                 dtype=_dtype_name(leaves[0].dtype), path=out, copied=copied)
+
+
+def omnimamba_to_jax(torch_dir: str, out: str, param_dtype: str = "float32", scan_layers: bool = False,
+                     overwrite: bool = False) -> dict:
+    """OmniMamba release directory -> our one orbax checkpoint of the whole system at `out`, with the tokenizer
+    files copied beside it. Returns a summary dict."""
+    import jax
+
+    from janusflow_jax import checkpoint
+    from janusflow_jax.convert import omnimamba_release
+    from janusflow_jax.convert.tensors import atomic_write_dir
+    from janusflow_jax.inference import load as inference
+
+    _check_out(out, overwrite)
+    config, params = omnimamba_release.from_release_dir(torch_dir, param_dtype, scan_layers)
+    copied = []
+
+    def write(root):
+        checkpoint.save_params(root, config, params, overwrite=overwrite)
+        copied.extend(inference.copy_inference_files(torch_dir, root, omnimamba_release.TOKENIZER_FILES))
+
+    if "://" in out:
+        write(out)
+    else:
+        atomic_write_dir(Path(out), write, overwrite)
+    leaves = jax.tree.leaves(params)
+    return dict(tensors=len(leaves), parameters=sum(math.prod(x.shape) for x in leaves),
+                dtype=_dtype_name(leaves[0].dtype), path=out, copied=copied,
+                tokenizer=inference.OMNIMAMBA_TOKENIZER_HINT)
+
+
+def omnimamba_to_torch(out: str, ckpt: str, torch_dtype: str | None = None, overwrite: bool = False) -> dict:
+    """Our OmniMamba checkpoint -> a release directory (the .pth, the two tower files, omnimamba_config.json and
+    the checkpoint's tokenizer files). Returns a summary dict."""
+    from janusflow_jax import checkpoint
+    from janusflow_jax.convert import omnimamba_release
+    from janusflow_jax.models.omnimamba import OmniMambaSystemConfig
+
+    _check_out(out, overwrite)
+    config, params = checkpoint.load_params(ckpt)
+    if not isinstance(config, OmniMambaSystemConfig):
+        raise ValueError(f"{ckpt} holds the OmniMamba language model only; the release layout also needs the "
+                         f"vision tower, the projector and the VQ")
+    states = omnimamba_release.write_release_dir(config, params, out, torch_dtype, overwrite, copy_from=ckpt)
+    arrays = [a for state in states.values() for a in state.values()]
+    unique = {id(a): a for a in arrays}.values()  # tied copies are one tensor
+    return dict(tensors=len(arrays), parameters=sum(a.size for a in unique),
+                dtype="/".join(sorted({_dtype_name(a.dtype) for a in arrays})), path=out)
 
 
 def _random_params(name: str, param_dtype: str | None, seed: int):
@@ -122,7 +184,12 @@ def to_torch(out: str, ckpt: str | None = None, random_config: str | None = None
 
     from janusflow_jax import checkpoint
     from janusflow_jax.convert import janusflow as convert
+    from janusflow_jax.inference.load import checkpoint_family
 
+    if ckpt is not None and checkpoint_family(ckpt) == "omnimamba":
+        if include_repa:
+            raise ValueError("--include_repa is JanusFlow's: OmniMamba has no REPA projector")
+        return omnimamba_to_torch(out, ckpt, torch_dtype, overwrite)
     _check_out(out, overwrite)
     if ckpt is not None:
         config, params = checkpoint.load_params(ckpt)
@@ -144,10 +211,14 @@ def main(argv) -> int:
         logging.set_verbosity(logging.WARNING)
     from janusflow_jax import paths
     from janusflow_jax.convert.janusflow import CheckpointMismatchError
+    from janusflow_jax.convert.omnimamba_release import is_release_dir
 
     out, torch_dir, ckpt = (paths.resolve_optional(f.value) for f in (_OUT, _TORCH_DIR, _CKPT))
     start = time.perf_counter()
     try:
+        if _TO.value == "jax" and _SEED.present and is_release_dir(torch_dir):
+            raise ValueError("--seed is JanusFlow's (it initialises the REPA projector): an OmniMamba conversion "
+                             "draws nothing at random")
         if _TO.value == "jax":
             summary = to_jax(torch_dir, out, _PARAM_DTYPE.value or "float32", _SCAN_LAYERS.value,
                              _SEED.value, _OVERWRITE.value)
@@ -162,8 +233,8 @@ def main(argv) -> int:
     if _TO.value == "jax":
         copied = summary["copied"]
         print(f"copied {', '.join(copied)}" if copied else
-              f"note: {_TORCH_DIR.value} has no tokenizer/processor files; add them to {summary['path']} for "
-              f"launch.generate / launch.chat")
+              f"note: {_TORCH_DIR.value} has no {summary.get('tokenizer', 'tokenizer/processor files')}; add them "
+              f"to {summary['path']} for launch.generate / launch.chat")
     return 0
 
 
