@@ -6,6 +6,11 @@
 CKPT: an official JanusFlow directory (config.json + model.safetensors + tokenizer files) or an orbax checkpoint
 written by `launch.convert --to=jax`. Several --question flags are answered in one batch; several --image flags put
 all images before the (first) question. Greedy decoding unless --temperature > 0 (then top-p sampling).
+
+OmniMamba (CKPT an OmniMamba release directory or our checkpoint of it; the family is read from CKPT): the same
+flags. At most one --image: resized to 384 x 384 without cropping (Cobra's "resize-naive"), read by DINOv2 + SigLIP
+and projected into the LM; no --image asks about nothing (the release's text-only zeros). Answers follow the
+training template ("In: ...\nOut: ") and stop at <|endoftext|>.
 """
 
 from __future__ import annotations
@@ -21,8 +26,8 @@ _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Official JanusFlow direct
 _IMAGE = flags.DEFINE_multi_string("image", [], "Image file (repeat the flag for several; none = text only).")
 _QUESTION = flags.DEFINE_multi_string("question", [], "Question (repeat for several; none = interactive).")
 _MAX_NEW_TOKENS = flags.DEFINE_integer("max_new_tokens", 512, "Answer length limit in tokens.")
-_TEMPERATURE = flags.DEFINE_float("temperature", 0.0, "Sampling temperature; 0 = greedy.")
-_TOP_P = flags.DEFINE_float("top_p", 0.95, "Nucleus sampling mass (with --temperature > 0).")
+_TEMPERATURE = flags.DEFINE_float("temperature", 0.0, "Sampling temperature; 0 = greedy.", allow_override=True)
+_TOP_P = flags.DEFINE_float("top_p", 0.95, "Nucleus sampling mass (with --temperature > 0).", allow_override=True)
 _SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.", allow_override=True)
 _DTYPE = flags.DEFINE_enum("dtype", None, ["float32", "bfloat16"], "Compute dtype (default: the checkpoint's).",
                            allow_override=True)
@@ -56,6 +61,48 @@ def interactive(loaded, images, options, stdin=None, stdout=None) -> int:
     return 0
 
 
+def chat_omnimamba(checkpoint: str, images, options) -> int:
+    """Answers --question (or an interactive conversation) with an OmniMamba checkpoint; prints like `main`."""
+    from janusflow_jax.inference import load as inference
+    from janusflow_jax.inference import omnimamba
+
+    if len(images) > 1:
+        raise ValueError(f"OmniMamba reads one image per conversation; got {len(images)} --image flags")
+    loaded = inference.load_omnimamba(checkpoint, dtype=_DTYPE.value)
+    features = omnimamba.image_features(loaded, images[0]) if images else None
+
+    def answer(questions, history=(), turn=0):
+        return omnimamba.chat(loaded.model, loaded.params, loaded.processor, questions, features, history=history,
+                              **dict(options, seed=options["seed"] + turn))
+
+    if not _QUESTION.value:
+        return converse(answer)
+    answers = answer(_QUESTION.value)
+    for question, text in zip(_QUESTION.value, answers):
+        print(text if len(answers) == 1 else f"Q: {question}\nA: {text}\n")
+    return 0
+
+
+def converse(answer, stdin=None, stdout=None) -> int:
+    """OmniMamba's interactive loop (as `interactive`): answer(questions, history, turn) sees every earlier turn."""
+    stdin, stdout = stdin or sys.stdin, stdout or sys.stdout
+    history = []
+    while True:
+        if stdin.isatty():
+            print("> ", end="", file=sys.stderr, flush=True)
+        line = stdin.readline()
+        if not line:  # end of input
+            return 0
+        question = line.strip()
+        if not question:
+            continue
+        if question.lower() in EXIT_WORDS:
+            return 0
+        (text,) = answer(question, history, len(history))
+        print(text, file=stdout, flush=True)
+        history.append((question, text))
+
+
 def main(argv) -> int:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments {argv[1:]}")
@@ -74,6 +121,8 @@ def main(argv) -> int:
 
         # An unreadable image fails before the weights load.
         images = [load_image(paths.resolve(path)) for path in _IMAGE.value]
+        if inference.checkpoint_family(paths.resolve(_CHECKPOINT.value)) == "omnimamba":
+            return chat_omnimamba(paths.resolve(_CHECKPOINT.value), images, options)
         loaded = inference.load(paths.resolve(_CHECKPOINT.value), dtype=_DTYPE.value)
         if not _QUESTION.value:
             return interactive(loaded, images, options)

@@ -6,6 +6,16 @@
 CKPT: an official JanusFlow directory (config.json + model.safetensors + tokenizer files) or an orbax checkpoint
 written by `launch.convert --to=jax`. The VAE: --vae (a diffusers AutoencoderKL directory, e.g. stabilityai/sdxl-vae),
 else CKPT/vae. Files: OUT/{prompt:03d}_{image:02d}.png and OUT/grid.png (one row per prompt).
+
+OmniMamba (CKPT an OmniMamba release directory or our checkpoint of it; the family is read from CKPT):
+
+  python -m launch.generate --checkpoint=CKPT --prompt="a red fox in the snow" --num_images=4 --out=samples \
+      [--temperature=1 --top_k=0 --top_p=0.95] [--cfg=1] [--seed=0] [--batch_size=8] [--dtype=bfloat16]
+
+The LM writes 256 VQ codes after the 72-token prompt, greedily by default (the release's setting); --temperature > 0
+samples, restricted to --top_k (0 = all) and the --top_p nucleus. --cfg defaults to 1 (off): the release was never
+trained with dropped captions, so guidance is an experiment. The VQ decodes the codes to 256 x 256 images.
+--steps, --vae, --template and --reference_t_rounding are JanusFlow's; --temperature, --top_k and --top_p OmniMamba's.
 """
 
 from __future__ import annotations
@@ -23,7 +33,8 @@ _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Official JanusFlow direct
 _PROMPT = flags.DEFINE_multi_string("prompt", [], "Text prompt (repeat the flag for several).")
 _PROMPTS_FILE = flags.DEFINE_string("prompts_file", None, "File with one prompt per line (blank lines skipped).")
 _NUM_IMAGES = flags.DEFINE_integer("num_images", 4, "Images per prompt.")
-_CFG = flags.DEFINE_float("cfg", 2.0, "Classifier-free guidance weight w >= 1 (1 = no guidance).")
+_CFG = flags.DEFINE_float("cfg", None, "Classifier-free guidance weight w >= 1 (1 = no guidance; default: 2 for "
+                         "JanusFlow, 1 for OmniMamba, whose release was not trained for guidance).")
 _STEPS = flags.DEFINE_integer("steps", 30, "Euler steps of the rectified-flow ODE.")
 _OUT = flags.DEFINE_string("out", None, "Output directory (created if needed).", allow_override=True)
 _VAE = flags.DEFINE_string("vae", None, "Diffusers AutoencoderKL directory (default: CHECKPOINT/vae).")
@@ -36,6 +47,16 @@ _DTYPE = flags.DEFINE_enum("dtype", None, ["float32", "bfloat16"],
 _TEMPLATE = flags.DEFINE_enum("template", "sft", ["sft", "pretrain"], "Prompt template.")
 _REFERENCE_T = flags.DEFINE_bool("reference_t_rounding", False,
                                  "Round t to bfloat16 as the official sampler does (for comparisons).")
+# OmniMamba's sampling of VQ codes. temperature and top_p are launch.chat's flags too, with the same defaults (one
+# process may import both modules, and the last definition's default would win).
+_TEMPERATURE = flags.DEFINE_float("temperature", 0.0, "OmniMamba: sampling temperature; 0 = greedy.",
+                                  allow_override=True)
+_TOP_K = flags.DEFINE_integer("top_k", 0, "OmniMamba: sample among the k most likely codes (0 = all; with "
+                              "--temperature > 0).")
+_TOP_P = flags.DEFINE_float("top_p", 0.95, "OmniMamba: nucleus sampling mass (with --temperature > 0).",
+                            allow_override=True)
+JANUSFLOW_ONLY = ("steps", "vae", "template", "reference_t_rounding")
+OMNIMAMBA_ONLY = ("temperature", "top_k", "top_p")
 
 
 def read_prompts(prompts: list[str], prompts_file: str | None) -> list[str]:
@@ -49,6 +70,28 @@ def read_prompts(prompts: list[str], prompts_file: str | None) -> list[str]:
     if not out:
         raise app.UsageError("give --prompt or --prompts_file")
     return out
+
+
+def refuse_flags(names, family: str):
+    """A ValueError naming the given flags that the user set but `family` does not use."""
+    given = [name for name in names if flags.FLAGS[name].present]
+    if given:
+        raise ValueError(f"--{', --'.join(given)} {'does' if len(given) == 1 else 'do'} not apply to {family} "
+                         f"checkpoints")
+
+
+def generate_omnimamba(checkpoint: str, prompts: list[str]) -> tuple:
+    """(uint8 images, settings) for an OmniMamba checkpoint."""
+    from janusflow_jax.inference import load as inference
+    from janusflow_jax.inference import omnimamba
+
+    refuse_flags(JANUSFLOW_ONLY, "OmniMamba")
+    settings = dict(cfg=1.0 if _CFG.value is None else _CFG.value, temperature=_TEMPERATURE.value,
+                    top_k=_TOP_K.value, top_p=_TOP_P.value, seed=_SEED.value)
+    loaded = inference.load_omnimamba(checkpoint, dtype=_DTYPE.value)
+    images = omnimamba.generate_images(loaded, prompts, images_per_prompt=_NUM_IMAGES.value,
+                                       batch_size=_BATCH_SIZE.value, **settings)
+    return images, settings
 
 
 def main(argv) -> int:
@@ -68,12 +111,16 @@ def main(argv) -> int:
     try:
         prompts = read_prompts(_PROMPT.value, paths.resolve_optional(_PROMPTS_FILE.value))
         start = time.perf_counter()
-        loaded = inference.load(checkpoint, dtype=_DTYPE.value, with_vae=True, vae=vae)
-        settings = dict(cfg=_CFG.value, steps=_STEPS.value, seed=_SEED.value, template=_TEMPLATE.value,
-                        reference_t_rounding=_REFERENCE_T.value)
-        images = sampler.generate_images(loaded.model, loaded.params, loaded.processor, loaded.vae,
-                                         loaded.vae_params, prompts, images_per_prompt=_NUM_IMAGES.value,
-                                         batch_size=_BATCH_SIZE.value, progress=True, **settings)
+        if inference.checkpoint_family(checkpoint) == "omnimamba":
+            images, settings = generate_omnimamba(checkpoint, prompts)
+        else:
+            refuse_flags(OMNIMAMBA_ONLY, "JanusFlow")
+            loaded = inference.load(checkpoint, dtype=_DTYPE.value, with_vae=True, vae=vae)
+            settings = dict(cfg=2.0 if _CFG.value is None else _CFG.value, steps=_STEPS.value, seed=_SEED.value,
+                            template=_TEMPLATE.value, reference_t_rounding=_REFERENCE_T.value)
+            images = sampler.generate_images(loaded.model, loaded.params, loaded.processor, loaded.vae,
+                                             loaded.vae_params, prompts, images_per_prompt=_NUM_IMAGES.value,
+                                             batch_size=_BATCH_SIZE.value, progress=True, **settings)
         files = images_lib.save_images(out, images, prompts, _NUM_IMAGES.value, dict(settings, checkpoint=checkpoint))
     except inference.USER_ERRORS as e:
         print(f"error: {e}", file=sys.stderr)
