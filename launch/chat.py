@@ -6,6 +6,7 @@
 CKPT: an official JanusFlow directory (config.json + model.safetensors + tokenizer files) or an orbax checkpoint
 written by `launch.convert --to=jax`. Several --question flags are answered in one batch; several --image flags put
 all images before the (first) question. Greedy decoding unless --temperature > 0 (then top-p sampling).
+--system_prompt replaces the checkpoint's system prompt (--system_prompt= for none, as the benchmarks run).
 
 OmniMamba (CKPT an OmniMamba release directory or our checkpoint of it; the family is read from CKPT): the same
 flags. At most one --image: resized to 384 x 384 without cropping (Cobra's "resize-naive"), read by DINOv2 + SigLIP
@@ -31,6 +32,10 @@ _TOP_P = flags.DEFINE_float("top_p", 0.95, "Nucleus sampling mass (with --temper
 _SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.", allow_override=True)
 _DTYPE = flags.DEFINE_enum("dtype", None, ["float32", "bfloat16"], "Compute dtype (default: the checkpoint's).",
                            allow_override=True)
+# allow_override: launch.evaluate defines --system_prompt too (same type and default).
+_SYSTEM_PROMPT = flags.DEFINE_string("system_prompt", None, "System prompt (default: the checkpoint's processor "
+                                     "config, the official one for the release; --system_prompt= for none).",
+                                     allow_override=True)
 
 EXIT_WORDS = ("exit", "quit")
 
@@ -66,6 +71,9 @@ def chat_omnimamba(checkpoint: str, images, options) -> int:
     from janusflow_jax.inference import load as inference
     from janusflow_jax.inference import omnimamba
 
+    options = dict(options)
+    if options.pop("system_prompt", None) is not None:
+        raise ValueError("--system_prompt is a JanusFlow option: OmniMamba's training template has no system prompt")
     if len(images) > 1:
         raise ValueError(f"OmniMamba reads one image per conversation; got {len(images)} --image flags")
     loaded = inference.load_omnimamba(checkpoint, dtype=_DTYPE.value)
@@ -115,7 +123,7 @@ def main(argv) -> int:
     from janusflow_jax.inference import load as inference
 
     options = dict(max_new_tokens=_MAX_NEW_TOKENS.value, temperature=_TEMPERATURE.value, top_p=_TOP_P.value,
-                   seed=_SEED.value)
+                   seed=_SEED.value, system_prompt=_SYSTEM_PROMPT.value)
     try:
         from janusflow_jax.data.processor import load_image
 

@@ -161,3 +161,33 @@ def test_chat_with_processor(tiny, processor, tmp_path):
         chat.chat(model, params, processor, [], "is this a dog", history=history)
     with pytest.raises(PromptTooLongError, match="context holds"):
         chat.chat(model, params, processor, [image], "cat " * model.config.llm.max_position_embeddings)
+
+
+def test_chat_rows_with_their_own_images_and_a_system_prompt(tiny, processor, tmp_path):
+    """Benchmark batches: every row its own image(s), an empty system prompt, one fixed padded length."""
+    model, params = tiny
+    rng = np.random.default_rng(1)
+    paths = []
+    for i in range(3):
+        paths.append(tmp_path / f"{i}.png")
+        Image.fromarray(rng.integers(0, 255, (30 + 10 * i, 40, 3), np.uint8)).save(paths[-1])
+    questions = ["what is this", "what color is the cat", "is this a dog"]
+    kw = dict(max_new_tokens=5, system_prompt="")
+    batched = chat.chat(model, params, processor, None, questions, row_images=[[p] for p in paths], pad_to=128, **kw)
+    alone = [chat.chat(model, params, processor, [p], q, **kw)[0] for p, q in zip(paths, questions)]
+    assert batched == alone
+    # the system prompt reaches the prompt: "" and the processor's own give different token ids
+    assert processor.system_prompt
+    assert (len(processor.chat_prompt("hi", system_prompt="")["input_ids"])
+            < len(processor.chat_prompt("hi")["input_ids"]))
+    # a row without an image beside rows with two; placeholders written in the question place the images themselves
+    tag = processor.image_tag
+    mixed = chat.chat(model, params, processor, None, ["what is this", f"{tag}{tag}\nwhat is this"],
+                      row_images=[[], paths[:2]], **kw)
+    assert mixed[0] == chat.chat(model, params, processor, [], "what is this", **kw)[0]
+    with pytest.raises(ValueError, match="1 image placeholders for its 2 images"):
+        chat.chat(model, params, processor, None, [f"{tag}\nwhat"], row_images=[paths[:2]])
+    with pytest.raises(ValueError, match="no shared images"):
+        chat.chat(model, params, processor, paths[0], ["what"], row_images=[[paths[1]]])
+    with pytest.raises(ValueError, match="pad_to 4 is shorter"):
+        chat.chat(model, params, processor, None, ["what"], row_images=[[paths[1]]], pad_to=4)

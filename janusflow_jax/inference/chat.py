@@ -138,46 +138,85 @@ def images_in(processor, history) -> int:
 
 
 def chat(model: JanusFlow, params, processor, images, questions: str | Sequence[str], *, max_new_tokens: int = 512,
-         temperature: float = 0.0, top_p: float = 0.95, seed: int = 0, history=None) -> list[str]:
-    """Answers each question about the same image(s); one batch row per question, one answer each.
+         temperature: float = 0.0, top_p: float = 0.95, seed: int = 0, history=None, system_prompt: str | None = None,
+         row_images: Sequence[Sequence] | None = None, pad_to: int | None = None) -> list[str]:
+    """Answers each question about the same image(s), or each about its own (`row_images`); one batch row per
+    question, one answer each.
 
-    images: every image of the conversation (paths or PIL images), in order; [] for text only. Those not yet placed
-    in `history` go before the new question ("<image_placeholder>\n" each, as the demo). Official preprocessing:
-    long side resized, padded to square, normalised.
+    images: every image of the conversation (paths, encoded bytes, PIL images or uint8 arrays), in order; [] for text
+    only. Those not yet placed in `history` go before the new question ("<image_placeholder>\n" each, as the demo).
+    Official preprocessing: long side resized, padded to square, normalised.
     questions: a string or a list of strings, left-padded into one batch.
     history: earlier turns as message dicts [{"role": "User", "content": ...}, {"role": "Assistant", ...}, ...],
     shared by every row (`add_turn` appends one); None for a fresh conversation.
+    system_prompt: None = the processor's (the official one for the release); "" = none (benchmark protocols).
+    row_images: one image list per question, for batches whose rows carry different images (benchmarks); `images`
+    and `history` must then be empty. A row's images go before its question, one "<image_placeholder>\n" each, unless
+    the question already holds a placeholder per image (an interleaved layout such as VLMEvalKit's
+    "<image_placeholder><image_placeholder>\n..."); rows with fewer images than others get zero images that fill
+    no slot.
+    pad_to: left-pad every row to this many tokens (at least the longest prompt), so that batches of different
+    prompts share one compilation and a row's numbers do not depend on its batch mates' lengths.
     The answer budget is `max_new_tokens`, capped so that prompt + answer fit the context. Greedy at temperature 0,
     else temperature + top-p sampling from `seed`. Raises PromptTooLongError when a prompt alone fills the context,
     ImageError for an unreadable image.
     """
-    images = [load_image(im) for im in _as_list(images)]
     questions = _as_list(questions)
     if not questions:
         raise ValueError("no questions given")
     history = list(history or ())
-    new_images = len(images) - images_in(processor, history)
-    if new_images < 0:
-        raise ValueError(f"the history shows {images_in(processor, history)} images but only {len(images)} were given")
-    prompts = [processor.chat_prompt(q, num_images=new_images, history=history) for q in questions]
+    if row_images is not None:
+        if _as_list(images) or history:
+            raise ValueError("row_images gives each question its own images: pass no shared images and no history")
+        if len(row_images) != len(questions):
+            raise ValueError(f"row_images has {len(row_images)} entries for {len(questions)} questions")
+        per_row = [[load_image(im) for im in _as_list(row)] for row in row_images]
+        prompts = []
+        for question, row in zip(questions, per_row):
+            placed = question.count(processor.image_tag)
+            if placed not in (0, len(row)):
+                raise ValueError(f"a question holds {placed} image placeholders for its {len(row)} images")
+            prompts.append(processor.chat_prompt(question, num_images=len(row) - placed, system_prompt=system_prompt))
+    else:
+        images = [load_image(im) for im in _as_list(images)]
+        new_images = len(images) - images_in(processor, history)
+        if new_images < 0:
+            raise ValueError(f"the history shows {images_in(processor, history)} images but only {len(images)} were "
+                             f"given")
+        prompts = [processor.chat_prompt(q, num_images=new_images, history=history, system_prompt=system_prompt)
+                   for q in questions]
     config = model.config
     context = config.llm.max_position_embeddings
     longest = max(len(p["input_ids"]) for p in prompts)
-    if longest >= context:
-        raise PromptTooLongError(f"the conversation is {longest} tokens; the context holds {context} (at least one "
-                                 f"position must be left for the answer)")
-    max_new_tokens = min(int(max_new_tokens), context - longest)
-    # Bucketed length: a longer left padding changes nothing (positions count from each row's BOS) and saves
-    # recompiling for every prompt length.
-    length = min(-(-longest // LENGTH_BUCKET) * LENGTH_BUCKET, context - max_new_tokens)
+    if pad_to is not None and pad_to < longest:
+        raise ValueError(f"pad_to {pad_to} is shorter than the longest prompt ({longest} tokens)")
+    if max(longest, pad_to or 0) >= context:
+        raise PromptTooLongError(f"the conversation is {max(longest, pad_to or 0)} tokens; the context holds "
+                                 f"{context} (at least one position must be left for the answer)")
+    if pad_to is not None:
+        length = int(pad_to)
+        max_new_tokens = min(int(max_new_tokens), context - length)
+    else:
+        max_new_tokens = min(int(max_new_tokens), context - longest)
+        # Bucketed length: a longer left padding changes nothing (positions count from each row's BOS) and saves
+        # recompiling for every prompt length.
+        length = min(-(-longest // LENGTH_BUCKET) * LENGTH_BUCKET, context - max_new_tokens)
     ids, mask = left_pad([np.asarray(p["input_ids"], np.int32) for p in prompts], processor.pad_id, length)
     pixel_values = image_token_mask = None
-    if images:
+    if row_images is not None:
+        most = max(len(row) for row in per_row)
+        if most:
+            size = processor.image_size
+            pixel_values = np.zeros((len(prompts), most, size, size, 3), np.float32)
+            for i, row in enumerate(per_row):
+                if row:
+                    pixel_values[i, :len(row)] = processor.preprocess_understanding(row)
+    elif images:
         pixels = np.asarray(processor.preprocess_understanding(images), np.float32)  # [n_images, S, S, 3]
         pixel_values = np.broadcast_to(pixels[None], (len(prompts), *pixels.shape))
+    if pixel_values is not None:
         image_token_mask, _ = left_pad([np.asarray(p["image_token_mask"], np.int32) for p in prompts], 0, length)
     tokens, lengths = generate_tokens(model, params, ids, mask, pixel_values, image_token_mask,
                                       eos_id=processor.eos_id, max_new_tokens=max_new_tokens,
                                       temperature=temperature, top_p=top_p, seed=seed)
     return [processor.decode(row[:n], skip_special_tokens=True) for row, n in zip(tokens, lengths)]
-
