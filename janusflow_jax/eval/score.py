@@ -10,8 +10,10 @@ Understanding suites read predictions as `{"index": ..., "prediction": "..."}` r
   mme       VLMEvalKit MME.tsv (index, answer yes/no, category = subtask, image_path)
   mmbench   VLMEvalKit MMBench_DEV_EN.tsv (index, answer letter, A..H, category, l2-category); --circular
   seed      VLMEvalKit SEEDBench_IMG.tsv (index, answer letter, A..D, category)
-  mmmu      VLMEvalKit MMMU_DEV_VAL.tsv or JSONL (index, answer, A..I or options, question_type, subject|category|id)
+  mmmu      VLMEvalKit MMMU_DEV_VAL.tsv or JSONL (index, answer, A..I or options, question_type, subject|category|id);
+            rows of the `split` column's "validation" only, when it exists (--split to change)
   gqa       TSV/JSONL (index, answer)
+  digits    the digits run's TSV (index, answer = the digit's name), exact match as gqa; not in the paper
   vqav2     TSV/JSONL (index, answers: the 10 human answers, a list or "['..', ..]" text; or answer holding that list)
   textvqa   VLMEvalKit TextVQA_VAL.tsv (index, answer = "['..', ..]", 10 answers) or JSONL with answers
   geneval   evaluation_metadata.jsonl + detections {"index": prompt line (0-based), "detections": [...]} per image;
@@ -131,13 +133,18 @@ def _mmmu_item(row: Mapping[str, Any], prediction: str):
     return subject, question_type, gold, options, prediction
 
 
-def score_mmmu_suite(rows: Rows, records: Records, *, seed: int = 0, only_predicted: bool = False) -> dict:
+def score_mmmu_suite(rows: Rows, records: Records, *, seed: int = 0, only_predicted: bool = False,
+                     split: str = "validation") -> dict:
+    if split and rows and "split" in rows[0]:  # VLMEvalKit's MMMU_DEV_VAL holds dev and validation; the paper's is val
+        rows = [r for r in rows if str(r["split"]).strip() == split]
+        if not rows:
+            raise InputError(f"no MMMU row is in the {split!r} split")
     pairs, missing = _joined(rows, records, ["answer"], only_predicted)
     result = mmmu.score_mmmu((_mmmu_item(r, p) for r, p in pairs), seed=seed)
     headline = 100 * result["accuracy"]
     protocol = {"parser": "MMMU eval_utils.py parse_multi_choice_response / parse_open_response + eval_open",
                 "random_fallback": f"random.Random({seed}) in question order", "seed": seed,
-                "only_predicted": only_predicted}
+                "split": split or "all rows", "only_predicted": only_predicted}
     return _result(headline, {"mmmu": headline}, protocol, missing, **result)
 
 
@@ -147,6 +154,14 @@ def score_gqa_suite(rows: Rows, records: Records, *, only_predicted: bool = Fals
     headline = 100 * sum(hits) / len(hits)
     protocol = {"match": "exact after strip, trailing periods dropped, lower case", "only_predicted": only_predicted}
     return _result(headline, {"gqa": headline}, protocol, missing, accuracy=headline / 100, questions=len(hits))
+
+
+def score_digits_suite(rows: Rows, records: Records, *, only_predicted: bool = False) -> dict:
+    """The digits run's held-out understanding set (examples/digits): exact match as GQA's, which is the digits run's
+    own rule (strip, lower case, trailing periods dropped)."""
+    result = score_gqa_suite(rows, records, only_predicted=only_predicted)
+    result["paper"] = {"digits": result.pop("paper")["gqa"]}
+    return result
 
 
 def _answers(row: Mapping[str, Any]) -> list[str]:
@@ -293,6 +308,7 @@ SUITES: dict[str, Callable[..., dict]] = {
     "seed": score_seed_suite,
     "mmmu": score_mmmu_suite,
     "gqa": score_gqa_suite,
+    "digits": score_digits_suite,
     "vqav2": score_vqav2_suite,
     "textvqa": score_textvqa_suite,
     "geneval": score_geneval_suite,
@@ -330,8 +346,9 @@ def score_files(suite: str, data_path: str | os.PathLike | None, predictions_pat
 
 
 HEADLINE = {"pope": "pope", "mme": "mme.perception", "mmbench": "mmbench", "seed": "seed", "mmmu": "mmmu",
-            "gqa": "gqa", "vqav2": "vqav2", "textvqa": "textvqa", "geneval": "geneval.overall", "dpg": "dpg.overall",
-            "fid": "mjhq.fid"}
+            "gqa": "gqa", "digits": "digits", "vqav2": "vqav2", "textvqa": "textvqa", "geneval": "geneval.overall",
+            "dpg": "dpg.overall", "fid": "mjhq.fid"}
+NOT_IN_PAPER = {"digits"}  # suites whose headline the paper does not report (paper.render_table lists them apart)
 
 
 def summary_line(result: Mapping[str, Any]) -> str:
