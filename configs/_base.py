@@ -18,6 +18,8 @@ Fields (all overridable from the command line, e.g. `--config.optimizer.lr=3e-5`
   data                  source "synthetic" | "prepared" (+ loader fields of janusflow_jax/data/loader.py), seq_len (packed
                         understanding/text rows), prompt_len (generation prompts, left-padded), images_per_row
   seed, log_every, checkpoint_every, keep_checkpoints, max_consecutive_skips
+  eval_every, eval      evaluators on the EMA weights every eval_every steps (0 = off): held-out losses, a sample
+                        grid, a scored understanding set (janusflow_jax/eval/evaluators.py)
 """
 
 from __future__ import annotations
@@ -64,6 +66,28 @@ def base_config(arg: str | None, *, stage: int, lr: float, warmup_steps: int, st
     c.checkpoint_every = 1000
     c.keep_checkpoints = 3
     c.max_consecutive_skips = 20
+    # Evaluators inside training (janusflow_jax/eval/evaluators.py), on the EMA weights every eval_every steps and at
+    # the last; 0 = off. Held-out losses need a prepared split of data the run does not train on (eval.data_dir);
+    # the sample grid decodes in that data's latent space with its tokenizer.
+    c.eval_every = 0
+    c.eval = ml_collections.ConfigDict(dict(
+        evaluators=("losses", "samples"),  # names in eval/evaluators.py; "understanding" adds a scored benchmark file
+        data_dir="",  # held-out prepared split (launch.prepare_data); a synthetic run uses synthetic batches
+        batch_size=0,  # rows per held-out batch (0 = batch_size), split at the last mixture phase's ratio
+        batches=2,  # held-out batches per evaluation: the same ones every time
+        t_grid=4,  # rectified flow and REPA at t = (k + 1/2) / t_grid for every generation row, from fixed noise
+        seed=0,  # the held-out batches' order, their noise and the samples' noise
+        sample_prompts=("a photo of a cat sitting on a sofa", "a red apple on a wooden table",
+                        "a lighthouse on a cliff at sunset", "a bowl of ramen, studio lighting"),
+        images_per_prompt=4,
+        cfg=2.0,
+        steps=30,
+        tokenizer="",  # default: the tokenizer the held-out (or training) data was prepared with
+        und_data="",  # understanding evaluator: a benchmark file (launch.evaluate und's formats)
+        und_suite="gqa",  # its protocol and scorer (janusflow_jax/eval/prompts.py)
+        und_limit=0,  # at most this many questions (0 = all)
+        und_batch_size=8,
+    ))
     if variant == "tiny":  # seconds on a CPU: the tiny model, 16 examples of short rows, 6 steps
         c.steps = 6
         c.optimizer.warmup_steps = 2
@@ -76,5 +100,7 @@ def base_config(arg: str | None, *, stage: int, lr: float, warmup_steps: int, st
         c.data.num_workers = 0
         c.log_every = 1
         c.checkpoint_every = 2
+        c.eval.steps = 2
+        c.eval.images_per_prompt = 2
     c.lock()
     return c

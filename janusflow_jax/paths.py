@@ -18,6 +18,7 @@ CONFIG_PATH_FIELDS = (
     "init.path", "init.llm_path", "init.siglip_path", "data.dir",
     "prepare.out", "prepare.tokenizer", "prepare.gen_jsonl", "prepare.und_jsonl", "prepare.text_jsonl",
     "prepare.image_root", "prepare.tfds.data_dir", "prepare.latent.vae_path",
+    "eval.data_dir", "eval.tokenizer", "eval.und_data",
 )
 
 

@@ -15,6 +15,11 @@ Pipeline (`run`; every step skips work already done, so rerunning the command re
               weight, a sample grid (rows = prompted digits 0-9); all in <workdir>/eval.json and
               <workdir>/samples_stage{N}.png. The final checkpoint root gets the tokenizer/processor files and
               latent.json, so `launch.generate` / `launch.chat --checkpoint=<workdir>/stage3/checkpoints` work.
+The held-out set is also written as benchmark files (`write_eval_sets`, <workdir>/data/eval/): digits_und.tsv in
+VLMEvalKit's format (base64 images, the digit's name as the short answer) and digits_gen.jsonl in GenEval's metadata
+format, so `launch.evaluate und --suite=digits` / `gen --suite=geneval` evaluate any checkpoint of the run as they
+would the release; the understanding accuracy here is computed by the same code (`eval.answering`), so the two
+agree exactly.
 
 The generation judge is a LogisticRegression on the training split's digits, rendered and read back through the same
 pixel round trip as generated images (`classifier_features`: block-average to 8 x 8, ink level 0-16), so it sees
@@ -156,7 +161,70 @@ def prepare_config(config, data_root: Path, tokenizer: Path):
     return job
 
 
+def write_eval_sets(data_root: Path, split: dict, image_size: int, cfg) -> dict[str, Path]:
+    """The held-out digits as benchmark files in <data_root>/eval/ (skipped when written):
+      digits_und.tsv    VLMEvalKit's TSV: index (the sklearn index), question, answer (the digit's name), category,
+                        image (base64 PNG of the render the model sees), for the digits `eval_understanding` scores
+                        (the first `eval_max_test` held-out digits when set)
+      digits_gen.jsonl  GenEval's metadata format: one line per digit 0-9, {"tag": "digit", "include": [{"class":
+                        name, "count": 1}], "prompt": "a handwritten <name>", "digit": k}"""
+    import base64
+    import io
+
+    from PIL import Image
+    from sklearn.datasets import load_digits
+
+    out = data_root / "eval"
+    files = {"und": out / "digits_und.tsv", "gen": out / "digits_gen.jsonl"}
+    if all(f.is_file() for f in files.values()):
+        return files
+    out.mkdir(parents=True, exist_ok=True)
+    digits = load_digits()
+    test = np.asarray(split["test"])
+    if cfg.eval_max_test:
+        test = test[:cfg.eval_max_test]
+    lines = ["index\tquestion\tanswer\tcategory\timage"]
+    for i in test:
+        buffer = io.BytesIO()
+        Image.fromarray(render(digits.images[i], image_size)).save(buffer, format="PNG")
+        name = NAMES[digits.target[i]]
+        lines.append(f"{i}\t{QUESTION}\t{name}\t{name}\t{base64.b64encode(buffer.getvalue()).decode()}")
+    _write_atomic(files["und"], "\n".join(lines) + "\n")
+    _write_atomic(files["gen"], "".join(json.dumps({"tag": "digit", "include": [{"class": name, "count": 1}],
+                                                    "prompt": GEN_PROMPT.format(name=name), "digit": k}) + "\n"
+                                        for k, name in enumerate(NAMES)))
+    return files
+
+
+def judge_generated(images_dir: Path, judge) -> float:
+    """Share of the images `launch.evaluate gen --suite=geneval --data=digits_gen.jsonl` wrote (images_dir =
+    its OUT/images) that the judge reads as the prompted digit."""
+    from PIL import Image
+
+    hits = []
+    for folder in sorted(p for p in Path(images_dir).iterdir() if p.name.isdigit()):
+        digit = json.loads((folder / "metadata.jsonl").read_text())["digit"]
+        for path in sorted((folder / "samples").glob("*.png")):
+            with Image.open(path) as image:
+                pixels = np.asarray(image.convert("RGB"))[None]
+            hits.append(int(judge.predict(classifier_features(pixels))[0]) == digit)
+    return float(np.mean(hits))
+
+
 # ------------------------------------------------------------------------------------------------------ evaluation
+def eval_understanding(model, params, processor, und_file: Path) -> tuple[float, list[str]]:
+    """Held-out understanding accuracy as `launch.evaluate und --suite=digits` + `score --suite=digits` compute it on
+    digits_und.tsv (the same code: greedy, 4 new tokens, batches of 8, no system prompt)."""
+    from janusflow_jax.eval import answering, formats, prompts, score
+
+    protocol = prompts.PROTOCOLS["digits"]
+    items = answering.read_items(protocol, und_file, processor.image_tag)
+    answers = answering.answer_items(model, params, processor, items, system_prompt=protocol.system_prompt,
+                                     max_new_tokens=protocol.max_new_tokens)
+    records = [{"index": it.index, "prediction": a} for it, a in zip(items, answers)]
+    return score.score_digits_suite(formats.read_rows(und_file), records)["score"] / 100, answers
+
+
 def understanding_accuracy(model, params, processor, images: np.ndarray, labels: np.ndarray,
                            batch_size: int = 64, suffix: str = "") -> tuple[float, list[str]]:
     """Greedy chat answers to QUESTION for uint8 images [n, S, S, 3]; accuracy of answer == the digit's name.
@@ -231,8 +299,10 @@ def save_grid(path: Path, images: dict, columns: int, title: str):
     plt.close(fig)
 
 
-def evaluate(checkpoint_root: Path, processor_dir: Path, split: dict, cfg, *, title: str, grid_path: Path) -> dict:
-    """Understanding + generation accuracy of the EMA weights in `checkpoint_root`; writes the sample grid."""
+def evaluate(checkpoint_root: Path, processor_dir: Path, split: dict, cfg, *, title: str, grid_path: Path,
+             und_file: Path) -> dict:
+    """Understanding + generation accuracy of the EMA weights in `checkpoint_root`; writes the sample grid.
+    `und_file`: the held-out understanding set (`write_eval_sets`), the test digits evaluated."""
     from sklearn.datasets import load_digits
 
     from janusflow_jax import checkpoint as checkpoint_lib
@@ -250,7 +320,7 @@ def evaluate(checkpoint_root: Path, processor_dir: Path, split: dict, cfg, *, ti
     if cfg.eval_max_test:
         test = test[:cfg.eval_max_test]
     test_images = np.stack([render(digits.images[i], size) for i in test])
-    und_acc, answers = understanding_accuracy(model, params, processor, test_images, digits.target[test])
+    und_acc, answers = eval_understanding(model, params, processor, und_file)
     und_acc_space, _ = understanding_accuracy(model, params, processor, test_images, digits.target[test], suffix=" ")
     judge = fit_judge(np.stack([render(digits.images[i], size) for i in train]), digits.target[train])
     judge_acc = float(np.mean(judge.predict(classifier_features(test_images)) == digits.target[test]))
@@ -292,6 +362,7 @@ def run(config, workdir, progress: bool = True) -> dict:
     model_cfg = JanusFlowConfig.from_dict(config.model.to_dict())
     split = write_dataset(data_root, model_cfg.und_encoder.image_size, config.digits)
     tokenizer = write_tokenizer(data_root / "tokenizer", model_cfg)
+    eval_sets = write_eval_sets(data_root, split, model_cfg.und_encoder.image_size, config.digits)
     summary = prepare.run(prepare_config(config, data_root, tokenizer), progress=progress)
     print(f"data: {len(split['train'])} training / {len(split['test'])} held-out digits; "
           f"{prepare.summary_line(summary)}")
@@ -307,7 +378,7 @@ def run(config, workdir, progress: bool = True) -> dict:
             return
         print(f"evaluating {name} ...")
         results[name] = evaluate(root, tokenizer, split, config.digits, title=name,
-                                 grid_path=workdir / f"samples_{name}.png")
+                                 grid_path=workdir / f"samples_{name}.png", und_file=eval_sets["und"])
         r = results[name]
         print(f"{name}: held-out understanding accuracy {100 * r['understanding_accuracy']:.1f}% "
               f"({100 * r['understanding_accuracy_prompt_ending_in_space']:.1f}% with the prompt ending in "
@@ -325,5 +396,7 @@ def run(config, workdir, progress: bool = True) -> dict:
           f"evaluation {eval_path}; sample grids {workdir}/samples_stage*.png.\n"
           f"Try: python -m launch.generate --checkpoint={final} --prompt=\"a handwritten seven\" --out={workdir}/gen\n"
           f"     python -m launch.chat --checkpoint={final} --image={data_root}/images/{split['test'][0]:04d}.png "
-          f"--question=\"{QUESTION}\"")
+          f"--question=\"{QUESTION}\"\n"
+          f"     python -m launch.evaluate und --suite=digits --checkpoint={final} --data={eval_sets['und']} "
+          f"--out={workdir}/evaluate/und")
     return results

@@ -1,4 +1,18 @@
-"""The paper's benchmarks, scored offline (phase B of `launch.evaluate`): pure Python + numpy, no model, no network.
+"""Evaluation: the paper's benchmarks (`launch.evaluate`) and the evaluators that run inside training.
+
+Phase A (the JAX model answers and draws; resumable, split over hosts):
+  prompts          how each understanding benchmark is asked (DeepSeek's protocol as VLMEvalKit's Janus wrapper)
+  answering        `und`: a benchmark file -> predictions JSONL, batches with a different image per row
+  generation       `gen`: a prompt file -> the images in the layout the official scorer reads, with a manifest
+  resume           host shares, whole-file writes, the manifest that pins an output directory's settings
+
+Evaluators inside training (`config.eval`, every `eval_every` steps on the EMA weights):
+  evaluators       the registry the config names and the runner the training loop calls
+  losses           held-out AR / rectified-flow / REPA losses on fixed batches, fixed t grid, fixed noise
+  samples          a sample grid for fixed prompts and seeds
+  understanding    a small benchmark file answered and scored by the rules below
+
+Phase B, offline scoring: pure Python + numpy, no model, no network.
 
   paper            the JanusFlow paper's numbers (Tables 2-5) and a markdown table of a checkpoint's beside them
   formats          reading VLMEvalKit TSVs, CSV/JSON(L) benchmark files and predictions JSONL; one-line input errors

@@ -16,7 +16,8 @@ The host runs one step ahead: it fetches, transfers and dispatches step n+1 befo
 device is not idle while the host prepares a batch (on the tiny config on 2 CPU cores this took the loop from ~23 to
 ~15 ms per step). Steps that a callback, a checkpoint or a mixture switch needs are reported before the next one is
 dispatched. Each logged row carries `input_s`, the host's time to get the batch: when it nears the step time, the
-input pipeline is the bottleneck (more `data.num_workers`).
+input pipeline is the bottleneck (more `data.num_workers`). Every `eval_every` steps (and at the last) the evaluators
+`config.eval.evaluators` run on the EMA weights (janusflow_jax/eval/evaluators.py).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from typing import Callable, Iterable
 
 import jax
 
+from janusflow_jax.eval import evaluators as eval_lib
 from janusflow_jax.perf import chips
 from janusflow_jax.perf import flops as flops_lib
 from janusflow_jax.sharding import mesh_context
@@ -87,6 +89,7 @@ def _loop(plan: Plan, mngr, state, source, phase: int, start: int, workdir: Path
     reporter = Reporter(workdir, counts["flops"], chips.peak_flops_per_device(), counts["tokens"],
                         config.batch_size, progress)
     reporter.start_bar(start, config.steps)
+    evaluators = eval_lib.from_config(plan, workdir, reporter.writer)  # None unless config.eval_every > 0
     metrics_host, last_time = {}, time.perf_counter()
     pending = None  # (step, metrics, input seconds) of a step dispatched but not yet reported
 
@@ -121,7 +124,8 @@ def _loop(plan: Plan, mngr, state, source, phase: int, start: int, workdir: Path
             boundary = phase_at(config.mixture, done) != phase
             saving = (done % config.checkpoint_every == 0 or done == config.steps or preempted["flag"]
                       or mngr.reached_preemption(done))
-            if not (callbacks or boundary or saving):
+            evaluating = evaluators is not None and evaluators.due(done)
+            if not (callbacks or boundary or saving or evaluating):
                 # Nothing needs this step's state before the next step is dispatched: keep the device fed and
                 # report the step after dispatching the next one (a per-step device_get would leave the device
                 # idle while the host fetches, transfers and dispatches the next batch).
@@ -130,6 +134,8 @@ def _loop(plan: Plan, mngr, state, source, phase: int, start: int, workdir: Path
             metrics_host = report(done, metrics, input_s)
             for callback in callbacks:
                 callback(done, state, metrics_host)
+            if evaluating:  # before the next step donates this state
+                evaluators.run(done, state)
             if boundary:
                 # A new mixture from the next step on: new sub-batch shapes, source and compiled step. Switched
                 # before saving, so a checkpoint at the boundary holds the new source's (fresh) state.
