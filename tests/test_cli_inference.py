@@ -132,7 +132,7 @@ def test_relative_paths(orbax_ckpt, image, tmp_path, monkeypatch, capsys):
                    *GENERATE_ARGS[1:]) == 0
     assert "wrote 2 images" in capsys.readouterr().out and (tmp_path / "gen" / "grid.png").is_file()
     assert run_cli(chat_cli, f"--checkpoint={ckpt}", f"--image={photo}", "--question=what is this",
-                   "--max_new_tokens=2") == 0
+                   "--max_new_tokens=2", "--system_prompt=") == 0
 
 
 def test_chat_interactive(official, image, monkeypatch, capsys):

@@ -101,3 +101,46 @@ def test_rerun_skips_finished_work(run, capsys):
     out = capsys.readouterr().out
     assert out.count("finished earlier") == 3 and "(0 shards written" in out and "evaluating" not in out
     assert again["stage3"] == before["stage3"]
+
+
+def test_launch_evaluate_reproduces_the_runs_own_evaluation(run, tmp_path, capsys):
+    """The run's held-out set as benchmark files: `launch.evaluate und --suite=digits` + `score` on the final
+    checkpoint give exactly the understanding accuracy in eval.json; `gen` writes GenEval's layout for the digit
+    prompts, which the example's judge reads."""
+    from absl import flags
+    from sklearn.datasets import load_digits
+
+    from launch import evaluate
+
+    def run_cli(*args):
+        flags.FLAGS.unparse_flags()
+        try:
+            return evaluate.main(flags.FLAGS(["evaluate", *args]))
+        finally:
+            flags.FLAGS.unparse_flags()
+
+    config, workdir, stdout = run
+    checkpoint, sets = workdir / "stage3" / "checkpoints", workdir / "data" / "eval"
+    assert "launch.evaluate und --suite=digits" in stdout
+    assert run_cli("und", "--suite=digits", f"--checkpoint={checkpoint}", f"--data={sets / 'digits_und.tsv'}",
+                   f"--out={tmp_path / 'und'}") == 0
+    assert run_cli("score", "--suite=digits", f"--data={sets / 'digits_und.tsv'}",
+                   f"--predictions={tmp_path / 'und' / 'predictions.jsonl'}") == 0
+    scores = json.loads((tmp_path / "und" / "predictions.scores.json").read_text())
+    own = json.loads((workdir / "eval.json").read_text())["stage3"]
+    assert scores["questions"] == own["understanding_examples"] == 8
+    assert scores["score"] == pytest.approx(100 * own["understanding_accuracy"], abs=1e-9)
+    predictions = [json.loads(line)["prediction"]
+                   for line in (tmp_path / "und" / "predictions.jsonl").read_text().splitlines()]
+    assert predictions[:10] == own["sample_answers"]
+
+    assert run_cli("gen", "--suite=geneval", f"--checkpoint={checkpoint}", f"--data={sets / 'digits_gen.jsonl'}",
+                   f"--out={tmp_path / 'gen'}", "--images_per_prompt=2", "--steps=2", "--batch_size=20") == 0
+    images = tmp_path / "gen" / "images"
+    assert sorted(p.name for p in images.iterdir()) == [f"{k:05d}" for k in range(10)]
+    split, data = json.loads((workdir / "data" / "split.json").read_text()), load_digits()
+    size = config.model.und_encoder.image_size
+    judge = digits.fit_judge(np.stack([digits.render(data.images[i], size) for i in split["train"]]),
+                             data.target[split["train"]])
+    assert 0.0 <= digits.judge_generated(images, judge) <= 1.0
+    capsys.readouterr()

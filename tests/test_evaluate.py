@@ -158,6 +158,11 @@ def test_und_answers_resumes_and_splits_over_hosts(checkpoint, pope_tsv, tmp_pat
     assert scores["phase_a"]["protocol"]["suite"] == "pope"
     direct = score.score_files("pope", pope_tsv, one / "predictions.jsonl")
     assert scores["score"] == direct["score"] and scores["pooled"] == direct["pooled"]
+    capsys.readouterr()
+    assert run_cli("table", f"--scores={two / 'predictions.scores.json'}") == 0
+    table = capsys.readouterr().out
+    assert "| JanusFlow-1.3B (paper) | 88.0 |" in table  # POPE's column of Table 5
+    assert "- pope (" in table and "answers suite: pope; user_turn: images, then" in table
 
     # Other settings into the same directory are refused, in one line.
     assert run_cli(*common[:-1], "--max_new_tokens=5", f"--out={one}") == 1

@@ -363,6 +363,8 @@ def run(config, workdir, progress: bool = True) -> dict:
     split = write_dataset(data_root, model_cfg.und_encoder.image_size, config.digits)
     tokenizer = write_tokenizer(data_root / "tokenizer", model_cfg)
     eval_sets = write_eval_sets(data_root, split, model_cfg.und_encoder.image_size, config.digits)
+    if "eval" in config and not config.eval.und_data:  # the in-training understanding evaluator's set
+        config.eval.und_data = str(eval_sets["und"])
     summary = prepare.run(prepare_config(config, data_root, tokenizer), progress=progress)
     print(f"data: {len(split['train'])} training / {len(split['test'])} held-out digits; "
           f"{prepare.summary_line(summary)}")
