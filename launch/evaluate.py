@@ -89,7 +89,8 @@ _DTYPE = flags.DEFINE_enum("dtype", None, ["float32", "bfloat16"], "gen/und: com
                            "checkpoint's).", allow_override=True)
 _VAE = flags.DEFINE_string("vae", None, "gen: diffusers AutoencoderKL directory (default: CHECKPOINT/vae or the "
                            "checkpoint's latent.json).", allow_override=True)
-_CFG = flags.DEFINE_float("cfg", 2.0, "gen: classifier-free guidance weight w >= 1.", allow_override=True)
+# Default None as launch.generate's (one process may import both; the later definition sets the shared default).
+_CFG = flags.DEFINE_float("cfg", None, "gen: classifier-free guidance weight w >= 1 (default 2).", allow_override=True)
 _STEPS = flags.DEFINE_integer("steps", 30, "gen: Euler steps of the rectified-flow ODE.", allow_override=True)
 _IMAGES_PER_PROMPT = flags.DEFINE_integer("images_per_prompt", None, "gen: images per prompt (default 4; mjhq 1).")
 _BATCH_SIZE = flags.DEFINE_integer("batch_size", 8, "gen: images per batch; und: questions per batch.",
@@ -238,7 +239,8 @@ def gen_command() -> int:
     try:
         loaded = inference.load(checkpoint, dtype=_DTYPE.value, with_vae=True, vae=vae)
         summary = generation.run(loaded.model, loaded.params, loaded.processor, loaded.vae, loaded.vae_params,
-                                 _SUITE.value, data, out, cfg=_CFG.value, steps=_STEPS.value, seed=_SEED.value,
+                                 _SUITE.value, data, out, cfg=2.0 if _CFG.value is None else _CFG.value,
+                                 steps=_STEPS.value, seed=_SEED.value,
                                  images_per_prompt=_IMAGES_PER_PROMPT.value, batch_size=_BATCH_SIZE.value,
                                  limit=_LIMIT.value, process_index=index, process_count=count, checkpoint=checkpoint,
                                  vae=vae or "")
