@@ -13,7 +13,6 @@ import jax
 import ml_dtypes
 import numpy as np
 import pytest
-from absl import flags
 from flax import traverse_util
 from jax.sharding import NamedSharding
 from safetensors.numpy import load_file, save_file
@@ -23,16 +22,13 @@ from janusflow_jax.convert import janusflow as convert
 from janusflow_jax.sharding import make_mesh, param_shardings
 from launch import convert as cli
 
+import cli_helpers  # noqa: E402
+
 REPO = Path(__file__).resolve().parents[1]
 
 
 def run_cli(*args) -> int:
-    flags.FLAGS.unparse_flags()  # back to defaults: flags given in an earlier call must not leak into this one
-    try:
-        flags.FLAGS(["convert", *args])
-        return cli.main(["convert"])
-    finally:
-        flags.FLAGS.unparse_flags()
+    return cli_helpers.run_cli(cli, *args)
 
 
 def assert_same_official(dir_a: Path, dir_b: Path):

@@ -16,7 +16,6 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
-from absl import flags
 from PIL import Image
 
 from janusflow_jax.convert import janusflow as convert
@@ -28,25 +27,10 @@ from janusflow_jax.data.processor import Processor, make_tokenizer
 from launch import chat as chat_cli
 from launch import convert as convert_cli
 from launch import generate as generate_cli
+from cli_helpers import one_error_line, run_cli  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 WORDS = "a the red blue cat dog on mat what is this photo color sky".split()
-
-
-def run_cli(cli, *args) -> int:
-    flags.FLAGS.unparse_flags()  # back to defaults: flags of an earlier call must not leak into this one
-    try:
-        flags.FLAGS([cli.__name__, *args])
-        return cli.main([cli.__name__])
-    finally:
-        flags.FLAGS.unparse_flags()
-
-
-def one_error_line(err: str) -> str:
-    assert "Traceback" not in err, err
-    errors = [line for line in err.splitlines() if line.startswith("error: ")]
-    assert len(errors) == 1, err
-    return errors[0]
 
 
 @pytest.fixture(scope="module")

@@ -23,7 +23,6 @@ import pytest
 torch = pytest.importorskip("torch")
 timm = pytest.importorskip("timm")
 
-from absl import flags  # noqa: E402
 from flax import traverse_util  # noqa: E402
 from PIL import Image  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
@@ -37,6 +36,7 @@ from janusflow_jax.reference import omnimamba_torch, vq_torch  # noqa: E402
 from launch import chat as chat_cli  # noqa: E402
 from launch import convert as convert_cli  # noqa: E402
 from launch import generate as generate_cli  # noqa: E402
+from cli_helpers import one_error_line, run_cli  # noqa: E402
 
 WORDS = "a the red blue cat dog on mat what is this photo color sky".split()
 LM = omnimamba.tiny_config()  # 9 image features, 4 x 4 codes from a 48-code book
@@ -50,22 +50,6 @@ TOWER = dinosiglip.DinoSigLIPConfig(dino=DINO, siglip=SIGLIP)
 SYSTEM = omnimamba.OmniMambaSystemConfig(lm=LM, vision=TOWER, vq=VQ,
                                          projector=dinosiglip.ProjectorConfig(TOWER.width, LM.d_model))
 GENERATE = ("--prompt=a red cat", "--num_images=2", "--batch_size=2")
-
-
-def run_cli(cli, *args) -> int:
-    flags.FLAGS.unparse_flags()  # back to defaults: flags of an earlier call must not leak into this one
-    try:
-        flags.FLAGS([cli.__name__, *args])
-        return cli.main([cli.__name__])
-    finally:
-        flags.FLAGS.unparse_flags()
-
-
-def one_error_line(err: str) -> str:
-    assert "Traceback" not in err, err
-    errors = [line for line in err.splitlines() if line.startswith("error: ")]
-    assert len(errors) == 1, err
-    return errors[0]
 
 
 def randomize_(model: torch.nn.Module, seed: int) -> torch.nn.Module:
