@@ -25,6 +25,18 @@ def build_dataclass(cls, values: Mapping[str, Any] | None):
 ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "cudnn", "splash")
 
 
+class Dtypes:
+    """`compute_dtype` / `storage_dtype` of a config whose `dtype` and `param_dtype` fields name them."""
+
+    @property
+    def compute_dtype(self):
+        return jnp.dtype(self.dtype)
+
+    @property
+    def storage_dtype(self):
+        return jnp.dtype(self.param_dtype)
+
+
 @dataclasses.dataclass(frozen=True)
 class LlamaConfig:
     """The Llama-architecture LLM (DeepSeek-LLM 1.3B defaults; docs/reference.md §2)."""
@@ -108,7 +120,7 @@ class RepaConfig:
 
 
 @dataclasses.dataclass(frozen=True)
-class JanusFlowConfig:
+class JanusFlowConfig(Dtypes):
     llm: LlamaConfig = LlamaConfig()
     und_encoder: SigLIPConfig = SigLIPConfig()
     gen_encoder: GenEncoderConfig = GenEncoderConfig()
@@ -155,13 +167,6 @@ class JanusFlowConfig:
         """Latent tokens in the LLM sequence: (48 / 2)^2 = 576."""
         return (self.latent_size // self.gen_encoder.stride) ** 2
 
-    @property
-    def compute_dtype(self):
-        return jnp.dtype(self.dtype)
-
-    @property
-    def storage_dtype(self):
-        return jnp.dtype(self.param_dtype)
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> "JanusFlowConfig":

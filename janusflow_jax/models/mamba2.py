@@ -45,12 +45,13 @@ import jax.numpy as jnp
 from flax import traverse_util
 
 from janusflow_jax.models import layers
+from janusflow_jax.models.config import Dtypes
 
 Cache = dict[str, jax.Array]  # see `init_cache`
 
 
 @dataclasses.dataclass(frozen=True)
-class Mamba2Config:
+class Mamba2Config(Dtypes):
     """A Mamba-2 LM; defaults are mamba2-1.3b as OmniMamba uses it (docs/reference.md §9.1)."""
 
     d_model: int = 2048
@@ -108,13 +109,6 @@ class Mamba2Config:
     def lora_scale(self) -> float:
         return self.lora_alpha / self.lora_rank
 
-    @property
-    def compute_dtype(self):
-        return jnp.dtype(self.dtype)
-
-    @property
-    def storage_dtype(self):
-        return jnp.dtype(self.param_dtype)
 
     def replace(self, **changes) -> "Mamba2Config":
         return dataclasses.replace(self, **changes)

@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 
 from janusflow_jax.convert.tensors import flatten
-from janusflow_jax.models.config import build_dataclass
+from janusflow_jax.models.config import Dtypes, build_dataclass
 from janusflow_jax.models.layers import dot_product_attention, logical_init
 
 # diffusers `get_activation` (exact GELU, as torch.nn.GELU()).
@@ -39,7 +39,7 @@ ACTIVATIONS: dict[str, Callable] = {
 
 # ----------------------------------------------------------------------------------------------------------- config
 @dataclasses.dataclass(frozen=True)
-class VAEConfig:
+class VAEConfig(Dtypes):
     """AutoencoderKL hyper-parameters; the defaults are stabilityai/sdxl-vae's config.json (docs/reference.md §8)."""
 
     in_channels: int = 3
@@ -89,13 +89,6 @@ class VAEConfig:
         """Image side / latent side (8 for SDXL)."""
         return 2 ** (len(self.block_out_channels) - 1)
 
-    @property
-    def compute_dtype(self):
-        return jnp.dtype(self.dtype)
-
-    @property
-    def storage_dtype(self):
-        return jnp.dtype(self.param_dtype)
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> "VAEConfig":
