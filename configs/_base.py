@@ -3,7 +3,8 @@
 Fields (all overridable from the command line, e.g. `--config.optimizer.lr=3e-5`; an unknown field is an error):
   stage                 1, 2 or 3 (informational; the freeze rules below decide what trains)
   model                 the JanusFlowConfig fields (configs/janusflow_1_3b.py or configs/tiny.py)
-  mesh                  data / fsdp / tensor sizes (-1 = all remaining devices)
+  mesh                  data / fsdp / tensor sizes (-1 = all remaining devices) within a slice, and dcn_data: slices
+                        of a multi-slice pod that the data axis also spans over the data-center network (1: one slice)
   init                  kind: "random" | "checkpoint" (our orbax root: a converted release or a previous stage;
                         `weights` ema|params) | "official" (an official PyTorch directory) | "parts" (stage 1: HF
                         Llama dir `llm_path` + timm SigLIP `siglip_path`, the new parts random)
@@ -41,8 +42,8 @@ def base_config(arg: str | None, *, stage: int, lr: float, warmup_steps: int, st
     c.stage = stage
     c.model = janusflow_1_3b.model_config() if variant == "full" else tiny.model_config()
     # Pods: FSDP over every chip (ZeRO-3 style) fits the 1.3B model with room for 4k-token rows.
-    c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1) if variant == "full"
-                                       else dict(data=-1, fsdp=1, tensor=1))
+    c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1, dcn_data=1) if variant == "full"
+                                       else dict(data=-1, fsdp=1, tensor=1, dcn_data=1))
     c.init = ml_collections.ConfigDict(dict(kind=init_kind if variant == "full" else "random", path="", llm_path="",
                                             siglip_path="", weights="ema"))
     c.freeze = tuple(freeze)

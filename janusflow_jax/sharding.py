@@ -12,7 +12,6 @@ from typing import Iterator, Sequence
 
 import flax.linen as nn
 import jax
-import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from janusflow_jax.models.config import JanusFlowConfig
@@ -54,20 +53,41 @@ DEFAULT_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
 )
 
 
-def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, devices: Sequence[jax.Device] | None = None) -> Mesh:
-    """A (data, fsdp, tensor) mesh over `devices` (default: all); one size may be -1 (= the rest)."""
+def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, dcn_data: int = 1,
+              devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """A (data, fsdp, tensor) mesh over `devices` (default: all); one of data/fsdp/tensor may be -1 (= the rest).
+
+    Devices are placed by the topology (`mesh_utils.create_device_mesh`: on a TPU, neighbours on the interconnect
+    are neighbours in the mesh), not in enumeration order. `dcn_data` > 1 spans several slices of a multi-slice pod
+    (or, where devices carry no slice index, e.g. CPUs, several processes): data, fsdp and tensor then describe one
+    slice, and the data axis also runs across the `dcn_data` slices over the data-center network
+    (`mesh_utils.create_hybrid_device_mesh`), so only the gradient all-reduce crosses it. The mesh's data axis is
+    `dcn_data * data`.
+    """
+    from jax.experimental import mesh_utils
+
     devices = list(jax.devices() if devices is None else devices)
+    if dcn_data < 1 or len(devices) % dcn_data:
+        raise ValueError(f"dcn_data {dcn_data} does not divide the {len(devices)} devices into slices")
+    per_slice = len(devices) // dcn_data
     shape = [data, fsdp, tensor]
     if shape.count(-1) > 1:
         raise ValueError("at most one mesh axis may be -1")
     known = math.prod(s for s in shape if s != -1)
     if -1 in shape:
-        if len(devices) % known:
-            raise ValueError(f"{len(devices)} devices cannot be split into mesh {shape}")
-        shape[shape.index(-1)] = len(devices) // known
-    if math.prod(shape) != len(devices):
-        raise ValueError(f"mesh {dict(zip(MESH_AXES, shape))} needs {math.prod(shape)} devices, have {len(devices)}")
-    return Mesh(np.asarray(devices).reshape(shape), MESH_AXES)
+        if per_slice % known:
+            raise ValueError(f"{per_slice} devices per slice cannot be split into mesh {shape}")
+        shape[shape.index(-1)] = per_slice // known
+    if math.prod(shape) != per_slice:
+        raise ValueError(f"mesh {dict(zip(MESH_AXES, shape))} needs {math.prod(shape)} devices per slice, have "
+                         f"{per_slice}" + (f" ({len(devices)} in {dcn_data} slices)" if dcn_data > 1 else ""))
+    if dcn_data == 1:
+        grid = mesh_utils.create_device_mesh(shape, devices, allow_split_physical_axes=True)
+    else:
+        by_process = not hasattr(devices[0], "slice_index")  # CPUs and GPUs: a process stands for a slice
+        grid = mesh_utils.create_hybrid_device_mesh(shape, [dcn_data, 1, 1], devices, process_is_granule=by_process,
+                                                    allow_split_physical_axes=True)
+    return Mesh(grid, MESH_AXES)
 
 
 def _fit(spec: PartitionSpec, shape: tuple, mesh: Mesh) -> PartitionSpec:

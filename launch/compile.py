@@ -6,6 +6,7 @@ could it be?
       --config.model.remat_policy=full --config.micro_batches=2
   python -m launch.compile --config=stage2 --config.batch_size=40 --topology=h100   # also h200, a100, h100:8, h100:4x8
   python -m launch.compile --config=stage2:tiny --topology=cpu:8   # a quick check against local CPU devices
+  python -m launch.compile --config=stage2 --topology=v5p-128 --num_slices=2 --config.mesh.dcn_data=2  # multi-slice
 
 TPU topologies need libtpu (`pip install "jax[tpu]"`; it warns about missing TPU environment variables, harmlessly),
 GPU targets JAX's CUDA plugin (`pip install "jax[cuda13]"` at the installed jax version; no GPU or driver).
@@ -30,6 +31,8 @@ from launch import config_cli
 _TOPOLOGY = flags.DEFINE_string("topology", None, "v5p-128, v5e-256, v6e-256, v4-128, an explicit 'v5p:4x4x12', "
                                                   "h100, h200, a100 (optionally :GPUS or :HOSTSxGPUS), or cpu:N for "
                                                   "N local CPU devices.")
+_NUM_SLICES = flags.DEFINE_integer("num_slices", 1, "TPU topologies: slices joined over the data-center network "
+                                                   "(with --config.mesh.dcn_data set to the same number).")
 _PHASE = flags.DEFINE_integer("phase", None, "Mixture phase whose batch shapes to compile (default: the longest).")
 _JSON = flags.DEFINE_string("json", None, "Also write the report as JSON to this path.")
 
@@ -47,15 +50,19 @@ def main(argv) -> int:
     from janusflow_jax.train import loop as trainer
 
     try:
-        devices = train_compile.topology_devices(_TOPOLOGY.value)
+        if config.mesh.get("dcn_data", 1) != _NUM_SLICES.value:
+            raise ValueError(f"--num_slices={_NUM_SLICES.value} needs --config.mesh.dcn_data={_NUM_SLICES.value} (the "
+                             f"data axis across the slices), got {config.mesh.get('dcn_data', 1)}")
+        devices = train_compile.topology_devices(_TOPOLOGY.value, _NUM_SLICES.value)
         report = train_compile.compile_train_step(config, devices, phase=_PHASE.value)
     except (train_compile.TopologyError, train_compile.CompileError, trainer.TrainingError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    print(train_compile.format_report(report, _TOPOLOGY.value))
+    topology = _TOPOLOGY.value + (f" x {_NUM_SLICES.value} slices" if _NUM_SLICES.value > 1 else "")
+    print(train_compile.format_report(report, topology))
     if _JSON.value:
-        with open(paths.resolve(_JSON.value), "w") as f:
-            json.dump({"topology": _TOPOLOGY.value, **report}, f, indent=1)
+        paths.user_path(_JSON.value).write_text(  # local or gs://
+            json.dumps({"topology": _TOPOLOGY.value, "num_slices": _NUM_SLICES.value, **report}, indent=1))
     return 0
 
 

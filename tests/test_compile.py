@@ -142,6 +142,25 @@ def test_tiny_stage2_compiles_for_two_h100s_without_a_gpu():
     assert "roofline per chip" in train_compile.format_report(report, "h100:2")
 
 
+@needs_libtpu
+def test_two_slices_compile_with_the_data_axis_across_them():
+    """A multi-slice pod (two v5e-4 slices over DCN): `mesh.dcn_data=2` puts slice 0's chips, then slice 1's, along
+    the data axis (`mesh_utils.create_hybrid_device_mesh`), and the step compiles for all 8 chips."""
+    from janusflow_jax import sharding
+
+    config = _tiny_stage2(data=-1, fsdp=1, tensor=1, dcn_data=2)
+    devices = train_compile.topology_devices("v5e-4", num_slices=2)
+    mesh = sharding.make_mesh(**config.mesh.to_dict(), devices=devices)
+    assert [d.slice_index for d in mesh.devices[:, 0, 0]] == [0] * 4 + [1] * 4
+    report = train_compile.compile_train_step(config, devices)
+    assert report["chips"] == 8 and report["mesh"]["data"] == 8 and report["fits"]
+
+
+def test_slices_are_a_tpu_topologys():
+    with pytest.raises(train_compile.TopologyError, match="not 'cpu:8'"):
+        train_compile.topology_devices("cpu:8", num_slices=2)
+
+
 @pytest.mark.parametrize("name", ["h100:", "h100:2x", "h300", "h100:x8"])
 def test_bad_gpu_topologies_are_errors(name):
     with pytest.raises(train_compile.TopologyError):

@@ -57,6 +57,8 @@ def test_make_mesh_errors():
     with pytest.raises(ValueError, match="needs"):
         sharding.make_mesh(data=3, fsdp=1, tensor=1)
     assert sharding.make_mesh(data=-1, fsdp=2, tensor=2).shape == {"data": 2, "fsdp": 2, "tensor": 2}
+    with pytest.raises(ValueError, match="slices"):  # one process of CPUs is one slice (tests/test_pod.py: two)
+        sharding.make_mesh(dcn_data=2)
 
 
 @pytest.mark.parametrize("scan", [False, True])

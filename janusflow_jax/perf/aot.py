@@ -147,9 +147,14 @@ def gpu_devices(topology: str) -> list:
     return list(desc.devices)
 
 
-def topology_devices(topology: str) -> list:
+def topology_devices(topology: str, num_slices: int = 1) -> list:
     """The devices of a TPU topology or an NVIDIA GPU target (abstract: they can compile, not run) or, for "cpu:N",
-    N local CPU devices."""
+    N local CPU devices. `num_slices` > 1: that many copies of a TPU topology joined over the data-center network
+    (a multi-slice pod; each device carries its `slice_index`, which `sharding.make_mesh(dcn_data=...)` uses)."""
+    if num_slices < 1 or (num_slices > 1 and (topology.startswith("cpu:")
+                                              or topology.split(":")[0] in chips.GPU_TARGETS)):
+        raise TopologyError(f"--num_slices {num_slices}: several slices are a TPU topology's (e.g. v5p-128), not "
+                            f"{topology!r}'s")
     if topology.split(":")[0] in chips.GPU_TARGETS:
         return gpu_devices(topology)
     if topology.startswith("cpu:"):
@@ -166,7 +171,7 @@ def topology_devices(topology: str) -> list:
         from jax.experimental import topologies
 
         desc = topologies.get_topology_desc(platform="tpu", topology_name=name, chip_config_name="default",
-                                            chips_per_host_bounds=CHIPS_PER_HOST, num_slices=1)
+                                            chips_per_host_bounds=CHIPS_PER_HOST, num_slices=num_slices)
     except Exception as e:  # no libtpu, or libtpu rejects the shape
         raise TopologyError(f"cannot describe TPU topology {name!r} ({type(e).__name__}: {str(e).strip()[:300]}); "
                             f"AOT compilation for TPUs needs libtpu: pip install 'jax[tpu]'") from None
