@@ -216,6 +216,33 @@ def test_hosts_see_disjoint_records(dataset):
         assert seen[0][kind] | seen[1][kind] == everything[kind], kind
 
 
+def test_streams_make_the_global_batch_independent_of_the_host_count(dataset):
+    """data.streams=2: one host reads both streams, or two hosts one each; the second's rows side by side are the
+    first's, record for record, and each of the two hosts reads only its own stream's records."""
+    sizes = {"und": 2, "gen": 4, "text": 2}  # per host of 1; the 2 hosts get half each
+
+    def batches(host, hosts):
+        per_host = {kind: n // hosts for kind, n in sizes.items()}
+        return _take(data.make_train_iterator(_config(dataset, prefetch=0, streams=2), per_host, GEOMETRY,
+                                              shard_index=host, shard_count=hosts), 4)
+
+    one, (first, second) = batches(0, 1), (batches(0, 2), batches(1, 2))
+    for whole, a, b in zip(one, first, second):
+        assert whole.keys() == a.keys() == b.keys()
+        for key in whole:
+            np.testing.assert_array_equal(whole[key], np.concatenate([a[key], b[key]]), err_msg=key)
+    seen = [{kind: set() for kind in sizes} for _ in range(2)]
+    for host, run in enumerate((first, second)):
+        for batch in run:
+            for kind, found in _identities(batch).items():
+                seen[host][kind] |= set(found)
+    assert all(not seen[0][kind] & seen[1][kind] for kind in sizes)
+    with pytest.raises(ValueError, match="data.streams 2 is not a multiple of the 3 hosts"):
+        data.make_train_iterator(_config(dataset, streams=2), SIZES, GEOMETRY, shard_index=0, shard_count=3)
+    with pytest.raises(ValueError, match=r"rows per host \{'gen': 3\} do not split over this host's 2 reading"):
+        data.make_train_iterator(_config(dataset, streams=2), SIZES, GEOMETRY, shard_index=0, shard_count=1)
+
+
 # ------------------------------------------------------------------------------------------------ checkpointing
 def _assert_same(batches_a, batches_b):
     assert len(batches_a) == len(batches_b)

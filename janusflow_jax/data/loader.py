@@ -1,9 +1,9 @@
 """The training loader: prepared ArrayRecord shards -> batches in the fixed layout of `batch.py`, with grain.
 
-One grain pipeline per data type, each
-    ArrayRecord source -> this host's records [shard_index::shard_count] -> global shuffle (a new order every epoch,
-    seeded) -> repeat forever -> decode (generation: draw the latent from the stored posterior, a fresh draw per
-    epoch) -> understanding/text: first-fit packing into rows of seq_len (at most `images_per_row` images per
+One grain pipeline per data type and reading stream (`streams`: hosts own whole streams), each
+    ArrayRecord source (local or gs://) -> the stream's records [stream::streams] -> global shuffle (a new order
+    every epoch, seeded) -> repeat forever -> decode (generation: draw the latent from the stored posterior, a fresh
+    draw per epoch) -> understanding/text: first-fit packing into rows of seq_len (at most `images_per_row` images per
     understanding row), or one example per row when `pack` is False -> fixed sub-batch,
 and the sub-batches zipped into one dict per step. Packing writes segment ids (1, 2, ... per example, 0 = padding)
 and positions restarting at 0 in every example; prepared records have no loss on their first token, so no target
@@ -24,12 +24,13 @@ indexes this exact pipeline.
 
 from __future__ import annotations
 
+import functools
 import json
-from pathlib import Path
 from typing import Mapping
 
 import ml_collections
 import numpy as np
+from etils import epath
 
 from janusflow_jax.data.batch import DATA_TYPES, BatchGeometry
 from janusflow_jax.data.records import METADATA, decode_record, normalize_pixels
@@ -49,6 +50,11 @@ def default_config() -> ml_collections.ConfigDict:
         prefetch=2,  # batches buffered ahead (per worker with workers, in a background thread without)
         read_threads=4,  # threads reading + decoding records, per process
         read_buffer=64,  # records read ahead per data type, per process
+        # Reading streams the records are dealt to (records [s::streams]), each with its own shuffle and packing; a
+        # host reads streams/hosts of them and its rows are their sub-batches side by side. The global batch is then
+        # the same on any number of hosts that divides `streams` (a 1-host run equals a 2-host run bit for bit).
+        # 0: one stream per host.
+        streams=0,
     ))
 
 
@@ -63,13 +69,13 @@ def _loader_fields(data_config) -> ml_collections.ConfigDict:
 
 def load_metadata(directory) -> dict:
     """metadata.json of a prepared dataset (with a clear error when it is not one)."""
-    path = Path(directory) / METADATA
+    path = epath.Path(directory) / METADATA
     if not path.is_file():
         raise FileNotFoundError(f"{directory} is not a prepared dataset (no {METADATA}; run launch.prepare_data)")
     return json.loads(path.read_text())
 
 
-def _check(meta: Mapping, sizes: Mapping[str, int], geometry: BatchGeometry, shard_count: int):
+def _check(meta: Mapping, sizes: Mapping[str, int], geometry: BatchGeometry, streams: int, hosts: int):
     """Refuses a dataset that does not fit the batch the model expects, naming the mismatch."""
     g = geometry
     seq_len, prompt_len, image_size, images_per_row = g.seq_len, g.prompt_len, g.image_size, g.images_per_row
@@ -77,8 +83,9 @@ def _check(meta: Mapping, sizes: Mapping[str, int], geometry: BatchGeometry, sha
     problems = []
     lengths = meta["lengths"]
     for kind in DATA_TYPES:
-        if sizes.get(kind, 0) and meta["counts"][kind] < shard_count:
-            problems.append(f"{meta['counts'][kind]} {kind} records cannot feed {shard_count} host shard(s)")
+        if sizes.get(kind, 0) and meta["counts"][kind] < streams:
+            problems.append(f"{meta['counts'][kind]} {kind} records cannot feed {streams} "
+                            + ("host shard(s)" if streams == hosts else "reading streams (data.streams)"))
     if sizes.get("und", 0):
         if meta["image"]["size"] != image_size:
             problems.append(f"images were prepared at {meta['image']['size']} px, the model wants {image_size}")
@@ -123,8 +130,10 @@ class _Images:
         return normalize_pixels(pixels, self.mean, self.std, self.rescale, self.normalize)
 
 
-def _records(grain, meta: Mapping, directory: Path, kind: str, shard_index: int, shard_count: int, shuffle_seed: int):
-    """This host's records of one type, shuffled anew every epoch, repeated forever (a grain MapDataset of bytes)."""
+def _records(grain, meta: Mapping, directory: epath.Path, kind: str, shard_index: int, shard_count: int,
+             shuffle_seed: int):
+    """One stream's records of one type, shuffled anew every epoch, repeated forever (a grain MapDataset of bytes).
+    ArrayRecord reads gs:// natively (array_record >= 0.8)."""
     paths = [str(directory / f) for f in meta["shards"][kind]]
     source = grain.sources.ArrayRecordDataSource(paths)
     return grain.MapDataset.source(source)[shard_index::shard_count].shuffle(seed=shuffle_seed).repeat()
@@ -229,6 +238,15 @@ def _merge(parts: tuple) -> dict:
     return out
 
 
+def _merge_streams(parts_per_stream: int, parts: tuple) -> dict:
+    """The zipped sub-batches of several streams (each `parts_per_stream` data types) -> one host batch, the streams'
+    rows side by side in stream order."""
+    streams = [_merge(parts[i:i + parts_per_stream]) for i in range(0, len(parts), parts_per_stream)]
+    if len(streams) == 1:
+        return streams[0]
+    return {key: np.concatenate([s[key] for s in streams]) for key in streams[0]}
+
+
 def make_train_iterator(data_config, sizes: Mapping[str, int], geometry: BatchGeometry, *, seed: int = 0,
                         shard_index: int | None = None, shard_count: int | None = None):
     """An endless iterator of numpy batches in the `batch.py` layout, for THIS host's rows.
@@ -236,8 +254,11 @@ def make_train_iterator(data_config, sizes: Mapping[str, int], geometry: BatchGe
     sizes: rows per data type on this host ({"und": .., "gen": .., "text": ..}; a type with 0 rows is absent from the
     batches and its records are never read). geometry: the batch's shapes (`BatchGeometry.from_config`), checked
     against the prepared dataset's metadata.json.
-    seed: the run's seed, folded with data_config.seed. shard_index / shard_count: this host's share of the records
-    (default jax.process_index() / jax.process_count()); hosts see disjoint records.
+    seed: the run's seed, folded with data_config.seed. shard_index / shard_count: this host and the number of hosts
+    (default jax.process_index() / jax.process_count()). The records are dealt to `data_config.streams` reading
+    streams (default: one per host); this host reads only its streams [shard_index * k, (shard_index + 1) * k),
+    k = streams / shard_count, so hosts see disjoint records, and its rows of each type are the k streams' equal
+    shares side by side.
 
     Returns a grain DatasetIterator: `next(it)` -> dict, `it.get_state()` / `it.set_state(state)`, and orbax
     checkpointing through grain.checkpoint.CheckpointSave / CheckpointRestore (module docstring). Deterministic for a
@@ -262,24 +283,32 @@ def make_train_iterator(data_config, sizes: Mapping[str, int], geometry: BatchGe
         raise ValueError(f"images_per_row must be >= 1, got {geometry.images_per_row}")
     if not data_config.dir:
         raise ValueError("no prepared dataset: set config.data.dir (written by launch.prepare_data)")
-    directory = Path(data_config.dir)
+    streams = data_config.streams or shard_count
+    if streams % shard_count:
+        raise ValueError(f"data.streams {streams} is not a multiple of the {shard_count} hosts")
+    per_host = streams // shard_count
+    uneven = {kind: n for kind, n in sizes.items() if n % per_host}
+    if uneven:
+        raise ValueError(f"rows per host {uneven} do not split over this host's {per_host} reading streams "
+                         f"(data.streams {streams} / {shard_count} hosts)")
+    directory = epath.Path(data_config.dir)
     meta = load_metadata(directory)
-    _check(meta, sizes, geometry, shard_count)
+    _check(meta, sizes, geometry, streams, shard_count)
 
-    common = dict(shard_index=shard_index, shard_count=shard_count, seed=seed)
     parts = []
-    for kind in DATA_TYPES:  # fixed order: the zipped state lists the types in this order
-        rows = sizes.get(kind, 0)
-        if not rows:
-            continue
-        if kind == "gen":
-            parts.append(_gen_pipeline(grain, data_config, meta, directory, rows, prompt_len=geometry.prompt_len,
-                                       **common))
-        else:
-            parts.append(_sequence_pipeline(grain, data_config, meta, directory, kind, rows,
-                                            seq_len=geometry.seq_len, images_per_row=geometry.images_per_row,
-                                            **common))
-    ds = grain.experimental.ZipIterDataset(parts).map(_merge)
+    kinds = [kind for kind in DATA_TYPES if sizes.get(kind, 0)]  # fixed order: the zipped state lists them so
+    for stream in range(shard_index * per_host, (shard_index + 1) * per_host):
+        common = dict(shard_index=stream, shard_count=streams, seed=seed)
+        for kind in kinds:
+            rows = sizes[kind] // per_host
+            if kind == "gen":
+                parts.append(_gen_pipeline(grain, data_config, meta, directory, rows,
+                                           prompt_len=geometry.prompt_len, **common))
+            else:
+                parts.append(_sequence_pipeline(grain, data_config, meta, directory, kind, rows,
+                                                seq_len=geometry.seq_len, images_per_row=geometry.images_per_row,
+                                                **common))
+    ds = grain.experimental.ZipIterDataset(parts).map(functools.partial(_merge_streams, len(kinds)))
     if data_config.num_workers > 0:
         from absl import flags
 

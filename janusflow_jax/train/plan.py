@@ -104,7 +104,8 @@ def make_plan(config, devices=None) -> Plan:
     model_cfg = JanusFlowConfig.from_dict(config.model.to_dict())
     mesh = make_mesh(**config.mesh.to_dict(), devices=devices)
     dp = mesh.shape["data"] * mesh.shape["fsdp"]
-    unit = math.lcm(dp, jax.process_count()) * config.micro_batches
+    streams = config.data.get("streams", 0) if config.data.get("source") == "prepared" else 0
+    unit = math.lcm(dp, jax.process_count(), streams or 1) * config.micro_batches  # every host, stream, micro-batch
     try:
         sizes = [batch_lib.sub_batch_sizes(config.batch_size, ratio, unit) for _, ratio in config.mixture]
     except ValueError as e:
