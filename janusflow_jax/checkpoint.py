@@ -1,7 +1,8 @@
 """Our own JAX checkpoints (orbax): `<directory>/<step>/params` (array tree) + `<directory>/<step>/config` (JSON).
 
-The layout is an orbax `CheckpointManager` root, so training checkpoints (more items, more steps) share it. Orbax
-writes each step into a temporary directory and renames it on commit: a crashed save leaves no half checkpoint.
+The layout is an orbax `CheckpointManager` root (a local directory or gs://), so training checkpoints (more items,
+more steps) share it. Orbax writes each local step into a temporary directory and renames it on commit, and on gs://
+(no renames) writes a commit marker last: a crashed save leaves no step that a reader takes for complete.
 Arrays are stored in their own dtype (bf16 stays bit-exact). With a mesh, arrays are restored straight into their
 shards (each device reads only its slice); without one they come back as host numpy arrays.
 
@@ -13,11 +14,10 @@ the matching config class (`config_from_dict`); an OmniMamba checkpoint from `la
 
 from __future__ import annotations
 
-import os
-
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
 from flax import traverse_util
 
 from janusflow_jax.models.config import JanusFlowConfig
@@ -51,10 +51,10 @@ def item_handlers() -> dict:
 
 def manager(directory, *, create: bool = True, async_save: bool = False,
             max_to_keep: int | None = None) -> ocp.CheckpointManager:
-    """An orbax CheckpointManager over the root `directory` that knows every item of ITEMS."""
+    """An orbax CheckpointManager over the root `directory` (local or gs://) that knows every item of ITEMS."""
     options = ocp.CheckpointManagerOptions(create=create, enable_async_checkpointing=async_save,
                                            max_to_keep=max_to_keep)
-    return ocp.CheckpointManager(os.fspath(directory), item_handlers=item_handlers(), options=options)
+    return ocp.CheckpointManager(epath.Path(directory), item_handlers=item_handlers(), options=options)
 
 
 def config_family(raw: dict) -> str:
@@ -101,7 +101,7 @@ def load_params(directory, mesh=None, shardings=None, step: int | None = None, w
     """
     if weights not in ("ema", "params"):
         raise ValueError(f"weights must be 'ema' or 'params', got {weights!r}")
-    if not os.fspath(directory).startswith(("gs://", "s3://")) and not os.path.isdir(directory):
+    if not epath.Path(directory).is_dir():
         raise FileNotFoundError(f"no checkpoint directory {directory}")
     with manager(directory, create=False) as mngr:
         step = mngr.latest_step() if step is None else step

@@ -6,32 +6,25 @@
 
 `--config=NAME[:ARG]` with a bare NAME reads configs/NAME.py; a path works as well. Any config field can be overridden
 with --config.FIELD=VALUE (an unknown field is an error). Rerunning the same command resumes from the newest
-checkpoint in the workdir. On several hosts (a TPU pod slice) the JAX distributed runtime is initialised first.
+checkpoint in the workdir. Every path may be local or gs://. On several hosts (a TPU pod slice) run the same command
+on every host: jax.distributed starts from --coordinator_address/--num_processes/--process_id or from what jax
+detects (launch/hosts.py); README "Train on a TPU pod".
 """
 
 from __future__ import annotations
 
-import os
 import sys
-from pathlib import Path
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
 from launch import config_cli
+from launch import hosts as host_flags
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Run config: configs/<name>.py[:arg] or a bare name.",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and plots (resumes if it has them).")
-_DISTRIBUTED = flags.DEFINE_enum("distributed", "auto", ["auto", "yes", "no"],
-                                 "Initialise jax.distributed (auto: when the environment shows several hosts).")
 _PROGRESS = flags.DEFINE_bool("progress", True, "Show a progress bar.")
-
-
-def _multihost_environment() -> bool:
-    hosts = os.environ.get("TPU_WORKER_HOSTNAMES", "")
-    return ("," in hosts or "JAX_COORDINATOR_ADDRESS" in os.environ or "SLURM_NTASKS" in os.environ
-            and int(os.environ.get("SLURM_NTASKS", "1")) > 1)
 
 
 def main(argv) -> int:
@@ -43,8 +36,7 @@ def main(argv) -> int:
         logging.set_verbosity(logging.WARNING)
     import jax
 
-    if _DISTRIBUTED.value == "yes" or (_DISTRIBUTED.value == "auto" and _multihost_environment()):
-        jax.distributed.initialize()
+    host_flags.initialize()
     from janusflow_jax.train import loop as trainer
 
     from janusflow_jax import paths
@@ -67,9 +59,9 @@ def main(argv) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 1
     if jax.process_index() == 0:
-        workdir = Path(_WORKDIR.value)  # as the user typed it
-        print(f"done: final loss {metrics.get('loss', float('nan')):.4f}; checkpoints in {workdir / 'checkpoints'}, "
-              f"loss curve {workdir / 'loss_curve.png'}, TensorBoard logs in {workdir / 'tensorboard'}")
+        workdir = _WORKDIR.value.rstrip("/")  # as the user typed it (gs:// included)
+        print(f"done: final loss {metrics.get('loss', float('nan')):.4f}; checkpoints in {workdir}/checkpoints, "
+              f"loss curve {workdir}/loss_curve.png, TensorBoard logs in {workdir}/tensorboard")
     return 0
 
 

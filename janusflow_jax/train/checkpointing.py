@@ -5,9 +5,9 @@ plan's shardings."""
 from __future__ import annotations
 
 import json
-import os
 
 import orbax.checkpoint as ocp
+from etils import epath
 
 from janusflow_jax import checkpoint as checkpoint_lib
 from janusflow_jax.train import optimizer
@@ -15,8 +15,8 @@ from janusflow_jax.train.plan import Plan
 
 
 def training_manager(workdir, config) -> ocp.CheckpointManager:
-    """The run's asynchronous manager under `<workdir>/checkpoints`."""
-    return checkpoint_lib.manager(os.path.join(os.fspath(workdir), "checkpoints"), create=True, async_save=True,
+    """The run's asynchronous manager under `<workdir>/checkpoints` (local or gs://)."""
+    return checkpoint_lib.manager(epath.Path(workdir) / "checkpoints", create=True, async_save=True,
                                   max_to_keep=config.keep_checkpoints)
 
 

@@ -8,9 +8,15 @@ Checkpoints (orbax `CheckpointManager` under `<workdir>/checkpoints`, asynchrono
   counters    step and consecutive-skip count
   data        the data iterator's state (grain's checkpoint handler: one file per process)
   config      the model config (JSON); run_config: the whole run config (JSON)
-A step's directory appears only when complete (orbax commits by rename), so a run killed at any moment — SIGKILL
-included — resumes from the newest complete step and, all randomness being a function of (seed, step) and the data
-state, continues bit for bit as if it had never stopped. SIGTERM (preemption) saves the current step before exiting.
+A step counts only when complete (orbax commits a local step by rename, a gs:// step by a commit marker written
+last), so a run killed at any moment — SIGKILL included, also during an asynchronous save — resumes from the newest
+complete step and, all randomness being a function of (seed, step) and the data state, continues bit for bit as if it
+had never stopped. SIGTERM (preemption) saves a step before exiting: in a single process the step it arrived in; with
+jax.distributed (several hosts) jax catches SIGTERM on any host and the hosts agree on one step at which every host
+saves and stops (`CheckpointManager.reached_preemption`, asked at every step on every host).
+
+The workdir may be local or gs:// (`etils.epath` throughout). On several hosts, every host must run the same config
+(`hosts.check_same_config`) and see the same workdir (`hosts.check_shared_directory`); process 0 alone logs.
 
 The host runs one step ahead: it fetches, transfers and dispatches step n+1 before it reads step n's metrics, so the
 device is not idle while the host prepares a batch (on the tiny config on 2 CPU cores this took the loop from ~23 to
@@ -24,11 +30,12 @@ from __future__ import annotations
 
 import signal
 import time
-from pathlib import Path
 from typing import Callable, Iterable
 
 import jax
+from etils import epath
 
+from janusflow_jax import hosts, paths
 from janusflow_jax.eval import evaluators as eval_lib
 from janusflow_jax.perf import chips
 from janusflow_jax.perf import flops as flops_lib
@@ -52,31 +59,39 @@ def global_batch(local: dict, shardings: dict) -> dict:
 
 def train(config, workdir, callbacks: Iterable[Callback] = (), progress: bool = True, devices=None) -> dict:
     """Runs (or resumes) the configured stage in `workdir`. Returns the final host metrics."""
-    workdir = Path(workdir)
+    workdir = paths.user_path(workdir)
+    paths.check_access(workdir, *paths.config_paths(config))  # before anything is written (or a bucket made)
+    hosts.check_same_config(config.to_json_best_effort())
+    hosts.check_shared_directory(workdir, "workdir")
     workdir.mkdir(parents=True, exist_ok=True)
     plan = make_plan(config, devices)
     mngr = checkpointing.training_manager(workdir, config)
     preempted = {"flag": False}
-    previous_handler = signal.signal(signal.SIGTERM, lambda *_: preempted.__setitem__("flag", True))
+    # With jax.distributed, jax's preemption sync manager owns SIGTERM (a Python handler would replace its own).
+    previous_handler = None if hosts.runtime_initialized() else signal.signal(
+        signal.SIGTERM, lambda *_: preempted.__setitem__("flag", True))
     try:
         latest = mngr.latest_step()
         phase = phase_at(config.mixture, latest or 0)
         source = plan.source(phase)
         if latest is not None:
             state = checkpointing.restore_state(mngr, plan, latest, source)
-            print(f"resuming from step {latest} in {mngr.directory}")
+            if jax.process_index() == 0:
+                print(f"resuming from step {latest} in {mngr.directory}", flush=True)
         else:
             state = plan.init_state(initial_params(plan))
         with mesh_context(plan.mesh):  # the model's activation constraints need the mesh and the axis rules
             return _loop(plan, mngr, state, source, phase, int(jax.device_get(state["step"])), workdir,
                          list(callbacks), progress, preempted)
     finally:
-        signal.signal(signal.SIGTERM, previous_handler)
+        if previous_handler is not None:
+            signal.signal(signal.SIGTERM, previous_handler)
         mngr.wait_until_finished()
         mngr.close()
 
 
-def _loop(plan: Plan, mngr, state, source, phase: int, start: int, workdir: Path, callbacks, progress, preempted):
+def _loop(plan: Plan, mngr, state, source, phase: int, start: int, workdir: epath.Path, callbacks, progress,
+          preempted):
     config = plan.config
     step_fns = {}
 
@@ -87,7 +102,7 @@ def _loop(plan: Plan, mngr, state, source, phase: int, start: int, workdir: Path
 
     counts = flops_lib.step_counts(plan, phase)
     reporter = Reporter(workdir, counts["flops"], chips.peak_flops_per_device(), counts["tokens"],
-                        config.batch_size, progress)
+                        config.batch_size, progress, start=start)
     reporter.start_bar(start, config.steps)
     evaluators = eval_lib.from_config(plan, workdir, reporter.writer)  # None unless config.eval_every > 0
     metrics_host, last_time = {}, time.perf_counter()
@@ -122,8 +137,9 @@ def _loop(plan: Plan, mngr, state, source, phase: int, start: int, workdir: Path
                 pending = None
             done = step + 1
             boundary = phase_at(config.mixture, done) != phase
-            saving = (done % config.checkpoint_every == 0 or done == config.steps or preempted["flag"]
-                      or mngr.reached_preemption(done))
+            # Every step, on every host: jax's preemption sync protocol counts these calls to agree on a step.
+            synced = mngr.reached_preemption(done)
+            saving = done % config.checkpoint_every == 0 or done == config.steps or synced or preempted["flag"]
             evaluating = evaluators is not None and evaluators.due(done)
             if not (callbacks or boundary or saving or evaluating):
                 # Nothing needs this step's state before the next step is dispatched: keep the device fed and
@@ -143,11 +159,15 @@ def _loop(plan: Plan, mngr, state, source, phase: int, start: int, workdir: Path
                 source = plan.source(phase)
                 counts = flops_lib.step_counts(plan, phase)
                 reporter.flops_per_step, reporter.tokens = counts["flops"], counts["tokens"]
-            if saving or preempted["flag"]:  # a callback may have raised the flag (SIGTERM)
+            stop = synced or preempted["flag"]  # a callback may have raised the flag (SIGTERM)
+            if saving or stop:
                 checkpointing.save_state(mngr, plan, state, source, done)
-            if preempted["flag"]:
+                reporter.flush()  # metrics.jsonl on an object store: as new as the newest checkpoint
+            if stop:
                 mngr.wait_until_finished()
-                print(f"preempted: saved step {done} in {mngr.directory}; rerun the same command to resume")
+                if jax.process_index() == 0:
+                    print(f"preempted: saved step {done} in {mngr.directory}; rerun the same command "
+                          f"{'on every host ' if jax.process_count() > 1 else ''}to resume", flush=True)
                 break
     finally:
         reporter.close()

@@ -1,30 +1,89 @@
 """What a run reports: progress lines, TensorBoard scalars and metrics.jsonl (process 0 only), and the loss-curve PNG
-at the end. MFU is counted as in `perf/flops.py`."""
+at the end. MFU is counted as in `perf/flops.py`.
+
+The workdir may be local or gs://. An object store has no appends, so there metrics.jsonl is held in memory and
+rewritten whole (at most every `UPLOAD_SECONDS`, at every checkpoint and at the end: after a crash it is at least
+as new as the newest checkpoint); tensorboardX writes gs:// itself (google-cloud-storage) and the PNG is uploaded as
+bytes. A resumed run first drops the rows after the step it resumes from (a killed run logs steps it then loses),
+so the file holds each step once.
+"""
 
 from __future__ import annotations
 
+import io
 import json
 import math
-from pathlib import Path
+import time
 
 import jax
+from etils import epath
+
+from janusflow_jax import paths
+
+UPLOAD_SECONDS = 60.0
+
+
+class JsonLines:
+    """metrics.jsonl: appended and flushed row by row on a local disk; on an object store kept in memory and
+    rewritten whole by `flush` (at most every `UPLOAD_SECONDS` from `write`). Rows with a step after `start` are
+    dropped on opening."""
+
+    def __init__(self, path: epath.Path, start: int):
+        self.path, self.remote = path, paths.is_remote(path)
+        self.rows: list[dict] = []
+        if path.exists():
+            self.rows = [row for row in map(json.loads, filter(str.strip, path.read_text().splitlines()))
+                         if row.get("step", 0) <= start]
+        self._text = "".join(json.dumps(row) + "\n" for row in self.rows)
+        self._dirty, self._uploaded = False, time.monotonic()
+        if self.remote:
+            self._file = None
+            self._dirty = True
+            self.flush()
+        else:
+            path.write_text(self._text)  # the kept rows, then appends
+            self._file = path.open("a")
+
+    def write(self, row: dict):
+        self.rows.append(row)
+        line = json.dumps(row) + "\n"
+        if self._file is not None:
+            self._file.write(line)
+            self._file.flush()
+            return
+        self._text += line
+        self._dirty = True
+        if time.monotonic() - self._uploaded >= UPLOAD_SECONDS:
+            self.flush()
+
+    def flush(self):
+        if self._file is not None:
+            self._file.flush()
+        elif self._dirty:
+            self.path.write_text(self._text)
+            self._dirty, self._uploaded = False, time.monotonic()
+
+    def close(self):
+        self.flush()
+        if self._file is not None:
+            self._file.close()
 
 
 class Reporter:
     """Progress lines, TensorBoard scalars and metrics.jsonl (process 0 only); the loss-curve PNG at the end."""
 
-    def __init__(self, workdir: Path, flops_per_step: float, peak_flops: float, tokens_per_step: int,
-                 examples_per_step: int, progress: bool):
+    def __init__(self, workdir, flops_per_step: float, peak_flops: float, tokens_per_step: int,
+                 examples_per_step: int, progress: bool, start: int = 0):
         self.active = jax.process_index() == 0
-        self.workdir = workdir
+        self.workdir = workdir = epath.Path(workdir)
         self.flops_per_step, self.peak = flops_per_step, peak_flops
         self.tokens, self.examples = tokens_per_step, examples_per_step
         self.writer = self.bar = None
         if self.active:
             from tensorboardX import SummaryWriter
 
-            self.writer = SummaryWriter(str(workdir / "tensorboard"))
-            self.jsonl = open(workdir / "metrics.jsonl", "a")
+            self.writer = SummaryWriter(str(workdir / "tensorboard"))  # a gs:// URL as itself
+            self.jsonl = JsonLines(workdir / "metrics.jsonl", start)
         self.progress = progress and self.active
 
     def start_bar(self, start: int, total: int):
@@ -46,8 +105,7 @@ class Reporter:
         row = dict(step=step, **{k: float(v) for k, v in metrics.items()}, step_time=step_time,
                    examples_per_s=self.examples / step_time, tokens_per_s=self.tokens / step_time,
                    tflops_per_device=tflops, mfu=tflops * 1e12 / self.peak if self.peak else float("nan"))
-        self.jsonl.write(json.dumps(row) + "\n")
-        self.jsonl.flush()
+        self.jsonl.write(row)
         for k, v in row.items():
             if k != "step" and math.isfinite(v):  # MFU is NaN where the device's peak is unknown (CPU)
                 self.writer.add_scalar(f"train/{k}", v, step)
@@ -60,6 +118,12 @@ class Reporter:
             line += "  [non-finite: update skipped]"
         (self.bar.write if self.bar is not None else print)(line)
 
+    def flush(self):
+        """Brings metrics.jsonl and the TensorBoard events up to date (an object store otherwise sees them late)."""
+        if self.active:
+            self.jsonl.flush()
+            self.writer.flush()
+
     def close(self):
         if not self.active:
             return
@@ -67,16 +131,16 @@ class Reporter:
             self.bar.close()
         self.writer.close()
         self.jsonl.close()
-        plot_losses(self.workdir / "metrics.jsonl", self.workdir / "loss_curve.png")
+        plot_losses(self.jsonl.rows, self.workdir / "loss_curve.png")
 
 
-def plot_losses(jsonl: Path, out: Path):
+def plot_losses(rows: list[dict], out):
+    """The loss curves (total, ar, rf, repa) of metrics rows as a PNG at `out` (local or gs://)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [json.loads(line) for line in jsonl.read_text().splitlines() if line.strip()]
     if not rows:
         return
     fig, axes = plt.subplots(1, 4, figsize=(16, 3.5))
@@ -85,5 +149,7 @@ def plot_losses(jsonl: Path, out: Path):
         ax.set_title(key)
         ax.set_xlabel("step")
     fig.tight_layout()
-    fig.savefig(out, dpi=100)
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=100)
     plt.close(fig)
+    epath.Path(out).write_bytes(png.getvalue())

@@ -10,10 +10,12 @@ already saved is not touched again, so rerunning a recipe skips finished stages.
 from __future__ import annotations
 
 import re
-from pathlib import Path
 from typing import Callable
 
 import ml_collections
+from etils import epath
+
+from janusflow_jax import paths
 
 STAGE_FIELDS = ("steps", "lr", "warmup_steps", "ema_decay", "mixture", "freeze")
 _RECIPE_ONLY = ("recipe", "digits")  # top-level fields a single stage's run config does not carry
@@ -51,27 +53,37 @@ def stage_config(config, name: str, init_path: str | None, data_dir: str | None 
     return c
 
 
-def finished(stage_dir: Path, steps: int) -> bool:
-    """Whether the stage's final step is saved (orbax renames a step's folder into place only when complete)."""
-    return (stage_dir / "checkpoints" / str(steps)).is_dir()
+def finished(stage_dir, steps: int) -> bool:
+    """Whether the stage's final step is saved and complete (as orbax counts it: on gs:// a step's folder exists
+    while it is written, so the folder alone does not say)."""
+    from janusflow_jax import checkpoint as checkpoint_lib
+
+    root = epath.Path(stage_dir) / "checkpoints"
+    if not root.is_dir():
+        return False
+    with checkpoint_lib.manager(root, create=False) as mngr:
+        return steps in mngr.all_steps()
 
 
 def run_stages(config, workdir, *, data_dir: str | None = None, progress: bool = True,
-               after_stage: Callable[[str, Path], None] | None = None) -> list[Path]:
+               after_stage: Callable[[str, epath.Path], None] | None = None) -> list[epath.Path]:
     """Trains every stage of the recipe in order (skipping finished ones); calls after_stage(name, stage_dir) after
-    each. Returns the stage directories."""
+    each. Returns the stage directories (local or gs://, as `workdir`)."""
+    import jax
+
     from janusflow_jax.train import loop as trainer
 
-    workdir = Path(workdir)
+    say = print if jax.process_index() == 0 else (lambda *_: None)
+    workdir = paths.user_path(workdir)
     dirs, previous = [], None
     for name in stage_names(config):
         stage_dir = workdir / name
         c = stage_config(config, name, None if previous is None else str(previous / "checkpoints"), data_dir)
         if finished(stage_dir, c.steps):
-            print(f"{name}: finished earlier ({stage_dir / 'checkpoints' / str(c.steps)})")
+            say(f"{name}: finished earlier ({stage_dir / 'checkpoints' / str(c.steps)})")
         else:
-            print(f"{name}: {c.steps} steps, lr {c.optimizer.lr:g}, mixture {c.mixture}, init "
-                  f"{c.init.kind}{' ' + c.init.path if c.init.kind == 'checkpoint' else ''}")
+            say(f"{name}: {c.steps} steps, lr {c.optimizer.lr:g}, mixture {c.mixture}, init "
+                f"{c.init.kind}{' ' + c.init.path if c.init.kind == 'checkpoint' else ''}")
             trainer.train(c, stage_dir, progress=progress)
         if after_stage is not None:
             after_stage(name, stage_dir)
