@@ -4,8 +4,10 @@
       --config.prepare.tokenizer=/data/tokenizer --config.prepare.gen_jsonl=/data/captions.jsonl \
       [--config.prepare.und_jsonl=...] [--config.prepare.text_jsonl=...] [--config.prepare.tfds.name=...]
 
-Run it again with the same config to resume: completed shards are kept. On several hosts, start the same command on
-every host with --distributed (the output directory must be shared). Prints one summary line; a bad config or input
+Run it again with the same config to resume: completed shards are kept. Inputs and --config.prepare.out may be on
+gs://. On several hosts, start the same command on every host (jax.distributed from --coordinator_address,
+--num_processes, --process_id or what jax detects; launch/hosts.py): they split the shards, and the output directory
+must be one they all see (gs://, or a shared file system; checked). Prints one summary line; a bad config or input
 path prints one error line and exits 1.
 """
 
@@ -17,9 +19,10 @@ from pathlib import Path
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from launch import hosts as host_flags
+
 _DEFAULT = f"{Path(__file__).resolve().parents[1] / 'configs' / 'prepare_data.py'}:tiny"
 _CONFIG = config_flags.DEFINE_config_file("config", _DEFAULT, "Preparation config file[:variant] (tiny or 1.3b).")
-_DISTRIBUTED = flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() first (multi-host runs).")
 _PROGRESS = flags.DEFINE_bool("progress", True, "Show a progress bar with ETA on stderr.")
 
 
@@ -28,10 +31,9 @@ def main(argv) -> int:
         raise app.UsageError(f"unexpected arguments {argv[1:]}")
     if not flags.FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)
-    if _DISTRIBUTED.value:
-        import jax
+    host_flags.initialize()
+    import jax
 
-        jax.distributed.initialize()
     from janusflow_jax import paths
     from janusflow_jax.data import prepare
 
@@ -40,7 +42,8 @@ def main(argv) -> int:
     except (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    print(prepare.summary_line(summary))
+    if jax.process_index() == 0:
+        print(prepare.summary_line(summary))
     return 0
 
 

@@ -32,15 +32,17 @@ and the mean alone drops it. Moments cost twice a latent, but the uint8 crop dom
 
 Output: <out>/{gen,und,text}/<kind>-<i>-of-<n>.array_record, each followed by <kind>-<i>-of-<n>.json (the shard's
 done-marker: record and skip counts), and <out>/metadata.json (counts, skips by reason, templates, tokenizer, latent
-space, image statistics, lengths, the config). `<out>` must be one directory every host sees.
+space, image statistics, lengths, the config). `<out>` must be one directory every host sees (checked on several
+hosts): a shared file system or gs://. Inputs (manifests, images, the tokenizer) may be on gs:// too.
 
 Running: the latent encoder is jit-compiled once and runs on batches sharded over a 1-D mesh of all devices of all
 hosts; shards are dealt to hosts round-robin (jax.process_index()), and the generation shards go in rounds so that
 every host runs the same number of encoder calls (one SPMD program). Resumable: every shard is written to a temporary
-file and renamed, then its marker; a restart skips shards with a marker and, because every random choice comes from a
-per-record RNG seeded by (seed, type, record index), rewrites a lost shard byte-identically (same device count). A
-corrupt, truncated, missing or unreadable image, an empty caption or text, a malformed line or conversation and an
-over-long example are skipped and counted by reason, never fatal.
+file and renamed (on gs://, which has neither renames nor ArrayRecord's writer: written locally, then uploaded as one
+object that appears whole), then its marker; a restart skips shards with a marker and, because every random choice
+comes from a per-record RNG seeded by (seed, type, record index), rewrites a lost shard byte-identically (same
+device count). A corrupt, truncated, missing or unreadable image, an empty caption or text, a malformed line or
+conversation and an over-long example are skipped and counted by reason, never fatal.
 """
 
 from __future__ import annotations
@@ -54,12 +56,17 @@ import logging
 import math
 import os
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import numpy as np
+from etils import epath
+
+from janusflow_jax import hosts as hosts_lib
+from janusflow_jax import paths
 
 from janusflow_jax.data.records import METADATA, RECORD_FORMAT, encode_record, normalize_pixels
 
@@ -94,12 +101,12 @@ class JsonLinesSource:
 
     def __init__(self, path: str, kind: str, chunk: int, image_root: str = ""):
         self.path, self.kind, self.chunk = os.fspath(path), kind, chunk
-        if not os.path.isfile(self.path):
+        if not epath.Path(self.path).is_file():
             raise FileNotFoundError(f"{kind} manifest {self.path} does not exist")
-        self.image_root = image_root or os.path.dirname(os.path.abspath(self.path))
+        self.image_root = image_root or os.path.dirname(paths.resolve(self.path))
         self.name = self.path
         self._offsets, n, position = [], 0, 0
-        with open(self.path, "rb") as f:
+        with epath.Path(self.path).open("rb") as f:  # local or gs://
             for line in f:
                 if line.strip():
                     if n % chunk == 0:
@@ -113,7 +120,7 @@ class JsonLinesSource:
 
     def items(self, start: int, stop: int) -> Iterator[bytes]:
         """The raw lines of items [start, stop); start is a multiple of `chunk`."""
-        with open(self.path, "rb") as f:
+        with epath.Path(self.path).open("rb") as f:
             f.seek(self._offsets[start // self.chunk])
             count = 0
             for line in f:
@@ -140,7 +147,7 @@ class JsonLinesSource:
             return [self._resolve(v) for v in value]
         if not isinstance(value, str) or not value:
             raise Skip("bad_record", f"an image must be a non-empty path, got {value!r}")
-        return value if os.path.isabs(value) else os.path.join(self.image_root, value)
+        return value if os.path.isabs(value) or paths.is_remote(value) else os.path.join(self.image_root, value)
 
 
 class TfdsSource:
@@ -400,7 +407,10 @@ def _sync(path: Path):
         os.fsync(f.fileno())
 
 
-def _atomic_write_text(path: Path, text: str):
+def _atomic_write_text(path: epath.Path, text: str):
+    if paths.is_remote(path):  # an object appears whole when its upload completes
+        path.write_text(text)
+        return
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(text)
     _sync(tmp)
@@ -408,12 +418,14 @@ def _atomic_write_text(path: Path, text: str):
 
 
 class _Writer:
-    """An ArrayRecord file written under a temporary name and renamed into place on `commit`."""
+    """An ArrayRecord file written under a temporary name and renamed into place on `commit`; for a gs:// `path`
+    (ArrayRecord writes local files only) the temporary file is local (in `scratch`) and `commit` uploads it."""
 
-    def __init__(self, path: Path, options: str):
+    def __init__(self, path: epath.Path, options: str, scratch: str | None = None):
         from array_record.python.array_record_module import ArrayRecordWriter
 
-        self.path, self.tmp = path, path.with_name(f".{path.name}.tmp")
+        self.path = path
+        self.tmp = Path(scratch, path.name) if paths.is_remote(path) else path.with_name(f".{path.name}.tmp")
         self._writer = ArrayRecordWriter(str(self.tmp), options)
 
     def write(self, record: dict):
@@ -421,6 +433,10 @@ class _Writer:
 
     def commit(self):
         self._writer.close()
+        if paths.is_remote(self.path):
+            paths.copy_file(self.tmp, self.path)
+            os.unlink(self.tmp)
+            return
         _sync(self.tmp)
         os.replace(self.tmp, self.path)
 
@@ -428,7 +444,7 @@ class _Writer:
 @dataclasses.dataclass
 class _Context:
     job: Any
-    out: Path
+    out: epath.Path
     converter: _Converter
     pool: concurrent.futures.ThreadPoolExecutor
     fingerprint: str
@@ -436,6 +452,7 @@ class _Context:
     encode: Callable | None = None  # host batch [b, S, S, 3] in [-1, 1] -> (mean, logvar | None)
     host_batch: int = 0
     image_size: int = 0
+    scratch: str | None = None  # a local directory for shards bound for gs://
 
 
 def _futures(ctx: _Context, shard: Shard, size: int) -> Iterator[list[concurrent.futures.Future]]:
@@ -461,7 +478,7 @@ def _write_shard(ctx: _Context, shard: Shard, encoder_calls: int = 0):
     """Writes one shard (records in item order) and then its marker. Generation shards make exactly
     `encoder_calls` encoder calls (padding with dummy batches) so all hosts stay in step."""
     directory = ctx.out / shard.kind
-    writer = _Writer(directory / f"{shard.name}.array_record", ctx.job.array_record_options)
+    writer = _Writer(directory / f"{shard.name}.array_record", ctx.job.array_record_options, ctx.scratch)
     stats = _ShardStats()
     group_size = ctx.host_batch if shard.kind == "gen" else max(1, 4 * ctx.job.num_threads)
     calls = 0
@@ -527,7 +544,7 @@ def _fingerprint(job) -> str:
     return hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def _is_done(out: Path, shard: Shard, fingerprint: str) -> bool:
+def _is_done(out: epath.Path, shard: Shard, fingerprint: str) -> bool:
     marker = out / shard.kind / f"{shard.name}.json"
     if not marker.is_file() or not (out / shard.kind / f"{shard.name}.array_record").is_file():
         return False
@@ -585,6 +602,9 @@ def run(config, progress: bool = True) -> dict:
     start_time = time.perf_counter()
     job = config.prepare
     _check_job(job)
+    paths.check_access(*paths.config_paths(config))
+    hosts_lib.check_same_config(config.to_json_best_effort(), "preparation config")
+    hosts_lib.check_shared_directory(job.out, "output directory")
     image_size, latent_size, num_image_tokens, model = _sizes(config)
     processor = Processor.from_pretrained(job.tokenizer, num_image_tokens=num_image_tokens, image_size=image_size)
     if processor.vocab_size > model.llm.vocab_size:
@@ -594,7 +614,7 @@ def run(config, progress: bool = True) -> dict:
     if not any(sources.values()):
         raise ValueError("no inputs: set --config.prepare.gen_jsonl, und_jsonl, text_jsonl or tfds.name")
     shards = plan_shards(sources, job.records_per_shard)
-    out = Path(job.out)
+    out = paths.user_path(job.out)
     for kind in KINDS:
         (out / kind).mkdir(parents=True, exist_ok=True)
     fingerprint = _fingerprint(job)
@@ -622,9 +642,10 @@ def run(config, progress: bool = True) -> dict:
     tty = sys.stderr.isatty()
     with concurrent.futures.ThreadPoolExecutor(job.num_threads) as pool, \
             tqdm(total=total, initial=finished, unit="item", desc=f"prepare (host {host})", disable=not progress,
-                 mininterval=1.0 if tty else 30.0, dynamic_ncols=True) as bar:
+                 mininterval=1.0 if tty else 30.0, dynamic_ncols=True) as bar, \
+            tempfile.TemporaryDirectory(prefix="janusflow-shards-") as scratch:
         ctx = _Context(job, out, _Converter(processor, job, image_size), pool, fingerprint, bar, encode, host_batch,
-                       image_size)
+                       image_size, scratch if paths.is_remote(out) else None)
         written = 0
         for index, calls in rounds:
             if index is not None and not done[index]:
@@ -643,7 +664,7 @@ def run(config, progress: bool = True) -> dict:
         multihost_utils.sync_global_devices("janusflow_jax.prepare: all shards written")
     summary = _summarize(config, shards, processor, space, image_size, num_image_tokens)
     if host == 0:
-        for kind in KINDS:  # temporary files of a killed run
+        for kind in KINDS if not paths.is_remote(out) else ():  # temporary files of a killed run (gs://: none)
             for stale in (out / kind).glob(".*.tmp"):
                 stale.unlink()
         _atomic_write_text(out / METADATA, json.dumps(summary, indent=1, sort_keys=False) + "\n")
@@ -653,7 +674,7 @@ def run(config, progress: bool = True) -> dict:
 
 def _summarize(config, shards: Sequence[Shard], processor, space, image_size: int, num_image_tokens: int) -> dict:
     job = config.prepare
-    out = Path(job.out)
+    out = paths.user_path(job.out)
     counts, skipped, files = {}, {}, {}
     max_length, max_images = {}, 0
     templates: collections.Counter = collections.Counter()

@@ -52,6 +52,9 @@ DEEPSEEK_FORMATS = ("deepseek", "deepseek_old")
 
 PROCESSOR_CONFIG = "processor_config.json"
 PREPROCESSOR_CONFIG = "preprocessor_config.json"
+# What `Processor.from_pretrained` may read from a directory (all of it small; copied locally from gs://).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+                   PROCESSOR_CONFIG, PREPROCESSOR_CONFIG)
 
 ImageSource = Union[str, os.PathLike, bytes, bytearray, memoryview, Image.Image, np.ndarray]
 Message = Mapping[str, str]
@@ -156,6 +159,10 @@ def load_image(source: ImageSource) -> Image.Image:
         name, opener = getattr(source, "filename", "") or "<PIL image>", None
     elif isinstance(source, (bytes, bytearray, memoryview)):
         name, opener = "<image bytes>", lambda: Image.open(io.BytesIO(bytes(source)))
+    elif isinstance(source, (str, os.PathLike)) and "://" in os.fspath(source):  # gs://...: PIL opens local files
+        from etils import epath
+
+        name, opener = os.fspath(source), lambda: Image.open(io.BytesIO(epath.Path(source).read_bytes()))
     elif isinstance(source, (str, os.PathLike)):
         name, opener = os.fspath(source), lambda: Image.open(source)
     else:
@@ -278,6 +285,21 @@ class Processor:
 
     # ----------------------------------------------------------------------------------------- checkpoint files
     @classmethod
+    def _from_remote(cls, path, num_image_tokens, image_size) -> "Processor":
+        import tempfile
+
+        from janusflow_jax import paths
+
+        remote = paths.user_path(path)
+        if not (remote / "tokenizer.json").is_file():
+            raise FileNotFoundError(f"{path} has no tokenizer.json (a fast-tokenizer checkpoint directory is needed)")
+        with tempfile.TemporaryDirectory(prefix="janusflow-tokenizer-") as tmp:
+            for name in TOKENIZER_FILES:
+                if (remote / name).is_file():
+                    paths.copy_file(remote / name, Path(tmp) / name)
+            return cls.from_pretrained(tmp, num_image_tokens, image_size)
+
+    @classmethod
     def from_pretrained(cls, path: str | os.PathLike, num_image_tokens: int | None = None,
                         image_size: int | None = None) -> "Processor":
         """Loads tokenizer.json (+ tokenizer_config.json) and processor_config.json / preprocessor_config.json.
@@ -289,6 +311,8 @@ class Processor:
         """
         from transformers import PreTrainedTokenizerFast
 
+        if "://" in os.fspath(path):  # gs://...: Hugging Face reads local files; copy the few small ones it needs
+            return cls._from_remote(path, num_image_tokens, image_size)
         path = Path(path)
         if not (path / "tokenizer.json").is_file():
             raise FileNotFoundError(f"{path} has no tokenizer.json (a fast-tokenizer checkpoint directory is needed)")
