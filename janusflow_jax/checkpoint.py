@@ -138,7 +138,7 @@ def load_params(directory, mesh=None, shardings=None, step: int | None = None, w
 
 def load_config(directory, step: int | None = None):
     """The config of `step` (default: the latest) of the root `directory`, without reading any array."""
-    if not os.fspath(directory).startswith(("gs://", "s3://")) and not os.path.isdir(directory):
+    if not epath.Path(directory).is_dir():
         raise FileNotFoundError(f"no checkpoint directory {directory}")
     with manager(directory, create=False) as mngr:
         step = mngr.latest_step() if step is None else step

@@ -127,7 +127,8 @@ def main(argv) -> int:
     try:
         from janusflow_jax.data.processor import load_image
 
-        # An unreadable image fails before the weights load.
+        # An unreadable image or an unreachable bucket fails before the weights load.
+        paths.check_access(_CHECKPOINT.value, *_IMAGE.value)
         images = [load_image(paths.resolve(path)) for path in _IMAGE.value]
         if inference.checkpoint_family(paths.resolve(_CHECKPOINT.value)) == "omnimamba":
             return chat_omnimamba(paths.resolve(_CHECKPOINT.value), images, options)

@@ -18,17 +18,23 @@ directory (+ dinov2.safetensors, siglip.safetensors and gpt-neox-20b's tokenizer
 the LM's blocks); --to=torch writes the .pth (float16 as released unless --torch_dtype), the two tower files (in the
 parameters' dtype unless --torch_dtype), omnimamba_config.json and the tokenizer files. --seed and --include_repa
 are JanusFlow's.
+
+Every path may be gs://: orbax reads and writes it natively; an official directory is read from a local copy and
+written locally, then uploaded with config.json last (a reader takes the directory for finished only then).
 """
 
 from __future__ import annotations
 
 import importlib
+import json
 import math
+import struct
 import sys
 import time
 from pathlib import Path
 
 from absl import app, flags, logging
+from etils import epath
 
 _RANDOM_CONFIGS = {"tiny": "configs.tiny", "1.3b": "configs.janusflow_1_3b"}
 _SAFETENSORS_DTYPES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}
@@ -75,7 +81,7 @@ def _check_args():
 
 def _check_out(out: str, overwrite: bool):
     """Fails before any (possibly long) conversion rather than after it."""
-    path = Path(out)
+    path = epath.Path(out)
     if path.exists() and (not path.is_dir() or any(path.iterdir())) and not overwrite:
         raise FileExistsError(f"{out} exists and is not empty (pass --overwrite to replace it)")
 
@@ -180,8 +186,6 @@ def to_torch(out: str, ckpt: str | None = None, random_config: str | None = None
              torch_dtype: str | None = None, include_repa: bool = False, seed: int = 0,
              overwrite: bool = False) -> dict:
     """Orbax checkpoint (or a random `configs/<random_config>` model) -> official directory. Returns a summary."""
-    from safetensors import safe_open
-
     from janusflow_jax import checkpoint
     from janusflow_jax.convert import janusflow as convert
     from janusflow_jax.inference.load import checkpoint_family
@@ -196,11 +200,19 @@ def to_torch(out: str, ckpt: str | None = None, random_config: str | None = None
     else:
         config, params = _random_params(random_config, param_dtype, seed)
     convert.to_pytorch(config, params, out, torch_dtype=torch_dtype, include_repa=include_repa, overwrite=overwrite)
-    with safe_open(str(Path(out) / "model.safetensors"), "np") as f:  # summarise what was actually written
-        shapes = [f.get_slice(k).get_shape() for k in f.keys()]
-        dtypes = {f.get_slice(k).get_dtype() for k in f.keys()}
+    header = _safetensors_header(epath.Path(out) / "model.safetensors")  # summarise what was actually written
+    shapes = [entry["shape"] for key, entry in header.items() if key != "__metadata__"]
+    dtypes = {entry["dtype"] for key, entry in header.items() if key != "__metadata__"}
     return dict(tensors=len(shapes), parameters=sum(math.prod(s) for s in shapes),
                 dtype="/".join(sorted(_SAFETENSORS_DTYPES.get(d, d) for d in dtypes)), path=out)
+
+
+def _safetensors_header(path) -> dict:
+    """The JSON header of a safetensors file ({key: {dtype, shape, data_offsets}}), read without the tensors (the
+    file may be a gs:// object of gigabytes)."""
+    with epath.Path(path).open("rb") as f:
+        (size,) = struct.unpack("<Q", f.read(8))
+        return json.loads(f.read(size))
 
 
 def main(argv) -> int:
@@ -216,6 +228,7 @@ def main(argv) -> int:
     out, torch_dir, ckpt = (paths.resolve_optional(f.value) for f in (_OUT, _TORCH_DIR, _CKPT))
     start = time.perf_counter()
     try:
+        paths.check_access(out, torch_dir, ckpt)
         if _TO.value == "jax" and _SEED.present and is_release_dir(torch_dir):
             raise ValueError("--seed is JanusFlow's (it initialises the REPA projector): an OmniMamba conversion "
                              "draws nothing at random")

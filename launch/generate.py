@@ -22,9 +22,9 @@ from __future__ import annotations
 
 import sys
 import time
-from pathlib import Path
 
 from absl import app, flags, logging
+from etils import epath
 
 # allow_override: launch.convert/generate/chat define some of the same flags (--checkpoint, --out, --seed,
 # --dtype) with the same meaning; one process (the test suite) may import all of them.
@@ -63,7 +63,7 @@ def read_prompts(prompts: list[str], prompts_file: str | None) -> list[str]:
     out = [p for p in prompts if p.strip()]
     if prompts_file is not None:
         try:
-            text = Path(prompts_file).read_text(encoding="utf-8")
+            text = epath.Path(prompts_file).read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as e:
             raise ValueError(f"cannot read prompts file {prompts_file}: {e}") from None
         out += [line.strip() for line in text.splitlines() if line.strip()]
@@ -109,6 +109,7 @@ def main(argv) -> int:
 
     checkpoint, out, vae = (paths.resolve_optional(f.value) for f in (_CHECKPOINT, _OUT, _VAE))
     try:
+        paths.check_access(checkpoint, out, vae, _PROMPTS_FILE.value)
         prompts = read_prompts(_PROMPT.value, paths.resolve_optional(_PROMPTS_FILE.value))
         start = time.perf_counter()
         if inference.checkpoint_family(checkpoint) == "omnimamba":

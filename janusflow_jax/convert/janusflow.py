@@ -20,6 +20,7 @@ import jax
 import numpy as np
 from flax import traverse_util
 
+from janusflow_jax import paths
 from janusflow_jax.convert.tensors import (CheckpointMismatchError, Rule, StateDict, atomic_write_dir, conv_rules,
                                            export_tensors, flatten, import_tensors, layer_norm_rules, linear_rules,
                                            numpy_dtype, rms_norm_rules)
@@ -290,6 +291,7 @@ def config_to_official(cfg: JanusFlowConfig, torch_dtype: str = "bfloat16") -> d
 
 
 # ------------------------------------------------------------------------------------------------- public API
+@paths.reads_local
 def from_pytorch(path: str | os.PathLike, param_dtype: str = "float32", rng=None,
                  **config_overrides) -> tuple[JanusFlowConfig, dict]:
     """Reads an official JanusFlow directory (config.json + safetensors / sharded / pytorch_model.bin).
@@ -343,8 +345,8 @@ def to_pytorch(config: JanusFlowConfig, params, out_dir: str | os.PathLike, torc
         save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         (tmp / "config.json").write_text(json.dumps(config_to_official(config, written_dtype), indent=2) + "\n")
 
-    atomic_write_dir(Path(out_dir), write, overwrite)
-    return Path(out_dir)
+    atomic_write_dir(out_dir, write, overwrite)
+    return paths.user_path(out_dir) if paths.is_remote(out_dir) else Path(out_dir)
 
 
 # ------------------------------------------------------------------------------------- stage-1 parts (LLM, SigLIP)
@@ -354,6 +356,7 @@ def _tower_shapes(module: nn.Module, *example) -> dict[str, tuple]:
     return {k: tuple(v.shape) for k, v in flatten(nn.unbox(abstract)).items()}
 
 
+@paths.reads_local
 def load_llm_from_hf(path: str | os.PathLike, cfg: LlamaConfig, param_dtype: str = "float32") -> dict:
     """An HF LlamaForCausalLM directory (e.g. DeepSeek-LLM-1.3B-base) -> the `language_model` sub-tree."""
     from janusflow_jax.models.llama import LlamaModel
@@ -369,6 +372,7 @@ def load_llm_from_hf(path: str | os.PathLike, cfg: LlamaConfig, param_dtype: str
     return traverse_util.unflatten_dict(flat, sep="/")
 
 
+@paths.reads_local
 def load_siglip_from_timm(path: str | os.PathLike, cfg: SigLIPConfig, param_dtype: str = "float32") -> dict:
     """A timm `vit_large_patch16_siglip_384` checkpoint (timm keys, or open_clip `visual.trunk.*`) -> `und_encoder`.
 

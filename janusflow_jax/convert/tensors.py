@@ -218,8 +218,26 @@ def numpy_dtype(name) -> np.dtype:
     return np.dtype(ml_dtypes.bfloat16) if str(name) in ("bfloat16", "bf16") else np.dtype(name)
 
 
-def atomic_write_dir(out_dir: Path, write: Callable[[Path], None], overwrite: bool):
-    """Writes into a temporary sibling directory and renames it into place: no half-written output."""
+def atomic_write_dir(out_dir, write: Callable[[Path], None], overwrite: bool):
+    """Writes into a temporary sibling directory and renames it into place: no half-written output.
+
+    A gs:// `out_dir` (an object store has no rename) is written into a local temporary directory and uploaded file
+    by file with config.json last: every reader here (`is_official_dir`, diffusers, transformers) looks for
+    config.json first, so a directory without it is not taken for a finished one."""
+    from janusflow_jax import paths
+
+    if paths.is_remote(out_dir):
+        from etils import epath
+
+        remote = epath.Path(out_dir)
+        if remote.exists() and any(remote.iterdir()):
+            if not overwrite:
+                raise FileExistsError(f"{out_dir} exists and is not empty (pass overwrite=True)")
+            remote.rmtree()
+        with tempfile.TemporaryDirectory(prefix="janusflow-export-") as tmp:
+            write(Path(tmp))
+            paths.upload_tree(tmp, remote, last=("config.json",))
+        return
     out_dir = Path(out_dir)
     if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
         raise FileExistsError(f"{out_dir} exists and is not empty (pass overwrite=True)")

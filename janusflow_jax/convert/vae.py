@@ -14,6 +14,7 @@ import jax
 import numpy as np
 from flax import traverse_util
 
+from janusflow_jax import paths
 from janusflow_jax.convert.tensors import (CheckpointMismatchError, Rule, StateDict, atomic_write_dir, conv_rules,
                                            export_tensors, flatten, import_tensors, layer_norm_rules, numpy_dtype)
 from janusflow_jax.models.vae import VAEConfig, vae_param_shapes
@@ -82,6 +83,7 @@ def vae_rules(config: VAEConfig, attention_naming: str = "current") -> list[Rule
     return rules
 
 
+@paths.reads_local
 def from_diffusers(path: str | os.PathLike, param_dtype: str = "float32",
                    dtype: str = "float32") -> tuple[VAEConfig, dict]:
     """Reads a diffusers VAE directory (config.json + diffusion_pytorch_model.safetensors).
@@ -124,5 +126,5 @@ def to_diffusers(config: VAEConfig, params, out_dir: str | os.PathLike, torch_dt
         save_file(state, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
         (tmp / "config.json").write_text(json.dumps(config.to_diffusers_config(), indent=2) + "\n")
 
-    atomic_write_dir(Path(out_dir), write, overwrite)
-    return Path(out_dir)
+    atomic_write_dir(out_dir, write, overwrite)
+    return paths.user_path(out_dir) if paths.is_remote(out_dir) else Path(out_dir)

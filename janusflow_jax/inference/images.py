@@ -3,15 +3,16 @@ grid with one row per prompt."""
 
 from __future__ import annotations
 
+import io
 import os
-from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import numpy as np
+from etils import epath
 
 
 def save_images(out_dir: str | os.PathLike, images, prompts: Sequence[str], images_per_prompt: int,
-                settings: Mapping[str, Any]) -> list[Path]:
+                settings: Mapping[str, Any]) -> list[epath.Path]:
     """Writes uint8 images [n, H, W, 3] (prompt-major, as `sampler.generate_images` returns them) to
     out_dir/{prompt:03d}_{image:02d}.png plus out_dir/grid.png (one row per prompt). Each PNG's text chunks hold
     its prompt and `settings`; the grid's hold all prompts, one per line. Returns the paths, grid last."""
@@ -21,8 +22,13 @@ def save_images(out_dir: str | os.PathLike, images, prompts: Sequence[str], imag
     if images.dtype != np.uint8 or images.ndim != 4 or len(images) != len(prompts) * images_per_prompt:
         raise ValueError(f"expected uint8 [{len(prompts) * images_per_prompt}, H, W, 3] images, got "
                          f"{images.dtype} {images.shape}")
-    out = Path(out_dir)
+    out = epath.Path(out_dir)  # local or gs://
     out.mkdir(parents=True, exist_ok=True)
+
+    def save(path: epath.Path, pixels: np.ndarray, meta):
+        png = io.BytesIO()
+        Image.fromarray(pixels).save(png, format="png", pnginfo=meta)
+        path.write_bytes(png.getvalue())
 
     def info(**text) -> PngImagePlugin.PngInfo:
         meta = PngImagePlugin.PngInfo()
@@ -34,11 +40,11 @@ def save_images(out_dir: str | os.PathLike, images, prompts: Sequence[str], imag
     for k, image in enumerate(images):
         p, i = divmod(k, images_per_prompt)
         path = out / f"{p:03d}_{i:02d}.png"
-        Image.fromarray(image).save(path, pnginfo=info(prompt=prompts[p], prompt_index=p, image_index=i))
+        save(path, image, info(prompt=prompts[p], prompt_index=p, image_index=i))
         paths.append(path)
     h, w = images.shape[1:3]
     grid = images.reshape(len(prompts), images_per_prompt, h, w, 3).transpose(0, 2, 1, 3, 4)
     grid = grid.reshape(len(prompts) * h, images_per_prompt * w, 3)
     path = out / "grid.png"
-    Image.fromarray(grid).save(path, pnginfo=info(prompt="\n".join(prompts)))
+    save(path, grid, info(prompt="\n".join(prompts)))
     return paths + [path]

@@ -12,7 +12,8 @@ The tokenizer and processor files sit in the checkpoint directory itself in both
 DINOv2 + SigLIP tower, the projector and the VQ), while `load_model` / `load` give its language model alone.
 The VAE (a diffusers AutoencoderKL directory, e.g. stabilityai/sdxl-vae) is taken from an explicit path, else from
 `<checkpoint>/vae`; a checkpoint trained in another latent space carries `latent.json` (`latents.describe()`)
-instead, turned into the decoder by `latents.from_description`.
+instead, turned into the decoder by `latents.from_description`. Every path may be local or gs:// (orbax reads
+gs:// natively; what Hugging Face and safetensors read, they read from a local copy).
 
 Every failure a user can cause (no such directory, no tokenizer, no VAE, truncated weights, a tokenizer that does not
 fit the model) raises an exception whose message names the file and the fix; `USER_ERRORS` lists their types, which
@@ -24,11 +25,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import shutil
-from pathlib import Path
 from typing import Any
 
 import jax.numpy as jnp
+from etils import epath
 
 from janusflow_jax.models.config import JanusFlowConfig
 from janusflow_jax.models.janusflow import JanusFlow
@@ -48,7 +48,7 @@ USER_ERRORS = (ValueError, OSError)
 
 def is_official_dir(path: str | os.PathLike) -> bool:
     """True for an official PyTorch JanusFlow directory (its config.json has a `language_config`)."""
-    config = Path(path) / "config.json"
+    config = epath.Path(path) / "config.json"
     if not config.is_file():
         return False
     try:
@@ -71,7 +71,7 @@ def load_model(checkpoint: str | os.PathLike, dtype: str | None = None) -> tuple
     from janusflow_jax.convert import janusflow as convert
     from janusflow_jax.models.omnimamba import OmniMamba, OmniMambaConfig
 
-    path = Path(checkpoint)
+    path = epath.Path(checkpoint)
     if not path.is_dir():
         raise FileNotFoundError(f"no checkpoint directory {checkpoint}")
     if (path / OMNIMAMBA_RELEASE_FILE).is_file():
@@ -97,9 +97,9 @@ def load_model(checkpoint: str | os.PathLike, dtype: str | None = None) -> tuple
     return (OmniMamba if isinstance(config, OmniMambaConfig) else JanusFlow)(config), params
 
 
-def require_tokenizer(checkpoint: str | os.PathLike) -> Path:
+def require_tokenizer(checkpoint: str | os.PathLike) -> epath.Path:
     """Returns the checkpoint path; raises FileNotFoundError when it holds no tokenizer.json."""
-    path = Path(checkpoint)
+    path = epath.Path(checkpoint)
     if not (path / "tokenizer.json").is_file():
         raise FileNotFoundError(
             f"{path} has no tokenizer (tokenizer.json): put the release's {', '.join(INFERENCE_FILES)} there, or "
@@ -130,15 +130,15 @@ def load_processor(checkpoint: str | os.PathLike, config: JanusFlowConfig):
     return processor
 
 
-def find_vae(checkpoint: str | os.PathLike | None = None, vae: str | os.PathLike | None = None) -> Path:
+def find_vae(checkpoint: str | os.PathLike | None = None, vae: str | os.PathLike | None = None) -> epath.Path:
     """The VAE directory: `vae` if given, else `<checkpoint>/vae`. Raises FileNotFoundError naming both options."""
     if vae is not None:
-        path = Path(vae)
+        path = epath.Path(vae)
         if not path.is_dir():
             raise FileNotFoundError(f"no VAE directory {vae} (a diffusers AutoencoderKL directory: config.json + "
                                     f"diffusion_pytorch_model.safetensors)")
         return path
-    path = None if checkpoint is None else Path(checkpoint) / VAE_DIR
+    path = None if checkpoint is None else epath.Path(checkpoint) / VAE_DIR
     if path is None or not path.is_dir():
         raise FileNotFoundError(f"no VAE: pass --vae DIR (a diffusers AutoencoderKL directory such as "
                                 f"stabilityai/sdxl-vae) or put one at {path or '<checkpoint>/vae'}")
@@ -175,11 +175,11 @@ def load(checkpoint: str | os.PathLike, *, dtype: str | None = None, with_vae: b
 
     The tokenizer and the VAE are located before the (possibly slow) weights are read, so a missing one fails fast.
     """
-    if not Path(checkpoint).is_dir():
+    if not epath.Path(checkpoint).is_dir():
         raise FileNotFoundError(f"no checkpoint directory {checkpoint}")
     require_tokenizer(checkpoint)
     space = None
-    if (with_vae or vae is not None) and vae is None and (Path(checkpoint) / LATENT_FILE).is_file():
+    if (with_vae or vae is not None) and vae is None and (epath.Path(checkpoint) / LATENT_FILE).is_file():
         space = load_latent_space(checkpoint)  # a run trained in another latent space (e.g. the digits run)
     vae_path = find_vae(checkpoint, vae) if (with_vae or vae is not None) and space is None else None
     model, params = load_model(checkpoint, dtype)
@@ -199,7 +199,7 @@ def load_latent_space(checkpoint: str | os.PathLike):
     """The latent space `<checkpoint>/latent.json` describes (`latents.describe()`), as a decoder for sampling."""
     from janusflow_jax.data import latents
 
-    path = Path(checkpoint) / LATENT_FILE
+    path = epath.Path(checkpoint) / LATENT_FILE
     try:
         return latents.from_description(json.loads(path.read_text()))
     except (ValueError, KeyError, TypeError) as e:
@@ -209,24 +209,17 @@ def load_latent_space(checkpoint: str | os.PathLike):
 def copy_inference_files(src: str | os.PathLike, dst: str | os.PathLike,
                          names: tuple[str, ...] = INFERENCE_FILES) -> list[str]:
     """Copies the tokenizer/processor files (`names`, default JanusFlow's `INFERENCE_FILES`) and a `vae/` folder from
-    `src` into `dst` (local or remote, e.g. gs://), skipping absent ones. Returns the names copied."""
-    from etils import epath
+    `src` into `dst` (either local or gs://), skipping absent ones. Returns the names copied."""
+    from janusflow_jax import paths
 
-    src, dst = Path(src), epath.Path(dst)
+    src, dst = epath.Path(src), epath.Path(dst)
     copied = []
     for name in names:
         if (src / name).is_file():
-            (dst / name).write_bytes((src / name).read_bytes())
+            paths.copy_file(src / name, dst / name)
             copied.append(name)
     if (src / VAE_DIR).is_dir():
-        if "://" in os.fspath(dst):
-            for f in sorted((src / VAE_DIR).rglob("*")):
-                if f.is_file():
-                    target = dst / VAE_DIR / f.relative_to(src / VAE_DIR).as_posix()
-                    target.parent.mkdir(parents=True, exist_ok=True)
-                    target.write_bytes(f.read_bytes())
-        else:
-            shutil.copytree(src / VAE_DIR, Path(os.fspath(dst)) / VAE_DIR)
+        paths.copy_tree(src / VAE_DIR, dst / VAE_DIR)
         copied.append(VAE_DIR + "/")
     return copied
 
@@ -242,7 +235,7 @@ def checkpoint_family(checkpoint: str | os.PathLike) -> str:
     from janusflow_jax import checkpoint as checkpoint_lib
 
     if "://" not in os.fspath(checkpoint):  # local: the directory's files tell
-        path = Path(checkpoint)
+        path = epath.Path(checkpoint)
         if (path / OMNIMAMBA_RELEASE_FILE).is_file():
             return "omnimamba"
         if is_official_dir(path) or not any(p.name.isdigit() for p in (path.iterdir() if path.is_dir() else ())):
@@ -282,7 +275,7 @@ def load_omnimamba(checkpoint: str | os.PathLike, *, dtype: str | None = None) -
     from janusflow_jax.models.dinosiglip import DinoSigLIP, FusedGeluMLP
     from janusflow_jax.models.vq import VQModel
 
-    path = Path(checkpoint)
+    path = epath.Path(checkpoint)
     if not path.is_dir():
         raise FileNotFoundError(f"no checkpoint directory {checkpoint}")
     if not (path / "tokenizer.json").is_file():

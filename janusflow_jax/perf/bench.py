@@ -42,6 +42,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from etils import epath
 
 from janusflow_jax.data.synthetic import SyntheticSource
 from janusflow_jax.inference.sampler import sample_latents
@@ -599,8 +600,8 @@ def format_report(report: dict) -> str:
     return "\n".join(lines)
 
 
-def save_json(report: dict, json_dir) -> Path:
-    json_dir = Path(json_dir)
+def save_json(report: dict, json_dir) -> epath.Path:
+    json_dir = epath.Path(json_dir)  # local or gs://
     json_dir.mkdir(parents=True, exist_ok=True)
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%S")
     label = report["meta"]["config"]
@@ -623,7 +624,7 @@ the H200 run is in "One H200" above this section.
 def render_section(json_dir) -> str:
     """The text between the markers: the newest report per (mode, config) found in `json_dir`, newest first."""
     latest = {}
-    for path in sorted(Path(json_dir).glob("*.json")):
+    for path in sorted(epath.Path(json_dir).glob("*.json")):
         try:
             report = json.loads(path.read_text())
             key = (report["mode"], report["meta"]["config"])
@@ -645,7 +646,7 @@ def render_section(json_dir) -> str:
 def write_markdown(md_path, json_dir) -> None:
     """Replaces only the text between BEGIN and END in `md_path` (appends the marked section if absent; creates the
     file if needed). Re-reads the file right before writing: another section of the file has another author."""
-    md_path = Path(md_path)
+    md_path = epath.Path(md_path)
     body = f"{BEGIN}\n{render_section(json_dir)}\n{END}"
     text = md_path.read_text() if md_path.exists() else "# Benchmarks\n"
     if BEGIN in text and END in text and text.index(BEGIN) < text.index(END):

@@ -56,9 +56,23 @@ _CONTAINERS = ("while", "conditional", "call", "async-start", "async-done")
 _SUMMARY_ROWS = re.compile(r"XLA Modules|Steps|TraceMe|Framework|TensorFlow Ops|Source|Launch Stats", re.I)
 
 
-def trace(fn: Callable[[], object], calls: int, log_dir) -> Path:
+def trace(fn: Callable[[], object], calls: int, log_dir):
     """Runs `fn` `calls` times (waiting for each) under the profiler; returns the trace's Perfetto JSON file. The
-    directory also holds the XProf files (`tensorboard --logdir` with the profile plugin, or xprof, opens them)."""
+    directory also holds the XProf files (`tensorboard --logdir` with the profile plugin, or xprof, opens them).
+
+    jax.profiler writes local files only: a gs:// `log_dir` gets the trace written into a local temporary directory
+    and then copied there (the returned file is then the gs:// copy)."""
+    from janusflow_jax import paths
+
+    if paths.is_remote(log_dir):
+        import tempfile
+
+        from etils import epath
+
+        with tempfile.TemporaryDirectory(prefix="janusflow-profile-") as tmp:
+            local = trace(fn, calls, tmp)
+            paths.upload_tree(tmp, log_dir)
+        return epath.Path(log_dir) / local.relative_to(tmp).as_posix()
     log_dir = Path(log_dir)
     before = set(glob.glob(str(log_dir / "**" / "*perfetto_trace.json.gz"), recursive=True))
     with jax.profiler.trace(str(log_dir), create_perfetto_trace=True):
@@ -264,8 +278,10 @@ def _scope(op_name: str) -> str:
 
 
 def _load(trace_file) -> list[dict]:
-    with gzip.open(trace_file, "rt") if str(trace_file).endswith(".gz") else open(trace_file) as f:
-        data = json.load(f)
+    from etils import epath
+
+    with epath.Path(trace_file).open("rb") as raw:  # local or gs://
+        data = json.load(gzip.open(raw, "rt") if str(trace_file).endswith(".gz") else raw)
     return data["traceEvents"] if isinstance(data, dict) else data
 
 
