@@ -59,7 +59,7 @@ def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, dcn_data: int = 1,
 
     Devices are placed by the topology (`mesh_utils.create_device_mesh`: on a TPU, neighbours on the interconnect
     are neighbours in the mesh), not in enumeration order. `dcn_data` > 1 spans several slices of a multi-slice pod
-    (or, where devices carry no slice index, e.g. CPUs, several processes): data, fsdp and tensor then describe one
+    (or, where all devices report one slice, e.g. CPUs, several processes): data, fsdp and tensor then describe one
     slice, and the data axis also runs across the `dcn_data` slices over the data-center network
     (`mesh_utils.create_hybrid_device_mesh`), so only the gradient all-reduce crosses it. The mesh's data axis is
     `dcn_data * data`.
@@ -84,7 +84,9 @@ def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, dcn_data: int = 1,
     if dcn_data == 1:
         grid = mesh_utils.create_device_mesh(shape, devices, allow_split_physical_axes=True)
     else:
-        by_process = not hasattr(devices[0], "slice_index")  # CPUs and GPUs: a process stands for a slice
+        # TPU slices carry distinct slice indices; where all devices report one slice (CPUs, GPUs), processes stand
+        # for slices.
+        by_process = len({getattr(d, "slice_index", 0) for d in devices}) == 1
         grid = mesh_utils.create_hybrid_device_mesh(shape, [dcn_data, 1, 1], devices, process_is_granule=by_process,
                                                     allow_split_physical_axes=True)
     return Mesh(grid, MESH_AXES)
