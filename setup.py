@@ -21,7 +21,7 @@ setup(
         "numpy>=1.26",
         "pillow>=10.0",
         "absl-py>=2.0",
-        "array-record>=0.5",  # prepared datasets (ArrayRecord shards read by grain)
+        "array-record>=0.8",  # prepared datasets (ArrayRecord shards read by grain; >= 0.8 reads gs:// natively)
         "msgpack>=1.0",  # record serialisation
         "tqdm>=4.60",  # progress bars (train, prepare_data, generate)
         "tensorboardX>=2.6",  # TensorBoard scalars without TensorFlow
@@ -33,6 +33,9 @@ setup(
         "torch": ["torch>=2.4"],
         # Cloud TPU runtime (libtpu); also what `launch.compile` needs to compile for a TPU topology on a CPU host.
         "tpu": ["jax[tpu]"],
+        # gs:// paths: etils.epath's backend (gcsfs) and tensorboardX's GCS writer (google-cloud-storage); orbax and
+        # ArrayRecord reach GCS through tensorstore / their own clients.
+        "gcs": ["gcsfs>=2024.2", "google-cloud-storage>=2.14"],
         # `launch.bench torch`: the PyTorch eager baselines on the same device.
         "bench": ["torch>=2.4", "transformers>=4.46", "timm>=1.0.15", "diffusers>=0.32"],
         "test": [
@@ -44,6 +47,10 @@ setup(
             "timm>=1.0.15",
             "diffusers>=0.32",
             "tensorflow-datasets>=4.9",  # the TFDS source of prepare_data
+            # tests/test_pod.py: gs:// against a GCS emulator in its own process (conftest.gcs), with the gcs extra
+            "gcsfs>=2024.2",
+            "google-cloud-storage>=2.14",
+            "gcp-storage-emulator>=2026.7",  # the version whose handlers conftest patches (x-goog-generation)
         ],
     },
 )

@@ -8,9 +8,16 @@ os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
                            + " --xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
+import socket  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+
 import pytest  # noqa: E402
 
 from janusflow_jax.models.config import JanusFlowConfig  # noqa: E402
+
+GCS_BUCKET = "janusflow-test"
 
 
 @pytest.fixture
@@ -33,3 +40,76 @@ def pytest_terminal_summary(terminalreporter):
         terminalreporter.section("JanusFlow vs PyTorch reference (max|jax-torch| / max|torch|)")
         for name, err in errors.items():
             terminalreporter.write_line(f"  {name:<52s} {err:.2e}")
+
+
+# gcp-storage-emulator with one fidelity fix: GCS sends an object's generation with its bytes (x-goog-generation);
+# the emulator does not, and tensorstore then fails to read an OCDBT manifest ("Malformed StorageGeneration", seen in
+# every asynchronous orbax save after jax.distributed.initialize). The header is added to each download response.
+_EMULATOR = """
+import sys
+from gcp_storage_emulator.handlers import objects
+
+_download = objects.download
+
+
+def download(request, response, storage, *args, **kwargs):
+    _download(request, response, storage, *args, **kwargs)
+    try:
+        obj = storage.get_file_obj(request.params["bucket_name"], request.params["object_id"])
+    except Exception:
+        return
+    response["x-goog-generation"] = str(obj["generation"])
+    response["x-goog-metageneration"] = str(obj["metageneration"])
+
+
+objects.download = download
+from gcp_storage_emulator.__main__ import main  # noqa: E402  (builds its routes from the patched module)
+
+sys.exit(main())
+"""
+
+
+@pytest.fixture(scope="session")
+def gcs(tmp_path_factory):
+    """A GCS emulator (gcp-storage-emulator, in memory) in its own process on a free localhost port, bucket GCS_BUCKET,
+    with every client of the stack pointed at it through the environment (inherited by subprocesses). Yields
+    "gs://GCS_BUCKET". Measured: tensorstore (orbax) hangs without TENSORSTORE_GCS_HTTP_URL and when the emulator
+    runs inside the test process; gcsfs (etils.epath) and google-cloud-storage (tensorboardX) read
+    STORAGE_EMULATOR_HOST; array_record's reader hangs without CLOUD_STORAGE_EMULATOR_ENDPOINT;
+    GOOGLE_AUTH_TOKEN_FOR_TESTING skips tensorstore's credential lookup; gcsfs's bucket-type probe (a storage-control
+    call the emulator lacks) is switched off. The emulator answers a rename with 501 (gcsfs then retries ~34 s): the
+    code under test never renames on gs://."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    log = tmp_path_factory.mktemp("gcs_emulator") / "log.txt"  # a file, not a pipe: nobody reads it while it runs
+    with open(log, "wb") as sink:
+        server = subprocess.Popen([sys.executable, "-c", _EMULATOR, "start", "--host=127.0.0.1", f"--port={port}",
+                                   "--in-memory", f"--default-bucket={GCS_BUCKET}", "-q"],
+                                  stdout=sink, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+            break
+        except OSError:
+            if server.poll() is not None or time.monotonic() > deadline:
+                server.kill()
+                raise RuntimeError(f"the GCS emulator did not start: {log.read_text()[-2000:]}")
+            time.sleep(0.1)
+    url = f"http://127.0.0.1:{port}"
+    env = dict(STORAGE_EMULATOR_HOST=url, TENSORSTORE_GCS_HTTP_URL=url, CLOUD_STORAGE_EMULATOR_ENDPOINT=url,
+               GOOGLE_AUTH_TOKEN_FOR_TESTING="emulator", GOOGLE_CLOUD_PROJECT="test",
+               GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT="false")
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        yield f"gs://{GCS_BUCKET}"
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        server.kill()
+        server.wait()
