@@ -101,14 +101,8 @@ def load_params(directory, mesh=None, shardings=None, step: int | None = None, w
     """
     if weights not in ("ema", "params"):
         raise ValueError(f"weights must be 'ema' or 'params', got {weights!r}")
-    if not epath.Path(directory).is_dir():
-        raise FileNotFoundError(f"no checkpoint directory {directory}")
-    with manager(directory, create=False) as mngr:
-        step = mngr.latest_step() if step is None else step
-        if step is None:
-            raise FileNotFoundError(f"no checkpoint steps in {directory}")
-        raw = mngr.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
-        config = config_from_dict(raw)
+    with _open(directory) as mngr:
+        step, config = _step_and_config(mngr, directory, step)
         if shardings is None and mesh is not None:
             from janusflow_jax.sharding import param_shardings
 
@@ -138,11 +132,21 @@ def load_params(directory, mesh=None, shardings=None, step: int | None = None, w
 
 def load_config(directory, step: int | None = None):
     """The config of `step` (default: the latest) of the root `directory`, without reading any array."""
+    with _open(directory) as mngr:
+        return _step_and_config(mngr, directory, step)[1]
+
+
+def _open(directory) -> ocp.CheckpointManager:
+    """A reading manager over an existing checkpoint root (one clear error where there is none)."""
     if not epath.Path(directory).is_dir():
         raise FileNotFoundError(f"no checkpoint directory {directory}")
-    with manager(directory, create=False) as mngr:
-        step = mngr.latest_step() if step is None else step
-        if step is None:
-            raise FileNotFoundError(f"no checkpoint steps in {directory}")
-        raw = mngr.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
-    return config_from_dict(raw)
+    return manager(directory, create=False)
+
+
+def _step_and_config(mngr: ocp.CheckpointManager, directory, step: int | None):
+    """(`step`, or the latest one, and its model config)."""
+    step = mngr.latest_step() if step is None else step
+    if step is None:
+        raise FileNotFoundError(f"no checkpoint steps in {directory}")
+    raw = mngr.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
+    return step, config_from_dict(raw)
