@@ -34,6 +34,9 @@ _TOPOLOGY = flags.DEFINE_string("topology", None, "v5p-128, v5e-256, v6e-256, v4
 _NUM_SLICES = flags.DEFINE_integer("num_slices", 1, "TPU topologies: slices joined over the data-center network "
                                                    "(with --config.mesh.dcn_data set to the same number).")
 _PHASE = flags.DEFINE_integer("phase", None, "Mixture phase whose batch shapes to compile (default: the longest).")
+_COMPOSITIONS = flags.DEFINE_enum("compositions", "all", ["all", "first"],
+                                  "Compile every batch composition the mixture schedule deals in the phase (a run "
+                                  "compiles each once; the largest must fit), or the first alone.")
 _JSON = flags.DEFINE_string("json", None, "Also write the report as JSON to this path.")
 
 
@@ -54,15 +57,20 @@ def main(argv) -> int:
             raise ValueError(f"--num_slices={_NUM_SLICES.value} needs --config.mesh.dcn_data={_NUM_SLICES.value} (the "
                              f"data axis across the slices), got {config.mesh.get('dcn_data', 1)}")
         devices = train_compile.topology_devices(_TOPOLOGY.value, _NUM_SLICES.value)
-        report = train_compile.compile_train_step(config, devices, phase=_PHASE.value)
+        reports = train_compile.compile_compositions(config, devices, phase=_PHASE.value,
+                                                     first_only=_COMPOSITIONS.value == "first")
     except (train_compile.TopologyError, train_compile.CompileError, trainer.TrainingError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     topology = _TOPOLOGY.value + (f" x {_NUM_SLICES.value} slices" if _NUM_SLICES.value > 1 else "")
-    print(train_compile.format_report(report, topology))
+    for report in reports:
+        print(train_compile.format_report(report, topology))
+    print(train_compile.format_compositions(reports))
     if _JSON.value:
+        largest = max(reports, key=lambda r: r["memory_bytes"]["total"])
         paths.user_path(_JSON.value).write_text(  # local or gs://
-            json.dumps({"topology": _TOPOLOGY.value, "num_slices": _NUM_SLICES.value, **report}, indent=1))
+            json.dumps({"topology": _TOPOLOGY.value, "num_slices": _NUM_SLICES.value, **largest,
+                        "per_composition": reports}, indent=1))
     return 0
 
 

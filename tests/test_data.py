@@ -239,8 +239,30 @@ def test_streams_make_the_global_batch_independent_of_the_host_count(dataset):
     assert all(not seen[0][kind] & seen[1][kind] for kind in sizes)
     with pytest.raises(ValueError, match="data.streams 2 is not a multiple of the 3 hosts"):
         data.make_train_iterator(_config(dataset, streams=2), SIZES, GEOMETRY, shard_index=0, shard_count=3)
-    with pytest.raises(ValueError, match=r"rows per host \{'gen': 3\} do not split over this host's 2 reading"):
+    with pytest.raises(ValueError, match=r"in units of 1 do not split over this host's 2 reading"):
         data.make_train_iterator(_config(dataset, streams=2), SIZES, GEOMETRY, shard_index=0, shard_count=1)
+
+
+def test_steps_of_any_composition_are_whole_units_and_host_count_independent(dataset):
+    """The trainer's per-step compositions (data/mixture.py): `take` any whole units of the types read. With 2
+    streams a unit is one row per stream; a step's rows are laid out stream by stream, so one host reading both
+    streams sees the rows of two hosts side by side, step after step, whatever each step's composition."""
+    steps = [{"und": 2, "gen": 4}, {"gen": 2, "text": 2}, {"und": 4, "gen": 2, "text": 2}]
+    types = {"und": 2, "gen": 2, "text": 2}
+
+    def run(host, hosts):
+        it = data.make_train_iterator(_config(dataset, prefetch=0, streams=2), types, GEOMETRY, shard_index=host,
+                                      shard_count=hosts, unit_rows=2 // hosts)
+        return [it.take({k: n // hosts for k, n in sizes.items()}) for sizes in steps]
+
+    one, first, second = run(0, 1), run(0, 2), run(1, 2)
+    for sizes, whole, a, b in zip(steps, one, first, second):
+        assert {k: (v.shape, v.dtype) for k, v in whole.items()} == GEOMETRY.shapes(sizes)
+        for key in whole:
+            np.testing.assert_array_equal(whole[key], np.concatenate([a[key], b[key]]), err_msg=key)
+    it = data.make_train_iterator(_config(dataset, prefetch=0), types, GEOMETRY, shard_index=0, shard_count=1)
+    with pytest.raises(ValueError, match="3 gen rows are not whole units of 2 rows"):
+        it.take({"gen": 3})
 
 
 # ------------------------------------------------------------------------------------------------ checkpointing
@@ -260,7 +282,7 @@ def test_resume_from_a_saved_state_is_exact(dataset, tmp_path):
     iterator = data.make_train_iterator(config, SIZES, GEOMETRY, shard_index=0, shard_count=1)
     _take(iterator, 3)
     state = iterator.get_state()
-    json.dumps(state)  # plain JSON: one small file per host in the checkpoint
+    assert set(json.loads(state)) == set(SIZES)  # plain JSON, a state per data type: one small file per host
     options = ocp.CheckpointManagerOptions(enable_async_checkpointing=False)
     with ocp.CheckpointManager(tmp_path / "ckpt", item_handlers=dict(data=grain.checkpoint.CheckpointHandler()),
                                options=options) as mngr:

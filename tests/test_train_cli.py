@@ -114,8 +114,8 @@ from janusflow_jax.train import loop as trainer
 
 
 class Poisoned(synthetic.SyntheticSource):  # every batch after the first two has NaN latents
-    def __next__(self):
-        batch = super().__next__()
+    def take(self, sizes):
+        batch = super().take(sizes)
         if self.phase > 0:
             batch["gen/latents"] = np.full_like(batch["gen/latents"], np.nan)
         return batch

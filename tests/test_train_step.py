@@ -42,8 +42,9 @@ class Runner:
 
         self.plan = trainer.make_plan(config, devices)
         self.mesh = self.plan.mesh
-        self.b_sh = self.plan.batch_shardings(0)
-        self.step_fn = self.plan.jitted_step(0)
+        sizes = self.plan.sizes_at(0)
+        self.b_sh = self.plan.batch_shardings(sizes)
+        self.step_fn = self.plan.jitted_step(0, sizes)
         self.params = jax.device_put(host_params, param_shardings(self.plan.model_cfg, self.mesh))
         self.init = jax.jit(lambda p: train_step.init_state(p, self.plan.labels, self.plan.tx, True),
                             out_shardings=self.plan.state_sh)
@@ -66,7 +67,7 @@ def setup():
     config = _config()
     plan = trainer.make_plan(config, jax.devices()[:1])
     host_params = jax.device_get(init_params(plan.model_cfg, jax.random.key(0)))
-    source = SyntheticSource(plan.host_sizes(0), 0, 0, plan.geometry)
+    source = SyntheticSource(plan.host_sizes(plan.sizes_at(0)), 0, 0, plan.geometry)
     batches = [next(source) for _ in range(3)]
     # The single-device runner of the tests that do not compare updates (frozen, NaN, overfit) steps at the
     # overfitting test's learning rate: one compile serves all three.

@@ -1,8 +1,9 @@
 """The training batch: one plain dict of arrays, a fixed sub-batch per data type, so every shape is static.
 
 This is the one place the layout is defined (`BatchGeometry` holds its sizes); the loader (`data/loader.py`), the synthetic source (`data/synthetic.py`), the
-train step and the benchmarks all follow it. Keys are `<type>/<field>`; a type whose sub-batch is 0 in the current
-mixture is absent. Shapes use n_und / n_gen / n_text rows (see `sub_batch_sizes`), S = sequence length of the
+train step and the benchmarks all follow it. Keys are `<type>/<field>`; a type with no rows in a batch is absent.
+Shapes use n_und / n_gen / n_text rows (a training step's come from the mixture schedule, `data/mixture.py`; a
+held-out evaluation batch's from `sub_batch_sizes`), S = sequence length of the
 understanding/text rows, L = generation prompt length, H = W = image size (384), K = images per understanding row,
 G = latent grid side (48), C = latent channels (4).
 
@@ -44,7 +45,9 @@ DATA_TYPES = ("und", "gen", "text")
 
 
 def sub_batch_sizes(batch_size: int, ratio: Sequence[float], multiple_of: int = 1) -> dict[str, int]:
-    """Rows per data type for a global batch split at `ratio` (understanding : generation : text-only).
+    """Rows per data type of one fixed batch split at `ratio` (understanding : generation : text-only): the held-out
+    batches of the evaluators. Training steps follow the mixture schedule instead (`data/mixture.py`), which keeps
+    every share exact over the run where a fixed split would round small shares away on a large mesh.
 
     Each size is a multiple of `multiple_of` (the data-parallel shard count x micro-batches, so every sub-batch splits
     evenly over devices and micro-batches). Rounding is by largest remainder over units of `multiple_of`: floor every

@@ -5,27 +5,30 @@ One grain pipeline per data type and reading stream (`streams`: hosts own whole 
     every epoch, seeded) -> repeat forever -> decode (generation: draw the latent from the stored posterior, a fresh
     draw per epoch) -> understanding/text: first-fit packing into rows of seq_len (at most `images_per_row` images per
     understanding row), or one example per row when `pack` is False -> fixed sub-batch,
-and the sub-batches zipped into one dict per step. Packing writes segment ids (1, 2, ... per example, 0 = padding)
+each data type's streams zipped into one grain iterator of *units* (`unit_rows` rows of that type on this host, the
+streams' shares side by side). A step takes as many units of each type as the mixture schedule gives it
+(`MixtureIterator.take`, data/mixture.py), rows laid out stream by stream so that the global batch is the same on any
+number of hosts. Packing writes segment ids (1, 2, ... per example, 0 = padding)
 and positions restarting at 0 in every example; prepared records have no loss on their first token, so no target
 crosses a segment boundary. Images stay uint8 until the sub-batch is formed and are then normalised exactly as the
 official processor does (metadata["image"]); unused image slots of a row are zeros.
 
-Checkpointing: the iterator is a grain `DatasetIterator`; its state is a small JSON-able dict (read positions,
-packing progress), saved beside the train state in the same orbax step:
+Checkpointing: the iterator's state is the states of its per-type grain iterators (read positions, packing progress)
+as JSON bytes, saved beside the train state in the same orbax step:
 
     mngr = ocp.CheckpointManager(dir, item_handlers=dict(state=..., data=grain.checkpoint.CheckpointHandler()))
     mngr.save(step, args=ocp.args.Composite(state=..., data=grain.checkpoint.CheckpointSave(iterator)))
     mngr.restore(step, args=ocp.args.Composite(state=..., data=grain.checkpoint.CheckpointRestore(iterator)))
 
 (one file per host; or `it.get_state()` / `it.set_state(state)` directly). The batches after a restore equal those of
-an uninterrupted run. Restore with the same data config (num_workers included), sizes and host count: the state
-indexes this exact pipeline.
+an uninterrupted run. Restore with the same data config (num_workers included), data types, unit and host count: the
+state indexes this exact pipeline.
 """
 
 from __future__ import annotations
 
-import functools
 import json
+import math
 from typing import Mapping
 
 import ml_collections
@@ -231,38 +234,82 @@ def pad_fraction(lengths, num_images, *, seq_len: int, images_per_row: int = 1, 
     return 1.0 - used / (rows * seq_len)
 
 
-def _merge(parts: tuple) -> dict:
-    out = {}
-    for part in parts:
-        out.update(part)
-    return out
+def _merge_streams(parts: tuple) -> tuple:
+    """One unit of one data type: the host's streams' sub-batches, in stream order."""
+    return tuple(parts)
 
 
-def _merge_streams(parts_per_stream: int, parts: tuple) -> dict:
-    """The zipped sub-batches of several streams (each `parts_per_stream` data types) -> one host batch, the streams'
-    rows side by side in stream order."""
-    streams = [_merge(parts[i:i + parts_per_stream]) for i in range(0, len(parts), parts_per_stream)]
-    if len(streams) == 1:
-        return streams[0]
-    return {key: np.concatenate([s[key] for s in streams]) for key in streams[0]}
+class MixtureIterator:
+    """This host's batches with any rows per data type, from one grain iterator of units per type.
+
+    `take(sizes)` pulls sizes[type] / unit_rows units of each type and lays them out stream by stream (stream s's
+    rows of every unit, then stream s + 1's), so a global batch is the same rows in the same order on any number of
+    hosts that divides the streams. `next()` takes `default_sizes`. The state (`get_state` / `set_state`, JSON bytes)
+    is every type's grain iterator state; grain's orbax checkpoint handler saves it like any iterator's."""
+
+    def __init__(self, iterators: Mapping[str, object], unit_rows: int, default_sizes: Mapping[str, int]):
+        self.iterators, self.unit_rows, self.default_sizes = dict(iterators), unit_rows, dict(default_sizes)
+
+    def __iter__(self):
+        return self
+
+    def take(self, sizes: Mapping[str, int]) -> dict:
+        out = {}
+        for kind, rows in sizes.items():
+            if not rows:
+                continue
+            if kind not in self.iterators or rows % self.unit_rows:
+                raise ValueError(f"{rows} {kind} rows are not whole units of {self.unit_rows} rows of a type this "
+                                 f"iterator reads ({', '.join(self.iterators)})")
+            units = [next(self.iterators[kind]) for _ in range(rows // self.unit_rows)]
+            for key in units[0][0]:
+                out[key] = np.concatenate([unit[s][key] for s in range(len(units[0])) for unit in units])
+        return out
+
+    def __next__(self) -> dict:
+        return self.take(self.default_sizes)
+
+    def get_state(self) -> bytes:
+        return json.dumps({kind: it.get_state() for kind, it in self.iterators.items()}).encode()
+
+    def set_state(self, state: bytes):
+        states = json.loads(state)
+        if set(states) != set(self.iterators):
+            raise ValueError(f"a data state for types {sorted(states)} cannot restore an iterator of "
+                             f"{sorted(self.iterators)}: restore with the config the state was saved with")
+        for kind, it in self.iterators.items():
+            it.set_state(states[kind])
+
+    def start_prefetch(self):  # grain's checkpoint handler calls it after a restore
+        for it in self.iterators.values():
+            if hasattr(it, "start_prefetch"):
+                it.start_prefetch()
+
+    def close(self):
+        """Stops the per-type iterators' worker processes and threads."""
+        for it in self.iterators.values():
+            if hasattr(it, "close"):
+                it.close()
 
 
 def make_train_iterator(data_config, sizes: Mapping[str, int], geometry: BatchGeometry, *, seed: int = 0,
-                        shard_index: int | None = None, shard_count: int | None = None):
+                        shard_index: int | None = None, shard_count: int | None = None,
+                        unit_rows: int | None = None) -> MixtureIterator:
     """An endless iterator of numpy batches in the `batch.py` layout, for THIS host's rows.
 
-    sizes: rows per data type on this host ({"und": .., "gen": .., "text": ..}; a type with 0 rows is absent from the
-    batches and its records are never read). geometry: the batch's shapes (`BatchGeometry.from_config`), checked
-    against the prepared dataset's metadata.json.
+    sizes: rows per data type on this host ({"und": .., "gen": .., "text": ..}) of the batches `next()` returns; a
+    type with 0 rows is never read. unit_rows: this host's rows per unit (default: the gcd of the sizes); `take(sizes)`
+    returns a batch of any whole units of the types read. geometry: the batch's shapes (`BatchGeometry.from_config`),
+    checked against the prepared dataset's metadata.json.
     seed: the run's seed, folded with data_config.seed. shard_index / shard_count: this host and the number of hosts
     (default jax.process_index() / jax.process_count()). The records are dealt to `data_config.streams` reading
     streams (default: one per host); this host reads only its streams [shard_index * k, (shard_index + 1) * k),
     k = streams / shard_count, so hosts see disjoint records, and its rows of each type are the k streams' equal
     shares side by side.
 
-    Returns a grain DatasetIterator: `next(it)` -> dict, `it.get_state()` / `it.set_state(state)`, and orbax
-    checkpointing through grain.checkpoint.CheckpointSave / CheckpointRestore (module docstring). Deterministic for a
-    given seed, config, sizes and shard, also with worker processes.
+    Returns a `MixtureIterator`: `next(it)` / `it.take(sizes)` -> dict, `it.get_state()` / `it.set_state(state)`, and
+    orbax checkpointing through grain.checkpoint.CheckpointSave / CheckpointRestore (module docstring). Deterministic
+    for a given seed, config, types, unit and shard, also with worker processes.
     """
     import grain
 
@@ -287,20 +334,22 @@ def make_train_iterator(data_config, sizes: Mapping[str, int], geometry: BatchGe
     if streams % shard_count:
         raise ValueError(f"data.streams {streams} is not a multiple of the {shard_count} hosts")
     per_host = streams // shard_count
-    uneven = {kind: n for kind, n in sizes.items() if n % per_host}
-    if uneven:
-        raise ValueError(f"rows per host {uneven} do not split over this host's {per_host} reading streams "
-                         f"(data.streams {streams} / {shard_count} hosts)")
+    if unit_rows is None:
+        unit_rows = math.gcd(*(n for n in sizes.values() if n))
+    if unit_rows % per_host or any(n % unit_rows for n in sizes.values()):
+        raise ValueError(f"rows per host {dict(sizes)} in units of {unit_rows} do not split over this host's "
+                         f"{per_host} reading streams (data.streams {streams} / {shard_count} hosts)")
     directory = epath.Path(data_config.dir)
     meta = load_metadata(directory)
     _check(meta, sizes, geometry, streams, shard_count)
 
-    parts = []
-    kinds = [kind for kind in DATA_TYPES if sizes.get(kind, 0)]  # fixed order: the zipped state lists them so
-    for stream in range(shard_index * per_host, (shard_index + 1) * per_host):
-        common = dict(shard_index=stream, shard_count=streams, seed=seed)
-        for kind in kinds:
-            rows = sizes[kind] // per_host
+
+    iterators = {}
+    for kind in [kind for kind in DATA_TYPES if sizes.get(kind, 0)]:  # fixed order
+        parts = []
+        rows = unit_rows // per_host
+        for stream in range(shard_index * per_host, (shard_index + 1) * per_host):
+            common = dict(shard_index=stream, shard_count=streams, seed=seed)
             if kind == "gen":
                 parts.append(_gen_pipeline(grain, data_config, meta, directory, rows,
                                            prompt_len=geometry.prompt_len, **common))
@@ -308,7 +357,13 @@ def make_train_iterator(data_config, sizes: Mapping[str, int], geometry: BatchGe
                 parts.append(_sequence_pipeline(grain, data_config, meta, directory, kind, rows,
                                                 seq_len=geometry.seq_len, images_per_row=geometry.images_per_row,
                                                 **common))
-    ds = grain.experimental.ZipIterDataset(parts).map(functools.partial(_merge_streams, len(kinds)))
+        ds = grain.experimental.ZipIterDataset(parts).map(_merge_streams)
+        iterators[kind] = iter(_prefetch(grain, data_config, ds))
+    return MixtureIterator(iterators, unit_rows, sizes)
+
+
+def _prefetch(grain, data_config, ds):
+    """`num_workers` worker processes (per data type) or, without workers, a thread `prefetch` units ahead."""
     if data_config.num_workers > 0:
         from absl import flags
 
@@ -316,9 +371,8 @@ def make_train_iterator(data_config, sizes: Mapping[str, int], geometry: BatchGe
         # parsed, so take their defaults instead of failing.
         if not flags.FLAGS.is_parsed():
             flags.FLAGS.mark_as_parsed()
-        ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=data_config.num_workers,
-                                                         per_worker_buffer_size=data_config.prefetch))
-    elif data_config.prefetch > 0:
-        ds = grain.experimental.ThreadPrefetchIterDataset(ds, prefetch_buffer_size=data_config.prefetch)
-    return iter(ds)
-
+        return ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=data_config.num_workers,
+                                                           per_worker_buffer_size=data_config.prefetch))
+    if data_config.prefetch > 0:
+        return grain.experimental.ThreadPrefetchIterDataset(ds, prefetch_buffer_size=data_config.prefetch)
+    return ds

@@ -66,8 +66,10 @@ def synthetic_batch(rng: np.random.Generator, sizes: Mapping[str, int], geometry
 
 
 class SyntheticSource:
-    """Random batches in the `data/batch.py` layout, a pure function of (seed, phase, process, index): for tests,
-    benchmarks and a first run without data. Checkpointable like a grain iterator (bytes state)."""
+    """Random batches in the `data/batch.py` layout, a pure function of (seed, phase, process, index, rows per type):
+    for tests, benchmarks and a first run without data. `take(sizes)` gives the next batch with those rows per type
+    (the trainer's per-step composition), `next()` one with `sizes`. Checkpointable like a grain iterator (bytes
+    state)."""
 
     def __init__(self, sizes, seed: int, phase: int, geometry: BatchGeometry):
         self.sizes, self.seed, self.phase, self.index = dict(sizes), seed, phase, 0
@@ -76,10 +78,13 @@ class SyntheticSource:
     def __iter__(self):
         return self
 
-    def __next__(self):
+    def take(self, sizes) -> dict[str, np.ndarray]:
         rng = np.random.default_rng([self.seed, self.phase, jax.process_index(), self.index])
         self.index += 1
-        return synthetic_batch(rng, self.sizes, self.geometry)
+        return synthetic_batch(rng, sizes, self.geometry)
+
+    def __next__(self):
+        return self.take(self.sizes)
 
     def get_state(self) -> bytes:
         return json.dumps({"index": self.index}).encode()

@@ -185,13 +185,10 @@ def longest_phase(mixture) -> int:
 
 
 # ---------------------------------------------------------------------------------------------------- compiling
-def _compile(config, devices, phase: int):
-    """(plan, compiled executable, lowering seconds, compile seconds) of the configured step for `devices`."""
-    plan = trainer.make_plan(config, devices=devices)
-    if not 0 <= phase < len(config.mixture):
-        raise ValueError(f"phase {phase} outside the config's {len(config.mixture)} mixture phases")
-    state, batch = plan.abstract_state(), plan.abstract_batch(phase)
-    jitted = plan.jitted_step(phase)
+def _compile(plan, phase: int, sizes: dict):
+    """(compiled executable, lowering seconds, compile seconds) of the plan's step for one batch composition."""
+    state, batch = plan.abstract_state(), plan.abstract_batch(sizes)
+    jitted = plan.jitted_step(phase, sizes)
     start = time.perf_counter()
     with mesh_context(plan.mesh):  # the model's activation constraints
         lowered = jitted.lower(state, batch)
@@ -200,7 +197,7 @@ def _compile(config, devices, phase: int):
         compiled = lowered.compile()
     except jax.errors.JaxRuntimeError as e:  # e.g. RESOURCE_EXHAUSTED: ran out of memory in memory space hbm
         raise CompileError(" ".join(str(e).split())[:2000]) from None
-    return plan, compiled, lowered_at - start, time.perf_counter() - lowered_at
+    return compiled, lowered_at - start, time.perf_counter() - lowered_at
 
 
 def _flops_and_seconds(compiled) -> tuple[float, float | None]:
@@ -212,10 +209,31 @@ def _flops_and_seconds(compiled) -> tuple[float, float | None]:
     return float((cost or {}).get("flops", 0.0)), float(seconds) if seconds is not None and seconds > 0 else None
 
 
-def compile_train_step(config, devices, phase: int | None = None) -> dict:
+def phase_compositions(config, devices, phase: int | None = None):
+    """(plan, phase, [sizes of every distinct batch composition of the phase, in order of first use]) for `devices`
+    (data/mixture.py: the few step shapes the schedule deals; phase default: the longest)."""
+    plan = trainer.make_plan(config, devices=devices)
+    phase = longest_phase(config.mixture) if phase is None else phase
+    if not 0 <= phase < len(config.mixture):
+        raise ValueError(f"phase {phase} outside the config's {len(config.mixture)} mixture phases")
+    schedule = plan.mixture.schedule(phase)
+    return plan, phase, [dict(zip(schedule.types, c)) for c in schedule.compositions()]
+
+
+def compile_compositions(config, devices, phase: int | None = None, first_only: bool = False) -> list[dict]:
+    """`compile_train_step` for every batch composition of the mixture phase (or its first alone): the run compiles
+    each of them once; the largest memory among them is what must fit."""
+    plan, phase, compositions = phase_compositions(config, devices, phase)
+    return [compile_train_step(config, devices, phase, sizes, plan=plan, compositions=len(compositions))
+            for sizes in compositions[:1 if first_only else None]]
+
+
+def compile_train_step(config, devices, phase: int | None = None, sizes: dict | None = None, *, plan=None,
+                       compositions: int | None = None) -> dict:
     """Lowers and compiles the configured train step for `devices` (e.g. `topology_devices("v5p-128")`).
 
-    `phase` is the mixture phase whose batch shapes are compiled (default: the longest). A step whose loops hide its
+    `phase` is the mixture phase (default: the longest) and `sizes` the batch composition (rows per data type)
+    compiled (default: the phase's first). A step whose loops hide its
     cost from XLA's own analysis (scanned layers, micro-batches) gets its whole-step FLOPs and time estimate from the
     roofline of the compiled program, which walks loops by their trip counts. Returns a flat report: what was compiled (devices, mesh, remat, micro-batches, sub-batch
     rows), memory per chip in bytes (argument, output, alias, temp, generated_code, total; hbm and fits where the
@@ -224,8 +242,10 @@ def compile_train_step(config, devices, phase: int | None = None) -> dict:
     times. Raises CompileError when XLA refuses (e.g. out of HBM).
     """
     devices = list(devices)
-    phase = longest_phase(config.mixture) if phase is None else phase
-    plan, compiled, lower_seconds, compile_seconds = _compile(config, devices, phase)
+    if plan is None:
+        plan, phase, all_sizes = phase_compositions(config, devices, phase)
+        sizes, compositions = sizes or all_sizes[0], len(all_sizes)
+    compiled, lower_seconds, compile_seconds = _compile(plan, phase, sizes)
     n_chips = len(devices)
     kind = devices[0].device_kind
     mem = compiled.memory_analysis()
@@ -260,7 +280,8 @@ def compile_train_step(config, devices, phase: int | None = None) -> dict:
         whole_flops = bound["flops"]
     if estimate is None and whole:
         estimate, source = bound["seconds"], "roofline"
-    counts = flops_lib.step_counts(plan, phase)
+    counts = flops_lib.step_counts(plan, sizes)
+    schedule = plan.mixture.schedule(phase)
     return {
         "device_kind": kind,
         "chips": n_chips,
@@ -273,7 +294,11 @@ def compile_train_step(config, devices, phase: int | None = None) -> dict:
         "micro_batches": config.micro_batches,
         "phase": phase,
         "ratio": tuple(config.mixture[phase][1]),
-        "sub_batch": dict(plan.global_sizes[phase]),
+        "sub_batch": dict(sizes),
+        "compositions": compositions,  # distinct batch compositions of the phase (each compiled once by a run)
+        "unit_rows": plan.unit_rows,
+        "steps_per_period": schedule.steps_per_period,
+        "share_of_steps": _share_of_steps(schedule, sizes),
         "batch_size": config.batch_size,
         "memory_bytes": memory,
         "hbm_bytes": hbm,
@@ -293,6 +318,33 @@ def compile_train_step(config, devices, phase: int | None = None) -> dict:
         "lower_seconds": lower_seconds,
         "compile_seconds": compile_seconds,
     }
+
+
+def _share_of_steps(schedule, sizes: dict) -> float:
+    """The fraction of the phase's steps that have this composition."""
+    want = tuple(sizes.get(t, 0) for t in schedule.types)
+    period = schedule.steps_per_period
+    return sum(schedule.composition(i) == want for i in range(period)) / period
+
+
+def format_compositions(reports: list[dict]) -> str:
+    """One line per compiled composition (rows, share of steps, memory per chip) and the largest memory."""
+    def gib(b):
+        return f"{b / GIB:.2f} GiB"
+
+    first = reports[0]
+    lines = [f"phase {first['phase']} ratio {':'.join(map(str, first['ratio']))}: {first['compositions']} batch "
+             f"compositions in units of {first['unit_rows']} rows (the deal repeats every {first['steps_per_period']} "
+             "steps)" + ("" if len(reports) == first["compositions"] else f"; {len(reports)} compiled")]
+    for r in reports:
+        lines.append("  " + ", ".join(f"{k} {v}" for k, v in r["sub_batch"].items()) + f": {r['share_of_steps']:.0%} "
+                     f"of steps, memory per chip {gib(r['memory_bytes']['total'])}"
+                     + (f" ({'fits' if r['fits'] else 'DOES NOT FIT'})" if r["hbm_bytes"] else "")
+                     + f", compile {r['compile_seconds']:.1f} s")
+    peak = max(r["memory_bytes"]["total"] for r in reports)
+    lines.append(f"  largest: {gib(peak)} per chip" + (f" of {gib(first['hbm_bytes'])} HBM" if first["hbm_bytes"]
+                                                       else ""))
+    return "\n".join(lines)
 
 
 def format_report(report: dict, topology: str = "") -> str:

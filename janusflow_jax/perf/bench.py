@@ -123,8 +123,9 @@ def meta(label: str, command: str) -> dict:
 
 # ------------------------------------------------------------------------------------------------------ training
 class TrainBench:
-    """A compiled train step of `config` (last mixture phase: the run's steady state) on a fixed synthetic batch,
-    parameters randomly initialised in place. The batch is on the devices before timing: step times exclude input."""
+    """A compiled train step of `config` (the first step of its last mixture phase: the run's steady state) on a fixed
+    synthetic batch, parameters randomly initialised in place. The batch is on the devices before timing: step times
+    exclude input."""
 
     def __init__(self, config):
         self.plan = plan = trainer.make_plan(config)
@@ -137,10 +138,11 @@ class TrainBench:
 
         with self._context():
             self.state = jax.jit(init, out_shardings=plan.state_sh)(jax.random.key(config.seed))
-        source = SyntheticSource(plan.host_sizes(self.phase), config.seed, self.phase, plan.geometry)
+        self.sizes = plan.sizes_at(plan.mixture.phases[self.phase][0])
+        source = SyntheticSource(plan.host_sizes(self.sizes), config.seed, self.phase, plan.geometry)
         self.host_batch = next(source)
-        self.batch = trainer.global_batch(self.host_batch, plan.batch_shardings(self.phase))
-        self._jitted = plan.jitted_step(self.phase)
+        self.batch = trainer.global_batch(self.host_batch, plan.batch_shardings(self.sizes))
+        self._jitted = plan.jitted_step(self.phase, self.sizes)
         self._compiled = None
         self.compile_s = float("nan")
 
@@ -190,7 +192,7 @@ def bench_train(config, steps: int = 10, warmup: int = 2, cpu_peak: float | None
     times = [time_call(bench.step) for _ in range(steps)]
     step_s = statistics.median(times)
     progress(f"train: step times {[round(t, 4) for t in times]} s")
-    counts = flops_lib.step_counts(bench.plan, bench.phase)
+    counts = flops_lib.step_counts(bench.plan, bench.sizes)
     n_dev = jax.device_count()
     tflops = counts["flops"] / step_s / n_dev / 1e12
     peak, peak_source = device_peak(cpu_peak, n_dev)
@@ -210,7 +212,7 @@ def bench_train(config, steps: int = 10, warmup: int = 2, cpu_peak: float | None
             "flops_per_step": counts["flops"], "tflops_per_device": tflops, "peak_flops_per_device": peak,
             "peak_source": peak_source, "mfu": tflops * 1e12 / peak if peak else float("nan"),
             "peak_memory_bytes": memory, "peak_memory_source": memory_source,
-            "batch_size": bench.plan.config.batch_size, "sub_batches": bench.plan.global_sizes[bench.phase],
+            "batch_size": bench.plan.config.batch_size, "sub_batches": bench.sizes,
             "seq_len": bench.plan.config.data.seq_len, "devices": n_dev,
             "flops_note": "counted as flops.py (MaxText style): causal attention FLOPs halved"}
 
@@ -353,7 +355,7 @@ def bench_torch(config, reps: int = 5, sample_batch: int = 4, sample_steps: int 
     rows_2b, gen_seq = 2 * sample_batch, sample.prompt_len + 1 + model_cfg.num_gen_tokens
     velocity_flops = (flops_lib.llm_forward(model_cfg, rows_2b, gen_seq, logits=False)
                       + flops_lib.gen_towers_forward(model_cfg, rows_2b))
-    train_flops = flops_lib.step_counts(train.plan, train.phase)["flops"]
+    train_flops = flops_lib.step_counts(train.plan, train.sizes)["flops"]
     sampled = {cache: flops_lib.sampling_flops(model_cfg, sample_batch, sample_steps, sample.prompt_len, cfg != 1.0,
                                                cache) for cache in (True, False)}
 
@@ -446,21 +448,21 @@ def bench_data(config, batches: int = 20, warmup: int = 3) -> dict:
         raise BenchError(f"data needs batches >= 1 and warmup >= 0, got {batches} and {warmup}")
     plan = trainer.make_plan(config)
     phase = len(config.mixture) - 1
-    sizes = plan.host_sizes(phase)
+    first = plan.mixture.phases[phase][0]
     source = plan.source(phase)
-    for _ in range(warmup):  # worker start-up and the first buffer fill are not the steady state
-        next(source)
-    times = []
-    for _ in range(batches):
+    for step in range(first, first + warmup):  # worker start-up and the first buffer fill are not the steady state
+        source.take(plan.host_sizes(plan.sizes_at(step)))
+    times, sizes, size = [], plan.host_sizes(plan.sizes_at(first + warmup)), 0
+    for step in range(first + warmup, first + warmup + batches):
         start = time.perf_counter()
-        batch = next(source)
+        batch = source.take(plan.host_sizes(plan.sizes_at(step)))
         times.append(time.perf_counter() - start)
-    size = sum(np.asarray(v).nbytes for v in batch.values())
-    rows = sum(sizes.values())
+        size += sum(np.asarray(v).nbytes for v in batch.values())
+    rows = plan.config.batch_size // jax.process_count()
     progress(f"data: batch times {[round(t, 4) for t in times]} s")
-    return {"batches": batches, "rows_per_batch": rows, "sub_batches": dict(sizes), "bytes_per_batch": size,
+    return {"batches": batches, "rows_per_batch": rows, "sub_batches": dict(sizes), "bytes_per_batch": size / batches,
             "batch_s_median": statistics.median(times), "batch_s_max": max(times),
-            "examples_per_s": rows * batches / sum(times), "megabytes_per_s": size * batches / sum(times) / 1e6,
+            "examples_per_s": rows * batches / sum(times), "megabytes_per_s": size / sum(times) / 1e6,
             "source": config.data.source, "dir": config.data.get("dir", ""),
             "num_workers": int(config.data.get("num_workers", 0)), "prefetch": int(config.data.get("prefetch", 0)),
             "seq_len": config.data.seq_len}

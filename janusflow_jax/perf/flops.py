@@ -106,10 +106,10 @@ def train_step_flops(cfg: JanusFlowConfig, labels: dict, sizes: dict, seq_len: i
     return total
 
 
-def step_counts(plan, phase: int) -> dict:
-    """{"flops": counted FLOPs per step, "tokens": LLM tokens per step} for a trainer `Plan` in mixture `phase`."""
+def step_counts(plan, sizes: dict) -> dict:
+    """{"flops": counted FLOPs per step, "tokens": LLM tokens per step} of a trainer `Plan`'s step over a global batch
+    of `sizes` rows per data type (`plan.sizes_at(step)`)."""
     c = plan.config
-    sizes = plan.global_sizes[phase]
     flops = train_step_flops(plan.model_cfg, plan.labels, sizes, c.data.seq_len, c.data.prompt_len,
                              c.data.images_per_row, c.loss.repa_weight != 0)
     gen_seq = c.data.prompt_len + 1 + plan.model_cfg.num_gen_tokens

@@ -95,25 +95,27 @@ def _loop(plan: Plan, mngr, state, source, phase: int, start: int, workdir: epat
     config = plan.config
     step_fns = {}
 
-    def compiled(phase):
-        if phase not in step_fns:
-            step_fns[phase] = (plan.jitted_step(phase), plan.batch_shardings(phase))
-        return step_fns[phase]
+    def compiled(phase, sizes):
+        """The step function, batch shardings and counted work of one step composition (each compiled once)."""
+        key = (phase, tuple(sorted(sizes.items())))
+        if key not in step_fns:
+            step_fns[key] = (plan.jitted_step(phase, sizes), plan.batch_shardings(sizes),
+                             flops_lib.step_counts(plan, sizes))
+        return step_fns[key]
 
-    counts = flops_lib.step_counts(plan, phase)
-    reporter = Reporter(workdir, counts["flops"], chips.peak_flops_per_device(), counts["tokens"],
-                        config.batch_size, progress, start=start)
+    reporter = Reporter(workdir, chips.peak_flops_per_device(), config.batch_size, progress, start=start,
+                        types=plan.mixture.types)
     reporter.start_bar(start, config.steps)
     evaluators = eval_lib.from_config(plan, workdir, reporter.writer)  # None unless config.eval_every > 0
     metrics_host, last_time = {}, time.perf_counter()
     pending = None  # (step, metrics, input seconds) of a step dispatched but not yet reported
 
-    def report(done: int, metrics, input_s: float) -> dict:
+    def report(done: int, metrics, input_s: float, counts: dict) -> dict:
         """Reads one step's metrics (waits for it), logs them and enforces the limit on consecutive skips."""
         nonlocal last_time
         host = {k: float(v) for k, v in jax.device_get(metrics).items()}
         now = time.perf_counter()
-        reporter.step(done, {**host, "input_s": input_s}, now - last_time,
+        reporter.step(done, {**host, "input_s": input_s}, now - last_time, counts, plan.mixture.rows_after(done),
                       log=done % config.log_every == 0 or done == config.steps or not host["finite"])
         last_time = now
         skips = int(host["skips"])  # the state's count of consecutive non-finite steps, after this one
@@ -125,10 +127,11 @@ def _loop(plan: Plan, mngr, state, source, phase: int, start: int, workdir: epat
 
     try:
         for step in range(start, config.steps):
-            fn, b_sh = compiled(phase)
+            sizes = plan.sizes_at(step)  # this step's rows per data type (the mixture schedule)
+            fn, b_sh, counts = compiled(phase, sizes)
             fetch_start = time.perf_counter()
-            host_batch = next(source)
-            plan.geometry.check(host_batch, plan.host_sizes(phase))  # every source keeps to the one layout
+            host_batch = source.take(plan.host_sizes(sizes))
+            plan.geometry.check(host_batch, plan.host_sizes(sizes))  # every source keeps to the one layout
             batch = global_batch(host_batch, b_sh)
             input_s = time.perf_counter() - fetch_start  # host time to get the batch (hidden behind the last step)
             state, metrics = fn(state, batch)  # dispatched asynchronously
@@ -145,20 +148,18 @@ def _loop(plan: Plan, mngr, state, source, phase: int, start: int, workdir: epat
                 # Nothing needs this step's state before the next step is dispatched: keep the device fed and
                 # report the step after dispatching the next one (a per-step device_get would leave the device
                 # idle while the host fetches, transfers and dispatches the next batch).
-                pending = (done, metrics, input_s)
+                pending = (done, metrics, input_s, counts)
                 continue
-            metrics_host = report(done, metrics, input_s)
+            metrics_host = report(done, metrics, input_s, counts)
             for callback in callbacks:
                 callback(done, state, metrics_host)
             if evaluating:  # before the next step donates this state
                 evaluators.run(done, state)
             if boundary:
-                # A new mixture from the next step on: new sub-batch shapes, source and compiled step. Switched
-                # before saving, so a checkpoint at the boundary holds the new source's (fresh) state.
+                # A new mixture from the next step on: new compositions, source and compiled steps. Switched before
+                # saving, so a checkpoint at the boundary holds the new source's (fresh) state.
                 phase = phase_at(config.mixture, done)
                 source = plan.source(phase)
-                counts = flops_lib.step_counts(plan, phase)
-                reporter.flops_per_step, reporter.tokens = counts["flops"], counts["tokens"]
             stop = synced or preempted["flag"]  # a callback may have raised the flag (SIGTERM)
             if saving or stop:
                 checkpointing.save_state(mngr, plan, state, source, done)

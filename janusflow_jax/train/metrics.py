@@ -72,12 +72,11 @@ class JsonLines:
 class Reporter:
     """Progress lines, TensorBoard scalars and metrics.jsonl (process 0 only); the loss-curve PNG at the end."""
 
-    def __init__(self, workdir, flops_per_step: float, peak_flops: float, tokens_per_step: int,
-                 examples_per_step: int, progress: bool, start: int = 0):
+    def __init__(self, workdir, peak_flops: float, examples_per_step: int, progress: bool, start: int = 0,
+                 types: tuple[str, ...] = (), terms: tuple[str, ...] = ("ar", "rf", "repa")):
         self.active = jax.process_index() == 0
         self.workdir = workdir = epath.Path(workdir)
-        self.flops_per_step, self.peak = flops_per_step, peak_flops
-        self.tokens, self.examples = tokens_per_step, examples_per_step
+        self.peak, self.examples, self.types, self.terms = peak_flops, examples_per_step, types, terms
         self.writer = self.bar = None
         if self.active:
             from tensorboardX import SummaryWriter
@@ -92,7 +91,10 @@ class Reporter:
 
             self.bar = tqdm(total=total, initial=start, desc="train", unit="step", dynamic_ncols=True)
 
-    def step(self, step: int, metrics: dict, step_time: float, log: bool):
+    def step(self, step: int, metrics: dict, step_time: float, counts: dict, rows: dict, log: bool):
+        """One finished step: its metrics, wall time, counted work (`flops.step_counts`: "flops", "tokens") and the
+        rows of each data type trained so far (`Mixture.rows_after`), logged as the realised mix `mix_<type>` (% of
+        all rows)."""
         if not self.active:
             return
         if self.bar is not None:
@@ -101,19 +103,23 @@ class Reporter:
         if not log:
             return
         n = jax.device_count()
-        tflops = self.flops_per_step / step_time / n / 1e12
+        tflops = counts["flops"] / step_time / n / 1e12
+        all_rows = max(sum(rows.values()), 1)
+        mix = {f"mix_{t}": 100.0 * rows.get(t, 0) / all_rows for t in self.types}
         row = dict(step=step, **{k: float(v) for k, v in metrics.items()}, step_time=step_time,
-                   examples_per_s=self.examples / step_time, tokens_per_s=self.tokens / step_time,
-                   tflops_per_device=tflops, mfu=tflops * 1e12 / self.peak if self.peak else float("nan"))
+                   examples_per_s=self.examples / step_time, tokens_per_s=counts["tokens"] / step_time,
+                   tflops_per_device=tflops, mfu=tflops * 1e12 / self.peak if self.peak else float("nan"), **mix)
         self.jsonl.write(row)
         for k, v in row.items():
             if k != "step" and math.isfinite(v):  # MFU is NaN where the device's peak is unknown (CPU)
                 self.writer.add_scalar(f"train/{k}", v, step)
-        line = (f"step {step}: loss {row['loss']:.4f} (ar {row['ar']:.4f} rf {row['rf']:.4f} repa {row['repa']:.4f}) "
+        terms = " ".join(f"{t} {row[t]:.4f}" for t in self.terms if t in row)
+        line = (f"step {step}: loss {row['loss']:.4f} ({terms}) "
                 f"lr {row['lr']:.2e} grad_norm {row['grad_norm']:.3f} | {step_time * 1e3:.1f} ms/step "
                 + (f"(input {row['input_s'] * 1e3:.1f} ms) " if "input_s" in row else "") +
                 f"{row['examples_per_s']:.1f} ex/s {row['tokens_per_s']:.0f} tok/s "
-                f"{tflops:.3f} TFLOP/s/device MFU " + (f"{100 * row['mfu']:.2f}%" if self.peak else "n/a"))
+                f"{tflops:.3f} TFLOP/s/device MFU " + (f"{100 * row['mfu']:.2f}%" if self.peak else "n/a")
+                + (" | mix " + " ".join(f"{t} {mix[f'mix_{t}']:.1f}%" for t in self.types) if mix else ""))
         if not row["finite"]:
             line += "  [non-finite: update skipped]"
         (self.bar.write if self.bar is not None else print)(line)

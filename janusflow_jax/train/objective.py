@@ -22,6 +22,7 @@ from janusflow_jax.train import repa
 from janusflow_jax.models.janusflow import JanusFlow, prompt_positions
 
 TERMS = ("ar", "rf", "repa")
+TERM_TYPES = {"ar": ("und", "text"), "rf": ("gen",), "repa": ("gen",)}  # the data types whose rows each term averages
 
 
 def draw_noise(rng, batch: Mapping[str, jax.Array], loss_cfg) -> dict[str, jax.Array]:
@@ -82,6 +83,9 @@ def loss_sums(model: JanusFlow, params, batch: Mapping[str, jax.Array], noise: M
     return sums
 
 
-def total_loss(sums: Mapping[str, jax.Array], totals: Mapping[str, jax.Array], weights: Mapping[str, float]):
-    """Σ_term w_term · sum_term / count_term (a term with count 0 contributes 0)."""
-    return sum(weights[name] * sums[name] / jnp.maximum(totals[name], 1.0) for name in TERMS)
+def total_loss(sums: Mapping[str, jax.Array], totals: Mapping[str, jax.Array], weights: Mapping[str, float],
+               scales: Mapping[str, float] | None = None):
+    """Σ_term w_term · scale_term · sum_term / count_term (a term with count 0 contributes 0). `scales`: the mixture's
+    per-term factor, (the term's rows this step) / (its expected rows per step) (data/mixture.py; default 1)."""
+    scales = scales or {}
+    return sum(weights[name] * scales.get(name, 1.0) * sums[name] / jnp.maximum(totals[name], 1.0) for name in TERMS)

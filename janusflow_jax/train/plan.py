@@ -1,6 +1,7 @@
 """The plan of a run: everything fixed before the first step (model, mesh, freeze labels, optimizer, shardings, the
-batch geometry and the rows per data type of every mixture phase), and the one place the jitted train step, its
-abstract inputs and each phase's batch source are built — for the training loop, AOT compilation and benchmarks alike.
+batch geometry and the mixture schedule: the rows per data type of every step, `data/mixture.py`), and the one place
+the jitted train step of each step composition, its abstract inputs and each phase's batch source are built — for the
+training loop, AOT compilation and benchmarks alike.
 """
 
 from __future__ import annotations
@@ -12,11 +13,12 @@ import flax.linen as nn
 import jax
 import ml_collections
 
-from janusflow_jax.data import batch as batch_lib
-from janusflow_jax.data.batch import BatchGeometry
+from janusflow_jax.data.batch import DATA_TYPES, BatchGeometry
+from janusflow_jax.data.mixture import Mixture, term_scales
 from janusflow_jax.models.config import JanusFlowConfig
 from janusflow_jax.models.janusflow import JanusFlow, abstract_params
 from janusflow_jax.sharding import make_mesh
+from janusflow_jax.train import objective
 from janusflow_jax.train import optimizer
 from janusflow_jax.train import step as train_step
 
@@ -35,7 +37,11 @@ def phase_at(mixture, step: int) -> int:
 
 @dataclasses.dataclass
 class Plan:
-    """Everything fixed for a run: model, mesh, freeze labels, optimizer, shardings, per-phase batch sizes."""
+    """Everything fixed for a run: model, mesh, freeze labels, optimizer, shardings, the mixture schedule.
+
+    A step's batch is given by its `sizes`, {data type: global rows} (`mixture.sizes(step)`; types with no rows this
+    step left out); its step function also depends on the mixture phase (the loss weighs each term by its rows this
+    step over the phase's expected rows, `data/mixture.py`)."""
 
     config: ml_collections.ConfigDict
     model_cfg: JanusFlowConfig
@@ -44,42 +50,63 @@ class Plan:
     labels: dict
     tx: object
     state_sh: dict
-    global_sizes: list  # per mixture phase: rows per data type of the global batch
+    mixture: Mixture  # rows per data type at every step
     geometry: BatchGeometry
 
     @property
     def use_ema(self) -> bool:
         return self.config.optimizer.ema_decay > 0
 
-    def host_sizes(self, phase: int) -> dict:
-        return {k: v // jax.process_count() for k, v in self.global_sizes[phase].items()}
+    @property
+    def unit_rows(self) -> int:
+        """Global rows of one unit of the mixture deal (data shards x hosts x reading streams x micro-batches)."""
+        return self.mixture.phases[0][2].unit_rows
 
-    def batch_shapes(self, phase: int) -> dict:
-        return self.geometry.shapes(self.global_sizes[phase])
+    def phase_at(self, step: int) -> int:
+        return self.mixture.phase_at(step)
 
-    def batch_shardings(self, phase: int) -> dict:
-        return train_step.batch_shardings(self.batch_shapes(phase), self.mesh)
+    def sizes_at(self, step: int) -> dict:
+        """{data type: global rows} of the batch of run step `step`."""
+        return self.mixture.sizes(step)
+
+    def host_sizes(self, sizes: dict) -> dict:
+        return {k: v // jax.process_count() for k, v in sizes.items()}
+
+    def batch_shapes(self, sizes: dict) -> dict:
+        return self.geometry.shapes(sizes)
+
+    def batch_shardings(self, sizes: dict) -> dict:
+        return train_step.batch_shardings(self.batch_shapes(sizes), self.mesh)
 
     def source(self, phase: int):
-        """The iterator of this host's batches for mixture `phase` (`config.data.source`)."""
-        config, sizes = self.config, self.host_sizes(phase)
+        """This host's batch source for mixture `phase` (`config.data.source`): `source.take(host_sizes)` returns
+        the next batch with those rows per data type; checkpointable (`get_state` / `set_state`)."""
+        config = self.config
+        schedule = self.mixture.schedule(phase)
+        host_unit = self.unit_rows // jax.process_count()
+        kinds = {t: host_unit for t, share in zip(schedule.types, schedule.shares) if share}
         if config.data.source == "synthetic":
             from janusflow_jax.data.synthetic import SyntheticSource
 
-            return SyntheticSource(sizes, config.seed, phase, self.geometry)
+            return SyntheticSource(kinds, config.seed, phase, self.geometry)
         if config.data.source == "prepared":
             from janusflow_jax.data import loader
 
-            return loader.make_train_iterator(config.data, sizes, self.geometry, seed=config.seed + 1000 * phase)
+            return loader.make_train_iterator(config.data, kinds, self.geometry, seed=config.seed + 1000 * phase,
+                                              unit_rows=host_unit)
         raise TrainingError(f"unknown data.source {config.data.source!r}: use 'synthetic' or 'prepared'")
 
-    def jitted_step(self, phase: int):
-        """The train step for mixture `phase`: one `jax.jit` with the state's and the batch's shardings, the state
-        donated. Call, lower or compile it inside `sharding.mesh_context(plan.mesh)`."""
+    def term_scales(self, phase: int, sizes: dict) -> dict:
+        """Per loss term: its rows in `sizes` over its expected rows per step in `phase` (1 for an exact share)."""
+        return term_scales(objective.TERM_TYPES, sizes, self.mixture.schedule(phase).expected_rows())
+
+    def jitted_step(self, phase: int, sizes: dict):
+        """The train step for a batch of `sizes` rows in mixture `phase`: one `jax.jit` with the state's and the
+        batch's shardings, the state donated. Call, lower or compile it inside `sharding.mesh_context(plan.mesh)`."""
         config = self.config
         fn = train_step.make_train_step(self.model, self.tx, config.loss, config.optimizer, seed=config.seed,
-                                        micro_batches=config.micro_batches)
-        return train_step.jit_train_step(fn, self.state_sh, self.batch_shardings(phase), self.mesh)
+                                        micro_batches=config.micro_batches, scales=self.term_scales(phase, sizes))
+        return train_step.jit_train_step(fn, self.state_sh, self.batch_shardings(sizes), self.mesh)
 
     def init_state(self, params):
         """The train state (trainable/frozen split, optimizer state, EMA) built from `params` on the mesh."""
@@ -93,11 +120,11 @@ class Plan:
                                 nn.unbox(abstract_params(self.model_cfg)))
         return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), shapes, self.state_sh)
 
-    def abstract_batch(self, phase: int) -> dict:
-        """The global batch of mixture `phase` as ShapeDtypeStructs, rows split over (data, fsdp)."""
-        shardings = self.batch_shardings(phase)
+    def abstract_batch(self, sizes: dict) -> dict:
+        """The global batch of `sizes` rows as ShapeDtypeStructs, rows split over (data, fsdp)."""
+        shardings = self.batch_shardings(sizes)
         return {k: jax.ShapeDtypeStruct(shape, dtype, sharding=shardings[k])
-                for k, (shape, dtype) in self.batch_shapes(phase).items()}
+                for k, (shape, dtype) in self.batch_shapes(sizes).items()}
 
 
 def make_plan(config, devices=None) -> Plan:
@@ -107,12 +134,18 @@ def make_plan(config, devices=None) -> Plan:
     streams = config.data.get("streams", 0) if config.data.get("source") == "prepared" else 0
     unit = math.lcm(dp, jax.process_count(), streams or 1) * config.micro_batches  # every host, stream, micro-batch
     try:
-        sizes = [batch_lib.sub_batch_sizes(config.batch_size, ratio, unit) for _, ratio in config.mixture]
+        mixture = Mixture.from_config(DATA_TYPES, config.mixture, config.batch_size, unit)
     except ValueError as e:
         raise TrainingError(f"batch_size {config.batch_size} with {dp} data-parallel devices and "
                             f"{config.micro_batches} micro-batches: {e}") from None
+    never = mixture.unschedulable(config.steps)
+    if never:
+        raise TrainingError(
+            f"with {config.batch_size} rows in units of {unit} ({dp} data shards x {config.micro_batches} micro-batches"
+            f"{f' x {streams} streams' if streams else ''}), these data types would never train: {'; '.join(never)}. "
+            "Use a larger batch, fewer data shards or a longer phase")
     labels = optimizer.labels(nn.unbox(abstract_params(model_cfg)), config.freeze)
     tx = optimizer.make_optimizer(config.optimizer)
     state_sh = train_step.state_shardings(model_cfg, mesh, labels, tx, config.optimizer.ema_decay > 0)
     geometry = BatchGeometry.from_model(model_cfg, config.data)
-    return Plan(config, model_cfg, JanusFlow(model_cfg), mesh, labels, tx, state_sh, sizes, geometry)
+    return Plan(config, model_cfg, JanusFlow(model_cfg), mesh, labels, tx, state_sh, mixture, geometry)

@@ -75,8 +75,9 @@ def _split_micro(x, micro: int):
 
 
 def make_train_step(model: JanusFlow, tx: optax.GradientTransformation, loss_cfg, opt_cfg, *, seed: int,
-                    micro_batches: int = 1):
-    """The pure step function (state, batch) -> (state, metrics); jit it with `jit_train_step`."""
+                    micro_batches: int = 1, scales: Mapping[str, float] | None = None):
+    """The pure step function (state, batch) -> (state, metrics); jit it with `jit_train_step`. `scales`: the
+    mixture's per-term loss factors for this batch composition (`Plan.term_scales`; default 1)."""
     weights = loss_weights(loss_cfg)
     use_repa = loss_cfg.repa_weight != 0
     schedule = optimizer.learning_rate_schedule(opt_cfg.lr, opt_cfg.warmup_steps)
@@ -89,7 +90,7 @@ def make_train_step(model: JanusFlow, tx: optax.GradientTransformation, loss_cfg
         def loss_fn(trainable, micro_batch, micro_noise):
             params = optimizer.merge(trainable, state["frozen"])
             sums = objective.loss_sums(model, params, micro_batch, micro_noise, use_repa)
-            return objective.total_loss(sums, totals, weights), sums
+            return objective.total_loss(sums, totals, weights, scales), sums
 
         grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
         if micro_batches == 1:
