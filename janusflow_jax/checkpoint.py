@@ -9,7 +9,8 @@ shards (each device reads only its slice); without one they come back as host nu
 Model families: the config item is the config's `to_dict()`. An OmniMamba config writes `"family": "omnimamba"`;
 a config without the field is JanusFlow's (every checkpoint written before OmniMamba existed). `load_params` builds
 the matching config class (`config_from_dict`); an OmniMamba checkpoint from `launch.convert` holds the whole system
-(params {"lm", "vision", "projector", "vq"}, `OmniMambaSystemConfig`). `load_config` reads the config alone.
+(params {"lm", "vision", "projector", "vq"}, `OmniMambaSystemConfig`). `load_config` reads the config alone,
+`load_run_config` a training run's whole run config.
 """
 
 from __future__ import annotations
@@ -134,6 +135,16 @@ def load_config(directory, step: int | None = None):
     """The config of `step` (default: the latest) of the root `directory`, without reading any array."""
     with _open(directory) as mngr:
         return _step_and_config(mngr, directory, step)[1]
+
+
+def load_run_config(directory, step: int | None = None) -> dict | None:
+    """The whole run config (JSON dict) a training run saved with `step` (default: the latest) of the root
+    `directory`, or None where the step has none (`save_params` writes no run config)."""
+    with _open(directory) as mngr:
+        step, _ = _step_and_config(mngr, directory, step)
+        if not (epath.Path(directory) / str(step) / "run_config").exists():  # JSON items report no metadata
+            return None
+        return mngr.restore(step, args=ocp.args.Composite(run_config=ocp.args.JsonRestore()))["run_config"]
 
 
 def _open(directory) -> ocp.CheckpointManager:

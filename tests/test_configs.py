@@ -1,4 +1,5 @@
-"""Every file in configs/ loads into a valid JanusFlowConfig; the 1.3B config has the released parameter count."""
+"""Every file in configs/ loads into a valid JanusFlowConfig (OmniMamba's: its system config); the 1.3B config has
+the released parameter count."""
 
 import importlib
 import pathlib
@@ -21,8 +22,13 @@ REPA_PARAMS = 2048 * 2048 + 2048 + 2048 * 2048 + 2048 + 2048 * 1024 + 1024
 def test_config_file_loads(name):
     config = importlib.import_module(f"configs.{name}").get_config()
     assert config.is_locked
-    model_config = JanusFlowConfig.from_dict(config.model.to_dict())
-    assert model_config.num_gen_tokens == (model_config.latent_size // model_config.gen_encoder.stride) ** 2
+    if config.get("family") == "omnimamba":  # configs/omnimamba_*.py: the system config (tests/test_omnimamba_configs.py)
+        from janusflow_jax.models.omnimamba import OmniMambaSystemConfig
+
+        assert OmniMambaSystemConfig.from_dict(config.model.to_dict()).lm.t2i_prompt_length == 72
+    else:
+        model_config = JanusFlowConfig.from_dict(config.model.to_dict())
+        assert model_config.num_gen_tokens == (model_config.latent_size // model_config.gen_encoder.stride) ** 2
     with pytest.raises(AttributeError):
         config.not_a_field = 1  # locked: typos in overrides are errors
 

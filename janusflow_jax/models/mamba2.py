@@ -21,13 +21,18 @@ Calls (all on `Mamba2LM`, via `model.apply(params, ..., method=...)`):
                                                         (composites such as OmniMamba build their own inputs and
                                                         heads), returning (hidden [batch, seq, d_model], cache).
 Each takes `task` (the active LoRA adapter, static) and `deterministic` (False: LoRA dropout on, needs a "dropout"
-rng) as keywords.
+rng) as keywords; `__call__` and `hidden_states` also take `dropout_keys` (below).
 
 Task LoRA (OmniMamba, docs/reference.md §9.1). With `lora_tasks` set, every mixer carries one adapter per task on
 its input projection: A [d_model, r] and B [r, in_proj rows], output W·u + (alpha / r)·B(A(dropout(u))). Our input
 projection is five projections, so B is stored as five pieces (`B_z`, `B_x`, `B_B`, `B_C`, `B_dt`), the rows of the
 fused B in the order of the fused in_proj: exactly LoRA on the fused in_proj. `fold_lora` merges one task's adapter
 into the kernels for inference (a model without `lora_tasks` then runs it).
+
+Per-row LoRA dropout. With `dropout_keys` (uint32 [batch, *key shape], `jax.random.key_data` of one key per row) the
+dropout mask of row r in layer i is drawn from fold_in(key_r, i) alone, never from the "dropout" rng: a row's mask
+does not depend on the other rows of its batch, so a batch split into micro-batches drops exactly what it drops whole
+(the trainer's gradient accumulation relies on it).
 
 The gated norm is group-wise, RMS over d_inner / ngroups channels (mamba_ssm's RMSNormGated with group_size =
 d_inner / ngroups; transformers 5's MambaRMSNormGated does the same). With ngroups = 1 it spans all of d_inner.
@@ -264,6 +269,20 @@ class GatedRMSNorm(nn.Module):
         return grouped.reshape(h.shape) * scale.astype(jnp.float32)
 
 
+def layer_dropout_keys(dropout_keys, n_layer: int):
+    """Per-row key data [batch, *key shape] -> [n_layer, batch, *key shape]: layer i's keys are fold_in(key_r, i)."""
+    keys = jax.random.wrap_key_data(dropout_keys)
+    return jnp.stack([jax.random.key_data(jax.vmap(lambda k: jax.random.fold_in(k, i))(keys))
+                      for i in range(n_layer)])
+
+
+def row_dropout(u, rate: float, dropout_keys):
+    """Inverted dropout of u [batch, ...] with row r's mask drawn from its own key (key data [batch, *key shape])."""
+    keep = jax.vmap(lambda k: jax.random.bernoulli(jax.random.wrap_key_data(k), 1.0 - rate, u.shape[1:]))(
+        dropout_keys)
+    return jnp.where(keep, u / (1.0 - rate), 0.0).astype(u.dtype)
+
+
 # The input projection's pieces in the order of the fused in_proj rows: (name, logical axis of its output).
 IN_PROJ_PIECES = (("z", "ssm_inner"), ("x", "ssm_inner"), ("B", "ssm_state"), ("C", "ssm_state"), ("dt", "ssm_heads"))
 
@@ -297,12 +316,13 @@ class Mamba2Mixer(nn.Module):
 
     With a layer cache (`init_cache` sliced to one layer) the sequence continues from it; a single token then runs
     the recurrence (`ssd_step`) instead of the chunked scan. `task` picks the LoRA adapter (one of
-    `config.lora_tasks`; None runs the plain projections); `deterministic=False` applies the LoRA dropout."""
+    `config.lora_tasks`; None runs the plain projections); `deterministic=False` applies the LoRA dropout, drawn per
+    row from `dropout_keys` (this layer's key data, [batch, *key shape]) when given, else from the "dropout" rng."""
 
     config: Mamba2Config
 
     @nn.compact
-    def __call__(self, u, cache=None, task: str | None = None, deterministic: bool = True):
+    def __call__(self, u, cache=None, task: str | None = None, deterministic: bool = True, dropout_keys=None):
         cfg = self.config
         dtype, param_dtype = cfg.compute_dtype, cfg.storage_dtype
         batch, length, _ = u.shape
@@ -313,7 +333,10 @@ class Mamba2Mixer(nn.Module):
             raise ValueError(f"unknown LoRA task {task!r}; this model has {cfg.lora_tasks}")
         lora_hidden = None
         if task in adapters:
-            lora_in = nn.Dropout(cfg.lora_dropout)(u, deterministic=deterministic)
+            if dropout_keys is None or deterministic or cfg.lora_dropout == 0:
+                lora_in = nn.Dropout(cfg.lora_dropout)(u, deterministic=deterministic)
+            else:
+                lora_in = row_dropout(u, cfg.lora_dropout, dropout_keys)
             lora_hidden = jnp.dot(lora_in.astype(dtype), adapters[task]["A"].astype(dtype))  # [b, s, rank]
 
         def project(features, axis, name):
@@ -364,15 +387,15 @@ class Mamba2Mixer(nn.Module):
 
 class Mamba2Block(nn.Module):
     """RMSNorm -> mixer, plus the residual (carried in fp32 with residual_in_fp32). Signature fits nn.scan (task and
-    deterministic are broadcast, and static under remat)."""
+    deterministic are broadcast, and static under remat; the layer's dropout keys are scanned like its cache)."""
 
     config: Mamba2Config
 
     @nn.compact
-    def __call__(self, residual, layer_cache, task=None, deterministic=True):
+    def __call__(self, residual, layer_cache, task=None, deterministic=True, dropout_keys=None):
         cfg = self.config
         h = layers.RMSNorm(cfg.norm_eps, cfg.compute_dtype, cfg.storage_dtype, name="norm")(residual)
-        h, layer_cache = Mamba2Mixer(cfg, name="mixer")(h, layer_cache, task, deterministic)
+        h, layer_cache = Mamba2Mixer(cfg, name="mixer")(h, layer_cache, task, deterministic, dropout_keys)
         residual = (residual + h).astype(residual.dtype)
         residual = nn.with_logical_constraint(residual, ("activation_batch", "activation_length", "activation_embed"))
         return residual, layer_cache
@@ -392,7 +415,7 @@ class Mamba2LM(nn.Module):
         block_cls = layers.maybe_remat(Mamba2Block, cfg.remat_policy, static_argnums=(3, 4))
         if cfg.scan_layers:
             self.layers = nn.scan(block_cls, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
-                                  in_axes=(0, nn.broadcast, nn.broadcast), length=cfg.n_layer,
+                                  in_axes=(0, nn.broadcast, nn.broadcast, 0), length=cfg.n_layer,
                                   metadata_params={nn.PARTITION_NAME: "layers"})(cfg)
         else:
             self.layers = [block_cls(cfg) for _ in range(cfg.n_layer)]
@@ -402,18 +425,20 @@ class Mamba2LM(nn.Module):
                                         param_dtype=cfg.storage_dtype, name="lm_head")
 
     def hidden_states(self, inputs_embeds, cache: Cache | None = None, task: str | None = None,
-                      deterministic: bool = True):
+                      deterministic: bool = True, dropout_keys=None):
         """inputs_embeds: [batch, seq, d_model] -> (the final-normed hidden states [batch, seq, d_model] in the
-        compute dtype, the cache after the last position, or None without a cache)."""
+        compute dtype, the cache after the last position, or None without a cache). dropout_keys: per-row LoRA
+        dropout keys (see the module docstring) or None."""
         cfg = self.config
         x = inputs_embeds.astype(jnp.float32 if cfg.residual_in_fp32 else cfg.compute_dtype)
+        layer_keys = None if dropout_keys is None else layer_dropout_keys(dropout_keys, cfg.n_layer)
         if cfg.scan_layers:
-            x, cache = self.layers(x, cache, task, deterministic)
+            x, cache = self.layers(x, cache, task, deterministic, layer_keys)
         else:
             new_cache = []
             for i, layer in enumerate(self.layers):
                 x, layer_cache = layer(x, None if cache is None else jax.tree.map(lambda t: t[i], cache), task,
-                                       deterministic)
+                                       deterministic, None if layer_keys is None else layer_keys[i])
                 new_cache.append(layer_cache)
             if cache is not None:
                 cache = jax.tree.map(lambda *t: jnp.stack(t), *new_cache)
@@ -423,13 +448,13 @@ class Mamba2LM(nn.Module):
         """hidden [..., d_model] -> text logits [..., vocab] (tied embedding or lm_head)."""
         return self.embeddings.attend(hidden) if self.config.tie_embeddings else self.lm_head(hidden)
 
-    def _forward(self, input_ids, cache, task=None, deterministic=True):
-        hidden, cache = self.hidden_states(self.embeddings(input_ids), cache, task, deterministic)
+    def _forward(self, input_ids, cache, task=None, deterministic=True, dropout_keys=None):
+        hidden, cache = self.hidden_states(self.embeddings(input_ids), cache, task, deterministic, dropout_keys)
         return self.logits(hidden), cache
 
-    def __call__(self, input_ids, task: str | None = None, deterministic: bool = True):
+    def __call__(self, input_ids, task: str | None = None, deterministic: bool = True, dropout_keys=None):
         """input_ids: [batch, seq] -> logits [batch, seq, vocab]."""
-        return self._forward(input_ids, None, task, deterministic)[0]
+        return self._forward(input_ids, None, task, deterministic, dropout_keys)[0]
 
     def prefill(self, input_ids, cache: Cache | None = None, task: str | None = None):
         """input_ids: [batch, seq]; cache: the state to continue from (default: `init_cache`, an empty history).

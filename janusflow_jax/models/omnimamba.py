@@ -20,6 +20,8 @@ Sequences:
        (the release's text-only rows).
 No position is masked: Mamba has no attention mask, pad tokens are real inputs (as in the release).
 
+`OmniMambaSystem` runs the LM with the tower and projector in front of it over the system's parameters (training).
+
 Calls (`model.apply(variables, ..., method=...)`): `t2i_logits`, `t2i_prefill`, `t2i_decode_step`, `mmu_logits`,
 `mmu_prefill`, `mmu_decode_step`. Prefill/decode carry the Mamba cache (`models.mamba2.init_cache`); a decode step
 takes the position it writes (a scalar) to pick its position-table row. `fold_lora` merges one task's adapter for
@@ -289,13 +291,14 @@ class OmniMamba(nn.Module):
         return self.backbone.logits(hidden)
 
     # ------------------------------------------------------------------------------------------ text-to-image
-    def t2i_logits(self, prompt_ids, image_ids, deterministic: bool = True):
+    def t2i_logits(self, prompt_ids, image_ids, deterministic: bool = True, dropout_keys=None):
         """Teacher-forced image-token logits. prompt_ids: [batch, P] (the 72-token t2i prompt, the release's
         `caption_ids`); image_ids: [batch, n] (n <= num_image_tokens). Returns [batch, n, image_vocab]: row i
-        predicts image token i (from positions P - 1 .. P + n - 2)."""
+        predicts image token i (from positions P - 1 .. P + n - 2). dropout_keys: per-row LoRA dropout keys
+        (`models.mamba2`) or None."""
         embeds = jnp.concatenate([self.embed_t2i_prompt(prompt_ids), self.embed_image_tokens(image_ids)], axis=1)
         embeds = embeds + self._table_rows(self.pos_embed, 0, embeds.shape[1])
-        hidden, _ = self.backbone.hidden_states(embeds, None, "t2i", deterministic)
+        hidden, _ = self.backbone.hidden_states(embeds, None, "t2i", deterministic, dropout_keys)
         p, n = prompt_ids.shape[1], image_ids.shape[1]
         return self.image_logits(hidden[:, p - 1:p - 1 + n])
 
@@ -316,11 +319,12 @@ class OmniMamba(nn.Module):
         return self.image_logits(hidden[:, 0]), cache
 
     # -------------------------------------------------------------------------------------- understanding
-    def mmu_logits(self, input_ids, image_features=None, deterministic: bool = True):
+    def mmu_logits(self, input_ids, image_features=None, deterministic: bool = True, dropout_keys=None):
         """input_ids [batch, S], image_features [batch, F, d] or None -> text logits [batch, S + F, text_vocab]
-        at every position of [<|mmu|>, <|soi|>, features, <|eoi|>, <|sot|>, text ...]."""
+        at every position of [<|mmu|>, <|soi|>, features, <|eoi|>, <|sot|>, text ...]. dropout_keys: per-row LoRA
+        dropout keys (`models.mamba2`) or None."""
         hidden, _ = self.backbone.hidden_states(self.mmu_embeddings(input_ids, image_features), None, "mmu",
-                                                deterministic)
+                                                deterministic, dropout_keys)
         return self.text_logits(hidden)
 
     def mmu_prefill(self, input_ids, image_features=None, cache=None):
@@ -347,6 +351,39 @@ class OmniMamba(nn.Module):
         return self.mmu_logits(ids, jnp.zeros((1, cfg.num_image_features, cfg.d_model), cfg.compute_dtype))
 
 
+class OmniMambaSystem(nn.Module):
+    """What training runs over the system's parameters {"lm", "vision", "projector", "vq"} (the VQ is never read:
+    training reads precomputed codes): the LM's teacher-forced logits, with understanding images going through the
+    tower and the projector first. The tower and projector compute in the LM's compute dtype."""
+
+    config: OmniMambaSystemConfig
+
+    def setup(self):
+        cfg = self.config
+        self.lm = OmniMamba(cfg.lm)
+        self.vision = DinoSigLIP(cfg.vision, dtype=cfg.lm.compute_dtype)
+        self.projector = FusedGeluMLP(cfg.projector, dtype=cfg.lm.compute_dtype)
+
+    def image_features(self, images):
+        """[batch, H, H, 3] RGB in [0, 1] (resize-naive) -> projected features [batch, F, d]."""
+        return self.projector(self.vision(images))
+
+    def t2i_logits(self, prompt_ids, image_ids, deterministic: bool = True, dropout_keys=None):
+        """`OmniMamba.t2i_logits`."""
+        return self.lm.t2i_logits(prompt_ids, image_ids, deterministic, dropout_keys)
+
+    def mmu_target_logits(self, input_ids, images, deterministic: bool = True, dropout_keys=None):
+        """Teacher-forced text logits [batch, S - 2, text_vocab] for input_ids [batch, S] ([<|mmu|>, <|soi|>,
+        <|eoi|>, <|sot|>, text ...]) with the features of `images` [batch, H, H, 3] spliced in: row j predicts
+        input_ids[:, 2 + j] (<|eoi|> from the last feature, each later id from the one before it). lm_head runs
+        only at these positions, not at the F feature positions."""
+        lm, length = self.lm, input_ids.shape[1]
+        embeds = lm.mmu_embeddings(input_ids, self.image_features(images))
+        hidden, _ = lm.backbone.hidden_states(embeds, None, "mmu", deterministic, dropout_keys)
+        features = embeds.shape[1] - length
+        return lm.text_logits(hidden[:, features + 1:features + length - 1])
+
+
 # ------------------------------------------------------------------------------------------------------ params
 def init_params(config: OmniMambaConfig, rng) -> dict:
     """Fresh parameters (boxed with their logical axes; `nn.unbox` for plain arrays)."""
@@ -367,6 +404,19 @@ def abstract_system_params(config: OmniMambaSystemConfig) -> dict:
             "vision": jax.eval_shape(lambda x: DinoSigLIP(config.vision).init(key, x), images)["params"],
             "projector": jax.eval_shape(lambda x: FusedGeluMLP(config.projector).init(key, x), features)["params"],
             "vq": abstract_vq_params(config.vq)}
+
+
+def init_system_params(config: OmniMambaSystemConfig, rng) -> dict:
+    """Fresh {"lm", "vision", "projector", "vq"} parameters (boxed with their logical axes), each part from its own
+    fold of `rng`; the tree `abstract_system_params` describes."""
+    from janusflow_jax.models.vq import init_vq_params
+
+    side, keys = config.vision.image_size, [jax.random.fold_in(rng, i) for i in range(4)]
+    return {"lm": init_params(config.lm, keys[0]),
+            "vision": DinoSigLIP(config.vision).init(keys[1], jnp.zeros((1, side, side, 3)))["params"],
+            "projector": FusedGeluMLP(config.projector).init(keys[2], jnp.zeros((1, config.projector.vision_dim)))[
+                "params"],
+            "vq": init_vq_params(config.vq, keys[3])}
 
 
 def param_shapes(config: OmniMambaConfig) -> dict[str, tuple]:

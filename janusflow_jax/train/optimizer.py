@@ -1,4 +1,5 @@
-"""Freezing by parameter-path regexes, AdamW with warm-up then constant LR, global-norm clipping, and the EMA.
+"""Freezing by parameter-path regexes, AdamW with a warm-up then a constant (JanusFlow, Table 1) or cosine (OmniMamba's
+release: to 1% of the peak) learning rate, global-norm clipping, and the EMA.
 
 Freezing (big_vision's rule: every parameter must be matched): `freeze` is an ordered list of (regex, "trainable" |
 "frozen"); a parameter's '/'-joined path takes the first rule whose regex matches it from the start (`re.match`). An
@@ -60,23 +61,50 @@ def merge(trainable, frozen) -> dict:
     return _unflat({**_flat(frozen), **_flat(trainable)})
 
 
-def learning_rate_schedule(lr: float, warmup_steps: int):
-    """Linear warm-up from 0 to `lr` over `warmup_steps`, then constant (Table 1: constant after warm-up)."""
-    if warmup_steps <= 0:
-        return optax.constant_schedule(lr)
-    return optax.join_schedules([optax.linear_schedule(0.0, lr, warmup_steps), optax.constant_schedule(lr)],
-                                [warmup_steps])
+DECAYS = ("constant", "cosine")
+
+
+def learning_rate_schedule(lr: float, warmup_steps: int, decay: str = "constant", total_steps: int = 0,
+                           final_fraction: float = 0.01):
+    """Linear warm-up from 0 to `lr` over `warmup_steps`, then
+      "constant": `lr` (JanusFlow, Table 1);
+      "cosine":   final + (lr - final)·(1 + cos(π·p))/2 with final = final_fraction·lr and p = (step - warmup) /
+                  (total_steps - warmup) (transformers' "cosine_with_min_lr", min_lr_rate 0.01: OmniMamba's release),
+                  reaching `final` at `total_steps` and staying there.
+    """
+    if decay not in DECAYS:
+        raise ValueError(f"optimizer.decay {decay!r} is not one of {DECAYS}")
+    warmup_steps = max(int(warmup_steps), 0)
+    if decay == "constant":
+        after = optax.constant_schedule(lr)
+    else:
+        if total_steps <= warmup_steps:
+            raise ValueError(f"a cosine decay needs total_steps ({total_steps}) > warmup_steps ({warmup_steps})")
+        if not 0 <= final_fraction <= 1:
+            raise ValueError(f"optimizer.final_fraction must be in [0, 1], got {final_fraction}")
+        after = optax.cosine_decay_schedule(lr, total_steps - warmup_steps, alpha=final_fraction)
+    if warmup_steps == 0:
+        return after
+    return optax.join_schedules([optax.linear_schedule(0.0, lr, warmup_steps), after], [warmup_steps])
+
+
+def schedule_from_config(opt_cfg):
+    """`learning_rate_schedule` from an optimizer config; `decay`, `total_steps` and `final_fraction` may be absent
+    (JanusFlow's configs: constant)."""
+    get = opt_cfg.get if hasattr(opt_cfg, "get") else lambda name, default: getattr(opt_cfg, name, default)
+    return learning_rate_schedule(opt_cfg.lr, opt_cfg.warmup_steps, get("decay", "constant"), get("total_steps", 0),
+                                  get("final_fraction", 0.01))
 
 
 def make_optimizer(opt_cfg) -> optax.GradientTransformation:
-    """Global-norm clip, then AdamW (β 0.9/0.95); weight decay only on matrices (kernels, embeddings), not on norms,
+    """Global-norm clip, then AdamW (β 0.9/0.95) on `schedule_from_config`; weight decay only on matrices (kernels, embeddings), not on norms,
     biases or the single `beg_of_und_embed` row — it is 0 in Table 1 anyway."""
     def decay_mask(tree):
         return jax.tree.map(lambda x: x.ndim >= 2 and x.shape[0] > 1, tree)
 
     return optax.chain(
         optax.clip_by_global_norm(opt_cfg.clip_norm) if opt_cfg.clip_norm > 0 else optax.identity(),
-        optax.adamw(learning_rate_schedule(opt_cfg.lr, opt_cfg.warmup_steps), b1=opt_cfg.b1, b2=opt_cfg.b2,
+        optax.adamw(schedule_from_config(opt_cfg), b1=opt_cfg.b1, b2=opt_cfg.b2,
                     eps=opt_cfg.eps, weight_decay=opt_cfg.weight_decay, mask=decay_mask),
     )
 
