@@ -71,6 +71,8 @@ class BatchGeometry:
     """The shapes every producer of batches (the prepared loader and its packer, the synthetic source) and every
     consumer (the train step, AOT compile, benchmarks) agree on; derived once from the run config (`from_config`)."""
 
+    types = DATA_TYPES  # the data types of a batch, in order (a class attribute: the family's, not a field)
+
     seq_len: int  # S: tokens per understanding / text row
     prompt_len: int  # L: tokens per (left-padded) generation prompt
     image_size: int  # H = W: understanding images and generation crops
