@@ -4,7 +4,11 @@
                          --cfg=2.0 --reps=3 --torch_threads=0 --profile_dir=DIR] [--out=BENCHMARKS.md
                          --json_dir=benchmarks]
 
-MODE: train | sample | torch | vae | data | all (= train + sample + torch; see janusflow_jax/perf/bench.py). Config overrides
+  python -m launch.bench race [--race_parts=sweep,image,aot --race_lengths=512,1024,... --race_layers=4,2
+                               --race_targets=h200,v5p:2x2x1 --race_memory_budget_gib=8 --race_time_budget=90]
+
+MODE: train | sample | torch | vae | data | all (= train + sample + torch; see janusflow_jax/perf/bench.py) | race
+(OmniMamba's Mamba-2 against JanusFlow's Llama over sequence lengths; janusflow_jax/perf/race.py; no --config). Config overrides
 work as in launch.train (--config.batch_size=32, --config.model.llm.num_layers=4, ...). The report is printed as
 tables, saved as JSON under --json_dir and, unless --out is empty, written into the bench section of --out.
 """
@@ -30,6 +34,21 @@ _VAE_DTYPES = flags.DEFINE_list("vae_dtypes", ["bfloat16"], "vae: compute dtypes
 _REPS = flags.DEFINE_integer("reps", 3, "sample/torch: timed repetitions (torch: alternating JAX/PyTorch).")
 _TORCH_THREADS = flags.DEFINE_integer("torch_threads", 0, "torch.set_num_threads (0 = torch's default).")
 _NOTE = flags.DEFINE_string("note", "", "A remark stored and printed with the report (what was special about it).")
+_RACE_PARTS = flags.DEFINE_list("race_parts", ["sweep"], "race: sweep (this host, reduced depth), image (per-image "
+                                 "latency at the shipped settings), aot (full depth compiled for --race_targets).")
+_RACE_LENGTHS = flags.DEFINE_list("race_lengths", [str(2 ** k) for k in range(9, 17)],
+                                  "race: sequence lengths (tokens).")
+_RACE_LAYERS = flags.DEFINE_list("race_layers", ["4", "2"], "race: Mamba-2 and Llama layers for sweep and image "
+                                 "(full depth: 48, 24).")
+_RACE_TARGETS = flags.DEFINE_list("race_targets", ["h200", "v5p:2x2x1"], "race aot: GPU targets or TPU topologies "
+                                  "(the first chip is compiled for); needs JAX's CUDA plugin / libtpu.")
+_RACE_WIDTH = flags.DEFINE_integer("race_width", 2048, "race sweep: d_model of both backbones (2048: the releases; "
+                                   "smaller: narrow stand-ins for tests, see race.mamba_config).")
+_RACE_BATCH = flags.DEFINE_integer("race_batch", 1, "race: rows per call.")
+_RACE_MEMORY = flags.DEFINE_float("race_memory_budget_gib", 8.0, "race sweep: points whose compiled plan is larger are "
+                                  "not run (this host is shared).")
+_RACE_TIME = flags.DEFINE_float("race_time_budget", 90.0, "race sweep: points predicted to take longer per call (the "
+                                "previous length's time scaled by the counted FLOPs) are not run.")
 _OUT = flags.DEFINE_string("out", "BENCHMARKS.md", "Markdown file whose bench section is rewritten ('' = none).")
 _JSON_DIR = flags.DEFINE_string("json_dir", "benchmarks", "Directory for the JSON reports.")
 _PROFILE_DIR = flags.DEFINE_string("profile_dir", "", "train/all: also trace 3 train steps with jax.profiler into "
@@ -49,6 +68,8 @@ def main(argv) -> int:
     if len(argv) != 2 or argv[1] not in bench.MODES:
         print(f"error: give exactly one mode ({', '.join(bench.MODES)}), got {argv[1:]}", file=sys.stderr)
         return 2
+    if argv[1] == "race":
+        return _race()
     if _CONFIG.value is None:
         print("error: --config is required (e.g. --config=stage2:tiny)", file=sys.stderr)
         return 2
@@ -83,6 +104,43 @@ def main(argv) -> int:
         if out:
             bench.write_markdown(out, json_dir)
             print(f"updated the bench section of {_OUT.value}")
+    except OSError as e:
+        print(f"error: cannot write the results: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _race() -> int:
+    from janusflow_jax import paths
+    from janusflow_jax.perf import bench, race
+
+    try:
+        lengths = [int(n) for n in _RACE_LENGTHS.value]
+        mamba_layers, llama_layers = (int(n) for n in _RACE_LAYERS.value)
+    except ValueError as e:
+        print(f"error: --race_lengths needs integers and --race_layers two integers (Mamba, Llama): {e}",
+              file=sys.stderr)
+        return 2
+    out, json_dir = paths.resolve(_OUT.value), paths.resolve(_JSON_DIR.value)
+    raw = sys.argv[1:]
+    command = "python -m launch.bench " + " ".join(shlex.quote(a) for a in raw)
+    label = f"race {'+'.join(_RACE_PARTS.value)} layers {mamba_layers}/{llama_layers}" + (
+        f" targets {','.join(_RACE_TARGETS.value)}" if "aot" in _RACE_PARTS.value else "")
+    try:
+        report = bench.run_race(label=label, command=command, lengths=lengths, mamba_layers=mamba_layers,
+                                llama_layers=llama_layers, parts=_RACE_PARTS.value, targets=_RACE_TARGETS.value,
+                                batch=_RACE_BATCH.value, reps=_REPS.value, memory_budget_gib=_RACE_MEMORY.value,
+                                time_budget=_RACE_TIME.value, note=_NOTE.value, width=_RACE_WIDTH.value)
+    except (bench.BenchError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(bench.format_report(report))
+    try:
+        path = bench.save_json(report, json_dir)
+        print(f"saved {path}")
+        if out:
+            race.write_markdown(out, json_dir, plot_path=f"{json_dir}/{race.PLOT_NAME}")
+            print(f"updated the race section of {_OUT.value}")
     except OSError as e:
         print(f"error: cannot write the results: {e}", file=sys.stderr)
         return 1

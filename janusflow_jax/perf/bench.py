@@ -16,6 +16,8 @@ A report is a plain dict (JSON-ready):
           of alternating repetitions), speedup = torch_s / jax_s, both sides' counted FLOPs and TFLOP/s, and
           speedup_ceiling (torch_s / the JAX FLOPs at peak); torch runs on the GPU when it sees one
   vae     (mode "vae" only) SDXL-VAE encode/decode rows at 384^2: compile_s, latency_s, images_per_s
+  race    (mode "race", `run_race`) the long-sequence race of OmniMamba's Mamba-2 against JanusFlow's Llama: see
+          `race.py` (it has its own section in BENCHMARKS.md and a plot, `race.write_markdown`)
   data    (mode "data" only) this host's loader alone (`bench_data`): batches, rows_per_batch, bytes_per_batch,
           batch_s_median / batch_s_max, examples_per_s and megabytes_per_s, source, num_workers, prefetch
 Medians, not means: a shared machine's other jobs produce long-tail outliers.
@@ -56,7 +58,7 @@ from janusflow_jax.train import loop as trainer
 from janusflow_jax.train import optimizer
 from janusflow_jax.train import step as train_step
 
-MODES = ("train", "sample", "torch", "vae", "data", "all")  # "all" = train + sample + torch
+MODES = ("train", "sample", "torch", "vae", "data", "all", "race")  # "all" = train + sample + torch; race: `race.py`
 BEGIN, END = "<!-- bench:begin -->", "<!-- bench:end -->"
 
 
@@ -477,6 +479,8 @@ def run(mode: str, config, *, label: str, command: str = "", steps: int = 10, wa
     `profile_dir`: also profile the train step (train and all modes; `bench_train`)."""
     if mode not in MODES:
         raise BenchError(f"unknown mode {mode!r}: use one of {', '.join(MODES)}")
+    if mode == "race":
+        raise BenchError("the race has its own options: run_race")
     if steps < 1 or warmup < 0 or reps < 1:
         raise BenchError(f"need steps >= 1, warmup >= 0 and reps >= 1; got {steps}, {warmup}, {reps}")
     if not batch_sizes or not sample_steps or not cfgs or min(batch_sizes) < 1 or min(sample_steps) < 1 \
@@ -509,6 +513,49 @@ def run(mode: str, config, *, label: str, command: str = "", steps: int = 10, wa
     return report
 
 
+def run_race(*, label: str, command: str = "", lengths: Sequence[int], mamba_layers: int, llama_layers: int,
+             parts: Sequence[str] = ("sweep",), targets: Sequence[str] = (), batch: int = 1, reps: int = 2,
+             memory_budget_gib: float = 8.0, time_budget: float = 90.0, dtype: str = "float32",
+             note: str = "", width: int = 2048) -> dict:
+    """The long-sequence race report (`race.py`): "sweep" (this host, reduced depth), "image" (per-image latency at
+    the shipped settings, same depths), "aot" (full depth compiled for each of `targets`, e.g. "h200",
+    "v5p:2x2x1": `aot.topology_devices`; a single chip is the first device of the topology). `width`: d_model of the
+    sweep's backbones (2048, the release; smaller ones for tests: `race.mamba_config`)."""
+    from janusflow_jax.perf import race
+
+    unknown = set(parts) - {"sweep", "image", "aot"}
+    if unknown or not parts:
+        raise BenchError(f"race parts are sweep, image and aot; got {list(parts)}")
+    if not lengths or min(lengths) < 1 or mamba_layers < 1 or llama_layers < 1 or batch < 1 or reps < 1:
+        raise BenchError(f"race needs lengths, layers, batch and reps >= 1; got lengths={list(lengths)} layers="
+                         f"{mamba_layers}/{llama_layers} batch={batch} reps={reps}")
+    if "aot" in parts and not targets:
+        raise BenchError("race part aot needs --race_targets (e.g. h200,v5p:2x2x1)")
+    report = {"mode": "race", "meta": {**meta(label, command), "note": note},
+              "race": {"mamba_layers": mamba_layers, "llama_layers": llama_layers, "batch": batch, "dtype": dtype,
+                       "lengths": list(lengths), "capacity_bytes": race.host_memory(), "attention": "auto",
+                       "memory_budget": memory_budget_gib * race.GIB, "time_budget": time_budget,
+                       "decode_steps": race.DECODE_STEPS, "width": width}}
+    if "sweep" in parts:
+        contenders = race.contenders(mamba_layers, llama_layers, dtype, width=width)
+        report["sweep"] = race.sweep(contenders, lengths, batch, reps, memory_budget_gib * race.GIB, time_budget,
+                                     progress)
+    if "image" in parts:
+        report["image"] = race.per_image(mamba_layers, llama_layers, reps=1, progress=progress)
+    if "aot" in parts:
+        from janusflow_jax.perf import aot
+
+        report["aot"] = {}
+        for target in targets:
+            try:
+                devices = aot.topology_devices(target)
+            except aot.TopologyError as e:
+                raise BenchError(str(e)) from None
+            report["aot"][target] = race.aot_memory(devices, lengths, progress=progress)
+    report["meta"]["load_average_end"] = load_average()
+    return report
+
+
 # ------------------------------------------------------------------------------------------------------ output
 def _num(x: float, digits: int = 3) -> str:
     if x is None or (isinstance(x, float) and not math.isfinite(x)):
@@ -518,6 +565,10 @@ def _num(x: float, digits: int = 3) -> str:
 
 def format_report(report: dict) -> str:
     """Markdown tables of one report (also what the CLI prints)."""
+    if report["mode"] == "race":
+        from janusflow_jax.perf import race
+
+        return race.format_report(report)
     m = report["meta"]
     lines = [f"### `{m['config']}` — {report['mode']} — {m['date']}", "",
              f"device {m['device']} ({m['cpu_count']} host cores); commit {m['commit']}; load average "
@@ -631,6 +682,8 @@ def render_section(json_dir) -> str:
             report = json.loads(path.read_text())
             key = (report["mode"], report["meta"]["config"])
         except (ValueError, KeyError):
+            continue
+        if key[0] == "race":  # the race has its own section (`race.write_markdown`)
             continue
         latest[key] = report  # names sort by time stamp: the last one wins
     parts = ["## Throughput and sampling speed (`python -m launch.bench`)", "",

@@ -115,3 +115,140 @@ def step_counts(plan, sizes: dict) -> dict:
     gen_seq = c.data.prompt_len + 1 + plan.model_cfg.num_gen_tokens
     tokens = (sizes.get("und", 0) + sizes.get("text", 0)) * c.data.seq_len + sizes.get("gen", 0) * gen_seq
     return {"flops": flops, "tokens": tokens}
+
+
+# ------------------------------------------------------------------------------------------------ OmniMamba (Mamba-2)
+def mamba2_projection_flops(cfg, lora: bool = False) -> float:
+    """Per token and layer: in_proj 2·d·(2·d_inner + 2·G·N + H) (the five pieces of the fused [z | x | B | C | dt]
+    projection), the depthwise causal conv 2·d_conv·(d_inner + 2·G·N) (a multiply-add per tap and channel), out_proj
+    2·d_inner·d, and with `lora` the active task's adapter 2·r·(d + in_proj rows). `cfg`: a `Mamba2Config`."""
+    rows = 2 * cfg.d_inner + 2 * cfg.bc_width + cfg.nheads
+    flops = 2 * cfg.d_model * rows + 2 * cfg.d_conv * (cfg.d_inner + 2 * cfg.bc_width) + 2 * cfg.d_inner * cfg.d_model
+    if lora:
+        flops += 2 * cfg.lora_rank * (cfg.d_model + rows)
+    return flops
+
+
+def ssd_chunked_flops(cfg, rows: int, seq: int) -> float:
+    """The chunked SSD scan (`mamba2.ssd_chunked`) of `rows` rows of `seq` tokens, one layer. With chunk length Q,
+    the row padded to L = c·Q (c chunks), H heads of P channels, G groups of state size N:
+      intra-chunk scores C·Bᵀ                 2·L·Q·N·G    (a full Q x Q block per chunk and group)
+      masked scores times X (x·dt)             2·L·Q·H·P    (the masked half is computed, as the einsum does)
+      chunk states Bᵀ·X                        2·L·N·H·P
+      inter-chunk state passing                2·(c+1)²·H·P·N (the (c+1) x (c+1) decay matrix times the states,
+                                                              quadratic in the chunk count as ssd_minimal does it)
+      C·state outputs                          2·L·N·H·P
+    Exponentials, decays and the D skip are elementwise and not counted."""
+    q = cfg.chunk_size
+    chunks = -(-seq // q)
+    length = chunks * q
+    h, p, n, g = cfg.nheads, cfg.headdim, cfg.d_state, cfg.ngroups
+    per_row = (2 * length * q * n * g + 2 * length * q * h * p + 2 * length * n * h * p
+               + 2 * (chunks + 1) ** 2 * h * p * n + 2 * length * n * h * p)
+    return rows * per_row
+
+
+def ssd_step_flops(cfg, rows: int) -> float:
+    """One recurrence step (`mamba2.ssd_step`), one layer: the state update's outer product dt·x ⊗ B (2·H·P·N, a rank-1
+    matmul) and the read-out S·C (2·H·P·N)."""
+    return rows * 4 * cfg.nheads * cfg.headdim * cfg.d_state
+
+
+def mamba2_forward(cfg, rows: int, seq: int, logit_tokens: int = 0, lora: bool = False) -> float:
+    """Counted FLOPs of the Mamba-2 LM (`Mamba2Config` `cfg`) on `rows` rows of `seq` new tokens: per layer the
+    projections, conv and LoRA (`mamba2_projection_flops`) of every token plus the SSD — the chunked scan
+    (`ssd_chunked_flops`) for seq > 1, the recurrence (`ssd_step_flops`) for one token (a decode step); then the
+    head 2·d·vocab on `logit_tokens` positions per row. A forward costs the same with or without a cache to continue
+    from: the state enters the scan through the inter-chunk pass."""
+    ssd = ssd_step_flops(cfg, rows) if seq == 1 else ssd_chunked_flops(cfg, rows, seq)
+    flops = cfg.n_layer * (rows * seq * mamba2_projection_flops(cfg, lora) + ssd)
+    return flops + 2 * rows * logit_tokens * cfg.d_model * cfg.vocab_size
+
+
+def vit_forward(v, images: int) -> float:
+    """A timm ViT (`vit.ViTConfig` `v`) read at its feature layer: the patch embedding 2·patches·(3·p²)·w and
+    `blocks_run` blocks over patches + prefix tokens (qkv, proj, MLP: 2·(4·w² + 2·w·mlp) per token; full attention
+    4·n²·w)."""
+    n = v.num_patches + v.num_prefix_tokens
+    per_block = n * 2 * (4 * v.width * v.width + 2 * v.width * v.mlp_dim) + 4 * n * n * v.width
+    return images * (v.num_patches * 2 * 3 * v.patch_size ** 2 * v.width + v.blocks_run * per_block)
+
+
+def dinosiglip_forward(vision, projector, images: int) -> float:
+    """The understanding tower (DINOv2 + SigLIP, `DinoSigLIPConfig` `vision`) and the fused-GELU projector
+    (`ProjectorConfig` `projector`: vision_dim -> 4·vision_dim -> llm_dim -> llm_dim) on `images` images."""
+    v, h, d = projector.vision_dim, projector.hidden_dim, projector.llm_dim
+    mlp = 2 * vision.num_patches * (v * h + h * d + d * d)
+    return vit_forward(vision.dino, images) + vit_forward(vision.siglip, images) + images * mlp
+
+
+def omnimamba_t2i_forward(cfg, rows: int, image_tokens: int | None = None, logits: bool = True) -> float:
+    """A teacher-forced t2i row (`OmniMambaConfig` `cfg`, `OmniMamba.t2i_logits`): caption_embed (fc1, fc2: 2·2·d²
+    per prompt token) on the 72 prompt tokens, img_project_in (d -> ratio·d -> d -> d: 2·(2·ratio + 1)·d² per token) on
+    the image tokens, the backbone with the t2i LoRA over prompt + image tokens, img_head (2·d·image_vocab) at the image
+    tokens."""
+    n = cfg.num_image_tokens if image_tokens is None else image_tokens
+    d, r = cfg.d_model, cfg.image_mlp_ratio
+    p = cfg.t2i_prompt_length
+    flops = rows * p * 2 * 2 * d * d + rows * n * 2 * (d * r * d + r * d * d + d * d)
+    flops += mamba2_forward(cfg.backbone, rows, p + n, lora=bool(cfg.tasks))
+    return flops + (2 * rows * n * d * cfg.image_vocab_size if logits else 0)
+
+
+def omnimamba_mmu_forward(cfg, rows: int, seq: int) -> float:
+    """An understanding row of `seq` positions (the 729 projected image features included), `OmniMamba.mmu_logits`:
+    the backbone with the mmu LoRA and lm_head at every position (the tower and projector: `dinosiglip_forward`)."""
+    return mamba2_forward(cfg.backbone, rows, seq, logit_tokens=seq, lora=bool(cfg.tasks))
+
+
+def omnimamba_t2i_sampling_flops(cfg, batch: int) -> float:
+    """Counted FLOPs of `inference.omnimamba.generate_image_tokens` without guidance: the 72-token prompt prefilled
+    (caption_embed, backbone, img_head at its last position) and 255 decode steps (img_project_in, one recurrence
+    step, img_head), greedy; the VQ decoder is not counted."""
+    d, r = cfg.d_model, cfg.image_mlp_ratio
+    p, n = cfg.t2i_prompt_length, cfg.num_image_tokens
+    lora = bool(cfg.tasks)
+    prefill = batch * p * 2 * 2 * d * d + mamba2_forward(cfg.backbone, batch, p, lora=lora)
+    step = batch * 2 * (d * r * d + r * d * d + d * d) + mamba2_forward(cfg.backbone, batch, 1, lora=lora)
+    return prefill + (n - 1) * step + n * 2 * batch * d * cfg.image_vocab_size
+
+
+def _trains_where(labels: dict, pattern: str, exclude: str | None = None) -> bool:
+    return any(label == "trainable" and re.search(pattern, path) and not (exclude and re.search(exclude, path))
+               for path, label in labels.items())
+
+
+def omnimamba_train_step_flops(system, labels: dict, sizes: dict, mmu_seq: int) -> float:
+    """Counted FLOPs of one OmniMamba optimizer step (`OmniMambaSystemConfig` `system`) over `sizes` rows per task:
+    "mmu" rows of `mmu_seq` positions (729 image features included) with one image each, "t2i" rows of 72 + 256.
+
+    As `train_step_flops`: a part whose weights train costs 3× its forward; a frozen part that gradients flow through
+    (something trainable before or inside it: the backbone when only LoRA, embeddings or the projector train) 2×; a
+    frozen part with nothing trainable before it (the DINOv2 + SigLIP towers; the VQ never runs, its codes are
+    precomputed) 1×. `labels` maps parameter paths ("lm/backbone/...", "projector/...", or without the "lm/" prefix)
+    to "trainable" / "frozen"."""
+    cfg = system.lm
+    backbone = _trains_where(labels, r"(^|/)backbone/", exclude=r"/lora_")
+    lora = _trains_where(labels, r"/lora_")
+    projector = _trains_where(labels, r"^projector(/|$)")
+    t2i_inputs = _trains_where(labels, r"(^|/)(img_embeddings|img_project_in|caption_embed|pos_embed)(/|$)")
+    text_embedding = _trains_where(labels, r"(^|/)backbone/embeddings(/|$)")
+    mmu_inputs = projector or _trains_where(labels, r"(^|/)mmu_pos_embed(/|$)")
+    n_mmu, n_t2i = sizes.get("mmu", 0), sizes.get("t2i", 0)
+
+    def through(trains: bool, upstream: bool) -> int:
+        return 3 if trains else 2 if upstream else 1
+
+    total = through(backbone, lora or mmu_inputs or text_embedding) * omnimamba_mmu_forward(cfg, n_mmu, mmu_seq)
+    total += 1 * dinosiglip_forward(system.vision, system.projector, n_mmu)  # frozen towers, forward only
+    p = system.projector
+    total += (through(projector, False) - 1) * n_mmu * cfg.num_image_features * 2 * (
+        p.vision_dim * p.hidden_dim + p.hidden_dim * p.llm_dim + p.llm_dim * p.llm_dim)  # its backward, if any
+    t2i_backbone = mamba2_forward(cfg.backbone, n_t2i, cfg.t2i_prompt_length + cfg.num_image_tokens,
+                                  lora=bool(cfg.tasks))
+    t2i_embed = omnimamba_t2i_forward(cfg, n_t2i, logits=False) - t2i_backbone
+    t2i_head = 2 * n_t2i * cfg.num_image_tokens * cfg.d_model * cfg.image_vocab_size
+    total += through(backbone, lora or t2i_inputs or text_embedding) * t2i_backbone
+    total += through(t2i_inputs or text_embedding, False) * t2i_embed
+    total += through(t2i_inputs, backbone or lora or t2i_inputs or text_embedding) * t2i_head
+    return total

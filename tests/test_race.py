@@ -1,0 +1,153 @@
+"""The long-sequence race (`perf/race.py`, `launch.bench race`) at narrow widths, and the Mamba-2 FLOP count."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from absl import flags
+
+from janusflow_jax.models import mamba2
+from janusflow_jax.models.omnimamba import OmniMambaSystemConfig
+from janusflow_jax.perf import flops as flops_lib
+from janusflow_jax.perf import race, roofline
+
+WIDTH = 64  # narrow stand-ins: race.mamba_config / llama_config at another width
+
+
+@pytest.fixture(scope="module")
+def narrow():
+    c = race.contenders(2, 1, width=WIDTH)
+    return c, {k: v.init_params(0) for k, v in c.items()}
+
+
+def _cli(*args) -> int:
+    """`launch.bench race` in-process with fresh flags (the mode is a positional argument)."""
+    from launch import bench as bench_cli
+
+    flags.FLAGS.unparse_flags()
+    try:
+        flags.FLAGS(["launch.bench", *args])
+        return bench_cli.main(["launch.bench", "race"])
+    finally:
+        flags.FLAGS.unparse_flags()
+
+
+def test_race_cli_end_to_end(tmp_path):
+    md, json_dir = tmp_path / "BENCHMARKS.md", tmp_path / "json"
+    md.write_text("# Benchmarks\n\nsomeone else's section\n")
+    assert _cli(f"--race_width={WIDTH}", "--race_lengths=64,256", "--race_layers=2,1", "--reps=1",
+                f"--out={md}", f"--json_dir={json_dir}") == 0
+    (path,) = json_dir.glob("race_*.json")
+    report = json.loads(path.read_text())
+    rows = report["sweep"]
+    assert {(r["model"], r["phase"], r["length"]) for r in rows} == {
+        (m, p, n) for m in ("mamba", "llama") for p in ("prefill", "decode") for n in (64, 256)}
+    for r in rows:
+        assert r["status"] == "ok" and r["seconds"] > 0 and r["memory_bytes"] > 0 and r["largest_batch"] >= 1, r
+    text = md.read_text()
+    assert "someone else's section" in text and text.count(race.RACE_BEGIN) == 1
+    assert "| 256 |" in text and "race.png" in text and (json_dir / race.PLOT_NAME).stat().st_size > 0
+    assert _cli(f"--race_width={WIDTH}", "--race_lengths=64", "--race_layers=2,1", "--reps=1", f"--out={md}",
+                f"--json_dir={json_dir}") == 0
+    assert md.read_text().count(race.RACE_BEGIN) == 1  # rewritten in place
+
+
+def test_decode_cost_is_flat_for_mamba_and_grows_for_llama(narrow):
+    """XLA's cost of the compiled decode loop: the Mamba step's does not depend on the context length, the Llama
+    step's (attention over a preallocated cache) grows with it; the counted FLOPs agree."""
+    contenders, params = narrow
+    cost = {}
+    for kind, c in contenders.items():
+        for length in (128, 1024):
+            compiled, _ = race.compile_program(c, "decode", race.program_args(c, "decode", 1, length, params[kind],
+                                                                             abstract=True))
+            cost[kind, length] = compiled.cost_analysis()["flops"]
+    assert cost["mamba", 128] == cost["mamba", 1024]
+    assert cost["llama", 1024] > 2 * cost["llama", 128]
+    m, ll = contenders["mamba"], contenders["llama"]
+    assert m.counted_flops("decode", 1, 128) == m.counted_flops("decode", 1, 1024)
+    assert ll.counted_flops("decode", 1, 1024) > 2 * ll.counted_flops("decode", 1, 128)
+
+
+def test_compiled_prefill_equals_the_forward(narrow):
+    """The race times real computations: the compiled prefill's last-position logits equal the plain forward's, and
+    its state continues the sequence as the forward does (one decode step = the forward over one more token)."""
+    contenders, params = narrow
+    ids = jnp.asarray(np.random.default_rng(0).integers(3, 4 * WIDTH, (2, 100)), jnp.int32)
+    m, ll = contenders["mamba"], contenders["llama"]
+    logits, cache = race.PREFILL["mamba"](m.module, params["mamba"], ids)
+    full = m.module.apply({"params": params["mamba"]}, ids)
+    np.testing.assert_allclose(logits, full[:, -1], rtol=1e-4, atol=1e-5)
+    nxt = jnp.argmax(logits, -1).astype(jnp.int32)
+    step, _ = m.module.apply({"params": params["mamba"]}, nxt, cache, method=mamba2.Mamba2LM.decode_step)
+    longer = m.module.apply({"params": params["mamba"]}, jnp.concatenate([ids, nxt[:, None]], 1))
+    np.testing.assert_allclose(step, longer[:, -1], rtol=1e-4, atol=1e-5)
+
+    logits, cache = race.PREFILL["llama"](ll.module, params["llama"], ids)
+    plain = ll.module.apply({"params": params["llama"]}, ll.module.apply({"params": params["llama"]}, ids,
+                                                                         method=type(ll.module).embed))
+    np.testing.assert_allclose(logits, plain["logits"][:, -1], rtol=1e-4, atol=1e-5)
+    assert cache["k"].shape == (1, 2, 100, ll.config.num_kv_heads, ll.config.head_dim)
+
+
+def test_a_plan_over_the_budget_is_recorded_not_run(narrow):
+    contenders, _ = narrow
+    rows = race.sweep({"mamba": contenders["mamba"]}, [64], memory_budget=1, reps=1)
+    assert [r["status"].startswith("over memory budget") for r in rows] == [True, True]
+    assert all("seconds" not in r and r["memory_bytes"] > 1 for r in rows)
+
+
+def test_largest_batch_and_crossovers():
+    assert race.largest_batch(100, 150, 1000) == 19  # fixed 50 + 50 per row
+    rows = [{"model": m, "phase": "decode", "length": n, "status": "ok", "seconds": s, "memory_bytes": b}
+            for m, pts in (("mamba", {512: (2.0, 30), 1024: (2.0, 30), 2048: (2.0, 30)}),
+                           ("llama", {512: (1.0, 10), 1024: (3.0, 40), 2048: (6.0, 90)}))
+            for n, (s, b) in pts.items()]
+    c = race.compare(rows)["decode"]
+    assert c["time_crossover"] == 1024 and c["time_ratio"] == 3.0 and c["longest_timed"] == 2048
+    assert c["memory_crossover"] == 1024 and c["memory_ratio"] == pytest.approx(30 / 90)
+
+
+@pytest.mark.parametrize("seq", [256, 200])
+def test_mamba2_flops_match_the_compiled_forward(seq):
+    """`flops.mamba2_forward` against XLA's count of a jitted forward (2 layers, d 256, chunks of 64; 200 tokens pad
+    to 256). XLA's `cost_analysis` also counts elementwise work (exp of the decays, softplus, SiLU, norms, the mask),
+    which the MaxText convention leaves out: it is 0-10% above the count. The roofline's walk of the program's dots
+    and convolutions (`roofline.py`) is the matmul part alone and matches to 2%."""
+    cfg = mamba2.Mamba2Config(d_model=256, n_layer=2, d_state=32, headdim=32, chunk_size=64, vocab_size=512)
+    model = mamba2.Mamba2LM(cfg)
+    params = jax.eval_shape(lambda: mamba2.init_params(cfg, jax.random.key(0)))
+    compiled = jax.jit(lambda p, i: model.apply({"params": p}, i)).lower(
+        params, jax.ShapeDtypeStruct((2, seq), jnp.int32)).compile()
+    counted = flops_lib.mamba2_forward(cfg, 2, seq, logit_tokens=seq)
+    assert 1.0 <= compiled.cost_analysis()["flops"] / counted < 1.1
+    assert roofline.estimate(compiled.as_text(), 1e12, 1e11)["flops"] / counted == pytest.approx(1.0, abs=0.02)
+    step = jax.jit(lambda p, t, c: model.apply({"params": p}, t, c, method=mamba2.Mamba2LM.decode_step)).lower(
+        params, jax.ShapeDtypeStruct((2,), jnp.int32), jax.eval_shape(lambda: mamba2.init_cache(cfg, 2))).compile()
+    assert 1.0 <= step.cost_analysis()["flops"] / flops_lib.mamba2_forward(cfg, 2, 1, logit_tokens=1) < 1.1
+
+
+def test_omnimamba_train_step_flops_follow_the_conventions():
+    system = OmniMambaSystemConfig()
+    cfg = system.lm
+    everything = {"lm/backbone/layers_0/mixer/x_proj/kernel": "trainable", "lm/img_embeddings/embedding": "trainable",
+                  "lm/caption_embed/fc1/kernel": "trainable", "projector/fc0/kernel": "trainable",
+                  "vision/dino/blocks_0/mlp/fc1/kernel": "frozen"}
+    # All of the LM trains: 3x its t2i forward; nothing else runs for t2i rows.
+    assert flops_lib.omnimamba_train_step_flops(system, everything, {"t2i": 4}, 0) == pytest.approx(
+        3 * flops_lib.omnimamba_t2i_forward(cfg, 4))
+    # Stage 1 MMU (projector + LoRA): the frozen backbone costs 2x (gradients flow to the LoRA and the projector),
+    # the towers 1x, the projector 3x.
+    stage1 = {"lm/backbone/layers_0/mixer/lora_mmu/A": "trainable", "lm/backbone/layers_0/mixer/x_proj/kernel": "frozen",
+              "projector/fc0/kernel": "trainable", "vision/dino/blocks_0/mlp/fc1/kernel": "frozen"}
+    p = system.projector
+    projector = 2 * cfg.num_image_features * (p.vision_dim * p.hidden_dim + p.hidden_dim * p.llm_dim
+                                              + p.llm_dim * p.llm_dim)
+    want = (2 * flops_lib.omnimamba_mmu_forward(cfg, 1, 800)
+            + flops_lib.dinosiglip_forward(system.vision, system.projector, 1) + 2 * projector)
+    assert flops_lib.omnimamba_train_step_flops(system, stage1, {"mmu": 1}, 800) == pytest.approx(want)
+    # The 1.3B backbone: ~2 x 1.3e9 FLOPs per token.
+    per_token = flops_lib.mamba2_forward(cfg.backbone, 1, 4096) / 4096
+    assert 2.3e9 < per_token < 3.0e9
