@@ -29,7 +29,7 @@ except ImportError:  # no fsspec: no gs:// through epath either
 
 # The config fields that hold user paths (dotted, as --config.FIELD=VALUE spells them). Empty means "not given".
 CONFIG_PATH_FIELDS = (
-    "init.path", "init.llm_path", "init.siglip_path", "data.dir",
+    "init.path", "init.llm_path", "init.siglip_path", "init.mmu_path", "init.t2i_path", "data.dir",
     "prepare.out", "prepare.tokenizer", "prepare.gen_jsonl", "prepare.und_jsonl", "prepare.text_jsonl",
     "prepare.image_root", "prepare.tfds.data_dir", "prepare.latent.vae_path",
     "eval.data_dir", "eval.tokenizer", "eval.und_data",

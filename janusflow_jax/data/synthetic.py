@@ -71,9 +71,10 @@ class SyntheticSource:
     (the trainer's per-step composition), `next()` one with `sizes`. Checkpointable like a grain iterator (bytes
     state)."""
 
-    def __init__(self, sizes, seed: int, phase: int, geometry: BatchGeometry):
+    def __init__(self, sizes, seed: int, phase: int, geometry: BatchGeometry, make_batch=None):
         self.sizes, self.seed, self.phase, self.index = dict(sizes), seed, phase, 0
         self.geometry = geometry
+        self.make_batch = make_batch or synthetic_batch  # the family's (OmniMamba: data/omnimamba_batch.py)
 
     def __iter__(self):
         return self
@@ -81,7 +82,7 @@ class SyntheticSource:
     def take(self, sizes) -> dict[str, np.ndarray]:
         rng = np.random.default_rng([self.seed, self.phase, jax.process_index(), self.index])
         self.index += 1
-        return synthetic_batch(rng, sizes, self.geometry)
+        return self.make_batch(rng, sizes, self.geometry)
 
     def __next__(self):
         return self.take(self.sizes)

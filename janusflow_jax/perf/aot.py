@@ -37,7 +37,6 @@ import jax
 
 from janusflow_jax.perf import chips
 from janusflow_jax.perf.chips import GIB
-from janusflow_jax.perf import flops as flops_lib
 from janusflow_jax.perf import roofline
 from janusflow_jax.sharding import mesh_context
 from janusflow_jax.train import loop as trainer
@@ -280,7 +279,7 @@ def compile_train_step(config, devices, phase: int | None = None, sizes: dict | 
         whole_flops = bound["flops"]
     if estimate is None and whole:
         estimate, source = bound["seconds"], "roofline"
-    counts = flops_lib.step_counts(plan, sizes)
+    counts = plan.family.step_counts(plan, sizes)
     schedule = plan.mixture.schedule(phase)
     return {
         "device_kind": kind,

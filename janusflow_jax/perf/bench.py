@@ -194,7 +194,7 @@ def bench_train(config, steps: int = 10, warmup: int = 2, cpu_peak: float | None
     times = [time_call(bench.step) for _ in range(steps)]
     step_s = statistics.median(times)
     progress(f"train: step times {[round(t, 4) for t in times]} s")
-    counts = flops_lib.step_counts(bench.plan, bench.sizes)
+    counts = bench.plan.family.step_counts(bench.plan, bench.sizes)
     n_dev = jax.device_count()
     tflops = counts["flops"] / step_s / n_dev / 1e12
     peak, peak_source = device_peak(cpu_peak, n_dev)

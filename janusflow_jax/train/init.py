@@ -1,6 +1,7 @@
 """Where a run's parameters start (`config.init.kind`): random, a previous stage's checkpoint (EMA or raw weights),
-the official PyTorch release, or stage 1's parts (an HF Llama and a timm SigLIP, the rest random); placed on the mesh
-in the config's layout (scanned or per-layer) and storage dtype."""
+the official PyTorch release, or stage 1's parts (an HF Llama and a timm SigLIP, the rest random); for OmniMamba
+random, a checkpoint of the whole system, or the merge of the two stage-1 runs (`merge.py`). Placed on the mesh in
+the config's layout (scanned or per-layer) and storage dtype."""
 
 from __future__ import annotations
 
@@ -15,6 +16,8 @@ from janusflow_jax.train.plan import Plan, TrainingError
 
 def initial_params(plan: Plan):
     """Parameters placed on the mesh, from the source `config.init` names."""
+    if plan.family.name == "omnimamba":
+        return _omnimamba_params(plan)
     init, cfg = plan.config.init, plan.model_cfg
     shardings = param_shardings(cfg, plan.mesh)
     if init.kind == "random":
@@ -59,3 +62,44 @@ def _place(params, cfg: JanusFlowConfig, saved_cfg: JanusFlowConfig, shardings, 
         params = (convert.scan_params if cfg.scan_layers else convert.unscan_params)(params, cfg)
     dtype = cfg.storage_dtype
     return jax.device_put(jax.tree.map(lambda x: np.asarray(x).astype(dtype), params), shardings)
+
+
+def _omnimamba_params(plan: Plan):
+    import flax.linen as nn
+
+    init, cfg = plan.config.init, plan.model_cfg
+    if init.kind == "random":
+        return plan.family.random_params(cfg, plan.mesh, jax.random.key(plan.config.seed))
+    if init.kind == "checkpoint":
+        if not init.path:
+            raise TrainingError("config.init.kind='checkpoint' needs --config.init.path (an orbax root holding the "
+                                "whole OmniMamba system: a `launch.convert`ed release or a previous stage's "
+                                "<workdir>/checkpoints)")
+        _, params = checkpoint_lib.load_params(init.path, weights=init.weights)
+        source = init.path
+    elif init.kind == "merge":
+        from janusflow_jax.train import merge
+
+        if not (init.mmu_path and init.t2i_path):
+            raise TrainingError("config.init.kind='merge' needs --config.init.mmu_path and --config.init.t2i_path "
+                                "(the stage-1 runs' <workdir>/checkpoints)")
+        try:
+            _, params = merge.merged_initial_params(init)
+        except merge.MergeError as e:
+            raise TrainingError(str(e)) from None
+        source = f"{init.mmu_path} + {init.t2i_path}"
+    else:
+        raise TrainingError(f"unknown config.init.kind {init.kind!r} for OmniMamba: random, checkpoint or merge")
+    want = jax.tree.map(lambda a: a.shape, nn.unbox(plan.family.abstract_params(cfg)))
+    got = jax.tree.map(np.shape, params)
+    if jax.tree.structure(want) != jax.tree.structure(got) or want != got:
+        from flax import traverse_util
+
+        w, g = traverse_util.flatten_dict(want, sep="/"), traverse_util.flatten_dict(got, sep="/")
+        bad = sorted(k for k in set(w) | set(g) if w.get(k) != g.get(k))
+        raise TrainingError(f"the parameters at {source} do not fit config.model ({len(bad)} differ: "
+                            + ", ".join(f"{k} {g.get(k)} vs {w.get(k)}" for k in bad[:8])
+                            + (" ..." if len(bad) > 8 else "") + ")")
+    dtype = cfg.lm.storage_dtype
+    return jax.device_put(jax.tree.map(lambda x: np.asarray(x).astype(dtype), params),
+                          param_shardings(cfg, plan.mesh))

@@ -38,7 +38,6 @@ from etils import epath
 from janusflow_jax import hosts, paths
 from janusflow_jax.eval import evaluators as eval_lib
 from janusflow_jax.perf import chips
-from janusflow_jax.perf import flops as flops_lib
 from janusflow_jax.sharding import mesh_context
 from janusflow_jax.train import checkpointing
 from janusflow_jax.train.init import initial_params
@@ -100,11 +99,11 @@ def _loop(plan: Plan, mngr, state, source, phase: int, start: int, workdir: epat
         key = (phase, tuple(sorted(sizes.items())))
         if key not in step_fns:
             step_fns[key] = (plan.jitted_step(phase, sizes), plan.batch_shardings(sizes),
-                             flops_lib.step_counts(plan, sizes))
+                             plan.family.step_counts(plan, sizes))
         return step_fns[key]
 
     reporter = Reporter(workdir, chips.peak_flops_per_device(), config.batch_size, progress, start=start,
-                        types=plan.mixture.types)
+                        types=plan.mixture.types, terms=plan.family.objective.TERMS)
     reporter.start_bar(start, config.steps)
     evaluators = eval_lib.from_config(plan, workdir, reporter.writer)  # None unless config.eval_every > 0
     metrics_host, last_time = {}, time.perf_counter()

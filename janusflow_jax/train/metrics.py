@@ -137,11 +137,11 @@ class Reporter:
             self.bar.close()
         self.writer.close()
         self.jsonl.close()
-        plot_losses(self.jsonl.rows, self.workdir / "loss_curve.png")
+        plot_losses(self.jsonl.rows, self.workdir / "loss_curve.png", self.terms)
 
 
-def plot_losses(rows: list[dict], out):
-    """The loss curves (total, ar, rf, repa) of metrics rows as a PNG at `out` (local or gs://)."""
+def plot_losses(rows: list[dict], out, terms=("ar", "rf", "repa")):
+    """The loss curves (total and each term) of metrics rows as a PNG at `out` (local or gs://)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -149,8 +149,9 @@ def plot_losses(rows: list[dict], out):
 
     if not rows:
         return
-    fig, axes = plt.subplots(1, 4, figsize=(16, 3.5))
-    for ax, key in zip(axes, ("loss", "ar", "rf", "repa")):
+    keys = ("loss", *terms)
+    fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3.5))
+    for ax, key in zip(axes, keys):
         ax.plot([r["step"] for r in rows], [r[key] for r in rows])
         ax.set_title(key)
         ax.set_xlabel("step")

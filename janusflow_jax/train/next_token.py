@@ -31,6 +31,7 @@ import optax
 from janusflow_jax.models.omnimamba import OmniMambaSystem
 
 TERMS = ("mmu", "t2i")
+TERM_TYPES = {"mmu": ("mmu",), "t2i": ("t2i",)}  # the data types whose rows each term averages over
 
 
 def _field(cfg, name: str, default):
@@ -101,6 +102,9 @@ def loss_sums(model: OmniMambaSystem, params, batch: Mapping[str, jax.Array], no
     return sums
 
 
-def total_loss(sums: Mapping[str, jax.Array], totals: Mapping[str, jax.Array], weights: Mapping[str, float]):
-    """Σ_term w_term · sum_term / count_term (a term with count 0 contributes 0)."""
-    return sum(weights[name] * sums[name] / jnp.maximum(totals[name], 1.0) for name in TERMS)
+def total_loss(sums: Mapping[str, jax.Array], totals: Mapping[str, jax.Array], weights: Mapping[str, float],
+               scales: Mapping[str, float] | None = None):
+    """Σ_term w_term · scale_term · sum_term / count_term (a term with count 0 contributes 0); `scales` as in
+    `objective.total_loss` (the mixture's rows this step over expected rows; default 1)."""
+    scales = scales or {}
+    return sum(weights[name] * scales.get(name, 1.0) * sums[name] / jnp.maximum(totals[name], 1.0) for name in TERMS)

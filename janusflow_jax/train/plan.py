@@ -13,12 +13,9 @@ import flax.linen as nn
 import jax
 import ml_collections
 
-from janusflow_jax.data.batch import DATA_TYPES, BatchGeometry
 from janusflow_jax.data.mixture import Mixture, term_scales
-from janusflow_jax.models.config import JanusFlowConfig
-from janusflow_jax.models.janusflow import JanusFlow, abstract_params
 from janusflow_jax.sharding import make_mesh
-from janusflow_jax.train import objective
+from janusflow_jax.train import family as family_lib
 from janusflow_jax.train import optimizer
 from janusflow_jax.train import step as train_step
 
@@ -37,21 +34,23 @@ def phase_at(mixture, step: int) -> int:
 
 @dataclasses.dataclass
 class Plan:
-    """Everything fixed for a run: model, mesh, freeze labels, optimizer, shardings, the mixture schedule.
+    """Everything fixed for a run: its model family (`family.py`), model, mesh, freeze labels, optimizer, shardings,
+    the mixture schedule.
 
     A step's batch is given by its `sizes`, {data type: global rows} (`mixture.sizes(step)`; types with no rows this
     step left out); its step function also depends on the mixture phase (the loss weighs each term by its rows this
     step over the phase's expected rows, `data/mixture.py`)."""
 
     config: ml_collections.ConfigDict
-    model_cfg: JanusFlowConfig
-    model: JanusFlow
+    family: family_lib.Family
+    model_cfg: object  # the family's model config (JanusFlowConfig, OmniMambaSystemConfig)
+    model: nn.Module
     mesh: jax.sharding.Mesh
     labels: dict
     tx: object
     state_sh: dict
     mixture: Mixture  # rows per data type at every step
-    geometry: BatchGeometry
+    geometry: object  # the family's batch geometry (data/batch.py BatchGeometry, data/omnimamba_batch.py)
 
     @property
     def use_ema(self) -> bool:
@@ -88,7 +87,7 @@ class Plan:
         if config.data.source == "synthetic":
             from janusflow_jax.data.synthetic import SyntheticSource
 
-            return SyntheticSource(kinds, config.seed, phase, self.geometry)
+            return SyntheticSource(kinds, config.seed, phase, self.geometry, self.family.synthetic_batch)
         if config.data.source == "prepared":
             from janusflow_jax.data import loader
 
@@ -98,14 +97,15 @@ class Plan:
 
     def term_scales(self, phase: int, sizes: dict) -> dict:
         """Per loss term: its rows in `sizes` over its expected rows per step in `phase` (1 for an exact share)."""
-        return term_scales(objective.TERM_TYPES, sizes, self.mixture.schedule(phase).expected_rows())
+        return term_scales(self.family.objective.TERM_TYPES, sizes, self.mixture.schedule(phase).expected_rows())
 
     def jitted_step(self, phase: int, sizes: dict):
         """The train step for a batch of `sizes` rows in mixture `phase`: one `jax.jit` with the state's and the
         batch's shardings, the state donated. Call, lower or compile it inside `sharding.mesh_context(plan.mesh)`."""
         config = self.config
         fn = train_step.make_train_step(self.model, self.tx, config.loss, config.optimizer, seed=config.seed,
-                                        micro_batches=config.micro_batches, scales=self.term_scales(phase, sizes))
+                                        micro_batches=config.micro_batches, scales=self.term_scales(phase, sizes),
+                                        family=self.family)
         return train_step.jit_train_step(fn, self.state_sh, self.batch_shardings(sizes), self.mesh)
 
     def init_state(self, params):
@@ -117,7 +117,7 @@ class Plan:
     def abstract_state(self) -> dict:
         """The train state as ShapeDtypeStructs carrying the plan's shardings (no memory is allocated)."""
         shapes = jax.eval_shape(lambda p: train_step.init_state(p, self.labels, self.tx, self.use_ema),
-                                nn.unbox(abstract_params(self.model_cfg)))
+                                nn.unbox(self.family.abstract_params(self.model_cfg)))
         return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), shapes, self.state_sh)
 
     def abstract_batch(self, sizes: dict) -> dict:
@@ -128,13 +128,18 @@ class Plan:
 
 
 def make_plan(config, devices=None) -> Plan:
-    model_cfg = JanusFlowConfig.from_dict(config.model.to_dict())
+    try:
+        family = family_lib.of_config(config)
+    except ValueError as e:
+        raise TrainingError(str(e)) from None
+    model_cfg = family.config_from_dict(config.model.to_dict())
     mesh = make_mesh(**config.mesh.to_dict(), devices=devices)
     dp = mesh.shape["data"] * mesh.shape["fsdp"]
     streams = config.data.get("streams", 0) if config.data.get("source") == "prepared" else 0
     unit = math.lcm(dp, jax.process_count(), streams or 1) * config.micro_batches  # every host, stream, micro-batch
+    geometry = family.geometry(model_cfg, config.data)
     try:
-        mixture = Mixture.from_config(DATA_TYPES, config.mixture, config.batch_size, unit)
+        mixture = Mixture.from_config(geometry.types, config.mixture, config.batch_size, unit)
     except ValueError as e:
         raise TrainingError(f"batch_size {config.batch_size} with {dp} data-parallel devices and "
                             f"{config.micro_batches} micro-batches: {e}") from None
@@ -144,8 +149,9 @@ def make_plan(config, devices=None) -> Plan:
             f"with {config.batch_size} rows in units of {unit} ({dp} data shards x {config.micro_batches} micro-batches"
             f"{f' x {streams} streams' if streams else ''}), these data types would never train: {'; '.join(never)}. "
             "Use a larger batch, fewer data shards or a longer phase")
-    labels = optimizer.labels(nn.unbox(abstract_params(model_cfg)), config.freeze)
+    abstract = family.abstract_params(model_cfg)
+    labels = optimizer.labels(nn.unbox(abstract), config.freeze)
     tx = optimizer.make_optimizer(config.optimizer)
-    state_sh = train_step.state_shardings(model_cfg, mesh, labels, tx, config.optimizer.ema_decay > 0)
-    geometry = BatchGeometry.from_model(model_cfg, config.data)
-    return Plan(config, model_cfg, JanusFlow(model_cfg), mesh, labels, tx, state_sh, mixture, geometry)
+    state_sh = train_step.state_shardings(model_cfg, mesh, labels, tx, config.optimizer.ema_decay > 0,
+                                          abstract=abstract)
+    return Plan(config, family, model_cfg, family.model(model_cfg), mesh, labels, tx, state_sh, mixture, geometry)

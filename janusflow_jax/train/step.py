@@ -8,8 +8,9 @@ State (a plain dict, so orbax and jax treat it as an ordinary tree):
   ema         EMA of `trainable` (exported instead of the raw weights; the frozen ones need no copy)
   skips       int32 []   consecutive non-finite steps (the trainer stops after `max_consecutive_skips`)
 
-Randomness (t, z0, CFG drops) is `fold_in(key(seed), step)`, drawn for the whole batch before it is split into
-micro-batches: a resumed run and an accumulated run see the same numbers as an uninterrupted, unsplit one.
+Randomness (JanusFlow: t, z0, CFG drops; OmniMamba: per-row dropout keys) is `fold_in(key(seed), step)`, drawn for
+the whole batch before it is split into micro-batches: a resumed run and an accumulated run see the same numbers as
+an uninterrupted, unsplit one. The loss is the run's family's objective (`family.py`).
 """
 
 from __future__ import annotations
@@ -22,16 +23,14 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from janusflow_jax.train import objective
 from janusflow_jax.train import optimizer
-from janusflow_jax.models.config import JanusFlowConfig
-from janusflow_jax.models.janusflow import JanusFlow, abstract_params
 from janusflow_jax.sharding import DEFAULT_RULES, param_shardings
 
 BATCH_AXES = ("data", "fsdp")  # every sub-batch's rows are split over both data-parallel mesh axes
 
 
 def loss_weights(loss_cfg) -> dict[str, float]:
+    """JanusFlow's term weights (`family.of_config(config).objective.loss_weights` for any family)."""
     return {"ar": loss_cfg.ar_weight, "rf": loss_cfg.rf_weight, "repa": loss_cfg.repa_weight}
 
 
@@ -48,13 +47,17 @@ def init_state(params, path_labels: Mapping[str, str], tx: optax.GradientTransfo
     }
 
 
-def state_shardings(config: JanusFlowConfig, mesh: Mesh, path_labels, tx, use_ema: bool, rules=DEFAULT_RULES):
+def state_shardings(config, mesh: Mesh, path_labels, tx, use_ema: bool, rules=DEFAULT_RULES, abstract=None):
     """Shardings of every state leaf: parameters by their logical axes, optimizer moments and EMA like their
-    parameters, counters replicated."""
+    parameters, counters replicated. `abstract`: the boxed abstract parameters (default: JanusFlow's of `config`)."""
+    if abstract is None:
+        from janusflow_jax.models.janusflow import abstract_params
+
+        abstract = abstract_params(config)
     shardings = param_shardings(config, mesh, rules)
     trainable, frozen = optimizer.split(shardings, path_labels)
     replicated = NamedSharding(mesh, PartitionSpec())
-    abstract_trainable, _ = optimizer.split(nn.unbox(abstract_params(config)), path_labels)
+    abstract_trainable, _ = optimizer.split(nn.unbox(abstract), path_labels)
     abstract_opt = jax.eval_shape(tx.init, abstract_trainable)
     opt = optax.tree_map_params(tx, lambda _, s: s, abstract_opt, trainable,
                                 transform_non_params=lambda _: replicated,
@@ -74,13 +77,18 @@ def _split_micro(x, micro: int):
     return jnp.swapaxes(x.reshape(x.shape[0] // micro, micro, *x.shape[1:]), 0, 1)
 
 
-def make_train_step(model: JanusFlow, tx: optax.GradientTransformation, loss_cfg, opt_cfg, *, seed: int,
-                    micro_batches: int = 1, scales: Mapping[str, float] | None = None):
+def make_train_step(model, tx: optax.GradientTransformation, loss_cfg, opt_cfg, *, seed: int,
+                    micro_batches: int = 1, scales: Mapping[str, float] | None = None, family=None):
     """The pure step function (state, batch) -> (state, metrics); jit it with `jit_train_step`. `scales`: the
-    mixture's per-term loss factors for this batch composition (`Plan.term_scales`; default 1)."""
-    weights = loss_weights(loss_cfg)
-    use_repa = loss_cfg.repa_weight != 0
-    schedule = optimizer.learning_rate_schedule(opt_cfg.lr, opt_cfg.warmup_steps)
+    mixture's per-term loss factors for this batch composition (`Plan.term_scales`; default 1). `family`: the model
+    family (`family.py`; default JanusFlow) whose objective `model` trains."""
+    if family is None:
+        from janusflow_jax.train.family import of_config
+
+        family = of_config({})
+    objective = family.objective
+    weights = objective.loss_weights(loss_cfg)
+    schedule = optimizer.schedule_from_config(opt_cfg)
     base_key = jax.random.key(seed)
 
     def step_fn(state, batch):
@@ -89,7 +97,7 @@ def make_train_step(model: JanusFlow, tx: optax.GradientTransformation, loss_cfg
 
         def loss_fn(trainable, micro_batch, micro_noise):
             params = optimizer.merge(trainable, state["frozen"])
-            sums = objective.loss_sums(model, params, micro_batch, micro_noise, use_repa)
+            sums = objective.loss_sums(model, params, micro_batch, micro_noise, loss_cfg)
             return objective.total_loss(sums, totals, weights, scales), sums
 
         grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
@@ -129,8 +137,7 @@ def make_train_step(model: JanusFlow, tx: optax.GradientTransformation, loss_cfg
         metrics = {
             "loss": loss,
             **{name: sums[name] / jnp.maximum(totals[name], 1.0) for name in objective.TERMS},
-            "ar_tokens": totals["ar"],
-            "gen_examples": totals["rf"],
+            **{name: totals[term] for name, term in family.count_metrics.items()},
             "grad_norm": grad_norm,
             "lr": schedule(state["step"]),
             "finite": ok,
