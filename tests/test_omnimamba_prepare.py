@@ -213,3 +213,23 @@ def test_command_line_with_a_relative_output(inputs, tmp_path):
     mistake = prepare_data("--config.prepare.out=data/other")
     assert mistake.returncode == 1
     assert one_error_line(mistake.stderr).startswith("error: no image tokenizer")
+
+
+def test_janusflow_fingerprints_are_those_of_before_the_omnimamba_fields():
+    """A JanusFlow dataset prepared before the family fields existed still resumes: its job's fingerprint is the
+    old formula over the old fields; an OmniMamba job's covers its own fields."""
+    import hashlib
+
+    from configs import prepare_data as prepare_configs
+
+    job = prepare_configs.get_config("tiny").prepare
+    old_fields = {k: v for k, v in json.loads(job.to_json_best_effort()).items()
+                  if k not in ("out", "num_threads", "family", "mmu_jsonl", "t2i_jsonl", "mmu_len", "image_tokenizer")}
+    assert prepare._fingerprint(job) == hashlib.sha256(json.dumps(old_fields, sort_keys=True).encode()).hexdigest()[:16]
+    omnimamba = prepare_configs.get_config("omnimamba_tiny").prepare
+    with omnimamba.unlocked():
+        before = prepare._fingerprint(omnimamba)
+        omnimamba.seq_len = 7  # a JanusFlow-only field
+        assert prepare._fingerprint(omnimamba) == before
+        omnimamba.image_tokenizer.patch = 2
+        assert prepare._fingerprint(omnimamba) != before
