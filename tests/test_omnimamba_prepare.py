@@ -233,3 +233,32 @@ def test_janusflow_fingerprints_are_those_of_before_the_omnimamba_fields():
         assert prepare._fingerprint(omnimamba) == before
         omnimamba.image_tokenizer.patch = 2
         assert prepare._fingerprint(omnimamba) != before
+
+
+def test_vq16_codes_from_a_system_checkpoint(inputs, tmp_path):
+    """The release's path: t2i codes from the VQ of an OmniMamba system checkpoint (a random tiny one here), in
+    batches of encode_batch_per_device; the records hold exactly the VQ's codes of the crops."""
+    import jax
+
+    from janusflow_jax import checkpoint
+    from janusflow_jax.data.omnimamba_records import VQ16
+    from janusflow_jax.models.omnimamba import OmniMambaSystemConfig
+    from janusflow_jax.models.vq import init_vq_params
+
+    config = job_config(inputs, tmp_path / "out", dict(kind="vq16", path=str(tmp_path / "system"), fit=False),
+                        mmu_jsonl="", gen_crop="center", encode_batch_per_device=3)
+    system = OmniMambaSystemConfig.from_dict(config.model.to_dict())
+    # The system's config with only its VQ's parameters (all the job reads; the towers' random init takes a minute).
+    checkpoint.save_params(tmp_path / "system", system, {"vq": init_vq_params(system.vq, jax.random.key(0))})
+    summary = prepare.run(config, progress=False)
+    assert summary["counts"] == {"mmu": 0, "t2i": GOOD_T2I}
+    meta = json.loads((tmp_path / "out" / codec.METADATA).read_text())
+    assert meta["image_tokenizer"] == {"kind": "vq16", "path": str(tmp_path / "system"), "codebook_size": 48,
+                                       "num_image_tokens": CODES, "grid": 4, "image_size": T2I_SIDE, "downsample": 4}
+    records = _records(tmp_path / "out", "t2i")
+    vq = VQ16.load(tmp_path / "system")
+    kept = [line for line in _lines(inputs["t2i"]) if line and line["caption"].strip()
+            and Path(line["image"]).name not in ("corrupt.png", "absent.png")]
+    crops = np.stack([np.asarray(resize_short_side_and_crop(Image.open(inputs["root"] / line["image"]).convert("RGB"),
+                                                            T2I_SIDE)) for line in kept])
+    np.testing.assert_array_equal(np.stack([r["image_ids"] for r in records]), vq.encode(crops))
