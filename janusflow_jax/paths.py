@@ -31,6 +31,7 @@ except ImportError:  # no fsspec: no gs:// through epath either
 CONFIG_PATH_FIELDS = (
     "init.path", "init.llm_path", "init.siglip_path", "init.mmu_path", "init.t2i_path", "data.dir",
     "prepare.out", "prepare.tokenizer", "prepare.gen_jsonl", "prepare.und_jsonl", "prepare.text_jsonl",
+    "prepare.mmu_jsonl", "prepare.t2i_jsonl", "prepare.image_tokenizer.path",
     "prepare.image_root", "prepare.tfds.data_dir", "prepare.latent.vae_path",
     "eval.data_dir", "eval.tokenizer", "eval.und_data",
 )

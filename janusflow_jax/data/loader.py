@@ -5,6 +5,9 @@ One grain pipeline per data type and reading stream (`streams`: hosts own whole 
     every epoch, seeded) -> repeat forever -> decode (generation: draw the latent from the stored posterior, a fresh
     draw per epoch) -> understanding/text: first-fit packing into rows of seq_len (at most `images_per_row` images per
     understanding row), or one example per row when `pack` is False -> fixed sub-batch,
+OmniMamba's types (`OmniMambaGeometry`, a dataset prepared with family "omnimamba") have one example per row:
+    mmu: ids and loss mask right-padded to mmu_len, the uint8 tower-size image scaled to [0, 1]
+    (`omnimamba_records.decode_mmu`); t2i: the fixed-length prompt and codes (`decode_t2i`);
 each data type's streams zipped into one grain iterator of *units* (`unit_rows` rows of that type on this host, the
 streams' shares side by side). A step takes as many units of each type as the mixture schedule gives it
 (`MixtureIterator.take`, data/mixture.py), rows laid out stream by stream so that the global batch is the same on any
@@ -36,9 +39,9 @@ import numpy as np
 from etils import epath
 
 from janusflow_jax.data.batch import DATA_TYPES, BatchGeometry
+from janusflow_jax.data.omnimamba_batch import OmniMambaGeometry
+from janusflow_jax.data.omnimamba_records import decode_mmu, decode_t2i
 from janusflow_jax.data.records import METADATA, decode_record, normalize_pixels
-
-_TYPE_IDS = {kind: i for i, kind in enumerate(DATA_TYPES)}
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -78,17 +81,32 @@ def load_metadata(directory) -> dict:
     return json.loads(path.read_text())
 
 
+def _family(geometry) -> str:
+    return "omnimamba" if isinstance(geometry, OmniMambaGeometry) else "janusflow"
+
+
+def _check_family(meta: Mapping, geometry):
+    found = meta.get("family", "janusflow")  # datasets prepared before families were named are JanusFlow's
+    if found != _family(geometry):
+        raise ValueError(f"the prepared dataset {meta['config']['prepare']['out']} holds {found} records "
+                         f"({', '.join(meta['counts'])}), this run trains {_family(geometry)} "
+                         f"({', '.join(geometry.types)}): prepare it with --config.prepare.family={_family(geometry)}")
+
+
+def _too_few(meta: Mapping, sizes: Mapping[str, int], streams: int, hosts: int) -> list[str]:
+    return [f"{meta['counts'][kind]} {kind} records cannot feed {streams} "
+            + ("host shard(s)" if streams == hosts else "reading streams (data.streams)")
+            for kind, rows in sizes.items() if rows and meta["counts"][kind] < streams]
+
+
 def _check(meta: Mapping, sizes: Mapping[str, int], geometry: BatchGeometry, streams: int, hosts: int):
     """Refuses a dataset that does not fit the batch the model expects, naming the mismatch."""
+    _check_family(meta, geometry)
     g = geometry
     seq_len, prompt_len, image_size, images_per_row = g.seq_len, g.prompt_len, g.image_size, g.images_per_row
     latent_size, latent_channels, num_image_tokens = g.latent_size, g.latent_channels, g.num_image_tokens
-    problems = []
+    problems = _too_few(meta, sizes, streams, hosts)
     lengths = meta["lengths"]
-    for kind in DATA_TYPES:
-        if sizes.get(kind, 0) and meta["counts"][kind] < streams:
-            problems.append(f"{meta['counts'][kind]} {kind} records cannot feed {streams} "
-                            + ("host shard(s)" if streams == hosts else "reading streams (data.streams)"))
     if sizes.get("und", 0):
         if meta["image"]["size"] != image_size:
             problems.append(f"images were prepared at {meta['image']['size']} px, the model wants {image_size}")
@@ -116,9 +134,43 @@ def _check(meta: Mapping, sizes: Mapping[str, int], geometry: BatchGeometry, str
                          + "; ".join(problems))
 
 
-def _seeds(data_config, seed: int, kind: str) -> tuple[int, int]:
-    """(shuffle seed, per-example RNG seed) of one data type, both in [0, 2^32)."""
-    state = np.random.SeedSequence([data_config.seed, seed, _TYPE_IDS[kind]]).generate_state(2)
+def _check_omnimamba(meta: Mapping, sizes: Mapping[str, int], geometry: OmniMambaGeometry, streams: int,
+                     hosts: int):
+    """Refuses an OmniMamba dataset that does not fit the run's geometry (`config.data` and the model), naming every
+    mismatch in one error."""
+    _check_family(meta, geometry)
+    g, tokenizer, codes, lengths = geometry, meta["tokenizer"], meta["image_tokenizer"], meta["lengths"]
+    problems = _too_few(meta, sizes, streams, hosts)
+    if (tokenizer["pad_id"], tokenizer["eos_id"]) != (g.pad_id, g.eos_id):
+        problems.append(f"the tokenizer's [PAD] / <|endoftext|> are {tokenizer['pad_id']} / {tokenizer['eos_id']}, "
+                        f"data.pad_id / data.eos_id are {g.pad_id} / {g.eos_id}")
+    elif tokenizer["token_ids"] != g.token_ids:
+        problems.append(f"the OmniMamba tokens are {tokenizer['token_ids']}, the run expects {g.token_ids}")
+    if g.text_vocab_size and tokenizer["vocab_size"] > g.text_vocab_size:
+        problems.append(f"the tokenizer has {tokenizer['vocab_size']} ids > the model's {g.text_vocab_size}")
+    if sizes.get("mmu", 0):
+        if meta["image"]["size"] != g.image_size:
+            problems.append(f"mmu images were prepared at {meta['image']['size']} px, the tower wants {g.image_size}")
+        if lengths["max_mmu_length"] > g.mmu_len:
+            problems.append(f"an mmu record has {lengths['max_mmu_length']} ids > data.mmu_len {g.mmu_len}")
+    if sizes.get("t2i", 0):
+        if lengths["prompt_len"] != g.prompt_len:
+            problems.append(f"t2i prompts are {lengths['prompt_len']} ids, the model wants {g.prompt_len}")
+        if codes["num_image_tokens"] != g.num_image_tokens:
+            problems.append(f"t2i images are {codes['num_image_tokens']} codes ({codes['grid']}^2), the model wants "
+                            f"{g.num_image_tokens}")
+        if g.image_vocab_size and codes["codebook_size"] != g.image_vocab_size:
+            problems.append(f"the {codes['kind']} codebook has {codes['codebook_size']} codes, the model's image "
+                            f"vocabulary {g.image_vocab_size}")
+    if problems:
+        raise ValueError(f"the prepared dataset {meta['config']['prepare']['out']} does not fit this run: "
+                         + "; ".join(problems))
+
+
+def _seeds(data_config, seed: int, kind: str, types: tuple[str, ...] = DATA_TYPES) -> tuple[int, int]:
+    """(shuffle seed, per-example RNG seed) of one data type (its index in the family's `types`), both in
+    [0, 2^32)."""
+    state = np.random.SeedSequence([data_config.seed, seed, types.index(kind)]).generate_state(2)
     return int(state[0]), int(state[1])
 
 
@@ -215,6 +267,19 @@ def _gen_pipeline(grain, data_config, meta, directory, rows, *, prompt_len, shar
     return ds.map(finish)
 
 
+def _example_pipeline(grain, data_config, meta, directory, kind, rows, *, geometry: OmniMambaGeometry,
+                      shard_index, shard_count, seed):
+    """OmniMamba rows, one example each: decode into the batch layout (`decode_mmu` pads the ids to mmu_len and
+    scales the image to [0, 1]; `decode_t2i`) -> sub-batch of `rows`."""
+    shuffle_seed, _ = _seeds(data_config, seed, kind, geometry.types)
+    decode = {"mmu": decode_mmu, "t2i": decode_t2i}[kind]
+    ds = _records(grain, meta, directory, kind, shard_index, shard_count, shuffle_seed)
+    ds = ds.map(lambda data: decode(decode_record(data), geometry))
+    ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=data_config.read_threads,
+                                              prefetch_buffer_size=data_config.read_buffer))
+    return ds.batch(rows, drop_remainder=True)
+
+
 def pad_fraction(lengths, num_images, *, seq_len: int, images_per_row: int = 1, pack: bool = True,
                  packing_bins: int = 64) -> float:
     """Share of pad tokens in the rows the loader builds from examples of these token lengths and image counts (in
@@ -292,15 +357,17 @@ class MixtureIterator:
                 it.close()
 
 
-def make_train_iterator(data_config, sizes: Mapping[str, int], geometry: BatchGeometry, *, seed: int = 0,
-                        shard_index: int | None = None, shard_count: int | None = None,
+def make_train_iterator(data_config, sizes: Mapping[str, int], geometry: BatchGeometry | OmniMambaGeometry, *,
+                        seed: int = 0, shard_index: int | None = None, shard_count: int | None = None,
                         unit_rows: int | None = None) -> MixtureIterator:
-    """An endless iterator of numpy batches in the `batch.py` layout, for THIS host's rows.
+    """An endless iterator of numpy batches in the family's layout (`batch.py`, `omnimamba_batch.py`), for THIS
+    host's rows.
 
-    sizes: rows per data type on this host ({"und": .., "gen": .., "text": ..}) of the batches `next()` returns; a
-    type with 0 rows is never read. unit_rows: this host's rows per unit (default: the gcd of the sizes); `take(sizes)`
-    returns a batch of any whole units of the types read. geometry: the batch's shapes (`BatchGeometry.from_config`),
-    checked against the prepared dataset's metadata.json.
+    sizes: rows per data type of `geometry.types` on this host ({"und": .., "gen": .., "text": ..} or {"mmu": ..,
+    "t2i": ..}) of the batches `next()` returns; a type with 0 rows is never read. unit_rows: this host's rows per
+    unit (default: the gcd of the sizes); `take(sizes)` returns a batch of any whole units of the types read.
+    geometry: the batch's shapes (`BatchGeometry.from_config` / `OmniMambaGeometry.from_config`), checked against
+    the prepared dataset's metadata.json (its family too).
     seed: the run's seed, folded with data_config.seed. shard_index / shard_count: this host and the number of hosts
     (default jax.process_index() / jax.process_count()). The records are dealt to `data_config.streams` reading
     streams (default: one per host); this host reads only its streams [shard_index * k, (shard_index + 1) * k),
@@ -321,12 +388,14 @@ def make_train_iterator(data_config, sizes: Mapping[str, int], geometry: BatchGe
         shard_count = jax.process_count() if shard_count is None else shard_count
     if not 0 <= shard_index < shard_count:
         raise ValueError(f"shard_index {shard_index} outside [0, {shard_count})")
-    unknown = sorted(set(sizes) - set(DATA_TYPES))
+    types = tuple(geometry.types)
+    unknown = sorted(set(sizes) - set(types))
     if unknown or any(n < 0 for n in sizes.values()) or not any(sizes.values()):
-        raise ValueError(f"sizes must give rows >= 0 for {DATA_TYPES} (at least one > 0), got {dict(sizes)}")
+        raise ValueError(f"sizes must give rows >= 0 for {types} (at least one > 0), got {dict(sizes)}")
     if data_config.posterior not in ("sample", "mean"):
         raise ValueError(f"data.posterior must be 'sample' or 'mean', got {data_config.posterior!r}")
-    if geometry.images_per_row < 1:
+    omnimamba = isinstance(geometry, OmniMambaGeometry)
+    if not omnimamba and geometry.images_per_row < 1:
         raise ValueError(f"images_per_row must be >= 1, got {geometry.images_per_row}")
     if not data_config.dir:
         raise ValueError("no prepared dataset: set config.data.dir (written by launch.prepare_data)")
@@ -341,16 +410,18 @@ def make_train_iterator(data_config, sizes: Mapping[str, int], geometry: BatchGe
                          f"{per_host} reading streams (data.streams {streams} / {shard_count} hosts)")
     directory = epath.Path(data_config.dir)
     meta = load_metadata(directory)
-    _check(meta, sizes, geometry, streams, shard_count)
-
+    (_check_omnimamba if omnimamba else _check)(meta, sizes, geometry, streams, shard_count)
 
     iterators = {}
-    for kind in [kind for kind in DATA_TYPES if sizes.get(kind, 0)]:  # fixed order
+    for kind in [kind for kind in types if sizes.get(kind, 0)]:  # fixed order
         parts = []
         rows = unit_rows // per_host
         for stream in range(shard_index * per_host, (shard_index + 1) * per_host):
             common = dict(shard_index=stream, shard_count=streams, seed=seed)
-            if kind == "gen":
+            if omnimamba:
+                parts.append(_example_pipeline(grain, data_config, meta, directory, kind, rows, geometry=geometry,
+                                               **common))
+            elif kind == "gen":
                 parts.append(_gen_pipeline(grain, data_config, meta, directory, rows,
                                            prompt_len=geometry.prompt_len, **common))
             else:

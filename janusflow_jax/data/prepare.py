@@ -1,5 +1,9 @@
 """The preparation job: captions, conversations and text -> ArrayRecord shards of ready-to-train records.
 
+One job for every model family (`prepare.family`): the sources, shards, resume, hosts and skip counting below are
+shared; each family has its record kinds (`FAMILY_KINDS`), its converter and its metadata fields. "janusflow" (the
+default) is described here; "omnimamba" (mmu and t2i records, image codes precomputed) in data/omnimamba_prepare.py.
+
 Inputs (any mix; each JSON-lines file one object per line, image paths relative to the file's folder unless
 `image_root` is set):
   generation     {"image": path, "caption": str} lines, and/or a local TFDS dataset read with
@@ -70,12 +74,21 @@ from janusflow_jax import paths
 
 from janusflow_jax.data.records import METADATA, RECORD_FORMAT, encode_record, normalize_pixels
 
-KINDS = ("gen", "und", "text")
-_KIND_IDS = {kind: i for i, kind in enumerate(KINDS)}
+KINDS = ("gen", "und", "text")  # JanusFlow's record kinds
+# The model family a job prepares for (`prepare.family`) -> its record kinds, each read from `<kind>_jsonl`, and the
+# kind a TFDS caption dataset feeds. OmniMamba's converter: data/omnimamba_prepare.py.
+FAMILY_KINDS = {"janusflow": KINDS, "omnimamba": ("mmu", "t2i")}
+CAPTION_KIND = {"janusflow": "gen", "omnimamba": "t2i"}
 FORMAT_VERSION = 1
 TEMPLATES = {"sft": "User: {prompt}\n\nAssistant:", "pretrain": "{prompt}"}
-# Config fields that do not change any output byte (so a resume may change them).
+# Config fields that do not change any output byte (so a resume may change them), and per family the fields its job
+# never reads (also left out of its fingerprint: adding OmniMamba's fields kept JanusFlow datasets resumable).
 _NON_OUTPUT_FIELDS = ("out", "num_threads")
+_UNREAD_FIELDS = {
+    "janusflow": ("family", "mmu_jsonl", "t2i_jsonl", "mmu_len", "image_tokenizer"),
+    "omnimamba": ("gen_jsonl", "und_jsonl", "text_jsonl", "latent", "sft_fraction", "system_prompt",
+                  "max_images_per_record", "text_overflow", "seq_len", "prompt_len"),
+}
 
 log = logging.getLogger(__name__)
 
@@ -153,10 +166,10 @@ class JsonLinesSource:
 class TfdsSource:
     """A local TFDS dataset read through `tfds.data_source` (random access; prepared in array_record format)."""
 
-    def __init__(self, name: str, data_dir: str, split: str, image_key: str, caption_key: str):
+    def __init__(self, name: str, data_dir: str, split: str, image_key: str, caption_key: str, kind: str = "gen"):
         import tensorflow_datasets as tfds
 
-        self.kind, self.name = "gen", f"tfds:{name}/{split}"
+        self.kind, self.name = kind, f"tfds:{name}/{split}"
         self.image_key, self.caption_key = image_key, caption_key
         try:
             self._source = tfds.data_source(name, data_dir=data_dir or None, split=split)
@@ -206,22 +219,23 @@ def _split(value: str) -> list[str]:
     return [v.strip() for v in value.split(",") if v.strip()]
 
 
-def open_sources(job) -> dict[str, list]:
-    """The sources the job config names, per kind (in config order)."""
-    sources: dict[str, list] = {kind: [] for kind in KINDS}
-    for kind in KINDS:
+def open_sources(job, kinds: Sequence[str] = KINDS, caption_kind: str = "gen") -> dict[str, list]:
+    """The sources the job config names for these record kinds (`<kind>_jsonl`; TFDS feeds `caption_kind`), per kind
+    (in config order)."""
+    sources: dict[str, list] = {kind: [] for kind in kinds}
+    for kind in kinds:
         for path in _split(getattr(job, f"{kind}_jsonl")):
             sources[kind].append(JsonLinesSource(path, kind, job.records_per_shard, job.image_root))
     if job.tfds.name:
-        sources["gen"].append(TfdsSource(job.tfds.name, job.tfds.data_dir, job.tfds.split, job.tfds.image_key,
-                                         job.tfds.caption_key))
+        sources[caption_kind].append(TfdsSource(job.tfds.name, job.tfds.data_dir, job.tfds.split, job.tfds.image_key,
+                                                job.tfds.caption_key, caption_kind))
     return sources
 
 
-def plan_shards(sources: Mapping[str, Sequence], records_per_shard: int) -> list[Shard]:
-    """All shards of all kinds, in a fixed order (gen, und, text; sources in order); a shard never spans sources."""
+def plan_shards(sources: Mapping[str, Sequence], records_per_shard: int, kinds: Sequence[str] = KINDS) -> list[Shard]:
+    """All shards of all kinds, in a fixed order (`kinds`' order; sources in order); a shard never spans sources."""
     shards = []
-    for kind in KINDS:
+    for kind in kinds:
         ranges, first = [], 0
         for source in sources.get(kind, ()):
             for start in range(0, len(source), records_per_shard):
@@ -233,61 +247,73 @@ def plan_shards(sources: Mapping[str, Sequence], records_per_shard: int) -> list
 
 
 # ----------------------------------------------------------------------------------------------- conversion
+def open_image(value):
+    """A manifest's image (a path, local or gs://, or a decoded TFDS uint8 array) as an RGB PIL image; raises `Skip`
+    ("missing_image", "unreadable_image", "corrupt_image", "bad_image", "bad_record") for one that cannot be."""
+    from PIL import Image
+
+    from janusflow_jax.data.processor import ImageError, load_image
+
+    if isinstance(value, np.ndarray):  # a decoded TFDS image
+        if value.dtype != np.uint8 or value.ndim not in (2, 3):
+            raise Skip("bad_image", f"image array of dtype {value.dtype} and shape {value.shape}")
+        value = Image.fromarray(value[..., 0] if value.ndim == 3 and value.shape[-1] == 1 else value)
+    try:
+        return load_image(value)
+    except FileNotFoundError as e:
+        raise Skip("missing_image", str(e)) from None
+    except ImageError as e:
+        # load_image wraps every failure; an absent or unreadable file surfaces as its OSError cause.
+        cause = e.__cause__
+        if isinstance(cause, FileNotFoundError):
+            raise Skip("missing_image", str(e)) from None
+        if isinstance(cause, (PermissionError, IsADirectoryError)):
+            raise Skip("unreadable_image", str(e)) from None
+        raise Skip("corrupt_image", str(e)) from None
+    except OSError as e:
+        raise Skip("unreadable_image", str(e)) from None
+    except TypeError as e:  # not a path, bytes or image (e.g. a number in the manifest)
+        raise Skip("bad_record", str(e)) from None
+
+
+def caption_of(raw: Mapping, rng: np.random.Generator) -> str:
+    """The stripped caption of an image-caption input (several captions: one per record, chosen by its RNG; TFDS
+    bytes decoded); raises `Skip` ("bad_record", "empty_caption") for none, or for an input without an image."""
+    caption = raw.get("caption")
+    if isinstance(caption, (list, tuple, np.ndarray)):
+        caption = caption[int(rng.integers(len(caption)))] if len(caption) else ""
+    if isinstance(caption, (bytes, np.bytes_)):
+        caption = bytes(caption).decode("utf-8", errors="replace")
+    if not isinstance(caption, str):
+        raise Skip("bad_record", f"caption must be a string, got {type(caption).__name__}")
+    caption = caption.strip()
+    if not caption:
+        raise Skip("empty_caption")
+    if "image" not in raw:
+        raise Skip("bad_record", "no 'image'")
+    return caption
+
+
 class _Converter:
-    """Turns one loaded input into records (runs in worker threads; tokenization is serialised by a lock because a
-    Hugging Face fast tokenizer must not be entered from two threads at once)."""
+    """Turns one loaded JanusFlow input into records: a method per kind (runs in worker threads; tokenization is
+    serialised by a lock because a Hugging Face fast tokenizer must not be entered from two threads at once)."""
+
+    kinds = KINDS
 
     def __init__(self, processor, job, image_size: int):
         self.processor, self.job, self.size = processor, job, image_size
         self._lock = threading.Lock()
 
-    def _open_image(self, value):
-        from PIL import Image
-
-        from janusflow_jax.data.processor import ImageError, load_image
-
-        if isinstance(value, np.ndarray):  # a decoded TFDS image
-            if value.dtype != np.uint8 or value.ndim not in (2, 3):
-                raise Skip("bad_image", f"image array of dtype {value.dtype} and shape {value.shape}")
-            value = Image.fromarray(value[..., 0] if value.ndim == 3 and value.shape[-1] == 1 else value)
-        try:
-            return load_image(value)
-        except FileNotFoundError as e:
-            raise Skip("missing_image", str(e)) from None
-        except ImageError as e:
-            # load_image wraps every failure; an absent or unreadable file surfaces as its OSError cause.
-            cause = e.__cause__
-            if isinstance(cause, FileNotFoundError):
-                raise Skip("missing_image", str(e)) from None
-            if isinstance(cause, (PermissionError, IsADirectoryError)):
-                raise Skip("unreadable_image", str(e)) from None
-            raise Skip("corrupt_image", str(e)) from None
-        except OSError as e:
-            raise Skip("unreadable_image", str(e)) from None
-        except TypeError as e:  # not a path, bytes or image (e.g. a number in the manifest)
-            raise Skip("bad_record", str(e)) from None
-
     def gen(self, raw: dict, rng: np.random.Generator) -> list[dict]:
         from janusflow_jax.data.processor import resize_short_side_and_crop
 
-        caption = raw.get("caption")
-        if isinstance(caption, (list, tuple, np.ndarray)):  # several captions: one per record, chosen by its RNG
-            caption = caption[int(rng.integers(len(caption)))] if len(caption) else ""
-        if isinstance(caption, (bytes, np.bytes_)):
-            caption = bytes(caption).decode("utf-8", errors="replace")
-        if not isinstance(caption, str):
-            raise Skip("bad_record", f"caption must be a string, got {type(caption).__name__}")
-        caption = caption.strip()
-        if not caption:
-            raise Skip("empty_caption")
-        if "image" not in raw:
-            raise Skip("bad_record", "no 'image'")
+        caption = caption_of(raw, rng)
         template = "sft" if rng.random() < self.job.sft_fraction else "pretrain"
         with self._lock:
             prompt_ids = self.processor.encode_generation_prompt(caption, template)
         if len(prompt_ids) > self.job.prompt_len:
             raise Skip("prompt_too_long", f"{len(prompt_ids)} > prompt_len {self.job.prompt_len}")
-        image = self._open_image(raw["image"])
+        image = open_image(raw["image"])
         crop = resize_short_side_and_crop(image, self.size, rng if self.job.gen_crop == "random" else None)
         pixels = np.asarray(crop, np.uint8)
         # "_vae_input" (the crop in [-1, 1], as preprocess_generation computes it) is made here, in the worker
@@ -334,7 +360,7 @@ class _Converter:
         p = self.processor
         images = np.zeros((len(paths), self.size, self.size, 3), np.uint8)
         if paths:
-            pixels = p.preprocess_understanding([self._open_image(path) for path in paths])
+            pixels = p.preprocess_understanding([open_image(path) for path in paths])
             images = _to_uint8(pixels, p.image_mean, p.image_std, p.rescale_factor, p.do_normalize)
         return [dict(images=images, input_ids=encoded["input_ids"], loss_mask=encoded["loss_mask"],
                      image_token_mask=encoded["image_token_mask"])]
@@ -365,7 +391,7 @@ class _Converter:
 
 def _convert_one(converter: _Converter, shard: Shard, seed: int, offset: int, item) -> tuple[list[dict], str | None]:
     """(records, None) or ([], skip reason) for item number `offset` of `shard`. Never raises for bad input."""
-    rng = np.random.default_rng([seed, _KIND_IDS[shard.kind], shard.first_item + offset])
+    rng = np.random.default_rng([seed, converter.kinds.index(shard.kind), shard.first_item + offset])
     try:
         raw = shard.source.load(item)
         return getattr(converter, shard.kind)(raw, rng), None
@@ -453,6 +479,9 @@ class _Context:
     host_batch: int = 0
     image_size: int = 0
     scratch: str | None = None  # a local directory for shards bound for gs://
+    # Kinds other than "gen" whose records get a device pass per group of `host_batch` items (OmniMamba's t2i codes):
+    # kind -> records -> records. Those passes run on this host's devices alone (no SPMD rounds).
+    grouped: Mapping[str, Callable] = dataclasses.field(default_factory=dict)
 
 
 def _futures(ctx: _Context, shard: Shard, size: int) -> Iterator[list[concurrent.futures.Future]]:
@@ -480,7 +509,8 @@ def _write_shard(ctx: _Context, shard: Shard, encoder_calls: int = 0):
     directory = ctx.out / shard.kind
     writer = _Writer(directory / f"{shard.name}.array_record", ctx.job.array_record_options, ctx.scratch)
     stats = _ShardStats()
-    group_size = ctx.host_batch if shard.kind == "gen" else max(1, 4 * ctx.job.num_threads)
+    batched = shard.kind == "gen" or shard.kind in ctx.grouped
+    group_size = ctx.host_batch if batched else max(1, 4 * ctx.job.num_threads)
     calls = 0
     for group in _futures(ctx, shard, group_size):
         results = [f.result() for f in group]
@@ -492,6 +522,8 @@ def _write_shard(ctx: _Context, shard: Shard, encoder_calls: int = 0):
         if shard.kind == "gen":
             records = _add_latents(ctx, records)
             calls += 1
+        elif shard.kind in ctx.grouped:
+            records = ctx.grouped[shard.kind](records)
         for record in records:
             writer.write(record)
             stats.add(record)
@@ -522,25 +554,90 @@ def _sizes(config) -> tuple[int, int, int, Any]:
     return model.und_encoder.image_size, model.latent_size, model.und_encoder.num_patches, model
 
 
-def _check_job(job):
+class _JanusFlowJob:
+    """JanusFlow's side of the job: the processor, the latent space, the converter and metadata.json's fields.
+    (Every family's side has `kinds`, `converter`, `image_size`, `grouped(host_batch)` and `summarize`; `encoder`
+    only where the family has "gen" shards, the ones `host_plan` runs in SPMD rounds.)"""
+
+    kinds = KINDS
+
+    def __init__(self, config):
+        from janusflow_jax.data import latents
+        from janusflow_jax.data.processor import Processor
+
+        job = config.prepare
+        self.image_size, latent_size, self.num_image_tokens, model = _sizes(config)
+        self.processor = Processor.from_pretrained(job.tokenizer, num_image_tokens=self.num_image_tokens,
+                                                   image_size=self.image_size)
+        if self.processor.vocab_size > model.llm.vocab_size:
+            raise ValueError(f"the tokenizer has {self.processor.vocab_size} ids but the model's vocab_size is "
+                             f"{model.llm.vocab_size}")
+        self.space = latents.make_latent_space(job.latent.kind, image_size=self.image_size, latent_size=latent_size,
+                                               vae_path=job.latent.vae_path or None,
+                                               scaling_factor=job.latent.scaling_factor, dtype=job.latent.dtype)
+        channels = (model.gen_encoder.in_channels, model.gen_decoder.out_channels)
+        if channels != (self.space.latent_channels,) * 2:
+            raise ValueError(f"latent space {self.space.kind} has {self.space.latent_channels} channels, but the "
+                             f"model's gen_encoder.in_channels / gen_decoder.out_channels are {channels}")
+        self.converter = _Converter(self.processor, job, self.image_size)
+
+    def encoder(self, mesh) -> Callable:
+        """The latent encoder, jit-compiled over `mesh` (all devices of all hosts)."""
+        from janusflow_jax.data import latents
+
+        return latents.batch_sharded(self.space.place(mesh).moments, mesh)
+
+    def grouped(self, host_batch: int) -> dict:
+        del host_batch  # generation latents go through the SPMD rounds instead
+        return {}
+
+    def summarize(self, config, shards: Sequence[Shard]) -> dict:
+        return _summarize(config, shards, self.processor, self.space, self.image_size, self.num_image_tokens)
+
+
+def _family_job(config, sources: Mapping[str, Sequence], out: epath.Path):
+    if config.prepare.family == "omnimamba":
+        from janusflow_jax.data.omnimamba_prepare import OmniMambaJob
+
+        return OmniMambaJob(config, sources, out)
+    return _JanusFlowJob(config)
+
+
+def _check_job(config):
+    job = config.prepare
+    if job.family not in FAMILY_KINDS:
+        raise ValueError(f"unknown family {job.family!r}: set --config.prepare.family to one of {tuple(FAMILY_KINDS)}")
     if not job.out:
         raise ValueError("no output directory: set --config.prepare.out")
     if not job.tokenizer:
         raise ValueError("no tokenizer: set --config.prepare.tokenizer to a directory with tokenizer.json "
-                         "(e.g. the JanusFlow checkpoint, or one written by processor.make_tokenizer)")
+                         + ("(e.g. the JanusFlow checkpoint, or one written by processor.make_tokenizer)"
+                            if job.family == "janusflow" else
+                            "(gpt-neox-20b's, or one written by omnimamba_processor.make_tokenizer)"))
+    others = [f"{kind}_jsonl" for family, kinds in FAMILY_KINDS.items() if family != job.family for kind in kinds
+              if kind not in FAMILY_KINDS[job.family] and getattr(job, f"{kind}_jsonl")]
+    if others:
+        raise ValueError(f"{', '.join(others)} are not read by a job of family {job.family!r} (it reads "
+                         f"{', '.join(f'{k}_jsonl' for k in FAMILY_KINDS[job.family])}); set "
+                         "--config.prepare.family, or use the family's variant of configs/prepare_data.py")
+    model_key = {"janusflow": "llm", "omnimamba": "lm"}[job.family]
+    if model_key not in config.model:
+        raise ValueError(f"config.model is not a {job.family} model (no '{model_key}'): use the family's variant of "
+                         "configs/prepare_data.py")
     if not 0.0 <= job.sft_fraction <= 1.0:
         raise ValueError(f"sft_fraction must lie in [0, 1], got {job.sft_fraction}")
     if job.gen_crop not in ("random", "center"):
         raise ValueError(f"gen_crop must be 'random' or 'center', got {job.gen_crop!r}")
     if job.text_overflow not in ("split", "skip"):
         raise ValueError(f"text_overflow must be 'split' or 'skip', got {job.text_overflow!r}")
-    for field in ("records_per_shard", "encode_batch_per_device", "num_threads", "seq_len", "prompt_len"):
+    for field in ("records_per_shard", "encode_batch_per_device", "num_threads", "seq_len", "prompt_len", "mmu_len"):
         if getattr(job, field) < 1:
             raise ValueError(f"{field} must be >= 1, got {getattr(job, field)}")
 
 
 def _fingerprint(job) -> str:
-    values = {k: v for k, v in json.loads(job.to_json_best_effort()).items() if k not in _NON_OUTPUT_FIELDS}
+    ignored = _NON_OUTPUT_FIELDS + _UNREAD_FIELDS[job.family]
+    values = {k: v for k, v in json.loads(job.to_json_best_effort()).items() if k not in ignored}
     return hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -587,47 +684,36 @@ def host_plan(shards: Sequence[Shard], done: Sequence[bool], host: int, hosts: i
 
 
 def run(config, progress: bool = True) -> dict:
-    """Runs the job `config.prepare` for the model `config.model`; returns the summary `summary_line` prints.
+    """Runs the job `config.prepare` for the model `config.model` (of the family `config.prepare.family`); returns
+    the summary `summary_line` prints.
 
-    Image size, latent grid and image tokens come from the model config; its gen_encoder.in_channels and
-    gen_decoder.out_channels must equal the latent space's channels.
+    JanusFlow: image size, latent grid and image tokens come from the model config; its gen_encoder.in_channels and
+    gen_decoder.out_channels must equal the latent space's channels. OmniMamba: data/omnimamba_prepare.py.
     """
     import jax
     from jax.sharding import Mesh
     from tqdm.auto import tqdm
 
-    from janusflow_jax.data import latents
-    from janusflow_jax.data.processor import Processor
-
     start_time = time.perf_counter()
     job = config.prepare
-    _check_job(job)
+    _check_job(config)
     paths.check_access(*paths.config_paths(config))
     hosts_lib.check_same_config(config.to_json_best_effort(), "preparation config")
     hosts_lib.check_shared_directory(job.out, "output directory")
-    image_size, latent_size, num_image_tokens, model = _sizes(config)
-    processor = Processor.from_pretrained(job.tokenizer, num_image_tokens=num_image_tokens, image_size=image_size)
-    if processor.vocab_size > model.llm.vocab_size:
-        raise ValueError(f"the tokenizer has {processor.vocab_size} ids but the model's vocab_size is "
-                         f"{model.llm.vocab_size}")
-    sources = open_sources(job)
+    kinds = FAMILY_KINDS[job.family]
+    sources = open_sources(job, kinds, CAPTION_KIND[job.family])
     if not any(sources.values()):
-        raise ValueError("no inputs: set --config.prepare.gen_jsonl, und_jsonl, text_jsonl or tfds.name")
-    shards = plan_shards(sources, job.records_per_shard)
+        raise ValueError("no inputs: set " + ", ".join(f"--config.prepare.{kind}_jsonl" for kind in kinds)
+                         + " or tfds.name")
+    shards = plan_shards(sources, job.records_per_shard, kinds)
     out = paths.user_path(job.out)
-    for kind in KINDS:
+    for kind in kinds:
         (out / kind).mkdir(parents=True, exist_ok=True)
+    family = _family_job(config, sources, out)
     fingerprint = _fingerprint(job)
     done = _agree(np.array([_is_done(out, s, fingerprint) for s in shards], np.int32)).astype(bool)
     host, hosts = jax.process_index(), jax.process_count()
 
-    space = latents.make_latent_space(job.latent.kind, image_size=image_size, latent_size=latent_size,
-                                      vae_path=job.latent.vae_path or None, scaling_factor=job.latent.scaling_factor,
-                                      dtype=job.latent.dtype)
-    channels = (model.gen_encoder.in_channels, model.gen_decoder.out_channels)
-    if channels != (space.latent_channels,) * 2:
-        raise ValueError(f"latent space {space.kind} has {space.latent_channels} channels, but the model's "
-                         f"gen_encoder.in_channels / gen_decoder.out_channels are {channels}")
     host_batch = job.encode_batch_per_device * jax.local_device_count()
     rounds, mine_rest = host_plan(shards, done, host, hosts, host_batch)
     gen = [i for i, s in enumerate(shards) if s.kind == "gen"]
@@ -637,15 +723,15 @@ def run(config, progress: bool = True) -> dict:
 
     encode = None
     if rounds:
-        mesh = Mesh(np.array(jax.devices()), ("data",))
-        encode = latents.batch_sharded(space.place(mesh).moments, mesh)
+        encode = family.encoder(Mesh(np.array(jax.devices()), ("data",)))
+    image_size = family.image_size
     tty = sys.stderr.isatty()
     with concurrent.futures.ThreadPoolExecutor(job.num_threads) as pool, \
             tqdm(total=total, initial=finished, unit="item", desc=f"prepare (host {host})", disable=not progress,
                  mininterval=1.0 if tty else 30.0, dynamic_ncols=True) as bar, \
             tempfile.TemporaryDirectory(prefix="janusflow-shards-") as scratch:
-        ctx = _Context(job, out, _Converter(processor, job, image_size), pool, fingerprint, bar, encode, host_batch,
-                       image_size, scratch if paths.is_remote(out) else None)
+        ctx = _Context(job, out, family.converter, pool, fingerprint, bar, encode, host_batch, image_size,
+                       scratch if paths.is_remote(out) else None, family.grouped(host_batch))
         written = 0
         for index, calls in rounds:
             if index is not None and not done[index]:
@@ -662,9 +748,9 @@ def run(config, progress: bool = True) -> dict:
         from jax.experimental import multihost_utils
 
         multihost_utils.sync_global_devices("janusflow_jax.prepare: all shards written")
-    summary = _summarize(config, shards, processor, space, image_size, num_image_tokens)
+    summary = family.summarize(config, shards)
     if host == 0:
-        for kind in KINDS if not paths.is_remote(out) else ():  # temporary files of a killed run (gs://: none)
+        for kind in kinds if not paths.is_remote(out) else ():  # temporary files of a killed run (gs://: none)
             for stale in (out / kind).glob(".*.tmp"):
                 stale.unlink()
         _atomic_write_text(out / METADATA, json.dumps(summary, indent=1, sort_keys=False) + "\n")
@@ -672,31 +758,36 @@ def run(config, progress: bool = True) -> dict:
                 seconds=time.perf_counter() - start_time)
 
 
-def _summarize(config, shards: Sequence[Shard], processor, space, image_size: int, num_image_tokens: int) -> dict:
-    job = config.prepare
-    out = paths.user_path(job.out)
-    counts, skipped, files = {}, {}, {}
-    max_length, max_images = {}, 0
-    templates: collections.Counter = collections.Counter()
-    for kind in KINDS:
-        counts[kind], skipped[kind], files[kind], max_length[kind] = 0, collections.Counter(), [], 0
+def shard_totals(out: epath.Path, shards: Sequence[Shard], kinds: Sequence[str]) -> dict:
+    """What every family's metadata.json holds, from the shards' markers: format, counts, skips by reason, shard
+    files, sources per kind; and `_lengths` (longest ids per kind), `_images`, `_templates` for the family's own
+    fields (popped by the caller)."""
+    counts, skipped, files, lengths = ({kind: 0 for kind in kinds}, {kind: collections.Counter() for kind in kinds},
+                                       {kind: [] for kind in kinds}, {kind: 0 for kind in kinds})
+    max_images, templates = 0, collections.Counter()
     for shard in shards:
         marker = json.loads((out / shard.kind / f"{shard.name}.json").read_text())
         counts[shard.kind] += marker["records"]
         skipped[shard.kind].update(marker["skipped"])
         files[shard.kind].append(f"{shard.kind}/{shard.name}.array_record")
-        max_length[shard.kind] = max(max_length[shard.kind], marker["max_length"])
+        lengths[shard.kind] = max(lengths[shard.kind], marker["max_length"])
         max_images = max(max_images, marker["max_images"])
         templates.update(marker["templates"])
+    return {"format_version": FORMAT_VERSION, "record_format": RECORD_FORMAT, "counts": counts,
+            "skipped": {kind: dict(sorted(c.items())) for kind, c in skipped.items()}, "shards": files,
+            "sources": {kind: [s.name for s in dict.fromkeys(sh.source for sh in shards if sh.kind == kind)]
+                        for kind in kinds},
+            "_lengths": lengths, "_images": max_images, "_templates": templates}
+
+
+def _summarize(config, shards: Sequence[Shard], processor, space, image_size: int, num_image_tokens: int) -> dict:
+    job = config.prepare
+    totals = shard_totals(paths.user_path(job.out), shards, KINDS)
+    max_length, max_images, templates = totals.pop("_lengths"), totals.pop("_images"), totals.pop("_templates")
     p = processor
     return {
-        "format_version": FORMAT_VERSION,
-        "record_format": RECORD_FORMAT,
-        "counts": counts,
-        "skipped": {kind: dict(sorted(c.items())) for kind, c in skipped.items()},
-        "shards": files,
-        "sources": {kind: [s.name for s in dict.fromkeys(sh.source for sh in shards if sh.kind == kind)]
-                    for kind in KINDS},
+        "family": "janusflow",
+        **totals,
         "templates": {"generation": TEMPLATES, "sft_fraction": job.sft_fraction,
                       "generation_counts": dict(sorted(templates.items())),
                       "understanding": "{system}\n\nUser: {question}\n\nAssistant: {answer}<｜end▁of▁sentence｜>",
@@ -718,9 +809,10 @@ def _summarize(config, shards: Sequence[Shard], processor, space, image_size: in
 
 def summary_line(summary: Mapping[str, Any]) -> str:
     """One line for the end of a run: records per type, skips by reason, shards written/reused, time."""
-    counts = " / ".join(f"{summary['counts'][k]} {k}" for k in KINDS)
+    kinds = list(summary["counts"])
+    counts = " / ".join(f"{summary['counts'][k]} {k}" for k in kinds)
     skips = "; ".join(f"{k}: " + ", ".join(f"{r}={n}" for r, n in summary["skipped"][k].items())
-                      for k in KINDS if summary["skipped"][k]) or "none"
+                      for k in kinds if summary["skipped"][k]) or "none"
     return (f"prepared {counts} records in {summary['config']['prepare']['out']} "
             f"({summary['shards_written']} shards written, {summary['shards_reused']} reused) in "
             f"{summary['seconds']:.1f} s; skipped: {skips}")
