@@ -399,22 +399,12 @@ def test_prepare_data_on_two_hosts_writes_the_same_dataset(inputs, dataset, env,
     assert meta[0] == meta[1]
 
 
-def test_two_hosts_train_bit_for_bit_like_one_process(reference, dataset, env, tmp_path):
-    workdir = tmp_path / "two_hosts"
-    results = _launch(env, _train_argv(dataset, str(workdir)), 2, tmp_path)
-    _ok(results)
-    assert "jax.distributed: 2 processes, 8 devices (4 per process)" in results[0]["out"]
-    assert len([line for line in _said(results[0]) if line.startswith("step ")]) == STEPS
-    assert not _said(results[1])  # one progress log: process 0's
-    _assert_same_run(reference["workdir"], str(workdir))
-    # Each host saved its own reader's position (grain: one file per process).
-    assert sorted(p.name for p in (workdir / "checkpoints" / str(STEPS) / "data").glob("process_*")) == [
-        "process_0-of-2.json", "process_1-of-2.json"]
-
-
-def test_sigterm_on_one_host_saves_the_same_step_on_every_host(reference, dataset, env, tmp_path):
-    """... on a mesh whose data axis spans the hosts as two slices over DCN (`mesh.dcn_data`: processes stand for
-    slices on CPUs), which places the devices as the plain mesh does: the same program, the same numbers."""
+def test_two_hosts_preempted_on_one_save_the_same_step_and_train_bit_for_bit_like_one_process(
+        reference, dataset, env, tmp_path):
+    """Two hosts, SIGTERM on host 1: every host saves the same step and exits; the relaunch resumes and ends bit for
+    bit where the one-process reference ends. On a mesh whose data axis spans the hosts as two slices over DCN
+    (`mesh.dcn_data`: processes stand for slices on CPUs), which places the devices as the plain mesh does: the same
+    program, the same numbers."""
     workdir = tmp_path / "preempted"
     dcn = {"mesh.dcn_data": 2}
     results = _launch_driver(env, dataset, str(workdir), "sigterm:1:1", 2, tmp_path, **dcn)
@@ -428,7 +418,13 @@ def test_sigterm_on_one_host_saves_the_same_step_on_every_host(reference, datase
     resumed = _launch(env, _train_argv(dataset, str(workdir), **dcn), 2, tmp_path)
     _ok(resumed)
     assert f"resuming from step {step}" in resumed[0]["out"]
+    assert "jax.distributed: 2 processes, 8 devices (4 per process)" in resumed[0]["out"]
+    assert len([line for line in _said(resumed[0]) if line.startswith("step ")]) == STEPS - step
+    assert not _said(resumed[1])  # one progress log: process 0's
     _assert_same_run(reference["workdir"], str(workdir))
+    # Each host saved its own reader's position (grain: one file per process).
+    assert sorted(p.name for p in (workdir / "checkpoints" / str(STEPS) / "data").glob("process_*")) == [
+        "process_0-of-2.json", "process_1-of-2.json"]
 
 
 def test_a_killed_host_stops_the_others_and_the_relaunch_resumes_on_gcs(gcs, reference, dataset, env, tmp_path):

@@ -22,7 +22,8 @@ The host runs one step ahead: it fetches, transfers and dispatches step n+1 befo
 device is not idle while the host prepares a batch (on the tiny config on 2 CPU cores this took the loop from ~23 to
 ~15 ms per step). Steps that a callback, a checkpoint or a mixture switch needs are reported before the next one is
 dispatched. Each logged row carries `input_s`, the host's time to get the batch: when it nears the step time, the
-input pipeline is the bottleneck (more `data.num_workers`). Every `eval_every` steps (and at the last) the evaluators
+input pipeline is the bottleneck (more `data.num_workers`). The step of every batch composition a mixture phase
+deals (data/mixture.py) is compiled before the phase's first step. Every `eval_every` steps (and at the last) the evaluators
 `config.eval.evaluators` run on the EMA weights (janusflow_jax/eval/evaluators.py).
 """
 
@@ -94,12 +95,26 @@ def _loop(plan: Plan, mngr, state, source, phase: int, start: int, workdir: epat
     config = plan.config
     step_fns = {}
 
-    def compiled(phase, sizes):
-        """The step function, batch shardings and counted work of one step composition (each compiled once)."""
+    def compile_phase(phase, state):
+        """Compiles the step of every batch composition the run will meet in `phase`, ahead of its first step: no
+        step waits on a compile later on (on several hosts, one host compiling while the others wait in a collective
+        can outlast the collectives' set-up timeout)."""
+        state_shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
+        for p, composition in plan.mixture.compositions(config.steps):
+            if p != phase:
+                continue
+            sizes = dict(zip(plan.mixture.types, composition))
+            sizes = {t: n for t, n in sizes.items() if n}
+            key = (phase, tuple(sorted(sizes.items())))
+            if key not in step_fns:
+                executable = plan.jitted_step(phase, sizes).lower(state_shapes, plan.abstract_batch(sizes)).compile()
+                step_fns[key] = (executable, plan.batch_shardings(sizes), plan.family.step_counts(plan, sizes))
+
+    def compiled(phase, sizes, state):
+        """The compiled step, batch shardings and counted work of one step composition."""
         key = (phase, tuple(sorted(sizes.items())))
         if key not in step_fns:
-            step_fns[key] = (plan.jitted_step(phase, sizes), plan.batch_shardings(sizes),
-                             plan.family.step_counts(plan, sizes))
+            compile_phase(phase, state)
         return step_fns[key]
 
     reporter = Reporter(workdir, chips.peak_flops_per_device(), config.batch_size, progress, start=start,
@@ -127,7 +142,7 @@ def _loop(plan: Plan, mngr, state, source, phase: int, start: int, workdir: epat
     try:
         for step in range(start, config.steps):
             sizes = plan.sizes_at(step)  # this step's rows per data type (the mixture schedule)
-            fn, b_sh, counts = compiled(phase, sizes)
+            fn, b_sh, counts = compiled(phase, sizes, state)
             fetch_start = time.perf_counter()
             host_batch = source.take(plan.host_sizes(sizes))
             plan.geometry.check(host_batch, plan.host_sizes(sizes))  # every source keeps to the one layout
