@@ -1,5 +1,6 @@
 """The long-sequence race (`perf/race.py`, `launch.bench race`) at narrow widths, and the Mamba-2 FLOP count."""
 
+import importlib.util
 import json
 
 import jax
@@ -151,3 +152,25 @@ def test_omnimamba_train_step_flops_follow_the_conventions():
     # The 1.3B backbone: ~2 x 1.3e9 FLOPs per token.
     per_token = flops_lib.mamba2_forward(cfg.backbone, 1, 4096) / 4096
     assert 2.3e9 < per_token < 3.0e9
+
+
+@pytest.mark.parametrize("target", ["v5p:2x2x1", "h200"])
+def test_the_compiled_llama_prefill_calls_the_fused_kernel(target):
+    """The race's Llama prefill (into a preallocated cache) compiled for a TPU / an NVIDIA GPU with no device runs its
+    attention in the fused kernel (Splash's tpu_custom_call / cuDNN's fmha); the decode step (one query over the
+    cache) stays on XLA. Narrow and shallow: the fused path depends on the shapes' form, not their size."""
+    from janusflow_jax.perf import aot
+
+    if target.startswith("v5p") and importlib.util.find_spec("libtpu") is None:
+        pytest.skip("libtpu is not installed (pip install 'jax[tpu]')")
+    try:
+        devices = aot.topology_devices(target)
+    except aot.TopologyError as e:  # JAX's CUDA plugin is not installed (an optional extra)
+        pytest.skip(str(e)[:200])
+    rows = race.aot_memory(devices, [256], models=("llama",), layers=(2, 1), width=WIDTH)
+    calls = {r["phase"]: r["fused_attention_calls"] for r in rows}
+    assert calls["prefill"] >= 1 and calls["decode"] == 0, calls
+    assert all(r["status"] == "ok" and r["memory_bytes"] > 0 for r in rows)
+    # The roofline counts the kernel's attention FLOPs (Splash: whole 256-token blocks, so up to 1/4 more here).
+    prefill = next(r for r in rows if r["phase"] == "prefill")
+    assert 0.95 < prefill["roofline_flops"] / prefill["counted_flops"] < 1.3

@@ -316,18 +316,21 @@ def sweep(race: dict[str, Contender], lengths: Sequence[int], batch: int = 1, re
 
 # ----------------------------------------------------------------------------------------- ahead of time, full size
 def aot_memory(devices: Sequence, lengths: Sequence[int], dtype: str = "bfloat16", batch: int = 1,
-               progress: Callable[[str], None] = lambda s: None, models: Sequence[str] = ("mamba", "llama")) -> list:
-    """Full-depth (48 / 24 layers) prefill and decode programs of both models compiled for `devices[0]` (a device of
-    `aot.topology_devices`), parameters and compute in `dtype`, layers scanned: per (model, phase, length) the memory
-    plan at `batch` and at 2 (largest batch against the chip's HBM), whether it fits, and the roofline time estimate
-    (`roofline.py`, loops walked by their trip counts; decode per token)."""
+               progress: Callable[[str], None] = lambda s: None, models: Sequence[str] = ("mamba", "llama"),
+               layers: tuple[int, int] = (FULL_LAYERS["mamba"], FULL_LAYERS["llama"]),
+               width: int = RELEASE_WIDTH) -> list:
+    """Full-depth (48 / 24 layers; `layers` and `width` other sizes, for tests) prefill and decode programs of both
+    models compiled for `devices[0]` (a device of `aot.topology_devices`), parameters and compute in `dtype`, layers
+    scanned: per (model, phase, length) the memory plan at `batch` and at 2 (largest batch against the chip's HBM),
+    whether it fits, the fused attention kernel calls in the program (Splash's tpu_custom_call, cuDNN's fmha) and
+    the roofline time estimate (`roofline.py`, loops walked by their trip counts; decode per token)."""
     from janusflow_jax.perf import roofline
     from janusflow_jax.sharding import mesh_context
 
     device = devices[0]
     mesh = jax.sharding.Mesh(np.array([device]).reshape(1, 1, 1), ("data", "fsdp", "tensor"))
     sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-    race = contenders(FULL_LAYERS["mamba"], FULL_LAYERS["llama"], dtype, scan_layers=True)
+    race = contenders(*layers, dtype, scan_layers=True, width=width)
     hbm, peak, bandwidth = chips.hbm_bytes(device), chips.peak_flops_per_device(device), chips.hbm_bandwidth(device)
     rows = []
     for kind in models:
