@@ -660,7 +660,8 @@ def render_section(json_dir, plot_path=None) -> str:
     from etils import epath
 
     reports = []
-    for path in sorted(epath.Path(json_dir).glob("race_*.json")):
+    # Oldest first by the time stamp that ends each name (labels differ in length, so whole names do not sort so).
+    for path in sorted(epath.Path(json_dir).glob("race_*.json"), key=lambda p: (p.stem.rsplit("_", 1)[-1], p.name)):
         try:
             report = json.loads(path.read_text())
         except ValueError:
@@ -668,7 +669,7 @@ def render_section(json_dir, plot_path=None) -> str:
         if report.get("mode") == "race":
             reports.append(report)
     newest, newest_rows = {}, {}
-    for report in reports:  # names sort by time stamp: the last one wins
+    for report in reports:  # the last one wins
         for part in ["sweep", "image"] + [f"aot:{t}" for t in report.get("aot") or {}]:
             if part.startswith("aot:") or report.get(part):
                 newest[part] = report
