@@ -44,6 +44,8 @@ _RACE_TARGETS = flags.DEFINE_list("race_targets", ["h200", "v5p:2x2x1"], "race a
                                   "(the first chip is compiled for); needs JAX's CUDA plugin / libtpu.")
 _RACE_WIDTH = flags.DEFINE_integer("race_width", 2048, "race sweep: d_model of both backbones (2048: the releases; "
                                    "smaller: narrow stand-ins for tests, see race.mamba_config).")
+_RACE_MODELS = flags.DEFINE_list("race_models", ["mamba", "llama"], "race aot: which backbones to compile (the "
+                                  "section takes the other's rows from an older report).")
 _RACE_BATCH = flags.DEFINE_integer("race_batch", 1, "race: rows per call.")
 _RACE_MEMORY = flags.DEFINE_float("race_memory_budget_gib", 8.0, "race sweep: points whose compiled plan is larger are "
                                   "not run (this host is shared).")
@@ -125,12 +127,14 @@ def _race() -> int:
     raw = sys.argv[1:]
     command = "python -m launch.bench " + " ".join(shlex.quote(a) for a in raw)
     label = f"race {'+'.join(_RACE_PARTS.value)} layers {mamba_layers}/{llama_layers}" + (
-        f" targets {','.join(_RACE_TARGETS.value)}" if "aot" in _RACE_PARTS.value else "")
+        f" targets {','.join(_RACE_TARGETS.value)}" if "aot" in _RACE_PARTS.value else "") + (
+        f" models {','.join(_RACE_MODELS.value)}" if "aot" in _RACE_PARTS.value and len(_RACE_MODELS.value) < 2 else "")
     try:
         report = bench.run_race(label=label, command=command, lengths=lengths, mamba_layers=mamba_layers,
                                 llama_layers=llama_layers, parts=_RACE_PARTS.value, targets=_RACE_TARGETS.value,
                                 batch=_RACE_BATCH.value, reps=_REPS.value, memory_budget_gib=_RACE_MEMORY.value,
-                                time_budget=_RACE_TIME.value, note=_NOTE.value, width=_RACE_WIDTH.value)
+                                time_budget=_RACE_TIME.value, note=_NOTE.value, width=_RACE_WIDTH.value,
+                                models=_RACE_MODELS.value)
     except (bench.BenchError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -96,6 +96,13 @@ def test_fused_attention_padding_and_masks_match_xla():
     np.testing.assert_allclose(causal[seen], np.asarray(want)[seen], rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(np.asarray(cudnn_attention(q, k, v, None, backend="xla")),
                                np.asarray(dot_product_attention(q, k, v, None)), rtol=1e-5, atol=1e-5)
+    # No mask with `causal`: the causal mask alone (what the LLM passes when it is given no mask); cuDNN then gets no
+    # bias at all, the padded keys lying past every real query.
+    tril = causal_key_mask(jnp.ones((b, s), jnp.int32), s, 0)
+    want = np.asarray(dot_product_attention(q, k, v, tril))
+    np.testing.assert_array_equal(np.asarray(dot_product_attention(q, k, v, None, causal=True)), want)
+    np.testing.assert_allclose(np.asarray(cudnn_attention(q, k, v, None, causal=True, backend="xla")), want,
+                               rtol=1e-5, atol=1e-5)
 
 
 def test_attention_option_is_validated():

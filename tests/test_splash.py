@@ -87,3 +87,48 @@ def test_splash_under_a_mesh_runs_per_shard():
         assert "manual_computation" in text or "shmap" in text, "the kernel did not run per shard"
         got = fn(*(jax.device_put(x, sharded) for x in (q, k, v)), segments)
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-6 * float(jnp.abs(want).max()))
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_cached_prefill_runs_the_kernel_and_equals_the_forward(masked):
+    """A prefill into an empty cache (cache_index a Python 0) attends over its own tokens as self-attention, so it
+    takes the kernel (the cache's empty slots would keep it on XLA), gives the uncached forward's logits and writes
+    the same keys and values into the cache as a prefill at a traced index (the general cached path) at every
+    visible token. The cache is longer than the prompt, as in the sampler; `masked`: left padding and a hidden
+    prompt, else no mask at all."""
+    from janusflow_jax.models import llama
+    from janusflow_jax.perf import race
+
+    b, s, slots = 2, 150, 200
+    cfg = race.llama_config(2, width=64)
+    ids = jnp.asarray(np.random.default_rng(3).integers(3, cfg.vocab_size, (b, s)), jnp.int32)
+    key_mask = None
+    if masked:
+        key_mask = np.ones((b, slots), np.int32)
+        key_mask[0, :7] = 0
+        key_mask[1, 1:20] = 0
+    visible = np.ones((b, s), bool) if key_mask is None else key_mask[:, :s].astype(bool)
+    xla = llama.LlamaModel(cfg, attention="xla")
+    params = race.Contender("llama", xla, cfg).init_params(0)
+    embeds = xla.apply({"params": params}, ids, method=llama.LlamaModel.embed)
+
+    def prefill(attention, index):
+        model = llama.LlamaModel(cfg, attention=attention)
+        out = model.apply({"params": params}, embeds, None if key_mask is None else jnp.asarray(key_mask),
+                          cache=llama.init_cache(cfg, b, slots), cache_index=index)
+        return out["logits"], out["cache"]
+
+    want = xla.apply({"params": params}, embeds, None if key_mask is None else jnp.asarray(key_mask[:, :s]))["logits"]
+    general_logits, general_cache = jax.jit(prefill, static_argnums=0)("xla", 0)  # traced index: all slots
+    scale = float(jnp.abs(want).max())
+    for attention in ("xla", "splash"):
+        jaxpr = str(jax.make_jaxpr(lambda: prefill(attention, 0))())
+        assert ("pallas_call" in jaxpr) == (attention == "splash"), attention
+        logits, cache = jax.jit(lambda: prefill(attention, 0))()
+        np.testing.assert_allclose(np.asarray(logits)[visible], np.asarray(want)[visible], rtol=0,
+                                   atol=1e-5 * scale, err_msg=attention)
+        np.testing.assert_allclose(np.asarray(general_logits)[visible], np.asarray(want)[visible], rtol=0,
+                                   atol=1e-5 * scale)
+        for name in ("k", "v"):  # the slots of visible tokens (a hidden query's output differs: never read)
+            got, ref = (np.asarray(c[name])[:, :, :s][:, visible] for c in (cache, general_cache))
+            np.testing.assert_allclose(got, ref, rtol=0, atol=1e-5 * float(np.abs(ref).max()))

@@ -133,7 +133,8 @@ def dot_product_attention(q, k, v, mask=None, *, scale: float | None = None, imp
     segments, causal: the same mask in the form a block-sparse kernel takes, for self-attention over a whole sequence
     (q_len == kv_len, no cache): query i sees key j iff segments[:, i] == segments[:, j] (and j <= i when causal);
     hidden keys carry a segment no visible query has (0). Only "splash" reads them; with `mask` None and `segments`
-    None every key is visible.
+    None every key is visible, or with `causal` every key up to the query's own position (query i sees keys j <= i,
+    the kernels' causal mask, with no mask array at all).
     implementation: "xla" (below: exact, every backend), "cudnn" (`cudnn_attention`: fused flash attention on
     NVIDIA GPUs, bf16/fp16 only), "splash" (`splash_attention`: the Pallas block-sparse flash kernel for TPUs, used
     where `segments` describe the mask; cached decoding stays on xla) or "auto" (cudnn where `_cudnn_applies`,
@@ -148,7 +149,8 @@ def dot_product_attention(q, k, v, mask=None, *, scale: float | None = None, imp
         implementation = ("cudnn" if _cudnn_applies(q) else
                           "splash" if splash_ok and _splash_applies(q) else "xla")
     if implementation == "cudnn":
-        return cudnn_attention(q, k, v, mask, scale=scale, causal=causal and q.shape[1] == k.shape[1])
+        return cudnn_attention(q, k, v, mask, scale=scale,
+                               causal=causal and (mask is None or q.shape[1] == k.shape[1]))
     if implementation == "splash" and splash_ok:
         return splash_attention(q, k, v, segments, causal=causal, scale=scale)
     if implementation not in ("xla", "splash"):
@@ -159,6 +161,8 @@ def dot_product_attention(q, k, v, mask=None, *, scale: float | None = None, imp
     scale = head_dim**-0.5 if scale is None else scale
     q = q.reshape(batch, q_len, num_kv, groups, head_dim)
     scores = jnp.einsum("bqhgd,bkhd->bhgqk", q, k, preferred_element_type=jnp.float32) * scale
+    if mask is None and causal:
+        mask = jnp.tril(jnp.ones((q_len, k.shape[1]), bool))[None, None]
     if mask is not None:
         mask = jnp.broadcast_to(mask, (batch, 1, q_len, k.shape[1]))[:, :, None]  # [b, 1, 1, q, k]
         scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
@@ -187,7 +191,7 @@ def cudnn_attention(q, k, v, mask=None, *, scale: float | None = None, causal: b
     """`dot_product_attention` through cuDNN's fused flash attention (`jax.nn.dot_product_attention`,
     implementation="cudnn"), the boolean mask passed as cuDNN's additive bias.
 
-    `causal` (self-attention, q_len == kv_len, `mask` already causal) also sets cuDNN's causal mask type, so the
+    `causal` (self-attention, q_len == kv_len, `mask` already causal or None) also sets cuDNN's causal mask type, so the
     kernel skips the key blocks above the diagonal instead of computing and then masking them: half the attention
     FLOPs, forward and backward (the bias alone made it compute the whole square: `roofline.py` on the H200 program).
 
@@ -199,13 +203,16 @@ def cudnn_attention(q, k, v, mask=None, *, scale: float | None = None, causal: b
     batch, q_len, _, head_dim = q.shape
     kv_len = k.shape[1]
     q_pad, kv_pad = -q_len % CUDNN_PAD, -kv_len % CUDNN_PAD
-    if mask is None:
-        mask = jnp.ones((1, 1, q_len, kv_len), bool)
-    mask = jnp.broadcast_to(mask, (mask.shape[0], 1, q_len, kv_len))
+    # No mask and causal (or nothing padded): no bias at all. The padded keys come after every real query's
+    # position, so the causal mask type alone hides them; a bias would cost O(q_len * kv_len) memory and reads.
+    if mask is not None or (kv_pad and not (causal and q_len <= kv_len)):
+        if mask is None:
+            mask = jnp.ones((1, 1, q_len, kv_len), bool)
+        mask = jnp.broadcast_to(mask, (mask.shape[0], 1, q_len, kv_len))
+        mask = jnp.pad(mask, ((0, 0), (0, 0), (0, q_pad), (0, kv_pad)))  # padded keys: False
     if q_pad or kv_pad:
         pad = lambda x, n: jnp.pad(x, ((0, 0), (0, n), (0, 0), (0, 0)))
         q, k, v = pad(q, q_pad), pad(k, kv_pad), pad(v, kv_pad)
-        mask = jnp.pad(mask, ((0, 0), (0, 0), (0, q_pad), (0, kv_pad)))  # padded keys: False
     out = jax.nn.dot_product_attention(q, k, v, mask=mask, scale=head_dim**-0.5 if scale is None else scale,
                                        is_causal=causal, implementation=backend)
     return out[:, :q_len]

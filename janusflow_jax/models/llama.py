@@ -72,12 +72,15 @@ class LlamaAttention(nn.Module):
         k = rotary_embedding(k, positions, cfg.rope_theta)
         q = nn.with_logical_constraint(q, ("activation_batch", "activation_length", "activation_heads", None))
         if layer_cache is not None:
-            k_all = jax.lax.dynamic_update_slice_in_dim(layer_cache["k"], k.astype(layer_cache["k"].dtype),
-                                                        cache_index, axis=1)
-            v_all = jax.lax.dynamic_update_slice_in_dim(layer_cache["v"], v.astype(layer_cache["v"].dtype),
-                                                        cache_index, axis=1)
+            k_new, v_new = k.astype(layer_cache["k"].dtype), v.astype(layer_cache["v"].dtype)
+            index = 0 if cache_index is None else cache_index
+            k_all = jax.lax.dynamic_update_slice_in_dim(layer_cache["k"], k_new, index, axis=1)
+            v_all = jax.lax.dynamic_update_slice_in_dim(layer_cache["v"], v_new, index, axis=1)
             layer_cache = {"k": k_all, "v": v_all}
-            k, v = k_all.astype(self.dtype), v_all.astype(self.dtype)
+            if cache_index is None:  # a prefill into an empty cache: self-attention over the new tokens (see below)
+                k, v = k_new.astype(self.dtype), v_new.astype(self.dtype)
+            else:
+                k, v = k_all.astype(self.dtype), v_all.astype(self.dtype)
         out = dot_product_attention(q, k, v, mask, implementation=self.attention, segments=segments, causal=True)
         out = HeadsDense(cfg.num_heads, cfg.head_dim, ("heads", "embed"), to_heads=False, features=cfg.hidden_size,
                          name="o_proj", **kw)(out)
@@ -182,7 +185,8 @@ class LlamaModel(nn.Module):
         attention_mask: [batch, T] over keys (1 = attend), T = seq, or the cache length when a cache is given.
         positions: [batch, seq] absolute RoPE positions; default cache_index + arange(seq), like HF without
         position_ids (so left padding does not shift positions, exactly as the official pipeline runs).
-        cache: from `init_cache`; the new keys/values are written at slots [cache_index, cache_index + seq).
+        cache: from `init_cache`; the new keys/values are written at slots [cache_index, cache_index + seq). With
+        cache_index a Python 0 (a prefill) attention runs over the new tokens alone, as without a cache.
         segment_ids: [batch, seq] for packed rows (0 = padding, k = the k-th packed example); attention stays inside
         a segment and padding keys are hidden. Pass per-segment `positions` with it. Not with a cache.
         """
@@ -191,6 +195,13 @@ class LlamaModel(nn.Module):
             self.embed(jnp.zeros((1, 1), jnp.int32))
         b, s, _ = inputs_embeds.shape
         kv_len = s if cache is None else cache["k"].shape[2]
+        # A prefill into an empty cache (cache_index a Python 0): its queries fill slots [0, s) and causal attention
+        # never reads a later slot, so attention over the s new keys alone is the same computation, in the
+        # self-attention form the fused kernels take (splash on TPUs, cuDNN's causal flash on GPUs; a mask over all
+        # cache slots keeps them off splash and makes cuDNN read an O(s * cache) bias). The cache is written as ever.
+        fresh = cache is not None and isinstance(cache_index, int) and cache_index == 0
+        # No mask given: plain causal attention, which the kernels run without any mask or bias.
+        causal_only = attention_mask is None and segment_ids is None and (cache is None or fresh)
         cache_index = jnp.asarray(cache_index, jnp.int32)
         if segment_ids is not None:
             if cache is not None:
@@ -203,23 +214,29 @@ class LlamaModel(nn.Module):
             raise ValueError(f"attention_mask must be [batch, {kv_len}] over keys, got {attention_mask.shape}")
         if positions is None:
             positions = jnp.broadcast_to(cache_index + jnp.arange(s, dtype=jnp.int32), (b, s))
-        mask = causal_key_mask(attention_mask, s, cache_index, segment_ids)
-        segments = None  # the same mask as segment ids, for kernels (full sequences only): hidden keys are segment 0
-        if cache is None:
-            segments = jnp.where(attention_mask.astype(bool), 1 if segment_ids is None else segment_ids, 0)
+        # The same mask as segment ids, for kernels (self-attention only): hidden keys are segment 0.
+        mask, segments = None, None
+        if fresh and not causal_only:
+            mask = causal_key_mask(attention_mask[:, :s], s, 0)
+            segments = jnp.where(attention_mask[:, :s].astype(bool), 1, 0)
+        elif not causal_only:
+            mask = causal_key_mask(attention_mask, s, cache_index, segment_ids)
+            if cache is None:
+                segments = jnp.where(attention_mask.astype(bool), 1 if segment_ids is None else segment_ids, 0)
+        block_index = None if fresh else cache_index  # None: the blocks attend over the new keys only
         x = inputs_embeds.astype(self.dtype)
         x = nn.with_logical_constraint(x, ("activation_batch", "activation_length", "activation_embed"))
         captured = x if self.capture_after >= 0 else None  # capture_after == 0 means the embeddings
         if self.scan_layers:
             (x, captured), cache = self.layers((x, captured), jnp.arange(cfg.num_layers), cache, positions, mask,
-                                               segments, cache_index)
+                                               segments, block_index)
         else:
             new_cache = []
             for i, layer in enumerate(self.layers):
                 layer_cache = None if cache is None else jax.tree.map(lambda c: c[i], cache)
                 # The layer index is known here, so REPA's capture is a Python choice, not a select in every block.
                 (x, _), layer_cache = layer((x, None), jnp.asarray(i), layer_cache, positions, mask, segments,
-                                            cache_index)
+                                            block_index)
                 if i + 1 == self.capture_after:
                     captured = x
                 new_cache.append(layer_cache)

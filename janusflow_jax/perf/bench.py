@@ -516,11 +516,12 @@ def run(mode: str, config, *, label: str, command: str = "", steps: int = 10, wa
 def run_race(*, label: str, command: str = "", lengths: Sequence[int], mamba_layers: int, llama_layers: int,
              parts: Sequence[str] = ("sweep",), targets: Sequence[str] = (), batch: int = 1, reps: int = 2,
              memory_budget_gib: float = 8.0, time_budget: float = 90.0, dtype: str = "float32",
-             note: str = "", width: int = 2048) -> dict:
+             note: str = "", width: int = 2048, models: Sequence[str] = ("mamba", "llama")) -> dict:
     """The long-sequence race report (`race.py`): "sweep" (this host, reduced depth), "image" (per-image latency at
     the shipped settings, same depths), "aot" (full depth compiled for each of `targets`, e.g. "h200",
     "v5p:2x2x1": `aot.topology_devices`; a single chip is the first device of the topology). `width`: d_model of the
-    sweep's backbones (2048, the release; smaller ones for tests: `race.mamba_config`)."""
+    sweep's backbones (2048, the release; smaller ones for tests: `race.mamba_config`). `models`: the backbones
+    "aot" compiles (the section takes a model missing from a target's newest report from an older one)."""
     from janusflow_jax.perf import race
 
     unknown = set(parts) - {"sweep", "image", "aot"}
@@ -529,6 +530,8 @@ def run_race(*, label: str, command: str = "", lengths: Sequence[int], mamba_lay
     if not lengths or min(lengths) < 1 or mamba_layers < 1 or llama_layers < 1 or batch < 1 or reps < 1:
         raise BenchError(f"race needs lengths, layers, batch and reps >= 1; got lengths={list(lengths)} layers="
                          f"{mamba_layers}/{llama_layers} batch={batch} reps={reps}")
+    if not models or set(models) - {"mamba", "llama"}:
+        raise BenchError(f"race models are mamba and llama; got {list(models)}")
     if "aot" in parts and not targets:
         raise BenchError("race part aot needs --race_targets (e.g. h200,v5p:2x2x1)")
     report = {"mode": "race", "meta": {**meta(label, command), "note": note},
@@ -551,7 +554,7 @@ def run_race(*, label: str, command: str = "", lengths: Sequence[int], mamba_lay
                 devices = aot.topology_devices(target)
             except aot.TopologyError as e:
                 raise BenchError(str(e)) from None
-            report["aot"][target] = race.aot_memory(devices, lengths, progress=progress)
+            report["aot"][target] = race.aot_memory(devices, lengths, progress=progress, models=models)
     report["meta"]["load_average_end"] = load_average()
     return report
 

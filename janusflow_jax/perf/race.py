@@ -23,7 +23,8 @@ allocating until failure. Capacity: the chip's HBM (`chips.py`), on a CPU this h
 Guards (each recorded as the point's `status`, the sweep goes on): "out of memory" when XLA refuses to compile or
 run for lack of memory; "over memory budget" when a plan exceeds `memory_budget` (on a shared CPU host a run that
 would take the machine's memory is not started); "over time budget" when the counted FLOPs (`flops.py`) scaled from
-the previous length's measured time predict more than `time_budget` seconds.
+the previous length's measured time predict more than `time_budget` seconds. Every point is compiled, so a point
+left unrun still has its memory plan and largest batch.
 
 Per image at each model's shipped settings (`per_image`): OmniMamba = the 72-token t2i prompt prefilled and 256 greedy
 codes (`inference.omnimamba.generate_image_tokens`) + the LlamaGen VQ-16 decoder (256 px); JanusFlow = 30 Euler
@@ -281,10 +282,9 @@ def sweep(race: dict[str, Contender], lengths: Sequence[int], batch: int = 1, re
                 row = {"model": kind, "phase": phase, "length": length, "batch": batch, "layers": c.layers,
                        "counted_flops": c.counted_flops(phase, batch, length)}
                 rows.append(row)
-                if last and last[1] * row["counted_flops"] / c.counted_flops(phase, batch, last[0]) > time_budget:
-                    row["status"] = f"over time budget (> {time_budget:g} s predicted from {last[0]} tokens)"
-                    progress(f"race: {kind} {phase} {length}: {row['status']}")
-                    continue
+                # A point predicted to run too long is still compiled: its memory plan costs no run.
+                over_time = bool(last) and last[1] * row["counted_flops"] / c.counted_flops(phase, batch,
+                                                                                              last[0]) > time_budget
                 try:
                     args = program_args(c, phase, batch, length, params, abstract=False)
                     compiled, row["compile_s"] = compile_program(c, phase, args)
@@ -296,6 +296,8 @@ def sweep(race: dict[str, Contender], lengths: Sequence[int], batch: int = 1, re
                     if row["memory_bytes"] > memory_budget:
                         row["status"] = (f"over memory budget (plan {row['memory_bytes'] / GIB:.1f} GiB > "
                                          f"{memory_budget / GIB:.1f} GiB)")
+                    elif over_time:
+                        row["status"] = f"over time budget (> {time_budget:g} s predicted from {last[0]} tokens)"
                     else:
                         times = _timed(compiled, args, phase, reps if length <= 8192 else 1)
                         row.update(status="ok", seconds=statistics.median(times), seconds_all=times)
@@ -316,18 +318,21 @@ def sweep(race: dict[str, Contender], lengths: Sequence[int], batch: int = 1, re
 
 # ----------------------------------------------------------------------------------------- ahead of time, full size
 def aot_memory(devices: Sequence, lengths: Sequence[int], dtype: str = "bfloat16", batch: int = 1,
-               progress: Callable[[str], None] = lambda s: None, models: Sequence[str] = ("mamba", "llama")) -> list:
-    """Full-depth (48 / 24 layers) prefill and decode programs of both models compiled for `devices[0]` (a device of
-    `aot.topology_devices`), parameters and compute in `dtype`, layers scanned: per (model, phase, length) the memory
-    plan at `batch` and at 2 (largest batch against the chip's HBM), whether it fits, and the roofline time estimate
-    (`roofline.py`, loops walked by their trip counts; decode per token)."""
+               progress: Callable[[str], None] = lambda s: None, models: Sequence[str] = ("mamba", "llama"),
+               layers: tuple[int, int] = (FULL_LAYERS["mamba"], FULL_LAYERS["llama"]),
+               width: int = RELEASE_WIDTH) -> list:
+    """Full-depth (48 / 24 layers; `layers` and `width` other sizes, for tests) prefill and decode programs of both
+    models compiled for `devices[0]` (a device of `aot.topology_devices`), parameters and compute in `dtype`, layers
+    scanned: per (model, phase, length) the memory plan at `batch` and at 2 (largest batch against the chip's HBM),
+    whether it fits, the fused attention kernel calls in the program (Splash's tpu_custom_call, cuDNN's fmha) and
+    the roofline time estimate (`roofline.py`, loops walked by their trip counts; decode per token)."""
     from janusflow_jax.perf import roofline
     from janusflow_jax.sharding import mesh_context
 
     device = devices[0]
     mesh = jax.sharding.Mesh(np.array([device]).reshape(1, 1, 1), ("data", "fsdp", "tensor"))
     sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-    race = contenders(FULL_LAYERS["mamba"], FULL_LAYERS["llama"], dtype, scan_layers=True)
+    race = contenders(*layers, dtype, scan_layers=True, width=width)
     hbm, peak, bandwidth = chips.hbm_bytes(device), chips.peak_flops_per_device(device), chips.hbm_bandwidth(device)
     rows = []
     for kind in models:
@@ -655,18 +660,38 @@ def render_section(json_dir, plot_path=None) -> str:
     from etils import epath
 
     reports = []
-    for path in sorted(epath.Path(json_dir).glob("race_*.json")):
+    # Oldest first by the time stamp that ends each name (labels differ in length, so whole names do not sort so).
+    for path in sorted(epath.Path(json_dir).glob("race_*.json"), key=lambda p: (p.stem.rsplit("_", 1)[-1], p.name)):
         try:
             report = json.loads(path.read_text())
         except ValueError:
             continue
         if report.get("mode") == "race":
             reports.append(report)
-    newest = {}
-    for report in reports:  # names sort by time stamp: the last one wins
+    newest, newest_rows = {}, {}
+    for report in reports:  # the last one wins
         for part in ["sweep", "image"] + [f"aot:{t}" for t in report.get("aot") or {}]:
             if part.startswith("aot:") or report.get(part):
                 newest[part] = report
+        for target, rows in (report.get("aot") or {}).items():
+            for model in {r["model"] for r in rows}:
+                newest_rows[target, model] = (report, [r for r in rows if r["model"] == model])
+    # A target's newest report may hold one model only (`--race_models`): the other's rows come from the newest
+    # report that has them, and the table says from which commit.
+    for part, report in list(newest.items()):
+        if not part.startswith("aot:"):
+            continue
+        target = part[4:]
+        merged, borrowed = [], []
+        for model in ("mamba", "llama"):
+            source, rows = newest_rows.get((target, model), (None, []))
+            merged += rows
+            if source is not None and source is not report:
+                borrowed.append(f"{NAMES[model]} rows from {source['meta']['config']} at commit "
+                                f"{source['meta']['commit']} ({source['meta']['date']})")
+        if borrowed:
+            meta = {**report["meta"], "note": "; ".join(filter(None, [report["meta"].get("note"), *borrowed]))}
+            newest[part] = {**report, "meta": meta, "aot": {**report["aot"], target: merged}}
     chosen = list({id(r): r for r in newest.values()}.values())
     chosen.sort(key=lambda r: r["meta"]["date"], reverse=True)
     parts = ["## The long-sequence race: Mamba-2 (OmniMamba) vs Llama (JanusFlow) (`python -m launch.bench race`)", "",

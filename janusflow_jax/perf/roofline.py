@@ -17,7 +17,7 @@ What is counted:
 - FLOPs: every dot (2 x output elements x contracted size), convolution (2 x output-side elements x filter elements
   per output feature; cuDNN's forward, backward-input and backward-filter calls alike), cuBLAS GEMM custom call, and
   cuDNN flash attention (4·b·h·q·k·d forward, 2.5x that backward for its five matmuls; halved when cuDNN's mask is
-  causal). Elementwise arithmetic is left out: it never bounds a kernel on these chips.
+  causal) and the Splash kernel on TPUs (the same, over the blocks of a causal mask: `_splash_flops`). Elementwise arithmetic is left out: it never bounds a kernel on these chips.
 - Bytes: each kernel reads its operands and writes its result once. A fusion operand that the fusion only slices
   (one layer of stacked scan weights) counts the slices, and an in-place dynamic-update-slice (a scan writing its
   layer's activations into the stacked buffer) counts the update, not the whole buffer. Buffers that XLA:TPU keeps
@@ -172,6 +172,29 @@ def _attention_flops(inst: Instruction, by_name: dict[str, Instruction]) -> floa
     return flops * (2.5 if "Backward" in inst.line.split("custom_call_target=")[1][:60] else 1.0)
 
 
+def _splash_flops(inst: Instruction) -> float:
+    """The Pallas Splash kernel on TPUs (`layers.splash_attention`, a tpu_custom_call named splash_mha_*): the two
+    matmuls of the forward, 4·h·q·k·d, over the key blocks it visits; 2.5x that for a backward kernel. The operand
+    layout constraints give q and k ([heads, seq, head_dim]) and, where some blocks are empty, the block mask
+    ([heads, q blocks, kv blocks], int8): its values are not in the text, so such a kernel is counted as causal (the
+    diagonal's n (n + 1) / 2 of n² blocks), the only masked form the models give it."""
+    start = inst.line.find("operand_layout_constraints=")
+    if start < 0:
+        return 0.0
+    shapes = _ARRAY.findall(inst.line[start:profile._balanced(inst.line, inst.line.index("{", start))])
+    arrays = [[int(d) for d in dims.split(",") if d] for dtype, dims in shapes if dtype in ("bf16", "f16", "f32")]
+    arrays = [a for a in arrays if len(a) >= 3]  # [(batch,) heads, seq, head_dim]
+    if len(arrays) < 2:
+        return 0.0
+    q, k = arrays[0], arrays[1]
+    flops = 4.0 * math.prod(q[:-1]) * k[-2] * q[-1]
+    masks = [[int(x) for x in dims.split(",") if x] for dtype, dims in shapes if dtype == "s8"]
+    if masks and len(masks[0]) == 3 and masks[0][1] == masks[0][2]:
+        n = masks[0][2]
+        flops *= (n + 1) / (2 * n)
+    return flops * (1.0 if "fwd" in inst.name else 2.5)
+
+
 def _gemm_flops(inst: Instruction, by_name: dict[str, Instruction]) -> float:
     """A cuBLAS GEMM custom call: its backend config carries the dot's dimension numbers."""
     m = re.search(r'"lhs_contracting_dimensions":\s*\[([^\]]*)\]', inst.line)
@@ -196,6 +219,8 @@ def _flops(inst: Instruction, computations: dict, by_name: dict, seen: frozenset
         target = (re.search(r'custom_call_target="([^"]+)"', inst.line) or [None, ""])[1]
         if "fmha" in target:
             return _attention_flops(inst, by_name), False
+        if target == "tpu_custom_call" and inst.name.startswith("splash_mha"):
+            return _splash_flops(inst), False
         if "conv" in target:
             return _conv_flops(inst, by_name, target), False
         if "gemm" in target or "matmul" in target:
