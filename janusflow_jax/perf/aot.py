@@ -268,7 +268,9 @@ def compile_train_step(config, devices, phase: int | None = None, sizes: dict | 
     # XLA counts a loop body once: scanned layers and micro-batch accumulation are loops, and then neither the FLOPs
     # nor the time estimate covers the step. XLA:GPU has no cost model at all (0 FLOPs): there the roofline's count,
     # which does cover the loops, stands in.
-    undercounted = bool(flops) and (plan.model_cfg.scan_layers or config.micro_batches > 1)
+    # JanusFlow's config holds the layer settings; OmniMamba's system config holds them in its backbone's.
+    layers = plan.model_cfg.lm.backbone if plan.family.name == "omnimamba" else plan.model_cfg
+    undercounted = bool(flops) and (layers.scan_layers or config.micro_batches > 1)
     whole = bound is not None and not bound["unknown_trip_counts"]  # else a loop was counted once
     if not flops and whole:
         flops = bound["flops"]
@@ -285,11 +287,11 @@ def compile_train_step(config, devices, phase: int | None = None, sizes: dict | 
         "device_kind": kind,
         "chips": n_chips,
         "mesh": dict(plan.mesh.shape),
-        "remat_policy": plan.model_cfg.remat_policy,
-        "attention": plan.model_cfg.attention,
+        "remat_policy": layers.remat_policy,
+        "attention": getattr(layers, "attention", "none (Mamba-2)"),
         # Fused attention kernels in the program (Pallas Splash on a TPU, cuDNN on a GPU): 0 means XLA attention.
         "kernel_calls": text.count('custom_call_target="tpu_custom_call"') + text.count("__cudnn$fmha"),
-        "scan_layers": plan.model_cfg.scan_layers,
+        "scan_layers": layers.scan_layers,
         "micro_batches": config.micro_batches,
         "phase": phase,
         "ratio": tuple(config.mixture[phase][1]),
