@@ -23,9 +23,12 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     cwd = tmp_path_factory.mktemp("fresh")
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    # One CPU device, as on a laptop (conftest's 8 would split each 8-row batch into one row per data shard).
+    env["XLA_FLAGS"] = env.get("XLA_FLAGS", "").replace("--xla_force_host_platform_device_count=8", "")
     proc = subprocess.run([sys.executable, "-m", "launch.train", "--config=omnimamba_digits:test",
                            "--workdir=runs/omd", "--progress=false"], cwd=cwd, capture_output=True, text=True,
-                          timeout=900, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+                          timeout=900, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return omnimamba_digits.get_config("test"), cwd / "runs" / "omd", proc.stdout
 
