@@ -3,6 +3,7 @@
   python -m launch.train --config=stage2 --workdir=runs/stage2 [--config.optimizer.lr=3e-5 ...]
   python -m launch.train --config=configs/stage2.py:tiny --workdir=/tmp/tiny
   python -m launch.train --config=digits --workdir=runs/digits    # data, preparation, stages 1-3, evaluation
+  python -m launch.train --config=omnimamba_digits --workdir=runs/omnimamba_digits   # the same for OmniMamba
 
 `--config=NAME[:ARG]` with a bare NAME reads configs/NAME.py; a path works as well. Any config field can be overridden
 with --config.FIELD=VALUE (an unknown field is an error). Rerunning the same command resumes from the newest
@@ -45,7 +46,11 @@ def main(argv) -> int:
     workdir = paths.resolve(_WORKDIR.value)
     try:
         if "recipe" in config:  # a multi-stage recipe (configs/digits.py): its own pipeline prints where things are
-            if "digits" in config:
+            if "digits" in config and config.get("family", "janusflow") == "omnimamba":
+                from examples.digits import omnimamba as omnimamba_digits
+
+                omnimamba_digits.run(config, workdir, progress=_PROGRESS.value)
+            elif "digits" in config:
                 from examples.digits import pipeline as digits
 
                 digits.run(config, workdir, progress=_PROGRESS.value)

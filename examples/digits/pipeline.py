@@ -275,14 +275,15 @@ def generation_eval(model, params, processor, space, judge, *, cfg_weights: Sequ
     return accuracy, images
 
 
-def save_grid(path: Path, images: dict, columns: int, title: str):
-    """One PNG: for each CFG weight a block of 10 rows (prompted digit 0-9) x `columns` samples, side by side."""
+def save_grid(path: Path, images: dict, columns: int, title: str, label=lambda w: f"CFG w = {w:g}"):
+    """One PNG: for each CFG weight (each key of `images`, titled `label(key)`) a block of 10 rows (prompted digit
+    0-9) x `columns` samples, side by side."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    weights = sorted(images)
+    weights = list(images)
     fig, axes = plt.subplots(1, len(weights), figsize=(1.1 * columns * len(weights) + 1, 11), squeeze=False)
     for ax, w in zip(axes[0], weights):
         # A grey 1-px frame per sample: white-paper digits tiled edge to edge would run into each other.
@@ -290,7 +291,7 @@ def save_grid(path: Path, images: dict, columns: int, title: str):
         s = x.shape[1]
         grid = x.reshape(10, columns, s, s, 3).transpose(0, 2, 1, 3, 4).reshape(10 * s, columns * s, 3)
         ax.imshow(grid, interpolation="nearest")
-        ax.set_title(f"CFG w = {w:g}")
+        ax.set_title(label(w))
         ax.set_yticks([s * (k + 0.5) for k in range(10)], [f'"{GEN_PROMPT.format(name=n)}"' for n in NAMES])
         ax.set_xticks([])
     fig.suptitle(title)
