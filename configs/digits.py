@@ -121,9 +121,11 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
             c.data.seq_len = 48
             c.log_every = 1
             c.checkpoint_every = 2
-            # One mixture phase per stage: one train-step compile each (the default run's stage 2 has two).
-            for name, mixture in (("stage1", ((2, (50, 50, 0)),)), ("stage2", ((2, (30, 50, 20)),)),
-                                  ("stage3", ((2, (21, 70, 9)),))):
+            # One mixture phase per stage, at ratios that 16 rows split exactly (8/8/0, 4/8/4, 4/10/2): every step
+            # has the same composition, so one train-step compile per stage (data/mixture.py; the default run's
+            # stage 2 has two phases and Table 1's ratios, a few compositions each).
+            for name, mixture in (("stage1", ((2, (50, 50, 0)),)), ("stage2", ((2, (25, 50, 25)),)),
+                                  ("stage3", ((2, (25, 62.5, 12.5)),))):
                 c.recipe[name].steps = 2
                 c.recipe[name].warmup_steps = 1
                 c.recipe[name].mixture = mixture
