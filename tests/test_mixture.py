@@ -126,6 +126,8 @@ def test_a_short_run_trains_the_scheduled_rows(tmp_path, monkeypatch):
     config = stage2.get_config("tiny")
     config.batch_size, config.mixture, config.steps = 4, ((7, (30, 50, 20)),), 7
     config.checkpoint_every, config.optimizer.ema_decay = 100, 0.0
+    config.model.llm.num_layers, config.model.und_encoder.depth, config.model.repa.layer = 1, 1, 1  # quick compiles
+    config.model.gen_encoder.num_blocks = config.model.gen_decoder.num_blocks = 1
     taken = []
     take = SyntheticSource.take
     monkeypatch.setattr(SyntheticSource, "take", lambda self, sizes: taken.append(dict(sizes)) or take(self, sizes))
