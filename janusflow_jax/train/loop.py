@@ -23,8 +23,8 @@ device is not idle while the host prepares a batch (on the tiny config on 2 CPU 
 ~15 ms per step). Steps that a callback, a checkpoint or a mixture switch needs are reported before the next one is
 dispatched. Each logged row carries `input_s`, the host's time to get the batch: when it nears the step time, the
 input pipeline is the bottleneck (more `data.num_workers`). The step of every batch composition a mixture phase
-deals (data/mixture.py) is compiled before the phase's first step. Every `eval_every` steps (and at the last) the evaluators
-`config.eval.evaluators` run on the EMA weights (janusflow_jax/eval/evaluators.py).
+deals (data/mixture.py) is compiled before the phase's first step. Every `eval_every` steps (and at the last) the
+evaluators `config.eval.evaluators` run on the EMA weights (janusflow_jax/eval/evaluators.py).
 """
 
 from __future__ import annotations
@@ -122,7 +122,7 @@ def _loop(plan: Plan, mngr, state, source, phase: int, start: int, workdir: epat
     reporter.start_bar(start, config.steps)
     evaluators = eval_lib.from_config(plan, workdir, reporter.writer)  # None unless config.eval_every > 0
     metrics_host, last_time = {}, time.perf_counter()
-    pending = None  # (step, metrics, input seconds) of a step dispatched but not yet reported
+    pending = None  # (step, metrics, input seconds, counted work) of a step dispatched but not yet reported
 
     def report(done: int, metrics, input_s: float, counts: dict) -> dict:
         """Reads one step's metrics (waits for it), logs them and enforces the limit on consecutive skips."""
