@@ -99,17 +99,7 @@ def main(argv) -> int:
     except (bench.BenchError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    print(bench.format_report(report))
-    try:
-        path = bench.save_json(report, json_dir)
-        print(f"saved {path}")
-        if out:
-            bench.write_markdown(out, json_dir)
-            print(f"updated the bench section of {_OUT.value}")
-    except OSError as e:
-        print(f"error: cannot write the results: {e}", file=sys.stderr)
-        return 1
-    return 0
+    return _publish(report, json_dir, out, "bench", lambda: bench.write_markdown(out, json_dir))
 
 
 def _race() -> int:
@@ -138,13 +128,22 @@ def _race() -> int:
     except (bench.BenchError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    return _publish(report, json_dir, out, "race",
+                    lambda: race.write_markdown(out, json_dir, plot_path=f"{json_dir}/{race.PLOT_NAME}"))
+
+
+def _publish(report: dict, json_dir, out, section: str, write_section) -> int:
+    """Prints the report, saves its JSON under `json_dir` and, with `out`, rewrites that file's `section` section
+    (`write_section()`); a write failure is one line and exit status 1."""
+    from janusflow_jax.perf import bench
+
     print(bench.format_report(report))
     try:
         path = bench.save_json(report, json_dir)
         print(f"saved {path}")
         if out:
-            race.write_markdown(out, json_dir, plot_path=f"{json_dir}/{race.PLOT_NAME}")
-            print(f"updated the race section of {_OUT.value}")
+            write_section()
+            print(f"updated the {section} section of {_OUT.value}")
     except OSError as e:
         print(f"error: cannot write the results: {e}", file=sys.stderr)
         return 1

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 from absl import flags
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def run_cli(cli, *args) -> int:
@@ -21,3 +26,14 @@ def one_error_line(err: str) -> str:
     errors = [line for line in err.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1, err
     return errors[0]
+
+
+def user_env(cache_dir=None) -> dict:
+    """The environment of a CLI subprocess as a user's: the repository importable and one CPU device (conftest's 8
+    fake devices left out); with `cache_dir`, a persistent compilation cache the test's processes share."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    env["XLA_FLAGS"] = env.get("XLA_FLAGS", "").replace("--xla_force_host_platform_device_count=8", "").strip()
+    if cache_dir is not None:
+        env.update(JAX_COMPILATION_CACHE_DIR=str(cache_dir), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+                   JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+    return env

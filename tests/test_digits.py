@@ -4,7 +4,6 @@ PNGs + manifests -> prepare_data shards -> stages 1, 2, 3 (each from the previou
 checkpoint that `inference.load` serves for generation and chat; then a rerun that skips everything already done."""
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -18,6 +17,8 @@ from janusflow_jax.inference import load as inference
 from janusflow_jax.train import recipe
 
 
+from tests.cli_helpers import user_env  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -26,8 +27,7 @@ def run(tmp_path_factory):
     cwd = tmp_path_factory.mktemp("fresh")
     proc = subprocess.run([sys.executable, "-m", "launch.train", "--config=digits:test", "--workdir=runs/digits",
                            "--progress=false"], cwd=cwd, capture_output=True, text=True, timeout=900,
-                          env=dict(os.environ, PYTHONPATH=str(ROOT), XLA_FLAGS=os.environ.get("XLA_FLAGS", "").replace(
-                              "--xla_force_host_platform_device_count=8", "")))  # one CPU device, as on a laptop
+                          env=user_env())  # one CPU device, as on a laptop
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "error" not in proc.stderr, proc.stderr[-3000:]
     workdir = cwd / "runs" / "digits"

@@ -152,18 +152,14 @@ def test_a_short_run_trains_the_scheduled_rows(tmp_path, monkeypatch):
 def test_launch_train_refuses_a_type_that_would_never_train(tmp_path):
     """One device x 16 micro-batches: stage 2's 16 tiny rows are one unit a step, and the 2-step 30:50:20 phase
     deals it to generation, then understanding: text-only would never train there."""
-    import os
     import subprocess
     import sys
-    from pathlib import Path
 
-    from tests.cli_helpers import one_error_line
+    from tests.cli_helpers import one_error_line, user_env
 
-    env = dict(os.environ, XLA_FLAGS="")  # one CPU device, as on a laptop
     result = subprocess.run([sys.executable, "-m", "launch.train", "--config=stage2:tiny",
                              "--config.micro_batches=16", "--workdir=run", "--progress=false"],
-                            cwd=tmp_path, env=dict(env, PYTHONPATH=str(Path(__file__).parents[1])),
-                            capture_output=True, text=True, timeout=300)
+                            cwd=tmp_path, env=user_env(), capture_output=True, text=True, timeout=300)
     assert result.returncode == 1, result.stderr[-2000:]
     line = one_error_line(result.stderr)
     assert "would never train: text (share 2/10) in phase 0 (steps 0-1)" in line, line

@@ -6,7 +6,6 @@ answers, generated codes decoded by the codebook and read by the judge) -> eval.
 accuracies are not checked here (2 steps per stage); the full run's are in the README."""
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -17,15 +16,16 @@ import pytest
 from configs import omnimamba_digits
 from janusflow_jax.train import recipe
 
+from tests.cli_helpers import user_env  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     cwd = tmp_path_factory.mktemp("fresh")
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
     # One CPU device, as on a laptop (conftest's 8 would split each 8-row batch into one row per data shard).
-    env["XLA_FLAGS"] = env.get("XLA_FLAGS", "").replace("--xla_force_host_platform_device_count=8", "")
+    env = user_env()
     proc = subprocess.run([sys.executable, "-m", "launch.train", "--config=omnimamba_digits:test",
                            "--workdir=runs/omd", "--progress=false"], cwd=cwd, capture_output=True, text=True,
                           timeout=900, env=env)

@@ -3,7 +3,6 @@ their merge, and a stage-2 run killed with SIGKILL that resumes bitwise equal to
 
 The processes share a persistent compilation cache, so each step composition compiles once."""
 
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -33,10 +32,9 @@ trainer.train(config, sys.argv[1], callbacks=[kill_after_step_5], progress=False
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
-    env = dict(os.environ, PYTHONPATH=str(ROOT), JAX_COMPILATION_CACHE_DIR=str(tmp_path_factory.mktemp("jax_cache")),
-               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
-    env["XLA_FLAGS"] = env.get("XLA_FLAGS", "").replace("--xla_force_host_platform_device_count=8", "")
-    return env
+    from tests.cli_helpers import user_env
+
+    return user_env(tmp_path_factory.mktemp("jax_cache"))
 
 
 def _train(env, cwd, *args):

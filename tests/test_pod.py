@@ -25,9 +25,10 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
-from absl import flags
 from etils import epath
 from PIL import Image
+
+from tests.cli_helpers import run_cli, user_env
 
 from janusflow_jax import paths  # also: fresh gs:// listings in this process (subprocesses write there)
 
@@ -105,11 +106,7 @@ trainer.train(config, workdir, callbacks=[fault_after], progress=False)
 
 @pytest.fixture(scope="module")
 def env(gcs, tmp_path_factory):
-    env = dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu",
-               JAX_COMPILATION_CACHE_DIR=str(tmp_path_factory.mktemp("jax_cache")),
-               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
-    env["XLA_FLAGS"] = env.get("XLA_FLAGS", "").replace("--xla_force_host_platform_device_count=8", "").strip()
-    return env
+    return dict(user_env(tmp_path_factory.mktemp("jax_cache")), JAX_PLATFORMS="cpu")
 
 
 def _devices(env, count: int) -> dict:
@@ -316,15 +313,6 @@ def test_bad_bucket_and_missing_credentials_are_one_line(dataset, env, tmp_path,
     with pytest.raises(paths.RemoteAccessError, match=r"^no Google Cloud credentials for gs://b \(File .*absent.json "
                                                        r"was not found.\): on a TPU VM"):
         paths.check_access("gs://b/run", "/local/dir")
-
-
-def run_cli(cli, *args) -> int:
-    flags.FLAGS.unparse_flags()
-    try:
-        flags.FLAGS([cli.__name__, *args])
-        return cli.main([cli.__name__])
-    finally:
-        flags.FLAGS.unparse_flags()
 
 
 def test_convert_generate_and_chat_with_gcs_paths(gcs, inputs, tmp_path, capsys):

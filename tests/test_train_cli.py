@@ -3,7 +3,6 @@
 Three processes share a persistent compilation cache, so only the first compiles the tiny stage-2 steps (both mixture
 phases: the 30:50:20 -> 14:80:6 switch happens at step 2, and the kill lands after a checkpoint at the boundary)."""
 
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -29,10 +28,9 @@ trainer.train(stage2.get_config("tiny"), sys.argv[1], callbacks=[kill_after_step
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
-    env = dict(os.environ, PYTHONPATH=str(ROOT), JAX_COMPILATION_CACHE_DIR=str(tmp_path_factory.mktemp("jax_cache")),
-               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
-    env["XLA_FLAGS"] = env.get("XLA_FLAGS", "").replace("--xla_force_host_platform_device_count=8", "")
-    return env
+    from tests.cli_helpers import user_env
+
+    return user_env(tmp_path_factory.mktemp("jax_cache"))
 
 
 def _train(env, *args):

@@ -104,12 +104,17 @@ class BatchGeometry:
 
     def check(self, batch: Mapping[str, np.ndarray], sizes: Mapping[str, int], source: str = "the data source"):
         """Raises ValueError naming every key whose shape or dtype differs from the layout (or is missing/extra)."""
-        want = self.shapes(sizes)
-        got = {k: (tuple(np.shape(v)), np.dtype(getattr(v, "dtype", None))) for k, v in batch.items()}
-        if got != want:
-            diff = sorted(f"{k}: expected {want.get(k)}, got {got.get(k)}" for k in set(want) | set(got)
-                          if want.get(k) != got.get(k))
-            raise ValueError(f"{source} produced a batch outside the layout: " + "; ".join(diff))
+        check_layout(batch, self.shapes(sizes), f"{source} produced a batch outside the layout")
+
+
+def check_layout(batch: Mapping[str, np.ndarray], want: Mapping[str, tuple], message: str):
+    """Raises ValueError(`message`: every key whose (shape, dtype) differs from `want`, missing or extra) — the check
+    of every family's geometry."""
+    got = {k: (tuple(np.shape(v)), np.dtype(getattr(v, "dtype", None))) for k, v in batch.items()}
+    if got != want:
+        diff = sorted(f"{k}: expected {want.get(k)}, got {got.get(k)}" for k in set(want) | set(got)
+                      if want.get(k) != got.get(k))
+        raise ValueError(f"{message}: " + "; ".join(diff))
 
 
 def batch_shapes(sizes: Mapping[str, int], geometry: BatchGeometry) -> dict[str, tuple[tuple[int, ...], np.dtype]]:

@@ -106,12 +106,9 @@ class OmniMambaGeometry:
 
     def check(self, batch: Mapping[str, np.ndarray], sizes: Mapping[str, int], source: str = "the data source"):
         """Raises ValueError naming every key whose shape or dtype differs from the layout (or is missing/extra)."""
-        want = self.shapes(sizes)
-        got = {k: (tuple(np.shape(v)), np.dtype(getattr(v, "dtype", None))) for k, v in batch.items()}
-        if got != want:
-            diff = sorted(f"{k}: expected {want.get(k)}, got {got.get(k)}" for k in set(want) | set(got)
-                          if want.get(k) != got.get(k))
-            raise ValueError(f"{source} produced a batch outside the OmniMamba layout: " + "; ".join(diff))
+        from janusflow_jax.data.batch import check_layout
+
+        check_layout(batch, self.shapes(sizes), f"{source} produced a batch outside the OmniMamba layout")
 
 
 def synthetic_batch(rng: np.random.Generator, sizes: Mapping[str, int],

@@ -701,14 +701,20 @@ def render_section(json_dir) -> str:
     return "\n".join(parts)
 
 
-def write_markdown(md_path, json_dir) -> None:
-    """Replaces only the text between BEGIN and END in `md_path` (appends the marked section if absent; creates the
-    file if needed). Re-reads the file right before writing: another section of the file has another author."""
+def replace_section(md_path, begin: str, end: str, section: str) -> None:
+    """Replaces only the text between the markers `begin` and `end` in `md_path` with `section` (appends the marked
+    section if absent; creates the file if needed). Re-reads the file right before writing: another section of the
+    file has another author."""
     md_path = epath.Path(md_path)
-    body = f"{BEGIN}\n{render_section(json_dir)}\n{END}"
+    body = f"{begin}\n{section}\n{end}"
     text = md_path.read_text() if md_path.exists() else "# Benchmarks\n"
-    if BEGIN in text and END in text and text.index(BEGIN) < text.index(END):
-        new = text[:text.index(BEGIN)] + body + text[text.index(END) + len(END):]
+    if begin in text and end in text and text.index(begin) < text.index(end):
+        new = text[:text.index(begin)] + body + text[text.index(end) + len(end):]
     else:
         new = text.rstrip("\n") + "\n\n" + body + "\n"
     md_path.write_text(new)
+
+
+def write_markdown(md_path, json_dir) -> None:
+    """The bench section of `md_path` (between BEGIN and END) rendered from the reports in `json_dir`."""
+    replace_section(md_path, BEGIN, END, render_section(json_dir))

@@ -707,13 +707,6 @@ def render_section(json_dir, plot_path=None) -> str:
 
 def write_markdown(md_path, json_dir, plot_path=None) -> None:
     """Replaces only the text between RACE_BEGIN and RACE_END in `md_path` (appends the section if absent)."""
-    from etils import epath
+    from janusflow_jax.perf.bench import replace_section
 
-    md_path = epath.Path(md_path)
-    body = f"{RACE_BEGIN}\n{render_section(json_dir, plot_path)}\n{RACE_END}"
-    text = md_path.read_text() if md_path.exists() else "# Benchmarks\n"
-    if RACE_BEGIN in text and RACE_END in text and text.index(RACE_BEGIN) < text.index(RACE_END):
-        new = text[:text.index(RACE_BEGIN)] + body + text[text.index(RACE_END) + len(RACE_END):]
-    else:
-        new = text.rstrip("\n") + "\n\n" + body + "\n"
-    md_path.write_text(new)
+    replace_section(md_path, RACE_BEGIN, RACE_END, render_section(json_dir, plot_path))
