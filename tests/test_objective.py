@@ -7,7 +7,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from janusflow_jax.data import batch
 from janusflow_jax.train import objective
 from janusflow_jax.train import optimizer
 from janusflow_jax.train import rectified_flow
@@ -78,15 +77,6 @@ def test_total_loss_divides_by_global_counts():
     np.testing.assert_allclose(float(got), 2.0 + 3.0 - 0.25)
     empty = objective.total_loss(sums, {k: jnp.array(0.0) for k in totals}, {"ar": 1, "rf": 1, "repa": 1})
     assert np.isfinite(float(empty))
-
-
-def test_sub_batch_rounding():
-    assert batch.sub_batch_sizes(512, (14, 80, 6)) == {"und": 72, "gen": 409, "text": 31}
-    assert batch.sub_batch_sizes(512, (14, 80, 6), 8) == {"und": 72, "gen": 408, "text": 32}
-    assert batch.sub_batch_sizes(512, (50, 50, 0), 8) == {"und": 256, "gen": 256, "text": 0}
-    assert sum(batch.sub_batch_sizes(256, (21, 70, 9), 16).values()) == 256
-    with pytest.raises(ValueError, match="not a multiple"):
-        batch.sub_batch_sizes(100, (1, 1, 1), 8)
 
 
 def test_freeze_rules_cover_every_parameter(tiny_config):

@@ -52,7 +52,7 @@ def test_heldout_losses_are_fixed_and_reduced_over_the_global_batch(run_config):
     plan = make_plan(config)
     state = plan.init_state(initial_params(plan))
     held_out = losses.HeldOutLosses(plan)
-    assert held_out.sizes == {"und": 8, "gen": 8}
+    assert held_out.sizes == [{"und": 8, "gen": 8}] * 2
     with mesh_context(plan.mesh):
         first = held_out(1, evaluators.eval_params(state))["scalars"]
         again = held_out(2, evaluators.eval_params(state))["scalars"]
@@ -69,6 +69,24 @@ def test_heldout_losses_are_fixed_and_reduced_over_the_global_batch(run_config):
         alone = losses.HeldOutLosses(single)(1, evaluators.eval_params(one))["scalars"]
     for key, value in first.items():
         assert alone[key] == pytest.approx(value, rel=2e-5), key
+
+
+def test_heldout_batches_follow_the_ratio_in_shard_units(run_config):
+    """At 14:80:6, 16 held-out rows on 8 data shards are 2 units a batch: the batches take the training deal's
+    compositions (understanding in batch 2, text in batch 4), and too few batches for a type is one line."""
+    config = run_config.copy_and_resolve_references()
+    with config.unlocked():
+        config.steps = 4
+        config.mixture = ((4, (14, 80, 6)),)
+        config.eval.batches = 4
+    held_out = losses.HeldOutLosses(make_plan(config))
+    assert held_out.unit == 8
+    assert held_out.sizes == [{"gen": 16}, {"und": 8, "gen": 8}, {"gen": 16}, {"gen": 8, "text": 8}]
+    with config.unlocked():
+        config.eval.batches = 3
+    with pytest.raises(TrainingError, match=r"^eval.batches 3 is too few for the held-out text rows: .* batch 4 is the "
+                                            r"first with text; set eval.batches >= 4 or a larger eval.batch_size$"):
+        losses.HeldOutLosses(make_plan(config))
 
 
 def test_training_loop_runs_the_evaluators(run_config, tmp_path):

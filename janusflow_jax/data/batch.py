@@ -1,11 +1,11 @@
 """The training batch: one plain dict of arrays, a fixed sub-batch per data type, so every shape is static.
 
-This is the one place the layout is defined (`BatchGeometry` holds its sizes); the loader (`data/loader.py`), the synthetic source (`data/synthetic.py`), the
-train step and the benchmarks all follow it. Keys are `<type>/<field>`; a type with no rows in a batch is absent.
-Shapes use n_und / n_gen / n_text rows (a training step's come from the mixture schedule, `data/mixture.py`; a
-held-out evaluation batch's from `sub_batch_sizes`), S = sequence length of the
-understanding/text rows, L = generation prompt length, H = W = image size (384), K = images per understanding row,
-G = latent grid side (48), C = latent channels (4).
+This is the one place the layout is defined (`BatchGeometry` holds its sizes); the loader (`data/loader.py`), the
+synthetic source (`data/synthetic.py`), the train step and the benchmarks all follow it. Keys are `<type>/<field>`; a
+type with no rows in a batch is absent. Shapes use n_und / n_gen / n_text rows (a training step's and a held-out
+evaluation batch's come from the mixture schedule, `data/mixture.py`), S = sequence length of the understanding/text
+rows, L = generation prompt length, H = W = image size (384), K = images per understanding row, G = latent grid side
+(48), C = latent channels (4).
 
 Understanding (next-token cross-entropy on response tokens; SigLIP features scattered into the image slots):
   und/input_ids         int32 [n_und, S]        token ids; image slots hold the tokenizer's image ids (never read)
@@ -36,34 +36,11 @@ every segment, so the next-token shift never trains across a segment boundary.
 from __future__ import annotations
 
 import dataclasses
-import math
-from typing import Mapping, Sequence
+from typing import Mapping
 
 import numpy as np
 
 DATA_TYPES = ("und", "gen", "text")
-
-
-def sub_batch_sizes(batch_size: int, ratio: Sequence[float], multiple_of: int = 1) -> dict[str, int]:
-    """Rows per data type of one fixed batch split at `ratio` (understanding : generation : text-only): the held-out
-    batches of the evaluators. Training steps follow the mixture schedule instead (`data/mixture.py`), which keeps
-    every share exact over the run where a fixed split would round small shares away on a large mesh.
-
-    Each size is a multiple of `multiple_of` (the data-parallel shard count x micro-batches, so every sub-batch splits
-    evenly over devices and micro-batches). Rounding is by largest remainder over units of `multiple_of`: floor every
-    share, then hand the leftover units to the largest fractional parts (ties to the earlier type). 512 at 14:80:6 gives
-    72/409/31 with multiple_of=1 and 72/408/32 with multiple_of=8. The sizes always sum to `batch_size`.
-    """
-    if len(ratio) != len(DATA_TYPES) or any(r < 0 for r in ratio) or sum(ratio) <= 0:
-        raise ValueError(f"ratio must be 3 non-negative numbers (und, gen, text) with a positive sum, got {ratio}")
-    if batch_size % multiple_of:
-        raise ValueError(f"batch size {batch_size} is not a multiple of {multiple_of} (data shards x micro-batches)")
-    units = batch_size // multiple_of
-    shares = [units * r / sum(ratio) for r in ratio]
-    counts = [math.floor(s) for s in shares]
-    for i in sorted(range(len(shares)), key=lambda i: (counts[i] - shares[i], i))[:units - sum(counts)]:
-        counts[i] += 1
-    return {name: c * multiple_of for name, c in zip(DATA_TYPES, counts)}
 
 
 @dataclasses.dataclass(frozen=True)

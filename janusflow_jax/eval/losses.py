@@ -1,10 +1,12 @@
 """The held-out losses evaluator: the training objective's three terms on fixed held-out batches with fixed noise, so
 that two evaluations differ only because the weights did.
 
-  batches  `eval.batches` batches of `eval.batch_size` rows (0: the run's batch size) split at the last mixture
-           phase's ratio (types the held-out set lacks dropped), read afresh each time from the same start: the
-           prepared split `eval.data_dir` (posterior means, not draws), or for a synthetic run synthetic batches of
-           another seed
+  batches  `eval.batches` batches of `eval.batch_size` rows (0: the run's batch size), read afresh each time from
+           the same start: the prepared split `eval.data_dir` (posterior means, not draws), or for a synthetic run
+           synthetic batches of another seed. Batch b has the composition of step b of the training deal
+           (`data/mixture.py`) at the last mixture phase's ratio (types the held-out set lacks dropped), in units of
+           the mesh's data shards: on any mesh the held-out rows follow the ratio as training's do, and a type too
+           rare to get a unit within `eval.batches` batches is refused, not silently left out
   AR       next-token cross-entropy per target token of the understanding and text rows
   RF, REPA every generation row at every t of the grid t_k = (k + 1/2) / K, k < `eval.t_grid`, from the same noise
            z0 (batch b: N(0, I) from fold_in(key(eval.seed), b)), no prompt dropped; reported per t and as their mean
@@ -24,6 +26,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
 from janusflow_jax.data import batch as batch_lib
+from janusflow_jax.data import mixture
 from janusflow_jax.train import objective
 from janusflow_jax.train import step as train_step
 from janusflow_jax.train.plan import TrainingError
@@ -89,40 +92,53 @@ class HeldOutLosses:
         if not any(ratio):
             raise TrainingError(f"the held-out set {ev.data_dir} has none of the data types this run trains on")
         mesh = plan.mesh
-        unit = math.lcm(mesh.shape["data"] * mesh.shape["fsdp"], jax.process_count())
+        self.unit = math.lcm(mesh.shape["data"] * mesh.shape["fsdp"], jax.process_count(),
+                             int(config.data.get("streams", 0) or 1))
         try:
-            sizes = batch_lib.sub_batch_sizes(ev.batch_size or config.batch_size, ratio, unit)
+            schedule = mixture.PhaseSchedule.from_ratio(batch_lib.DATA_TYPES, ratio, ev.batch_size or config.batch_size,
+                                                        self.unit)
         except ValueError as e:
             raise TrainingError(f"eval.batch_size: {e}") from None
-        self.sizes = {k: v for k, v in sizes.items() if v}
-        self.host_sizes = {k: v // jax.process_count() for k, v in self.sizes.items()}
-        self.shardings = train_step.batch_shardings(plan.geometry.shapes(self.sizes), mesh)
+        for i, kind in enumerate(schedule.types):
+            first = schedule.first_step(i)
+            if first is not None and first >= self.batches:
+                raise TrainingError(
+                    f"eval.batches {self.batches} is too few for the held-out {kind} rows: at the ratio "
+                    f"{tuple(ratio)} in units of {self.unit} rows, batch {first + 1} is the first with {kind}; set "
+                    f"eval.batches >= {first + 1} or a larger eval.batch_size")
+        self.types = [t for t, share in zip(schedule.types, schedule.shares) if share]
+        self.sizes = [mixture.sizes_dict(schedule.types, schedule.composition(b)) for b in range(self.batches)]
         self.weights = train_step.loss_weights(config.loss)
         self.use_repa = config.loss.repa_weight != 0
         step = make_eval_step(plan.model, self.times, int(ev.seed), self.use_repa)
         self.step = jax.jit(step, out_shardings=NamedSharding(mesh, PartitionSpec()))
 
     def source(self):
-        """A fresh iterator over the held-out batches, from their start (the same batches every evaluation)."""
+        """A fresh source of the held-out batches, from their start (the same batches every evaluation):
+        `source.take(host rows per type)`."""
         config, ev = self.plan.config, self.plan.config.eval
+        host_unit = self.unit // jax.process_count()
+        kinds = {t: host_unit for t in self.types}
         if ev.data_dir:
             from janusflow_jax.data import loader
 
             data = ml_collections.ConfigDict(config.data.to_dict())
             data.update(dict(dir=ev.data_dir, posterior="mean", num_workers=0, prefetch=0))
-            return loader.make_train_iterator(data, self.host_sizes, self.plan.geometry, seed=int(ev.seed))
+            return loader.make_train_iterator(data, kinds, self.plan.geometry, seed=int(ev.seed), unit_rows=host_unit)
         from janusflow_jax.data.synthetic import SyntheticSource
 
-        return SyntheticSource(self.host_sizes, config.seed + NOISE_SALT + int(ev.seed), 0, self.plan.geometry)
+        return SyntheticSource(kinds, config.seed + NOISE_SALT + int(ev.seed), 0, self.plan.geometry)
 
     def __call__(self, step: int, params) -> dict:
         totals: dict[str, np.ndarray] = {}
         source = self.source()
         try:
-            for b in range(self.batches):
-                host_batch = next(source)
-                self.plan.geometry.check(host_batch, self.host_sizes, "the held-out data")
-                batch = {k: jax.make_array_from_process_local_data(self.shardings[k], v) for k, v in host_batch.items()}
+            for b, sizes in enumerate(self.sizes):
+                host_sizes = self.plan.host_sizes(sizes)
+                host_batch = source.take(host_sizes)
+                self.plan.geometry.check(host_batch, host_sizes, "the held-out data")
+                shardings = self.plan.batch_shardings(sizes)
+                batch = {k: jax.make_array_from_process_local_data(shardings[k], v) for k, v in host_batch.items()}
                 sums = self.step(params, batch, jnp.int32(b))
                 for key, value in jax.device_get(sums).items():
                     totals[key] = totals.get(key, 0.0) + np.asarray(value, np.float64)
