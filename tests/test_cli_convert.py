@@ -178,6 +178,19 @@ def test_load_params_into_mesh(scanned_ckpt):
     assert_same_tree(jax.device_get(params), host)
 
 
+def test_saving_small_replicated_arrays_compiles_no_slices(scanned_ckpt, tmp_path, caplog):
+    """Arrays replicated over the data axis are written whole by their first replica when a replica's slice would be
+    small (`checkpoint.MIN_REPLICA_SLICE_BYTES`): orbax's replica-parallel saving would compile a slice program per
+    device and shape at the first save (hundreds for the tiny model on 8 devices)."""
+    import logging
+
+    config, params = checkpoint.load_params(scanned_ckpt, mesh=make_mesh(2, 2, 2))
+    with caplog.at_level(logging.WARNING), jax.log_compiles():
+        checkpoint.save_params(tmp_path / "again", config, params)
+    assert not [r for r in caplog.records if "jit(slice)" in r.getMessage()]
+    assert_same_tree(checkpoint.load_params(tmp_path / "again")[1], jax.device_get(params))
+
+
 def test_module_entry_point_usage_error():
     proc = subprocess.run([sys.executable, "-m", "launch.convert", "--to=torch", "--out=/nonexistent/x"],
                           cwd=REPO, capture_output=True, text=True, timeout=60)
