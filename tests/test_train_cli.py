@@ -1,7 +1,8 @@
-"""`launch.train` end to end from the command line, and kill -9 + resume bitwise equal to an uninterrupted run.
+"""`launch.train` end to end from the command line; a preempted and then killed run resumes bitwise equal to an
+uninterrupted one.
 
-Three processes share a persistent compilation cache, so only the first compiles the tiny stage-2 steps (both mixture
-phases: the 30:50:20 -> 14:80:6 switch happens at step 2, and the kill lands after a checkpoint at the boundary)."""
+The processes share a persistent compilation cache, so only the first compiles the tiny stage-2 steps (both mixture
+phases, three batch compositions: the 30:50:20 -> 14:80:6 switch happens at step 2)."""
 
 import subprocess
 import sys
@@ -13,16 +14,20 @@ import pytest
 
 ROOT = Path(__file__).parents[1]
 
-KILLER = """
+# launch.train's loop with one fault: "sigterm" (a preemption notice after `step`: the run saves that step and exits
+# cleanly) or "sigkill" (after `step`: no cleanup, no final save, as a crashed host).
+FAULT = """
 import os, signal, sys
 from configs import stage2
 from janusflow_jax.train import loop as trainer
 
-def kill_after_step_5(step, state, metrics):
-    if step == 5:
-        os.kill(os.getpid(), signal.SIGKILL)  # no cleanup, no final save: as a crashed host
+workdir, kind, at = sys.argv[1:]
 
-trainer.train(stage2.get_config("tiny"), sys.argv[1], callbacks=[kill_after_step_5], progress=False)
+def fault(step, state, metrics):
+    if step == int(at):
+        os.kill(os.getpid(), signal.SIGTERM if kind == "sigterm" else signal.SIGKILL)
+
+trainer.train(stage2.get_config("tiny"), workdir, callbacks=[fault], progress=False)
 """
 
 
@@ -44,7 +49,12 @@ def _params(workdir, weights):
     return checkpoint.load_params(workdir / "checkpoints", weights=weights)[1]
 
 
-def test_train_cli_runs_and_resumes_exactly_after_sigkill(env, tmp_path):
+def _fault(env, workdir, kind, step):
+    return subprocess.run([sys.executable, "-c", FAULT, str(workdir), kind, str(step)], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=600)
+
+
+def test_train_cli_runs_and_resumes_exactly_after_preemption_and_sigkill(env, tmp_path):
     full = tmp_path / "full"
     result = _train(env, "--config=stage2:tiny", f"--workdir={full}")
     assert result.returncode == 0, result.stderr[-3000:]
@@ -55,13 +65,19 @@ def test_train_cli_runs_and_resumes_exactly_after_sigkill(env, tmp_path):
     assert (full / "loss_curve.png").stat().st_size > 0 and list((full / "tensorboard").iterdir())
     assert "done: final loss" in result.stdout
 
+    # SIGTERM after step 3 (what a TPU maintenance event or `kill` sends): the run saves step 3 and exits cleanly.
     killed = tmp_path / "killed"
-    crash = subprocess.run([sys.executable, "-c", KILLER, str(killed)], cwd=ROOT, env=env, capture_output=True,
-                           text=True, timeout=600)
+    preempted = _fault(env, killed, "sigterm", 3)
+    assert preempted.returncode == 0, preempted.stderr[-3000:]
+    assert "preempted: saved step 3" in preempted.stdout
+    assert sorted(p.name for p in (killed / "checkpoints").iterdir()) == ["2", "3"]
+    # Relaunched, it resumes at step 3 and is killed -9 after step 5: step 4's checkpoint is the last.
+    crash = _fault(env, killed, "sigkill", 5)
     assert crash.returncode == -9, crash.stderr[-3000:]
+    assert sorted(p.name for p in (killed / "checkpoints").iterdir()) == ["2", "3", "4"]
     resumed = _train(env, "--config=configs/stage2.py:tiny", f"--workdir={killed}")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert "resuming from step" in resumed.stdout
+    assert "resuming from step 4" in resumed.stdout
     for weights in ("params", "ema"):
         a, b = _params(full, weights), _params(killed, weights)
         assert jax.tree.structure(a) == jax.tree.structure(b)
@@ -91,18 +107,6 @@ def test_train_cli_user_errors_are_one_line(env, tmp_path):
     assert no_init.returncode == 1 and "config.init.path" in no_init.stderr and "Traceback" not in no_init.stderr
 
 
-SIGTERM_AT_3 = """
-import os, signal, sys
-from configs import stage2
-from janusflow_jax.train import loop as trainer
-
-def preempt(step, state, metrics):
-    if step == 3:
-        os.kill(os.getpid(), signal.SIGTERM)  # what a TPU maintenance event or `kill` sends
-
-trainer.train(stage2.get_config("tiny"), sys.argv[1], callbacks=[preempt], progress=False)
-"""
-
 NAN_DATA = """
 import sys
 import numpy as np
@@ -127,14 +131,6 @@ try:
 except trainer.TrainingError as e:
     print("STOPPED:", e)
 """
-
-
-def test_sigterm_saves_and_exits(env, tmp_path):
-    run = subprocess.run([sys.executable, "-c", SIGTERM_AT_3, str(tmp_path)], cwd=ROOT, env=env, capture_output=True,
-                         text=True, timeout=600)
-    assert run.returncode == 0, run.stderr[-3000:]
-    assert "preempted: saved step 3" in run.stdout
-    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["2", "3"]
 
 
 def test_consecutive_non_finite_steps_stop_the_run(env, tmp_path):
