@@ -470,8 +470,8 @@ class Mamba2LM(nn.Module):
 
 
 def init_params(config: Mamba2Config, rng) -> dict:
-    """Fresh parameters (boxed with their logical axes; `nn.unbox` for plain arrays)."""
-    return Mamba2LM(config).init(rng, jnp.zeros((1, 1), jnp.int32))["params"]
+    """Fresh parameters (boxed with their logical axes; `nn.unbox` for plain arrays), from one jitted program."""
+    return jax.jit(lambda r: Mamba2LM(config).init(r, jnp.zeros((1, 1), jnp.int32)))(rng)["params"]
 
 
 def param_shapes(config: Mamba2Config) -> dict[str, tuple]:
