@@ -15,6 +15,8 @@ the matching config class (`config_from_dict`); an OmniMamba checkpoint from `la
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
@@ -46,9 +48,12 @@ ITEMS = {
 MIN_REPLICA_SLICE_BYTES = 4 << 20
 
 
+@functools.cache
 def _array_saving():
-    from orbax.checkpoint._src.metadata import array_metadata_store
-
+    try:  # the store orbax's default jax.Array handler is built with (not exported; orbax releases may move it)
+        from orbax.checkpoint._src.metadata import array_metadata_store
+    except ImportError:
+        return  # orbax's defaults: correct, only slower at the first save
     ocp.type_handlers.register_type_handler(
         jax.Array, ocp.type_handlers.ArrayHandler(array_metadata_store=array_metadata_store.Store(),
                                                   min_slice_bytes_for_replica_parallel=MIN_REPLICA_SLICE_BYTES),

@@ -71,13 +71,15 @@ def test_train_cli_runs_and_resumes_exactly_after_preemption_and_sigkill(env, tm
     assert preempted.returncode == 0, preempted.stderr[-3000:]
     assert "preempted: saved step 3" in preempted.stdout
     assert sorted(p.name for p in (killed / "checkpoints").iterdir()) == ["2", "3"]
-    # Relaunched, it resumes at step 3 and is killed -9 after step 5: step 4's checkpoint is the last.
+    # Relaunched, it resumes at step 3 and is killed -9 after step 5: step 4's asynchronous save committed, or was cut
+    # off mid-write (a loaded host) and the last relaunch resumes from step 3 again.
     crash = _fault(env, killed, "sigkill", 5)
     assert crash.returncode == -9, crash.stderr[-3000:]
-    assert sorted(p.name for p in (killed / "checkpoints").iterdir()) == ["2", "3", "4"]
+    committed = sorted(int(p.name) for p in (killed / "checkpoints").iterdir() if p.name.isdigit())
+    assert committed in ([2, 3], [2, 3, 4]), committed
     resumed = _train(env, "--config=configs/stage2.py:tiny", f"--workdir={killed}")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert "resuming from step 4" in resumed.stdout
+    assert f"resuming from step {committed[-1]}" in resumed.stdout
     for weights in ("params", "ema"):
         a, b = _params(full, weights), _params(killed, weights)
         assert jax.tree.structure(a) == jax.tree.structure(b)
