@@ -1,8 +1,9 @@
 """`launch.train` end to end from the command line; a preempted and then killed run resumes bitwise equal to an
 uninterrupted one.
 
-The processes share a persistent compilation cache, so only the first compiles the tiny stage-2 steps (both mixture
-phases, three batch compositions: the 30:50:20 -> 14:80:6 switch happens at step 2)."""
+Every run is stage2:tiny with one block per tower (quicker compiles; the run is what is tested, not the depth). The
+processes share a persistent compilation cache, so only the first compiles the steps (both mixture phases, three batch
+compositions: the 30:50:20 -> 14:80:6 switch happens at step 2)."""
 
 import subprocess
 import sys
@@ -14,11 +15,27 @@ import pytest
 
 ROOT = Path(__file__).parents[1]
 
+ONE_BLOCK = {"model.llm.num_layers": 1, "model.und_encoder.depth": 1, "model.repa.layer": 1,
+             "model.gen_encoder.num_blocks": 1, "model.gen_decoder.num_blocks": 1}
+FLAGS = tuple(f"--config.{k}={v}" for k, v in ONE_BLOCK.items())
+CONFIG = f"""
+from configs import stage2
+
+def run_config():
+    config = stage2.get_config("tiny")
+    for key, value in {ONE_BLOCK!r}.items():
+        *parents, leaf = key.split(".")
+        node = config
+        for name in parents:
+            node = node[name]
+        node[leaf] = value
+    return config
+"""
+
 # launch.train's loop with one fault: "sigterm" (a preemption notice after `step`: the run saves that step and exits
 # cleanly) or "sigkill" (after `step`: no cleanup, no final save, as a crashed host).
-FAULT = """
+FAULT = CONFIG + """
 import os, signal, sys
-from configs import stage2
 from janusflow_jax.train import loop as trainer
 
 workdir, kind, at = sys.argv[1:]
@@ -27,7 +44,7 @@ def fault(step, state, metrics):
     if step == int(at):
         os.kill(os.getpid(), signal.SIGTERM if kind == "sigterm" else signal.SIGKILL)
 
-trainer.train(stage2.get_config("tiny"), workdir, callbacks=[fault], progress=False)
+trainer.train(run_config(), workdir, callbacks=[fault], progress=False)
 """
 
 
@@ -56,7 +73,7 @@ def _fault(env, workdir, kind, step):
 
 def test_train_cli_runs_and_resumes_exactly_after_preemption_and_sigkill(env, tmp_path):
     full = tmp_path / "full"
-    result = _train(env, "--config=stage2:tiny", f"--workdir={full}")
+    result = _train(env, "--config=stage2:tiny", f"--workdir={full}", *FLAGS)
     assert result.returncode == 0, result.stderr[-3000:]
     lines = [line for line in result.stdout.splitlines() if line.startswith("step ")]
     assert len(lines) == 6 and "ar " in lines[0] and "tok/s" in lines[0] and "MFU" in lines[0]
@@ -77,7 +94,7 @@ def test_train_cli_runs_and_resumes_exactly_after_preemption_and_sigkill(env, tm
     assert crash.returncode == -9, crash.stderr[-3000:]
     committed = sorted(int(p.name) for p in (killed / "checkpoints").iterdir() if p.name.isdigit())
     assert committed in ([2, 3], [2, 3, 4]), committed
-    resumed = _train(env, "--config=configs/stage2.py:tiny", f"--workdir={killed}")
+    resumed = _train(env, "--config=configs/stage2.py:tiny", f"--workdir={killed}", *FLAGS)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"resuming from step {committed[-1]}" in resumed.stdout
     for weights in ("params", "ema"):
@@ -109,10 +126,9 @@ def test_train_cli_user_errors_are_one_line(env, tmp_path):
     assert no_init.returncode == 1 and "config.init.path" in no_init.stderr and "Traceback" not in no_init.stderr
 
 
-NAN_DATA = """
+NAN_DATA = CONFIG + """
 import sys
 import numpy as np
-from configs import stage2
 from janusflow_jax.data import synthetic
 from janusflow_jax.train import loop as trainer
 
@@ -126,7 +142,7 @@ class Poisoned(synthetic.SyntheticSource):  # every batch after the first two ha
 
 
 synthetic.SyntheticSource = Poisoned
-config = stage2.get_config("tiny")
+config = run_config()
 config.max_consecutive_skips = 3
 try:
     trainer.train(config, sys.argv[1], progress=False)
