@@ -122,6 +122,11 @@ class PhaseSchedule:
         return sum(self.shares)
 
     @property
+    def trained_types(self) -> tuple[str, ...]:
+        """The types with a positive share: those the phase reads."""
+        return tuple(t for t, share in zip(self.types, self.shares) if share)
+
+    @property
     def batch_size(self) -> int:
         return self.units_per_step * self.unit_rows
 

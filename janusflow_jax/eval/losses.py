@@ -106,7 +106,7 @@ class HeldOutLosses:
                     f"eval.batches {self.batches} is too few for the held-out {kind} rows: at the ratio "
                     f"{tuple(ratio)} in units of {self.unit} rows, batch {first + 1} is the first with {kind}; set "
                     f"eval.batches >= {first + 1} or a larger eval.batch_size")
-        self.types = [t for t, share in zip(schedule.types, schedule.shares) if share]
+        self.types = schedule.trained_types
         self.sizes = [mixture.sizes_dict(schedule.types, schedule.composition(b)) for b in range(self.batches)]
         self.weights = train_step.loss_weights(config.loss)
         self.use_repa = config.loss.repa_weight != 0
@@ -118,7 +118,7 @@ class HeldOutLosses:
         `source.take(host rows per type)`."""
         config, ev = self.plan.config, self.plan.config.eval
         host_unit = self.unit // jax.process_count()
-        kinds = {t: host_unit for t in self.types}
+        kinds = dict.fromkeys(self.types, host_unit)
         if ev.data_dir:
             from janusflow_jax.data import loader
 

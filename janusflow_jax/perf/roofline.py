@@ -17,7 +17,8 @@ What is counted:
 - FLOPs: every dot (2 x output elements x contracted size), convolution (2 x output-side elements x filter elements
   per output feature; cuDNN's forward, backward-input and backward-filter calls alike), cuBLAS GEMM custom call, and
   cuDNN flash attention (4·b·h·q·k·d forward, 2.5x that backward for its five matmuls; halved when cuDNN's mask is
-  causal) and the Splash kernel on TPUs (the same, over the blocks of a causal mask: `_splash_flops`). Elementwise arithmetic is left out: it never bounds a kernel on these chips.
+  causal) and the Splash kernel on TPUs (the same, over the blocks of a causal mask: `_splash_flops`). Elementwise
+  arithmetic is left out: it never bounds a kernel on these chips.
 - Bytes: each kernel reads its operands and writes its result once. A fusion operand that the fusion only slices
   (one layer of stacked scan weights) counts the slices, and an in-place dynamic-update-slice (a scan writing its
   layer's activations into the stacked buffer) counts the update, not the whole buffer. Buffers that XLA:TPU keeps

@@ -37,6 +37,7 @@ import jax
 from etils import epath
 
 from janusflow_jax import hosts, paths
+from janusflow_jax.data.mixture import sizes_dict
 from janusflow_jax.eval import evaluators as eval_lib
 from janusflow_jax.perf import chips
 from janusflow_jax.sharding import mesh_context
@@ -103,8 +104,7 @@ def _loop(plan: Plan, mngr, state, source, phase: int, start: int, workdir: epat
         for p, composition in plan.mixture.compositions(config.steps):
             if p != phase:
                 continue
-            sizes = dict(zip(plan.mixture.types, composition))
-            sizes = {t: n for t, n in sizes.items() if n}
+            sizes = sizes_dict(plan.mixture.types, composition)
             key = (phase, tuple(sorted(sizes.items())))
             if key not in step_fns:
                 executable = plan.jitted_step(phase, sizes).lower(state_shapes, plan.abstract_batch(sizes)).compile()

@@ -83,7 +83,7 @@ class Plan:
         config = self.config
         schedule = self.mixture.schedule(phase)
         host_unit = self.unit_rows // jax.process_count()
-        kinds = {t: host_unit for t, share in zip(schedule.types, schedule.shares) if share}
+        kinds = dict.fromkeys(schedule.trained_types, host_unit)
         if config.data.source == "synthetic":
             from janusflow_jax.data.synthetic import SyntheticSource
 
