@@ -1,6 +1,7 @@
 """GenEval: the clause logic of `evaluate_image` given detections, and `summary_scores`' aggregation.
 
-Follows GenEval's `evaluation/evaluate_images.py` (djghosh13/geneval at af4902f) after its detector and colour classifier:
+Follows GenEval's `evaluation/evaluate_images.py` (djghosh13/geneval at af4902f) after its detector and colour
+classifier:
   * detections of a class are sorted by score (`np.argsort(...)[::-1]` as numpy 1.23.1, GenEval's pinned version,
     orders ties: legacy_argsort.py), kept if score > 0.3 (0.9 for the `counting` tag), at most 16 per
     class, with its IoU suppression off (max_overlap 1.0, the default); `select_objects`.

@@ -4,9 +4,10 @@ GenEval's `evaluate_images.py` orders a class's boxes by `np.argsort(scores)[::-
 numpy 1.23.1. That argsort is not stable: the order of tied scores is whatever its introsort leaves, and NumPy
 since 1.25 sends float arrays to SIMD sorts (x86-simd-sort, Highway) whose tie order differs again and depends on the
 CPU. This transcribes 1.23's `aquicksort_` / `aheapsort_` (numpy/core/src/npysort/quicksort.cpp, heapsort.cpp at
-v1.23.1): median-of-three quicksort on runs of more than 16 elements (SMALL_QUICKSORT 15), the larger part pushed on a
-stack, insertion sort below that (so up to 16 boxes keep tied ones in input order), heapsort past a depth of 2 * floor(log2(n)); `less` puts NaN last. Recent NumPy
-runs the same generic code when its SIMD dispatch is switched off (NPY_DISABLE_CPU_FEATURES), which the tests use.
+v1.23.1): median-of-three quicksort on runs of more than 16 elements (SMALL_QUICKSORT 15), the larger part pushed
+on a stack, insertion sort below that (so up to 16 boxes keep tied ones in input order), heapsort past a depth of
+2 * floor(log2(n)); `less` puts NaN last. Recent NumPy runs the same generic code when its SIMD dispatch is switched
+off (NPY_DISABLE_CPU_FEATURES), which the tests use.
 """
 
 from __future__ import annotations
