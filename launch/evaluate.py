@@ -84,7 +84,8 @@ _SUITE = flags.DEFINE_string("suite", None, "Benchmark suite (gen: geneval, dpg,
                              "seed, mmmu, gqa, vqav2, textvqa, chartqa, mmvet, digits; score: those and fid).")
 _DATA = flags.DEFINE_string("data", None, "The benchmark's file: gen its prompt file (or DPG-Bench's prompts/ "
                             "folder); und/score its questions (VLMEvalKit TSV, CSV, JSON/JSONL; .npz for fid).")
-_PREDICTIONS = flags.DEFINE_string("predictions", None, "score: predictions JSONL (or stats for fid).")
+_PREDICTIONS = flags.DEFINE_string("predictions", None, "score: predictions JSONL (or stats for fid); dpg_answers: "
+                                   "compute_dpg_bench.py's <res>_detail.txt.")
 # allow_override: launch.generate/chat/convert define --out, --seed, --checkpoint, --dtype, --vae, --cfg, --steps,
 # --batch_size, --max_new_tokens and --system_prompt too, with the same types and defaults; one process (the test
 # suite) may import several of them.
@@ -215,6 +216,34 @@ def table_command() -> int:
     return 0
 
 
+def dpg_answers_command() -> int:
+    """compute_dpg_bench.py's <res>_detail.txt -> the answers JSONL that `score --suite=dpg` reads."""
+    from etils import epath
+
+    from janusflow_jax.eval import dpg, formats
+
+    _require("data", "predictions")
+    detail = _user_path(_PREDICTIONS.value)
+    rows = formats.read_rows(_user_path(_DATA.value))
+    formats.require_columns(rows, ["item_id", "proposition_id", "dependency", "tuple", "question_natural_language"],
+                            "DPG-Bench csv")
+    path = formats.as_path(detail)
+    if not path.exists():
+        raise formats.InputError(f"no such file: {path}")
+    try:
+        records = dpg.answers_from_detail(path.read_text().splitlines(), dpg.prepare_dpg_data(rows))
+    except ValueError as e:
+        raise formats.InputError(f"{path}: {e}") from None
+    stem = os.fspath(detail)[:-len("_detail.txt")] if os.fspath(detail).endswith("_detail.txt") else \
+        os.path.splitext(os.fspath(detail))[0]
+    out = epath.Path(_user_path(_OUT.value) if _OUT.value else stem + "_answers.jsonl")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("".join(json.dumps(r) + "\n" for r in records))
+    print(f"dpg: {len(records)} images of {len({r['item_id'] for r in records})} prompts -> {out}; next: python -m "
+          f"launch.evaluate score --suite=dpg --data={_DATA.value} --predictions={out}")
+    return 0
+
+
 def _require(*names: str):
     for name in names:
         if flags.FLAGS[name].value is None:
@@ -316,7 +345,7 @@ def und_command() -> int:
 
 
 COMMANDS: dict[str, Callable[[], int]] = {"gen": gen_command, "und": und_command, "score": score_command,
-                                          "table": table_command}
+                                          "table": table_command, "dpg_answers": dpg_answers_command}
 
 
 def main(argv) -> int:
