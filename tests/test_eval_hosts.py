@@ -26,7 +26,7 @@ from cli_helpers import user_env
 from janusflow_jax.data.processor import Processor, make_tokenizer
 from janusflow_jax.eval import evaluators
 from janusflow_jax.eval.understanding import UnderstandingSet
-from janusflow_jax.models.janusflow import JanusFlow, init_params
+from janusflow_jax.models.janusflow import JanusFlow, abstract_params
 from janusflow_jax.sharding import make_mesh, mesh_context
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -47,12 +47,13 @@ from configs import tiny
 from janusflow_jax.eval import answering
 from janusflow_jax.eval.understanding import UnderstandingSet
 from janusflow_jax.models.config import JanusFlowConfig
-from janusflow_jax.models.janusflow import JanusFlow, init_params
+from janusflow_jax.models.janusflow import JanusFlow
 from janusflow_jax.sharding import make_mesh, mesh_context, shard_params
+from test_eval_hosts import random_params
 
 cfg = JanusFlowConfig.from_dict(tiny.get_config().model.to_dict())
 mesh = make_mesh(data=1, fsdp=-1)
-params = shard_params(init_params(cfg, jax.random.key(0)), cfg, mesh)
+params = shard_params(random_params(cfg), cfg, mesh)
 assert not jax.tree.leaves(params)[0].is_fully_addressable
 config = ml_collections.ConfigDict(dict(data=dict(source="synthetic", dir=""), eval=dict(
     und_data=data, und_suite="digits", und_limit=0, und_batch_size=2, data_dir="", tokenizer=tokenizer)))
@@ -60,11 +61,23 @@ plan = types.SimpleNamespace(config=config, model=JanusFlow(cfg), model_cfg=cfg,
 evaluator = UnderstandingSet(plan)
 with mesh_context(mesh):
     result = evaluator(1, params)
-local = jax.device_put(multihost_utils.process_allgather(params, tiled=True), jax.local_devices()[0])
-summary = answering.run(plan.model, local, evaluator.processor, "digits", data, out, batch_size=2, progress=False)
+device = jax.local_devices()[0]
+local = jax.device_put(multihost_utils.process_allgather(params, tiled=True), device)
+with mesh_context(jax.sharding.Mesh(np.array([device]).reshape(1, 1, 1), mesh.axis_names)):  # the evaluator's compile
+    summary = answering.run(plan.model, local, evaluator.processor, "digits", data, out, batch_size=2,
+                            progress=False)
 print("RESULT " + json.dumps({"scalars": result["scalars"], "records": evaluator.last_records,
                               "answered": summary["answered"], "predictions": summary["predictions"]}), flush=True)
 """
+
+
+def random_params(cfg) -> dict:
+    """Random weights for the tiny model from numpy (the jitted init takes a minute on a loaded 2-core host)."""
+    import flax.linen as nn
+
+    rng = np.random.default_rng(0)
+    return jax.tree.map(lambda s: (0.05 * rng.standard_normal(s.shape)).astype(s.dtype),
+                        nn.unbox(abstract_params(cfg)))
 
 
 def _png(seed: int) -> str:
@@ -105,6 +118,7 @@ def test_two_hosts_answer_their_shares_and_equal_one_host(gcs, inputs, tmp_path)
     env = dict(user_env(), JAX_PLATFORMS="cpu")
     env["XLA_FLAGS"] = f"{env['XLA_FLAGS']} --xla_force_host_platform_device_count=2".strip()
     port = _free_port()
+    env["PYTHONPATH"] = f"{env['PYTHONPATH']}:{ROOT / 'tests'}"  # the driver imports random_params from here
     procs = [subprocess.Popen([sys.executable, "-c", DRIVER, f"127.0.0.1:{port}", str(tokenizer), str(data), out,
                                str(i)], cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                               text=True) for i in range(2)]
@@ -118,8 +132,9 @@ def test_two_hosts_answer_their_shares_and_equal_one_host(gcs, inputs, tmp_path)
         und_data=str(data), und_suite="digits", und_limit=0, und_batch_size=2, data_dir="", tokenizer=str(tokenizer))))
     mesh = make_mesh()
     one = UnderstandingSet(types.SimpleNamespace(config=config, model=JanusFlow(cfg), model_cfg=cfg, mesh=mesh))
+    params = random_params(cfg)
     with mesh_context(mesh):
-        expected = one(1, init_params(cfg, jax.random.key(0)))
+        expected = one(1, params)
 
     results = []
     deadline = time.monotonic() + 300
