@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cli_helpers import user_env
+from tests.cli_helpers import user_env
 from janusflow_jax.data.processor import Processor, make_tokenizer
 from janusflow_jax.eval import evaluators
 from janusflow_jax.eval.understanding import UnderstandingSet

@@ -20,14 +20,11 @@ import re
 import string
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 from absl import flags
 
 from janusflow_jax.eval import chartqa, dpg, formats, geneval, legacy_argsort, mmmu, multiple_choice, score, vqa
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 # ------------------------------------------------------------ VLMEvalKit's can_infer, transcribed per version
