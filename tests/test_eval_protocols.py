@@ -24,7 +24,8 @@ import sys
 import pytest
 from absl import flags
 
-from janusflow_jax.eval import chartqa, dpg, formats, geneval, legacy_argsort, mmmu, multiple_choice, score, vqa
+from janusflow_jax.eval import (chartqa, dpg, formats, geneval, legacy_argsort, mmmu, multiple_choice, prompts, score,
+                               vqa)
 
 
 # ------------------------------------------------------------ VLMEvalKit's can_infer, transcribed per version
@@ -249,6 +250,9 @@ def test_chartqa_relaxed_accuracy(prediction, gold, vlmevalkit, pix2struct):
 
 
 def test_chartqa_suite():
+    # asked as VLMEvalKit's ImageVQADataset asks (no Janus custom prompt): the question right after the image
+    assert prompts.PROTOCOLS["chartqa"].content({"question": "How many?"}, 1, "<i>") == (
+        "<i>How many?\nAnswer the question using a single word or phrase.")
     rows = [{"index": "1", "question": "q", "answer": "10", "category": "human"},
             {"index": "2", "question": "q", "answer": "['Yes', 'yes']", "category": "augmented"},
             {"index": "3", "question": "q", "answer": "5", "category": "augmented"}]
@@ -259,7 +263,7 @@ def test_chartqa_suite():
 
 
 # ------------------------------------------------------------ DPG-Bench <res>_detail.txt
-def test_dpg_detail_file_to_answers():
+def test_dpg_detail_file_to_answers(tmp_path, capsys):
     header = ["item_id", "text", "keywords", "proposition_id", "dependency", "category_broad", "category_detailed",
               "tuple", "question_natural_language"]
     rows = [dict(zip(header, r)) for r in [
@@ -284,6 +288,20 @@ def test_dpg_detail_file_to_answers():
         dpg.answers_from_detail(["/imgs/cats.png, (0, 0, 512, 512), Is there a dog?, yes"], questions)
     with pytest.raises(ValueError, match="line 4"):
         dpg.answers_from_detail(lines[:3] + lines[:1], questions)
+
+    # the CLI: dpg_bench.csv and the detail file in, the answers file beside it out
+    csv = tmp_path / "dpg_bench.csv"
+    csv.write_text(",".join(header) + "\n" + "".join(",".join(f'"{v}"' for v in r.values()) + "\n" for r in rows))
+    detail = tmp_path / "dpg-bench_x_results_detail.txt"
+    detail.write_text("\n".join(lines) + "\n")
+    assert _run_cli("dpg_answers", f"--data={csv}", f"--predictions={detail}") == 0
+    written = tmp_path / "dpg-bench_x_results_answers.jsonl"
+    assert [json.loads(line) for line in written.read_text().splitlines()] == records
+    assert f"dpg: 4 images of 1 prompts -> {written}" in capsys.readouterr().out
+    detail.write_text("not a detail line\n")
+    assert _run_cli("dpg_answers", f"--data={csv}", f"--predictions={detail}") == 1
+    assert capsys.readouterr().err.strip() == (f"error: {detail}: line 1: not 'image_path, (x0, y0, x1, y1), "
+                                               f"question, answer'")
 
 
 # ------------------------------------------------------------ VQA normalisation: vqaEval.py transcribed
