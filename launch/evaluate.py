@@ -24,8 +24,9 @@ rows with those columns. Suites and their protocol (DeepSeek's, as VLMEvalKit's 
 empty system prompt):
   pope, mme            yes/no: "\\n{question}\\nAnswer the question using a single word or phrase."
   mmbench, seed, mmmu  "\\n[Hint: ..\\n]{question}\\nA. ..\\nB. ..\\n\\nAnswer with the option's letter from the given
-                       choices directly." (MMBench without circular rotations; MMMU: the validation split)
+                       choices directly." (MMBench: every row, its rotations too; MMMU: the validation split)
   gqa, vqav2, textvqa  "\\n{question}\\nAnswer the question using a single word or phrase." (LLaVA-1.5's)
+  chartqa              "{question}\\nAnswer the question using a single word or phrase." (VLMEvalKit's VQA datasets)
   mmvet                "\\n{question}" with VLMEvalKit's MM-Vet system prompt (scored by MM-Vet's GPT-4 grader)
   digits               the digits run's held-out set ({workdir}/data/eval/digits_und.tsv), asked as that run asks
 Then: python -m launch.evaluate score --suite=SUITE --data=BENCHMARK_FILE --predictions=DIR/predictions.jsonl
@@ -34,21 +35,33 @@ Phase B, offline scoring (no model, no network): score a predictions file agains
 scorers' rules (janusflow_jax/eval), write the scores as JSON and print one summary line.
 
   python -m launch.evaluate score --suite=NAME --data=BENCHMARK_FILE --predictions=PRED.jsonl \\
-      [--out=scores.json] [--circular] [--seed=0] [--only_predicted] [--split=validation]
+      [--out=scores.json] [--[no]circular] [--matcher=pre-pr1175] [--seed=42] [--split=validation]
+      [--rule=vlmevalkit-pre1204] [--only_predicted]
+  python -m launch.evaluate dpg_answers --data=dpg_bench.csv --predictions=RES_detail.txt [--out=answers.jsonl]
   python -m launch.evaluate table --scores=A.scores.json,B.scores.json [--out=table.md]
 
 score: --out defaults to PRED.scores.json beside the predictions; a phase-A manifest.json beside the predictions is
 copied into the scores as "phase_a". Suites and their files:
-  pope, mme, mmbench, seed, mmmu, textvqa   VLMEvalKit's TSV (--data) + {"index", "prediction"} JSONL
+  pope, mme, mmbench, seed, mmmu, textvqa,  VLMEvalKit's TSV (--data) + {"index", "prediction"} JSONL
+  chartqa
   gqa, vqav2                                TSV/JSONL with index + answer (GQA) / answers (the 10 human answers)
   digits                                    the digits run's TSV, exact match as gqa
   geneval   --data=evaluation_metadata.jsonl + {"index": prompt line, "detections": [{box, label, score, color}]}
             per image; or only --predictions=results.jsonl written by GenEval's evaluate_images.py
-  dpg       --data=dpg_bench.csv + {"item_id", "crop", "answers": {proposition_id: judge's answer}} per image
+  dpg       --data=dpg_bench.csv + {"item_id", "crop", "answers": {proposition_id: judge's answer}} per image, as
+            `dpg_answers` writes them from compute_dpg_bench.py's RES_detail.txt
   fid       --data=reference stats + --predictions=generated stats (.npz with mu, sigma; or .npy features)
---circular: MMBench's circular evaluation (rows sharing index % 1e6 must all be right); off by default.
---seed: MMMU's random fallback for unreadable multiple-choice answers (42 replays the official script's draws).
---split: MMMU rows of this `split` value only (default validation, the paper's; empty for all rows).
+The defaults reproduce the official scorers and the paper's setting; a scores file records them in "protocol" and
+lists the options set otherwise in protocol["non_default"], and `table` marks such numbers with *.
+--circular: MMBench's circular evaluation (rows sharing index % 1e6 must all be right); default on for mmbench (as
+  VLMEvalKit always scores MMBench), off for seed.
+--matcher: VLMEvalKit's option matcher: pre-pr1175 (default: the version of JanusFlow's paper, 2024-11), pr1175
+  (letter among the last 4 words, answer-length guard; 2025-08), pr1552 ("the answer is B"; 2026-06).
+--seed: MMMU's random fallback for unreadable multiple-choice answers (default 42: MMMU's eval_utils.py).
+--split: MMMU rows of this `split` value only (default validation, the paper's; empty for all rows); predictions of
+  other rows (VLMEvalKit's MMMU_DEV_VAL covers dev too) are left out and counted.
+--rule: ChartQA relaxed accuracy: vlmevalkit-pre1204 (default, the paper's: 5% relative to the prediction) or
+  pix2struct (relative to the gold answer, as ChartQA defines it and VLMEvalKit does since 2025-09).
 --only_predicted: score only rows that have a prediction (default: a missing prediction is a wrong answer).
 table: the paper's numbers beside those of one or more scores files, as a markdown table, then the protocol of each.
 
@@ -68,18 +81,23 @@ from typing import Callable
 from absl import app, flags
 
 _SUITE = flags.DEFINE_string("suite", None, "Benchmark suite (gen: geneval, dpg, mjhq; und: pope, mme, mmbench, "
-                             "seed, mmmu, gqa, vqav2, textvqa, mmvet, digits; score: those and fid).")
+                             "seed, mmmu, gqa, vqav2, textvqa, chartqa, mmvet, digits; score: those and fid).")
 _DATA = flags.DEFINE_string("data", None, "The benchmark's file: gen its prompt file (or DPG-Bench's prompts/ "
                             "folder); und/score its questions (VLMEvalKit TSV, CSV, JSON/JSONL; .npz for fid).")
-_PREDICTIONS = flags.DEFINE_string("predictions", None, "score: predictions JSONL (or stats for fid).")
+_PREDICTIONS = flags.DEFINE_string("predictions", None, "score: predictions JSONL (or stats for fid); dpg_answers: "
+                                   "compute_dpg_bench.py's <res>_detail.txt.")
 # allow_override: launch.generate/chat/convert define --out, --seed, --checkpoint, --dtype, --vae, --cfg, --steps,
 # --batch_size, --max_new_tokens and --system_prompt too, with the same types and defaults; one process (the test
 # suite) may import several of them.
 _OUT = flags.DEFINE_string("out", None, "gen/und: output directory; score: scores file (default PRED.scores.json); "
                            "table: markdown file (default stdout).", allow_override=True)
-_CIRCULAR = flags.DEFINE_bool("circular", False, "score mmbench/seed: MMBench's circular evaluation.")
+_CIRCULAR = flags.DEFINE_bool("circular", None, "score mmbench/seed: MMBench's circular evaluation (default: on for "
+                              "mmbench, as VLMEvalKit; off for seed).")
+_MATCHER = flags.DEFINE_string("matcher", None, "score mmbench/seed: VLMEvalKit's option matcher version: pre-pr1175 "
+                               "(default, the paper's), pr1175, pr1552.")
+_RULE = flags.DEFINE_string("rule", None, "score chartqa: vlmevalkit-pre1204 (default, the paper's) or pix2struct.")
 _SEED = flags.DEFINE_integer("seed", 0, "gen: noise seed; score mmmu: seed of the random fallback for unreadable "
-                             "answers.", allow_override=True)
+                             "answers (default there 42, MMMU's own).", allow_override=True)
 _ONLY_PREDICTED = flags.DEFINE_bool("only_predicted", False, "score: leave out rows without a prediction.")
 _SPLIT = flags.DEFINE_string("split", "validation", "score mmmu: rows of this split only (empty: all rows).")
 _SCORES = flags.DEFINE_list("scores", [], "table: scores JSON files written by `score`.")
@@ -118,18 +136,11 @@ def _user_path(path: str) -> str:
     return paths.resolve(path)
 
 
-def _options(suite: str) -> dict:
-    """The flags the suite takes: set ones always (a flag the suite does not take is an error in score_files),
-    defaults only where the suite takes them (so protocol records e.g. circular=False)."""
-    from janusflow_jax.eval import score
-
-    accepted = score.suite_options(suite) if suite in score.SUITES else []
-    options = {}
-    for name, holder in (("circular", _CIRCULAR), ("seed", _SEED), ("only_predicted", _ONLY_PREDICTED),
-                         ("split", _SPLIT)):
-        if flags.FLAGS[name].present or name in accepted:
-            options[name] = holder.value
-    return options
+def _options() -> dict:
+    """The scoring flags given on the command line; the others keep the suite's defaults (which reproduce the official
+    scorers; score_files refuses a flag the suite does not take, e.g. --circular for pope)."""
+    return {name: flags.FLAGS[name].value for name in ("circular", "matcher", "rule", "seed", "only_predicted", "split")
+            if flags.FLAGS[name].present}
 
 
 def score_command() -> int:
@@ -143,7 +154,7 @@ def score_command() -> int:
         raise CommandError("--predictions is required")
     predictions = _user_path(_PREDICTIONS.value)
     data = None if _DATA.value is None else _user_path(_DATA.value)
-    result = score.score_files(_SUITE.value, data, predictions, **_options(_SUITE.value))
+    result = score.score_files(_SUITE.value, data, predictions, **_options())
     manifest = epath.Path(predictions).parent / "manifest.json"  # written by `und` beside its predictions
     if manifest.exists():
         try:
@@ -162,7 +173,11 @@ def _protocol_line(result: dict) -> str:
     def flat(d: dict) -> str:
         return "; ".join(f"{k}: {v}" for k, v in d.items())
 
-    line = f"- {result.get('suite')} ({result.get('predictions')}): scoring {flat(result.get('protocol', {}))}"
+    protocol = dict(result.get("protocol", {}))
+    changed = protocol.pop("non_default", None)
+    line = f"- {result.get('suite')} ({result.get('predictions')}): scoring {flat(protocol)}"
+    if changed:
+        line += f"; *NON-DEFAULT: {flat(changed)}*"
     asked = result.get("phase_a", {}).get("protocol")
     if asked:
         line += f"; answers {flat(asked)}; checkpoint {result['phase_a'].get('checkpoint')}"
@@ -176,7 +191,7 @@ def table_command() -> int:
 
     if not _SCORES.value:
         raise CommandError("--scores is required (scores JSON files written by `score`)")
-    merged, protocols = {}, []
+    merged, protocols, marked = {}, [], set()
     for name in _SCORES.value:
         path = formats.as_path(name)
         if not path.exists():
@@ -184,16 +199,48 @@ def table_command() -> int:
         try:
             result = json.loads(path.read_text())
             merged.update(result["paper"])
+            if result.get("protocol", {}).get("non_default"):
+                marked.update(result["paper"])
+            else:
+                marked.difference_update(result["paper"])
             protocols.append(_protocol_line(result))
         except (ValueError, KeyError, TypeError):
             raise formats.InputError(f"{path} is not a scores file written by `score`") from None
-    table = paper.render_table(merged) + "Protocol\n\n" + "".join(protocols)
+    table = paper.render_table(merged, marked=marked) + "Protocol\n\n" + "".join(protocols)
     if _OUT.value:
         out = epath.Path(_user_path(_OUT.value))
         out.write_text(table)
         print(f"wrote {out}")
     else:
         print(table, end="")
+    return 0
+
+
+def dpg_answers_command() -> int:
+    """compute_dpg_bench.py's <res>_detail.txt -> the answers JSONL that `score --suite=dpg` reads."""
+    from etils import epath
+
+    from janusflow_jax.eval import dpg, formats
+
+    _require("data", "predictions")
+    detail = _user_path(_PREDICTIONS.value)
+    rows = formats.read_rows(_user_path(_DATA.value))
+    formats.require_columns(rows, ["item_id", "proposition_id", "dependency", "tuple", "question_natural_language"],
+                            "DPG-Bench csv")
+    path = formats.as_path(detail)
+    if not path.exists():
+        raise formats.InputError(f"no such file: {path}")
+    try:
+        records = dpg.answers_from_detail(path.read_text().splitlines(), dpg.prepare_dpg_data(rows))
+    except ValueError as e:
+        raise formats.InputError(f"{path}: {e}") from None
+    stem = os.fspath(detail)[:-len("_detail.txt")] if os.fspath(detail).endswith("_detail.txt") else \
+        os.path.splitext(os.fspath(detail))[0]
+    out = epath.Path(_user_path(_OUT.value) if _OUT.value else stem + "_answers.jsonl")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("".join(json.dumps(r) + "\n" for r in records))
+    print(f"dpg: {len(records)} images of {len({r['item_id'] for r in records})} prompts -> {out}; next: python -m "
+          f"launch.evaluate score --suite=dpg --data={_DATA.value} --predictions={out}")
     return 0
 
 
@@ -298,7 +345,7 @@ def und_command() -> int:
 
 
 COMMANDS: dict[str, Callable[[], int]] = {"gen": gen_command, "und": und_command, "score": score_command,
-                                          "table": table_command}
+                                          "table": table_command, "dpg_answers": dpg_answers_command}
 
 
 def main(argv) -> int:

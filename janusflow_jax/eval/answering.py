@@ -12,7 +12,9 @@ The protocol (prompts.PROTOCOLS) gives each row's user turn, the system prompt a
 greedy, one batch row per question, each row with its own images (`chat.chat(row_images=...)`).
 
 Outputs in OUT: parts/<position>.jsonl (one per finished batch: the resume state), predictions.jsonl (every item's
-answer in the file's order, written by the host that finds the set complete) and manifest.json (suite, file,
+answer in the file's order; on JAX's processes of one job, written by process 0 once every host has written its
+parts (a barrier before and after), so one complete file whatever the timing; on hosts given by flags, independent
+jobs, by whichever host finds the set complete: the last one to write its parts does) and manifest.json (suite, file,
 checkpoint, protocol, an example prompt, decoding settings, hosts). Shapes are fixed for a whole file (prompts
 left-padded to its longest, rounded up to 64 tokens; the last batch filled with copies of its last row), so the file
 compiles once and an item's answer does not depend on which host or batch it fell in.
@@ -29,6 +31,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 from etils import epath
 
+from janusflow_jax import paths  # noqa: F401 (gs:// listings never cached: parts written by other hosts are seen)
 from janusflow_jax.eval import formats, prompts, resume
 from janusflow_jax.eval.formats import InputError
 
@@ -155,6 +158,12 @@ def answer_items(model, params, processor, items: Sequence[Item], *, system_prom
     return answers
 
 
+def _barrier(what: str):
+    from jax.experimental import multihost_utils
+
+    multihost_utils.sync_global_devices(f"janusflow_jax.eval.answering: {what}")
+
+
 def _index_value(key: str):
     return int(key) if key.lstrip("-").isdigit() else key
 
@@ -214,12 +223,19 @@ def run(model, params, processor, suite: str, data: str | os.PathLike, out: str 
 
     answer_items(model, params, processor, todo, system_prompt=system, max_new_tokens=budget, batch_size=batch_size,
                  pad_to=pad_to, on_batch=save, progress=progress)
+    collective = process_index is None and process_count is None and count > 1  # JAX's processes: one job
+    if collective:
+        _barrier("every host's answers written")
     answered = _done(out)
     merged = None
     if all(it.index in answered for it in items):
         merged = out / PREDICTIONS
-        resume.write_atomic(merged, "".join(json.dumps({"index": _index_value(it.index),
-                                                         "prediction": answered[it.index]}) + "\n" for it in items))
+        if not collective or index == 0:
+            resume.write_atomic(merged, "".join(json.dumps({"index": _index_value(it.index),
+                                                             "prediction": answered[it.index]}) + "\n"
+                                                 for it in items))
+    if collective:
+        _barrier("the predictions merged")
     return {"suite": suite, "items": len(items), "share": len(share), "answered": len(todo),
             "found_done": len(share) - len(todo), "host": index, "hosts": count,
             "predictions": None if merged is None else os.fspath(merged), "scorer": protocol.scorer,

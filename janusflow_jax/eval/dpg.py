@@ -1,6 +1,7 @@
 """DPG-Bench: per-prompt scores from the judge's yes/no answers, with parent zeroing, and category scores.
 
-Follows DPG-Bench's `compute_dpg_bench.py` (TencentQQGYLab/ELLA, dpg_bench/), after its mPLUG-large VQA judge:
+Follows DPG-Bench's `compute_dpg_bench.py` (TencentQQGYLab/ELLA at 025f650, dpg_bench/), after its mPLUG-large VQA
+judge:
   * `prepare_dpg_data` reads `dpg_bench.csv` (item_id, text, keywords, proposition_id, dependency, category_broad,
     category_detailed, tuple, question_natural_language; a prompt's questions are consecutive rows). Quirk: its
     `for i, line in data.iterrows(): if i == 0: continue` skips the file's first data row, i.e. the first question
@@ -16,11 +17,14 @@ Follows DPG-Bench's `compute_dpg_bench.py` (TencentQQGYLab/ELLA, dpg_bench/), af
     zeroing (`qid2scores_orig`), pooled over all questions of a category: category = the tuple's text before "("
     (e.g. "entity - whole"), L1 category = its text before "-" (global, entity, attribute, relation, other).
 Answers are matched as the official does (`answer == 'yes'`): the judge's raw text, no normalisation.
+`answers_from_detail` turns the official's `<res>_detail.txt` (every judge answer) into the answers file read here.
 """
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Sequence
+import os
+import re
+from typing import Any, Iterable, Mapping, Sequence
 
 L1_CATEGORIES = ("global", "entity", "attribute", "relation", "other")
 
@@ -101,3 +105,44 @@ def score_dpg(questions: Mapping[str, Mapping[str, Any]], answers: Mapping[str, 
         "prompts": len(prompt_scores),
         "failed_prompts": failed,
     }
+
+
+_DETAIL_LINE = re.compile(r"^(?P<path>.*?), \((?P<x0>\d+), (?P<y0>\d+), (?P<x1>\d+), (?P<y1>\d+)\), (?P<rest>.*)$")
+
+
+def answers_from_detail(lines: Iterable[str], questions: Mapping[str, Mapping[str, Any]]) -> list[dict]:
+    """The judge's answers of compute_dpg_bench.py's `<res>_detail.txt` as the records `score --suite=dpg` reads:
+    [{"item_id", "crop", "answers": {proposition_id: answer}}], one per image crop, in the file's order.
+
+    A detail line is `image_path, (x0, y0, x1, y1), question, answer` (compute_dpg_one_sample); the item is the
+    image's file name up to its first ".", the crop its place in the 2 x 2 grid (crop_tuples_list), and a crop's
+    lines follow its item's questions in order (qid2question), which is how each line is given its proposition_id
+    (question texts may repeat within a prompt); the question text is checked. ValueError names a bad line."""
+    records: dict[tuple[str, int], dict] = {}
+    for line_no, line in enumerate(lines, start=1):
+        line = line.rstrip("\n")
+        if not line.strip():
+            continue
+        m = _DETAIL_LINE.match(line)
+        if m is None:
+            raise ValueError(f"line {line_no}: not 'image_path, (x0, y0, x1, y1), question, answer'")
+        item_id = os.path.basename(m["path"]).split(".")[0]
+        if item_id not in questions:
+            raise ValueError(f"line {line_no}: item {item_id} is not in the DPG-Bench csv")
+        x0, y0, x1 = int(m["x0"]), int(m["y0"]), int(m["x1"])
+        size = x1 - x0
+        if size <= 0:
+            raise ValueError(f"line {line_no}: empty crop")
+        crop = x0 // size + 2 * (y0 // size)
+        record = records.setdefault((item_id, crop), {"item_id": item_id, "crop": crop, "answers": {}})
+        qids = list(questions[item_id]["qid2question"])
+        position = len(record["answers"])
+        if position >= len(qids):
+            raise ValueError(f"line {line_no}: item {item_id} crop {crop} has more answers than its {len(qids)} "
+                             f"questions (the file holds it twice?)")
+        qid = qids[position]
+        question = str(questions[item_id]["qid2question"][qid])
+        if not m["rest"].startswith(question + ", "):
+            raise ValueError(f"line {line_no}: expected question {qid} of item {item_id} ({question!r})")
+        record["answers"][str(qid)] = m["rest"][len(question) + 2:]
+    return list(records.values())

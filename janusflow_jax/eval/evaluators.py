@@ -13,11 +13,12 @@ with a TrainingError naming the missing field) and called as `evaluator(step, pa
 
 from __future__ import annotations
 
-import json
+import io
+import sys
 import time
-from pathlib import Path
 
 import jax
+from etils import epath
 
 from janusflow_jax.train import optimizer
 from janusflow_jax.train.plan import TrainingError
@@ -50,9 +51,12 @@ class Evaluators:
         self.evaluators = [registry[name](plan) for name in config.eval.evaluators]
         self.writer = writer
         self.active = jax.process_index() == 0
-        self.out = Path(workdir) / "eval"
+        self.out = epath.Path(workdir) / "eval"  # a gs:// workdir keeps everything there
         if self.active:
+            from janusflow_jax.train.metrics import JsonLines
+
             self.out.mkdir(parents=True, exist_ok=True)
+            self.metrics = JsonLines(self.out / "metrics.jsonl", start=sys.maxsize)  # earlier rows kept
 
     def due(self, step: int) -> bool:
         return step % self.every == 0 or step == self.last
@@ -74,10 +78,12 @@ class Evaluators:
     def _write(self, step: int, scalars: dict, images: dict, seconds: float):
         from PIL import Image
 
-        with open(self.out / "metrics.jsonl", "a") as f:
-            f.write(json.dumps({"step": step, **scalars, "seconds": seconds}) + "\n")
+        self.metrics.write({"step": step, **scalars, "seconds": seconds})
+        self.metrics.flush()  # on an object store: the file rewritten whole (eval rows are few)
         for name, image in images.items():
-            Image.fromarray(image).save(self.out / f"{name}_{step:07d}.png")
+            buffer = io.BytesIO()
+            Image.fromarray(image).save(buffer, format="PNG")
+            (self.out / f"{name}_{step:07d}.png").write_bytes(buffer.getvalue())
         if self.writer is not None:
             for key, value in scalars.items():
                 self.writer.add_scalar(f"eval/{key}", value, step)

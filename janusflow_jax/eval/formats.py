@@ -25,6 +25,10 @@ import sys
 from typing import Any, Iterable, Mapping, Sequence
 
 OPTION_LETTERS = "ABCDEFGH"  # the option columns of VLMEvalKit's multiple-choice TSVs
+# The cells pandas' read_csv / read_excel read as NaN by default (pandas 2.x `STR_NA_VALUES`; "None" since 2.0), the
+# way VLMEvalKit reads benchmark TSVs and prediction sheets (vlmeval/smp/file.py `load`).
+PANDAS_NA = frozenset({"", "#N/A", "#N/A N/A", "#NA", "-1.#IND", "-1.#QNAN", "-NaN", "-nan", "1.#IND", "1.#QNAN",
+                       "<NA>", "N/A", "NA", "NULL", "NaN", "None", "n/a", "nan", "null"})
 
 
 class InputError(ValueError):
@@ -205,16 +209,21 @@ def parse_list(value: Any) -> list[str]:
     return [text]
 
 
-def present_options(row: Mapping[str, Any], letters: str = OPTION_LETTERS) -> dict[str, str]:
-    """{letter: option text} for the option columns (A..H) that hold text (VLMEvalKit's `build_choices`: NaN, here an
-    empty cell, is no option)."""
+def present_options(row: Mapping[str, Any], letters: str = OPTION_LETTERS,
+                    na: frozenset[str] | None = None) -> dict[str, str]:
+    """{letter: option text} for the option columns (A..H) that hold text (VLMEvalKit's `build_choices`: a NaN cell
+    is no option). `na`: the cell texts that are NaN (PANDAS_NA as VLMEvalKit reads a TSV); None: an empty or
+    "nan" cell only."""
     out = {}
     for letter in letters:
         value = row.get(letter)
         if value is None:
             continue
         text = str(value)
-        if text.strip() == "" or text.strip().lower() == "nan":
+        if na is not None:
+            if text in na:
+                continue
+        elif text.strip() == "" or text.strip().lower() == "nan":
             continue
         out[letter] = text
     return out

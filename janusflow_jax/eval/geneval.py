@@ -1,7 +1,9 @@
 """GenEval: the clause logic of `evaluate_image` given detections, and `summary_scores`' aggregation.
 
-Follows GenEval's `evaluation/evaluate_images.py` (djghosh13/geneval) after its detector and colour classifier:
-  * detections of a class are sorted by score, kept if score > 0.3 (0.9 for the `counting` tag), at most 16 per
+Follows GenEval's `evaluation/evaluate_images.py` (djghosh13/geneval at af4902f) after its detector and colour
+classifier:
+  * detections of a class are sorted by score (`np.argsort(...)[::-1]` as numpy 1.23.1, GenEval's pinned version,
+    orders ties: legacy_argsort.py), kept if score > 0.3 (0.9 for the `counting` tag), at most 16 per
     class, with its IoU suppression off (max_overlap 1.0, the default); `select_objects`.
   * `evaluate`: each `include` clause {class, count[, color][, position]} needs `count` objects of the class
     (the most confident ones); a colour clause needs `count` of them classified as that colour; a position clause
@@ -20,6 +22,8 @@ import json
 from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
+
+from janusflow_jax.eval import legacy_argsort
 
 TAGS = ("single_object", "two_object", "counting", "colors", "position", "color_attr")
 COLORS = ("red", "orange", "yellow", "green", "blue", "purple", "pink", "brown", "black", "white")
@@ -76,10 +80,12 @@ def select_objects(detections: Iterable[Mapping[str, Any]], tag: str, threshold:
         by_class.setdefault(str(d["label"]), []).append(d)
     out = {}
     for classname, found in by_class.items():
-        # argsort(...)[::-1]: descending, ties in reverse input order (np.argsort's default quicksort is not
-        # stable either; ties between scores are the caller's to avoid).
-        order = sorted(range(len(found)), key=lambda i: (float(found[i].get("score", 1.0)), i), reverse=True)
-        order = [i for i in order if float(found[i].get("score", 1.0)) > cutoff][:max_objects]
+        # np.argsort(bbox[:, 4])[::-1] on mmdetection's float32 scores, with the numpy of GenEval's environment.yml
+        # (1.23.1): its introsort decides the order of tied scores (legacy_argsort.py); the threshold compares in
+        # float32 too, as numpy compares a float32 array with a Python float.
+        scores = np.asarray([float(d.get("score", 1.0)) for d in found], dtype=np.float32)
+        order = legacy_argsort.argsort(scores.tolist())[::-1]
+        order = [i for i in order if scores[i] > np.float32(cutoff)][:max_objects]
         kept = []
         while order:
             best = order.pop(0)

@@ -2,9 +2,9 @@
 
 Follows MMMU's `mmmu/utils/eval_utils.py` (MMMU-Benchmark/MMMU at bb0b95a): `parse_multi_choice_response`,
 `parse_open_response` (key sub-responses, number extraction, `normalize_str`), `eval_multi_choice` and `eval_open`.
-The one change: when no option can be read, the official picks `random.choice` from Python's global generator
-(seeded 42 when eval_utils is imported); here the draw comes from a `random.Random(seed)` passed in, so a score is
-reproducible for a seed. With seed 42 and questions in the same order the draws equal the official ones.
+When no option can be read, the official picks `random.choice` from Python's global generator, seeded 42 when
+eval_utils is imported (`random.seed(42)`, eval_utils.py line 6); here the draw comes from a `random.Random(seed)`
+passed in, default OFFICIAL_SEED = 42: with the questions in the same order the draws equal the official ones.
 Overall accuracy is over all questions (micro), as the official `calculate_ins_level_acc`.
 """
 
@@ -13,6 +13,8 @@ from __future__ import annotations
 import random
 import re
 from typing import Any, Iterable, Mapping, Sequence
+
+OFFICIAL_SEED = 42  # mmmu/utils/eval_utils.py: random.seed(42) at import
 
 
 def parse_multi_choice_response(response: str, all_choices: Sequence[str], index2ans: Mapping[str, str],
@@ -135,7 +137,7 @@ def eval_open(gold: str | Sequence[str], preds: Sequence) -> bool:
     return False
 
 
-def score_mmmu(items: Iterable[tuple[str, str, Any, Mapping[str, str], str]], seed: int = 0) -> dict:
+def score_mmmu(items: Iterable[tuple[str, str, Any, Mapping[str, str], str]], seed: int = OFFICIAL_SEED) -> dict:
     """items: (subject, question type "multiple-choice"|"open", gold answer (letter, or str / list of str for open
     questions), {letter: option text}, response). Accuracy overall and per subject, as fractions."""
     rng = random.Random(seed)

@@ -8,7 +8,7 @@ in percent, MME-Perception as MME's 0-2000 sum, FID as is. `key` is the name a s
 from __future__ import annotations
 
 import dataclasses
-from typing import Mapping
+from typing import Collection, Mapping
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,10 +62,14 @@ TABLE_TITLES = {"Table 2": "GenEval", "Table 3": "DPG-Bench", "Table 4": "MJHQ-3
                 "Table 5": "multimodal understanding"}
 
 
-def render_table(scores: Mapping[str, float], title: str = "This checkpoint") -> str:
+def render_table(scores: Mapping[str, float], title: str = "This checkpoint", marked: Collection[str] = ()) -> str:
     """Markdown in the paper's shape: one table per paper table, its benchmarks/metrics as columns in its order, and
     rows for the paper's JanusFlow-1.3B, `scores` (key -> value on the paper's scale; "—" where not measured) and
-    their difference. Keys not in the paper are listed at the end."""
+    their difference. Keys not in the paper are listed at the end. Keys in `marked` (numbers scored under a
+    non-default protocol option) get a "*" and a note."""
+    def shown(key: str, text: str) -> str:
+        return text + "*" if key in marked else text
+
     out = []
     for table, title_text in TABLE_TITLES.items():
         numbers = [p for p in PAPER if p.table == table]
@@ -77,7 +81,8 @@ def render_table(scores: Mapping[str, float], title: str = "This checkpoint") ->
         out.append("| | " + " | ".join(headers) + " |")
         out.append("|---|" + "---:|" * len(numbers))
         out.append("| JanusFlow-1.3B (paper) | " + " | ".join(p.text for p in numbers) + " |")
-        out.append(f"| {title} | " + " | ".join("—" if v is None else p.format(v) for p, v in zip(numbers, ours))
+        out.append(f"| {title} | " + " | ".join("—" if v is None else shown(p.key, p.format(v))
+                                                for p, v in zip(numbers, ours))
                    + " |")
         deltas = ["" if v is None else ("+" if v >= p.value else "−") + p.format(abs(v - p.value))
                   for p, v in zip(numbers, ours)]
@@ -85,6 +90,10 @@ def render_table(scores: Mapping[str, float], title: str = "This checkpoint") ->
         out.append("")
     extra = sorted(k for k in scores if k not in PAPER_BY_KEY)
     if extra:
-        out.append("Not in the paper: " + ", ".join(f"{k} = {scores[k]:.4g}" for k in extra))
+        out.append("Not in the paper: " + ", ".join(f"{k} = {shown(k, format(scores[k], '.4g'))}" for k in extra))
+        out.append("")
+    if any(k in marked for k in scores):
+        out.append("\\* scored under a non-default protocol option (see the protocol below); not comparable with the "
+                   "paper's number.")
         out.append("")
     return "\n".join(out)

@@ -16,8 +16,8 @@ DeepSeek's protocol is VLMEvalKit's Janus wrapper (open-compass/VLMEvalKit `vlme
   * MM-Vet: "\\n{question}" with the system prompt above (scored by MM-Vet's GPT-4 grader, not here).
 Short-answer VQA (GQA, VQAv2, TextVQA) has no custom prompt in the Janus wrapper; as the issue asks, these use
 LLaVA-1.5's (`llava_gqa_testdev_balanced.jsonl`, `llava_vqav2_mscoco_test-dev2015.jsonl`): "\\n{question}\\nAnswer the
-question using a single word or phrase.", without LLaVA's TextVQA OCR-token hint. MMBench runs without its circular
-rotations unless the TSV holds them (scoring decides, `--circular`); MMMU keeps the rows of its validation split.
+question using a single word or phrase.", without LLaVA's TextVQA OCR-token hint. MMBench asks every row of its TSV,
+rotated copies included (scoring groups them, circular by default); MMMU keeps the rows of its validation split.
 `digits` is the digits run's own question, asked as that run asks it (no system prompt, 4 new tokens).
 
 Answer budget: 512 new tokens (the VLMEvalKit wrapper's default was 512, now 2048; these answers are a word, a letter
@@ -30,7 +30,7 @@ import dataclasses
 import string
 from typing import Any, Callable, Mapping, Sequence
 
-from janusflow_jax.eval.formats import InputError, present_options
+from janusflow_jax.eval.formats import PANDAS_NA, InputError, present_options
 
 MMVET_SYSTEM_PROMPT = ("You are a helpful assistant. Please answer truthfully and write out your thinking step by step "
                        "to be sure you get the right answer.")
@@ -42,12 +42,12 @@ ANSWER_TOKENS = 512
 
 
 def _cell(row: Mapping[str, Any], column: str) -> str | None:
-    """A cell's text, None when absent or empty (pandas' NaN in VLMEvalKit)."""
+    """A cell's text, None when absent or NaN as VLMEvalKit's pandas reads it (empty, "nan", "None", "NA", ...)."""
     value = row.get(column)
     if value is None:
         return None
     text = str(value)
-    return None if text.strip() == "" or text.strip().lower() == "nan" else text
+    return None if text in PANDAS_NA or text.strip() == "" else text
 
 
 def yes_no_text(row: Mapping[str, Any], drop: str = "") -> str:
@@ -59,7 +59,7 @@ def yes_no_text(row: Mapping[str, Any], drop: str = "") -> str:
 
 def multiple_choice_text(row: Mapping[str, Any]) -> str:
     """VLMEvalKit Janus.build_prompt for MCQ datasets, character for character."""
-    options = present_options(row, string.ascii_uppercase)
+    options = present_options(row, string.ascii_uppercase, na=PANDAS_NA)
     hint = _cell(row, "hint")
     text = f"\nHint: {hint}\n" if hint is not None else "\n"
     text += f"{row['question']}\n"
@@ -76,6 +76,12 @@ def short_answer_text(row: Mapping[str, Any]) -> str:
 
 def plain_text(row: Mapping[str, Any]) -> str:
     return "\n" + str(row["question"])
+
+
+def vqa_dataset_text(row: Mapping[str, Any]) -> str:
+    """VLMEvalKit ImageVQADataset.build_prompt (ChartQA ...; no Janus custom prompt): the question right after the
+    images, then the short-answer instruction."""
+    return f"{row['question']}\n{SHORT_ANSWER}"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -125,6 +131,8 @@ PROTOCOLS: dict[str, Protocol] = {
     "gqa": Protocol("gqa", short_answer_text, _SHORT, "gqa"),
     "vqav2": Protocol("vqav2", short_answer_text, _SHORT, "vqav2"),
     "textvqa": Protocol("textvqa", short_answer_text, _SHORT + ", no OCR-token hint", "textvqa"),
+    "chartqa": Protocol("chartqa", vqa_dataset_text, "images, then '{question}\\n" + SHORT_ANSWER + "' (VLMEvalKit "
+                        "ImageVQADataset)", "chartqa"),
     "mmvet": Protocol("mmvet", plain_text, "images, then '\\n{question}' (VLMEvalKit Janus, MM-Vet)", "",
                       system_prompt=MMVET_SYSTEM_PROMPT),
     "digits": Protocol("digits", plain_text, "images, then '\\n{question}' (the digits run's own evaluation)", "digits",

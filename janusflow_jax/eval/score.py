@@ -16,6 +16,7 @@ Understanding suites read predictions as `{"index": ..., "prediction": "..."}` r
   digits    the digits run's TSV (index, answer = the digit's name), exact match as gqa; not in the paper
   vqav2     TSV/JSONL (index, answers: the 10 human answers, a list or "['..', ..]" text; or answer holding that list)
   textvqa   VLMEvalKit TextVQA_VAL.tsv (index, answer = "['..', ..]", 10 answers) or JSONL with answers
+  chartqa   VLMEvalKit ChartQA_TEST.tsv (index, answer: one or "['..', ..]", category|split); relaxed accuracy
   geneval   evaluation_metadata.jsonl + detections {"index": prompt line (0-based), "detections": [...]} per image;
             or (data optional) GenEval's own results.jsonl ({"tag", "correct", "metadata", ...} per image)
   dpg       dpg_bench.csv + judge answers {"item_id", "crop": 0..3, "answers": {"proposition_id": "yes"|...}} per image
@@ -29,7 +30,7 @@ import inspect
 import os
 from typing import Any, Callable, Mapping, Sequence
 
-from janusflow_jax.eval import dpg, fid, formats, geneval, mme, mmmu, multiple_choice, paper, pope, vqa
+from janusflow_jax.eval import chartqa, dpg, fid, formats, geneval, mme, mmmu, multiple_choice, paper, pope, vqa
 from janusflow_jax.eval.formats import InputError, MissingColumnError, UnknownIndexError
 
 Rows = Sequence[Mapping[str, Any]]
@@ -86,26 +87,34 @@ def score_mme_suite(rows: Rows, records: Records, *, only_predicted: bool = Fals
                                           result["cognition"]}, protocol, missing, questions=len(pairs), **result)
 
 
-def _multiple_choice_suite(key: str, rows: Rows, records: Records, circular: bool, only_predicted: bool) -> dict:
+def _multiple_choice_suite(key: str, rows: Rows, records: Records, circular: bool, matcher: str,
+                           only_predicted: bool) -> dict:
     pairs, missing = _joined(rows, records, ["answer", "A", "B"], only_predicted)
+    if matcher not in multiple_choice.MATCHERS:
+        raise InputError(f"unknown matcher {matcher!r} (known: {', '.join(multiple_choice.MATCHERS)})")
+    items = ((r, multiple_choice.as_vlmevalkit_prediction(p), str(r["answer"])) for r, p in pairs)
     try:
-        result = multiple_choice.score_multiple_choice(((r, p, str(r["answer"])) for r, p in pairs),
-                                                       circular=circular)
+        result = multiple_choice.score_multiple_choice(items, circular=circular, matcher=matcher)
     except ValueError as e:  # a non-numeric index in circular mode
         raise InputError(f"circular evaluation needs numeric indices: {e}") from None
     headline = 100 * result["accuracy"]
     protocol = {"extractor": "VLMEvalKit can_infer (option letter, else option text), exact matching, no LLM judge",
-                "no_answer": "Z (wrong)", "circular": circular,
-                "circular_groups": "index % 1e6" if circular else None, "only_predicted": only_predicted}
+                "matcher": matcher, "options_missing": "pandas' default NA strings (None, NA, N/A, null, ...)",
+                "empty_prediction": "the text 'nan' (pandas NaN through str())", "no_answer": "Z (wrong)",
+                "circular": circular, "circular_groups": "index % 1e6, keyed by main rows" if circular else None,
+                "only_predicted": only_predicted}
     return _result(headline, {key: headline}, protocol, missing, **result)
 
 
-def score_mmbench_suite(rows: Rows, records: Records, *, circular: bool = False, only_predicted: bool = False) -> dict:
-    return _multiple_choice_suite("mmbench", rows, records, circular, only_predicted)
+def score_mmbench_suite(rows: Rows, records: Records, *, circular: bool = True,
+                        matcher: str = multiple_choice.DEFAULT_MATCHER, only_predicted: bool = False) -> dict:
+    """Circular by default: VLMEvalKit scores every MMBench file circularly (image_mcq.py ImageMCQDataset.evaluate)."""
+    return _multiple_choice_suite("mmbench", rows, records, circular, matcher, only_predicted)
 
 
-def score_seed_suite(rows: Rows, records: Records, *, circular: bool = False, only_predicted: bool = False) -> dict:
-    return _multiple_choice_suite("seed", rows, records, circular, only_predicted)
+def score_seed_suite(rows: Rows, records: Records, *, circular: bool = False,
+                     matcher: str = multiple_choice.DEFAULT_MATCHER, only_predicted: bool = False) -> dict:
+    return _multiple_choice_suite("seed", rows, records, circular, matcher, only_predicted)
 
 
 MMMU_LETTERS = "ABCDEFGHI"
@@ -133,19 +142,27 @@ def _mmmu_item(row: Mapping[str, Any], prediction: str):
     return subject, question_type, gold, options, prediction
 
 
-def score_mmmu_suite(rows: Rows, records: Records, *, seed: int = 0, only_predicted: bool = False,
+def score_mmmu_suite(rows: Rows, records: Records, *, seed: int = mmmu.OFFICIAL_SEED, only_predicted: bool = False,
                      split: str = "validation") -> dict:
-    if split and rows and "split" in rows[0]:  # VLMEvalKit's MMMU_DEV_VAL holds dev and validation; the paper's is val
+    """seed: the random fallback's (42: eval_utils.py's `random.seed(42)`). split: VLMEvalKit's MMMU_DEV_VAL holds the
+    dev and validation rows and its predictions cover both; predictions of rows outside `split` are left out and
+    counted (`predictions_outside_split`)."""
+    outside = 0
+    if split and rows and "split" in rows[0]:  # the paper's MMMU is the validation split
+        formats.require_columns(rows, ["index"])
+        others = {formats.index_key(r["index"]) for r in rows if str(r["split"]).strip() != split}
         rows = [r for r in rows if str(r["split"]).strip() == split]
         if not rows:
             raise InputError(f"no MMMU row is in the {split!r} split")
+        kept = [r for r in records if "index" not in r or formats.index_key(r["index"]) not in others]
+        outside, records = len(records) - len(kept), kept
     pairs, missing = _joined(rows, records, ["answer"], only_predicted)
     result = mmmu.score_mmmu((_mmmu_item(r, p) for r, p in pairs), seed=seed)
     headline = 100 * result["accuracy"]
     protocol = {"parser": "MMMU eval_utils.py parse_multi_choice_response / parse_open_response + eval_open",
                 "random_fallback": f"random.Random({seed}) in question order", "seed": seed,
                 "split": split or "all rows", "only_predicted": only_predicted}
-    return _result(headline, {"mmmu": headline}, protocol, missing, **result)
+    return _result(headline, {"mmmu": headline}, protocol, missing, predictions_outside_split=outside, **result)
 
 
 def score_gqa_suite(rows: Rows, records: Records, *, only_predicted: bool = False) -> dict:
@@ -195,6 +212,20 @@ def score_vqav2_suite(rows: Rows, records: Records, *, only_predicted: bool = Fa
 def score_textvqa_suite(rows: Rows, records: Records, *, only_predicted: bool = False) -> dict:
     return _vqa_suite("textvqa", vqa.textvqa_accuracy, "TextVQA m4c_evaluator (EvalAIAnswerProcessor, always)", rows,
                       records, only_predicted)
+
+
+def score_chartqa_suite(rows: Rows, records: Records, *, rule: str = chartqa.DEFAULT_RULE,
+                        only_predicted: bool = False) -> dict:
+    if rule not in chartqa.RULES:
+        raise InputError(f"unknown ChartQA rule {rule!r} (known: {', '.join(chartqa.RULES)})")
+    pairs, missing = _joined(rows, records, ["answer"], only_predicted)
+    subset_column = _first_column(rows, ["category", "split"])
+    result = chartqa.score_chartqa(((str(r[subset_column]) if subset_column else "all", p,
+                                     formats.parse_list(r["answer"])) for r, p in pairs), rule=rule)
+    headline = 100 * result["accuracy"]
+    protocol = {"metric": "relaxed accuracy: numbers within 5% of the gold answer, else exact match (lower case)",
+                "rule": rule, "answers": "best over the gold answers", "only_predicted": only_predicted}
+    return _result(headline, {"chartqa": headline}, protocol, missing, **result)
 
 
 def score_geneval_suite(rows: Rows | None, records: Records) -> dict:
@@ -311,6 +342,7 @@ SUITES: dict[str, Callable[..., dict]] = {
     "digits": score_digits_suite,
     "vqav2": score_vqav2_suite,
     "textvqa": score_textvqa_suite,
+    "chartqa": score_chartqa_suite,
     "geneval": score_geneval_suite,
     "dpg": score_dpg_suite,
     "fid": score_fid_suite,
@@ -319,7 +351,19 @@ DATA_OPTIONAL = {"geneval"}  # GenEval's results.jsonl is complete in itself
 
 
 def suite_options(suite: str) -> list[str]:
-    return [p.name for p in inspect.signature(SUITES[suite]).parameters.values() if p.kind == p.KEYWORD_ONLY]
+    return list(protocol_defaults(suite))
+
+
+def protocol_defaults(suite: str) -> dict[str, Any]:
+    """{option: default} of a suite: the defaults reproduce the official scorers' (and the paper's) setting."""
+    return {p.name: p.default for p in inspect.signature(SUITES[suite]).parameters.values()
+            if p.kind == p.KEYWORD_ONLY}
+
+
+def non_default(suite: str, options: Mapping[str, Any]) -> dict[str, Any]:
+    """The options set away from the suite's defaults (recorded as protocol["non_default"]; `table` marks them)."""
+    defaults = protocol_defaults(suite)
+    return {k: v for k, v in options.items() if k in defaults and v != defaults[k]}
 
 
 def score_files(suite: str, data_path: str | os.PathLike | None, predictions_path: str | os.PathLike,
@@ -341,13 +385,14 @@ def score_files(suite: str, data_path: str | os.PathLike | None, predictions_pat
         rows = formats.read_rows(data_path) if data_path is not None else None
         records = formats.read_records(predictions_path)
         result = SUITES[suite](rows, records, **options)
+    result["protocol"]["non_default"] = non_default(suite, options)
     return {"suite": suite, "data": None if data_path is None else os.fspath(data_path),
             "predictions": os.fspath(predictions_path), **result}
 
 
 HEADLINE = {"pope": "pope", "mme": "mme.perception", "mmbench": "mmbench", "seed": "seed", "mmmu": "mmmu",
-            "gqa": "gqa", "digits": "digits", "vqav2": "vqav2", "textvqa": "textvqa", "geneval": "geneval.overall",
-            "dpg": "dpg.overall", "fid": "mjhq.fid"}
+            "gqa": "gqa", "digits": "digits", "vqav2": "vqav2", "textvqa": "textvqa", "chartqa": "chartqa",
+            "geneval": "geneval.overall", "dpg": "dpg.overall", "fid": "mjhq.fid"}
 NOT_IN_PAPER = {"digits"}  # suites whose headline the paper does not report (paper.render_table lists them apart)
 
 
