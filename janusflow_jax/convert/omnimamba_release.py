@@ -65,7 +65,7 @@ def is_release_dir(path: str | os.PathLike) -> bool:
     return (epath.Path(path) / RELEASE_FILE).is_file()
 
 
-def _open(path: epath.Path) -> StateDict:
+def open_weights(path: epath.Path) -> StateDict:
     """StateDict over one weights file; a damaged or cut-short file is a ValueError naming it."""
     try:
         return StateDict(os.fspath(path))
@@ -86,7 +86,7 @@ def release_config(directory: str | os.PathLike, state: Mapping | None = None) -
             return OmniMambaSystemConfig.from_dict(json.loads(path.read_text()))
         except (ValueError, TypeError) as e:
             raise ValueError(f"{path} does not describe an OmniMamba system: {e}") from None
-    state = _open(epath.Path(directory) / RELEASE_FILE) if state is None else state
+    state = open_weights(epath.Path(directory) / RELEASE_FILE) if state is None else state
     try:
         lm = lm_convert.config_from_release(state, os.fspath(epath.Path(directory) / RELEASE_FILE))
         return OmniMambaSystemConfig(lm=lm, vision=DinoSigLIPConfig(), vq=VQConfig(),
@@ -97,7 +97,7 @@ def release_config(directory: str | os.PathLike, state: Mapping | None = None) -
                          f"weights do not fit it: {e}") from None
 
 
-def _merge(errors: list[tuple[str, CheckpointMismatchError]], source: str) -> CheckpointMismatchError:
+def merge_errors(errors: list[tuple[str, CheckpointMismatchError]], source: str) -> CheckpointMismatchError:
     """One error from several parts' errors; tensors of a tower file are named "file: key"."""
     def name(prefix, key):
         return f"{prefix}: {key}" if prefix else key
@@ -121,8 +121,8 @@ def from_release_dir(directory: str | os.PathLike, param_dtype: str = "float32",
     if missing:
         hint = f": {TOWERS_HINT}" if set(missing) & {DINO_FILE, SIGLIP_FILE} else ""
         raise FileNotFoundError(f"{directory} lacks {', '.join(missing)}{hint}")
-    state, dino, siglip = (_open(directory / name) for name in WEIGHT_FILES)
-    read_vq = _vq_reader(directory, state)
+    state, dino, siglip = (open_weights(directory / name) for name in WEIGHT_FILES)
+    read_vq = vq_reader(directory, state)
     config = release_config(directory, state)
     lm = config.lm.replace(param_dtype=param_dtype, scan_layers=scan_layers)
     config = OmniMambaSystemConfig(lm=lm, vision=config.vision, projector=config.projector, vq=config.vq)
@@ -145,7 +145,7 @@ def from_release_dir(directory: str | os.PathLike, param_dtype: str = "float32",
     if unclaimed:
         errors.append(("", CheckpointMismatchError("", unexpected=unclaimed)))
     if errors:
-        raise _merge(errors, str(directory))
+        raise merge_errors(errors, str(directory))
     params["vision"] = {"dino": params.pop("dino"), "siglip": params.pop("siglip")}
     return config, params
 
@@ -160,7 +160,7 @@ class _VQReader:
         return vq_convert.vq_from_llamagen(self.state, cfg, param_dtype, self.prefix, source=self.source)
 
 
-def _vq_reader(directory: epath.Path, state: Mapping) -> _VQReader:
+def vq_reader(directory: epath.Path, state: Mapping) -> _VQReader:
     """The VQ of a release directory: in the .pth if any `llm_backbone.vqvae.*` key is there, else VQ_FILE beside it
     (LlamaGen's checkpoint, read with weights_only); neither is a FileNotFoundError naming the file to download."""
     if any(key.startswith(vq_convert.RELEASE_VQ_PREFIX) for key in state):
