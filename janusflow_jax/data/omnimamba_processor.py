@@ -74,6 +74,20 @@ def make_tokenizer(out_dir: str | os.PathLike, words: Sequence[str]) -> Path:
     return out
 
 
+def conversation_pieces(turns: Sequence[tuple[str, str | None]]) -> list[tuple[str, bool]]:
+    """Cobra's MambaPromptBuilder (the release's training template): (text, is_answer) per message, each tokenized
+    on its own: "In: {question}\nOut: " (later questions start with "\n"), "{answer}<|endoftext|>" (an empty answer
+    a space); "<image>" removed and whitespace stripped as it does. A None answer ends the pieces after its question."""
+    pieces = []
+    for i, (q, a) in enumerate(turns):
+        pieces.append((("\n" if i else "") + f"In: {q.replace('<image>', '').strip()}\nOut: ", False))
+        if a is None:
+            break
+        a = a.replace("<image>", "").strip()
+        pieces.append((f"{a if a else ' '}{EOS_TOKEN}", True))
+    return pieces
+
+
 class OmniMambaProcessor:
     """Tokenizer + OmniMamba's id layouts. Attributes: `tokenizer`, `eos_id`, `pad_id`, `token_ids` (each of
     SPECIAL_TOKENS -> id), `vocab_size` (len(tokenizer)), `caption_length`, `template`, `system_prompt`."""
@@ -159,13 +173,7 @@ class OmniMambaProcessor:
             if a is not None and not isinstance(a, str):
                 raise ValueError(f"an answer must be a string, got {a!r}")
         if template == "training":
-            pieces = []
-            for i, (q, a) in enumerate(turns):
-                pieces.append(("\n" if i else "") + f"In: {q.replace('<image>', '').strip()}\nOut: ")
-                if a is not None:
-                    a = a.replace("<image>", "").strip()
-                    pieces.append(f"{a if a else ' '}{EOS_TOKEN}")
-            return pieces
+            return [text for text, _ in conversation_pieces(turns)]
         if template == "release":
             text = self.system_prompt + " "
             for q, a in turns:
