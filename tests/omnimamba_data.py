@@ -31,7 +31,10 @@ def write_inputs(root: Path) -> dict[str, Path]:
         Image.fromarray(pixels, "L").save(root / "images" / f"{i}.png")
     (root / "images" / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n but nothing else")
     name = lambda i: NAMES[digits.target[i]]  # noqa: E731
-    t2i = [json.dumps({"image": f"images/{i}.png", "caption": f"a handwritten {name(i)}"}) for i in range(GOOD_T2I)]
+    # Every third image has three captions (as COCO's five): all kept, one drawn per load.
+    t2i = [json.dumps({"image": f"images/{i}.png", "caption": f"a handwritten {name(i)}" if i % 3 else
+                       [f"a handwritten {name(i)}", f"the digit {name(i)}", f"a photo of a {name(i)}"]})
+           for i in range(GOOD_T2I)]
     t2i[3:3] = ["{not json", json.dumps({"image": "images/corrupt.png", "caption": "a digit"})]
     t2i[9:9] = [json.dumps({"image": "images/absent.png", "caption": "a digit"}),
                 json.dumps({"image": "images/1.png", "caption": "  "})]

@@ -112,13 +112,14 @@ def test_t2i_records(prepared, processor, inputs):
     records = _records(out, "t2i")
     codebook = PatchKMeans.load(out / omnimamba_prepare.CODEBOOK)
     lines = _lines(inputs["t2i"])
-    kept = [(n, line) for n, line in enumerate(lines) if line and line["caption"].strip()
+    kept = [(n, line) for n, line in enumerate(lines) if line and str(line["caption"]).strip()
             and Path(line["image"]).name not in ("corrupt.png", "absent.png")]
     assert len(kept) == len(records) == GOOD_T2I
     for (item, line), record in zip(kept, records):
-        assert list(record) == ["prompt_ids", "image_ids", "caption"]
-        assert record["caption"] == line["caption"]
-        np.testing.assert_array_equal(record["prompt_ids"], processor.t2i_prompt(line["caption"]))
+        assert list(record) == ["prompt_ids", "image_ids", "captions"]
+        captions = line["caption"] if isinstance(line["caption"], list) else [line["caption"]]
+        assert json.loads(record["captions"]) == captions  # every caption kept, one prompt row each
+        np.testing.assert_array_equal(record["prompt_ids"], np.stack([processor.t2i_prompt(c) for c in captions]))
         # The random crop from the record's RNG (seed, kind, item), then the codebook's codes.
         rng = np.random.default_rng([config.prepare.seed, 1, item])
         image = Image.open(inputs["root"] / line["image"]).convert("RGB")
@@ -276,7 +277,7 @@ def test_vq16_codes_from_a_system_checkpoint(inputs, tmp_path):
                                        "num_image_tokens": CODES, "grid": 4, "image_size": T2I_SIDE, "downsample": 4}
     records = _records(tmp_path / "out", "t2i")
     vq = VQ16.load(tmp_path / "system")
-    kept = [line for line in _lines(inputs["t2i"]) if line and line["caption"].strip()
+    kept = [line for line in _lines(inputs["t2i"]) if line and str(line["caption"]).strip()
             and Path(line["image"]).name not in ("corrupt.png", "absent.png")]
     crops = np.stack([np.asarray(resize_short_side_and_crop(Image.open(inputs["root"] / line["image"]).convert("RGB"),
                                                             T2I_SIDE)) for line in kept])

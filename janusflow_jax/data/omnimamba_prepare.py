@@ -3,7 +3,8 @@ same sources, shards, resume, hosts and skip counting as JanusFlow's). Records: 
 
 Inputs (JSON-lines like JanusFlow's; image paths relative to the manifest's folder unless `image_root` is set):
   t2i  {"image": path, "caption": str | [str, ...]} lines (`t2i_jsonl`) and/or a local TFDS caption dataset
-       (`tfds`): the caption's first caption_length tokens in the t2i prompt layout; the image's short side resized
+       (`tfds`): every caption's first caption_length tokens in the t2i prompt layout (all kept: the loader draws
+       one per load, `omnimamba_records.decode_t2i`); the image's short side resized
        to the tokenizer's side and square-cropped (`gen_crop`: "random" with the record's RNG, or "center"), then
        coded by the image tokenizer in batches of encode_batch_per_device x local devices (on this host's first
        device: no cross-host program)
@@ -107,6 +108,24 @@ def fit_patch_kmeans(sources: Sequence, *, side: int, patch: int, codebook_size:
     return PatchKMeans.fit(np.stack(crops), codebook_size, patch, seed), len(crops)
 
 
+def captions_of(raw: Mapping) -> list[str]:
+    """Every non-empty caption of an image-caption input, stripped, in order (all kept: the loader draws one per
+    load, as the release's COCO dataset does); raises `Skip` as `prepare.caption_of` does (none, or no image)."""
+    value = raw.get("caption")
+    captions = []
+    for v in list(value) if isinstance(value, (list, tuple, np.ndarray)) else [value]:
+        try:
+            captions.append(prepare.caption_of({"caption": v, "image": None}, None))
+        except Skip as e:
+            if e.reason != "empty_caption":
+                raise
+    if not captions:
+        raise Skip("empty_caption")
+    if "image" not in raw:
+        raise Skip("bad_record", "no 'image'")
+    return captions
+
+
 def understanding_counts(templates: Mapping[str, int]) -> dict:
     """metadata.json's "understanding": mmu records per template (`omnimamba_records`), those truncated by reason,
     and the conversations' turns kept and dropped (dropped: cut off at a turn boundary to fit mmu_len)."""
@@ -148,9 +167,9 @@ class OmniMambaConverter:
     def t2i(self, raw: dict, rng: np.random.Generator) -> list[dict]:
         from janusflow_jax.data.processor import resize_short_side_and_crop
 
-        caption = prepare.caption_of(raw, rng)
+        captions = captions_of(raw)
         with self._lock:
-            record = t2i_record(self.processor, caption, np.zeros(self.num_image_tokens, np.int32))
+            record = t2i_record(self.processor, captions, np.zeros(self.num_image_tokens, np.int32))
         crop = resize_short_side_and_crop(open_image(raw["image"]), self.t2i_size,
                                           rng if self.job.gen_crop == "random" else None)
         record["_pixels"] = np.asarray(crop, np.uint8)  # coded by `add_codes`, then dropped

@@ -2,9 +2,10 @@
 the preparation job writes for the family and what the loader reads back into `data/omnimamba_batch.py`'s layout.
 
 Records (one dict per example, `data/records.py`'s codec):
-  t2i  prompt_ids int32 [P]   `OmniMambaProcessor.t2i_prompt(caption)` (72 ids in the release)
+  t2i  prompt_ids int32 [K, P] `OmniMambaProcessor.t2i_prompt(caption)` of each of the image's K captions (72 ids in
+                              the release); the loader draws one per load (`decode_t2i`)
        image_ids  int32 [N]   the image's codes from the dataset's image tokenizer, row-major (256 for VQ-16)
-       caption    str
+       captions   str         the K captions, a JSON list
   mmu  input_ids  int32 [T]   [<|mmu|>, <|soi|>, <|eoi|>, <|sot|>, then per turn "In: {question}\\nOut: " (later
                               ones after "\\n") and "{answer}<|endoftext|>", then <|eot|>] (stage 2, the release's
                               FinetuneDataset: every turn, cut at a turn boundary), or [.., <|sot|>,
@@ -27,6 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import json
 from typing import Mapping, Sequence
 
 import numpy as np
@@ -147,10 +149,14 @@ def load_image_tokenizer(kind: str, path):
 
 
 # ---------------------------------------------------------------------------------------------------------- records
-def t2i_record(processor: OmniMambaProcessor, caption: str, image_ids: np.ndarray) -> dict:
-    """A t2i record: the caption in the t2i prompt layout and the image's codes."""
-    return {"prompt_ids": processor.t2i_prompt(caption), "image_ids": np.asarray(image_ids, np.int32).reshape(-1),
-            "caption": caption}
+def t2i_record(processor: OmniMambaProcessor, captions: str | Sequence[str], image_ids: np.ndarray) -> dict:
+    """A t2i record: every caption of the image in the t2i prompt layout (one row each), the image's codes, and the
+    captions as a JSON list (for people)."""
+    captions = [captions] if isinstance(captions, str) else list(captions)
+    if not captions:
+        raise ValueError("no caption")
+    return {"prompt_ids": np.stack([processor.t2i_prompt(c) for c in captions]).astype(np.int32),
+            "image_ids": np.asarray(image_ids, np.int32).reshape(-1), "captions": json.dumps(captions)}
 
 
 def _mmu_ids(processor: OmniMambaProcessor, text_ids: list[int], mask: list[int], image: np.ndarray,
@@ -221,9 +227,14 @@ def mmu_record(processor: OmniMambaProcessor, question: str | None, answer: str,
     return conversation_record(processor, [(question, answer)], image, mmu_len)
 
 
-def decode_t2i(record: Mapping, geometry: OmniMambaGeometry) -> dict[str, np.ndarray]:
-    """A t2i record -> one example {"t2i/prompt_ids" [P], "t2i/image_ids" [N]} of the batch layout."""
-    return {"t2i/prompt_ids": np.asarray(record["prompt_ids"], np.int32).reshape(geometry.prompt_len),
+def decode_t2i(record: Mapping, geometry: OmniMambaGeometry, rng: np.random.Generator | None = None
+               ) -> dict[str, np.ndarray]:
+    """A t2i record -> one example {"t2i/prompt_ids" [P], "t2i/image_ids" [N]} of the batch layout: one of its
+    captions drawn by `rng` (the loader's per-load draw, as the release draws a caption of the image at every load;
+    without `rng` the first)."""
+    prompts = np.asarray(record["prompt_ids"], np.int32).reshape(-1, geometry.prompt_len)
+    pick = int(rng.integers(len(prompts))) if rng is not None and len(prompts) > 1 else 0
+    return {"t2i/prompt_ids": prompts[pick],
             "t2i/image_ids": np.asarray(record["image_ids"], np.int32).reshape(geometry.num_image_tokens)}
 
 
