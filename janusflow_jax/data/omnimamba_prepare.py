@@ -49,14 +49,14 @@ from typing import Mapping, Sequence
 import numpy as np
 from etils import epath
 
-from janusflow_jax.data import prepare
+from janusflow_jax.data import prepare, prepare_families
 from janusflow_jax.data.omnimamba_records import (IMAGE_TOKENIZERS, PatchKMeans, VQ16, caption_record,
                                                   conversation_record, t2i_record)
 from janusflow_jax.data.prepare import Skip, open_image
 
 log = logging.getLogger(__name__)
 
-KINDS = prepare.FAMILY_KINDS["omnimamba"]
+KINDS = prepare_families.FAMILIES["omnimamba"].kinds
 _ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
 CODEBOOK = "patch_kmeans.npz"  # a fitted codebook's default name, beside the shards
 TEMPLATES = {
