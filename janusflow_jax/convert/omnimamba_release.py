@@ -42,6 +42,7 @@ from janusflow_jax.convert import dinosiglip as dinosiglip_convert
 from janusflow_jax.convert import omnimamba as lm_convert
 from janusflow_jax.convert import vq as vq_convert
 from janusflow_jax.convert.tensors import CheckpointMismatchError, StateDict, atomic_write_dir, shape_of
+from janusflow_jax.data import omnimamba_processor
 from janusflow_jax.models.dinosiglip import DinoSigLIPConfig, ProjectorConfig
 from janusflow_jax.models.omnimamba import OmniMambaSystemConfig
 from janusflow_jax.models.vq import VQConfig
@@ -53,7 +54,7 @@ VQ_FILE = "vq_ds16_t2i.pt"  # LlamaGen's VQ-16 (peizesun/llamagen_t2i), beside a
 CONFIG_FILE = "omnimamba_config.json"
 WEIGHT_FILES = (RELEASE_FILE, DINO_FILE, SIGLIP_FILE)
 # gpt-neox-20b's tokenizer files and our processor settings: what launch.generate / launch.chat need besides weights.
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "omnimamba_processor.json")
+TOKENIZER_FILES = omnimamba_processor.TOKENIZER_FILES
 RELEASE_DTYPE = "float16"  # the .pth's dtype as released
 
 TOWERS_HINT = "save the timm towers there (README, OmniMamba: one python command)"
