@@ -10,6 +10,7 @@ import argparse
 import json
 import shutil
 
+import jax
 import numpy as np
 import pytest
 
@@ -91,3 +92,30 @@ def test_a_damaged_vq_file_is_one_line(layouts, tmp_path, capsys):
     assert run_cli(convert_cli, "--to=jax", f"--torch_dir={damaged}", f"--out={tmp_path / 'out'}") == 1
     line = one_error_line(capsys.readouterr().err)
     assert "vq_ds16_t2i.pt is not a readable LlamaGen VQ checkpoint" in line, line
+
+
+def test_a_release_directory_on_gcs(layouts, gcs, tmp_path, monkeypatch):
+    """gs:// like a local path: read (the VQ beside the .pth, the tokenizer), and written back."""
+    from janusflow_jax import paths
+    from janusflow_jax.convert import omnimamba as lm_convert
+    from janusflow_jax.data.omnimamba_processor import OmniMambaProcessor
+
+    monkeypatch.chdir(tmp_path)
+    remote = f"{gcs}/release_files/beside"
+    paths.copy_tree(layouts["beside"], remote)
+    _, local = release.from_release_dir(layouts["beside"])
+    config, params = release.from_release_dir(remote)
+    a, b = flat(local), flat(params)
+    assert sorted(a) == sorted(b) and all(np.array_equal(a[k], b[k]) for k in a)
+    processor = OmniMambaProcessor.from_pretrained(remote, caption_length=5)
+    processor.save_pretrained(f"{gcs}/release_files/tokenizer")
+    again = OmniMambaProcessor.from_pretrained(f"{gcs}/release_files/tokenizer")
+    assert again.caption_length == 5 and again.token_ids == processor.token_ids
+    release.write_release_dir(config, params, f"{gcs}/release_files/out", copy_from=remote)
+    _, back = release.from_release_dir(f"{gcs}/release_files/out")
+    c = flat(back)
+    assert all(np.array_equal(a[k], c[k]) for k in a)
+    lm_convert.to_release(config.lm, params["lm"], f"{gcs}/release_files/lm.pth")
+    _, lm = lm_convert.from_release(f"{gcs}/release_files/lm.pth", config.lm)
+    assert all(np.array_equal(x, y) for x, y in zip(jax.tree.leaves(lm), jax.tree.leaves(params["lm"])))
+    assert not list(tmp_path.iterdir())  # nothing written under the working directory (no ./gs:/...)
