@@ -17,7 +17,7 @@ from janusflow_jax.data import prepare
 from janusflow_jax.data import records as codec
 from janusflow_jax.data.batch import BatchGeometry
 from janusflow_jax.data.omnimamba_batch import OmniMambaGeometry
-from janusflow_jax.data.omnimamba_records import decode_mmu, decode_t2i
+from janusflow_jax.data.omnimamba_records import decode_mmu
 from tests.omnimamba_data import GOOD_MMU, GOOD_T2I, job_config, write_inputs
 
 SIZES = {"mmu": 2, "t2i": 4}

@@ -142,7 +142,8 @@ def test_mmu_records(prepared, processor, inputs):
             want = caption_record(processor, line["caption"], no_image, 64)
         else:
             if "question" in line:
-                turns = [{"role": "user", "content": line["question"]}, {"role": "assistant", "content": line["answer"]}]
+                turns = [{"role": "user", "content": line["question"]},
+                         {"role": "assistant", "content": line["answer"]}]
             else:
                 turns = [{"role": t.get("role", t.get("from")), "content": t.get("content", t.get("value"))}
                          for t in line.get("conversation", line.get("conversations"))]
@@ -226,7 +227,8 @@ def test_command_line_with_a_relative_output(inputs, tmp_path):
     done = prepare_data("--config.prepare.out=data/digits", f"--config.prepare.mmu_jsonl={inputs['mmu']}",
                         "--config.prepare.image_tokenizer.fit=true")
     assert done.returncode == 0, done.stderr
-    assert done.stdout.startswith(f"prepared {GOOD_MMU} mmu / {GOOD_T2I} t2i records in " + str(tmp_path / "data" / "digits"))
+    assert done.stdout.startswith(f"prepared {GOOD_MMU} mmu / {GOOD_T2I} t2i records in "
+                                  + str(tmp_path / "data" / "digits"))
     meta = json.loads((tmp_path / "data" / "digits" / codec.METADATA).read_text())
     assert meta["image_tokenizer"]["path"] == str(tmp_path / "data" / "digits" / omnimamba_prepare.CODEBOOK)
     assert meta["counts"] == {"mmu": GOOD_MMU, "t2i": GOOD_T2I}

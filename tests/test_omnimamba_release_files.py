@@ -56,8 +56,8 @@ def layouts(tmp_path_factory):
         inside = {f"llm_backbone.vqvae.{k}": v for k, v in vq_state.items()} if name == "inside" else {}
         torch.save({**lm_state, **inside}, path / release.RELEASE_FILE)
     # LlamaGen's training checkpoint: the VQ under "model", beside the optimizer state and the pickled argparse args.
-    torch.save({"model": vq_state, "optimizer": {"state": {}}, "steps": 10, "args": argparse.Namespace(vq_model="VQ-16")},
-               dirs["beside"] / release.VQ_FILE)
+    torch.save({"model": vq_state, "optimizer": {"state": {}}, "steps": 10,
+                "args": argparse.Namespace(vq_model="VQ-16")}, dirs["beside"] / release.VQ_FILE)
     return dirs
 
 
