@@ -91,3 +91,18 @@ def test_the_other_layouts_reader_says_which_to_use(tmp_path):
     (tmp_path / "hf" / "config.json").write_text(json.dumps(hf_config().to_dict()))
     with pytest.raises(ValueError, match="not a mamba_ssm MambaLMHeadModel config"):
         mamba2_convert.from_mamba_ssm(tmp_path / "hf")
+
+
+def test_mamba2_1_3b_config_is_omnimambas_backbone():
+    """state-spaces/mamba2-1.3b's config.json (as published) -> the backbone the OmniMamba configs train: 50277 tokens
+    padded to 50288 rows, mamba_ssm 2.x's Mamba2 defaults for what ssm_cfg leaves out."""
+    from janusflow_jax.models.omnimamba import OmniMambaConfig
+
+    published = {"d_model": 2048, "d_intermediate": 0, "n_layer": 48, "vocab_size": 50277,
+                 "ssm_cfg": {"layer": "Mamba2"}, "attn_layer_idx": [], "attn_cfg": {}, "rms_norm": True,
+                 "residual_in_fp32": True, "fused_add_norm": True, "pad_vocab_size_multiple": 16,
+                 "tie_embeddings": True}
+    config = mamba2_convert.config_from_mamba_ssm(published)
+    release = OmniMambaConfig().backbone
+    assert config == release.replace(lora_tasks=(), lora_rank=8, lora_alpha=32.0, lora_dropout=0.0)
+    assert config.vocab_size == 50288
