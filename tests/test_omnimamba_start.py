@@ -131,7 +131,7 @@ def test_new_parts_are_drawn_as_the_release_draws_them(files):
 
 def test_the_trainer_places_the_start(files):
     from janusflow_jax.train.init import initial_params
-    from janusflow_jax.train.plan import make_plan
+    from janusflow_jax.train.plan import TrainingError, make_plan
 
     config = omnimamba_stage1_mmu.get_config("tiny")
     with config.unlocked():
@@ -140,11 +140,15 @@ def test_the_trainer_places_the_start(files):
     config.init.kind = "start"
     config.init.llm_path = str(files["root"] / "mamba2")
     config.init.path = str(files["towers"])
-    placed = initial_params(make_plan(config))
+    plan = make_plan(config)
+    placed = initial_params(plan)
     flat_placed = traverse_util.flatten_dict(jax.device_get(placed), sep="/")
     flat_start = traverse_util.flatten_dict(files["params"], sep="/")
     assert sorted(flat_placed) == sorted(flat_start)
     assert all(np.array_equal(np.asarray(flat_placed[k]), flat_start[k]) for k in flat_start)
+    plan.config.init.llm_path = ""
+    with pytest.raises(TrainingError, match="init.kind='start' needs --config.init.llm_path"):
+        initial_params(plan)
 
 
 def test_an_lm_that_is_not_the_backbone_is_one_line(files, tmp_path):
