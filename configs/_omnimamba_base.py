@@ -6,9 +6,11 @@ Fields that differ from JanusFlow's:
   family                "omnimamba"
   model                 the OmniMambaSystemConfig fields (lm, vision, projector, vq): the release at 1.3B or a tiny system
   init                  kind: "random" | "checkpoint" (an orbax root holding the whole system: a `launch.convert`ed
-                        release, or the start of stage 1: mamba2-1.3b, the towers and the VQ) | "merge" (stage 2: the
-                        two stage-1 roots `mmu_path` and `t2i_path`, each contributing what it trained,
-                        `train/merge.py`)
+                        release or a previous run) | "start" (stage 1's start as the release builds it,
+                        `train/omnimamba_start.py`: the Mamba-2 LM directory `llm_path` (state-spaces/mamba2-1.3b,
+                        mamba_ssm's layout) and `path`, a directory holding the two timm towers and the VQ; the new
+                        parts initialised as the release does) | "merge" (stage 2: the two stage-1 roots `mmu_path`
+                        and `t2i_path`, each contributing what it trained, `train/merge.py`)
   optimizer             + decay ("cosine": warm-up, then cosine to final_fraction x lr at `steps`) and final_fraction
   loss                  mmu_weight, t2i_weight (1, 1: CE(t2i) + CE(mmu)), cfg_drop (0: the release trains no
                         unconditional branch), pad_id (the [PAD] id a dropped caption is filled with; = data.pad_id)
@@ -84,7 +86,7 @@ def base_config(arg: str | None, *, stage: str, lr: float, warmup_steps: int, st
     c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1, dcn_data=1) if variant == "full"
                                        else dict(data=-1, fsdp=1, tensor=1, dcn_data=1))
     c.init = ml_collections.ConfigDict(dict(kind=init_kind if variant == "full" else "random", path="", mmu_path="",
-                                            t2i_path="", weights="params"))
+                                            t2i_path="", llm_path="", weights="params"))
     c.freeze = tuple(freeze)
     c.steps = steps
     c.optimizer = ml_collections.ConfigDict(dict(lr=lr, warmup_steps=warmup_steps, decay="cosine",

@@ -7,9 +7,13 @@ Trainable at 1.3B: 45,027,840 of 2,237,033,899 parameters (projector 40,972,800 
 reaches it (zero gradient, and AdamW without weight decay leaves it unchanged), so it is frozen here: stage 2's merge
 then takes it from the T2I run.
 
-  python -m launch.train --config=omnimamba_stage1_mmu --workdir=runs/omnimamba_mmu --config.init.path=START
-START: an orbax root holding the whole system at its starting point (mamba2-1.3b, the towers, the VQ, the new parts
-initialised), the same one stage 1 T2I starts from. Variant for tests and laptops: --config=omnimamba_stage1_mmu:tiny
+  python -m launch.train --config=omnimamba_stage1_mmu --workdir=runs/omnimamba_mmu \
+      --config.init.llm_path=checkpoints/mamba2-1.3b --config.init.path=checkpoints/OmniMamba
+The start (init.kind "start", train/omnimamba_start.py), as the release builds it: mamba2-1.3b in mamba_ssm's layout
+(`hf download state-spaces/mamba2-1.3b --local-dir checkpoints/mamba2-1.3b`), the two timm towers and LlamaGen's VQ
+(dinov2.safetensors, siglip.safetensors, vq_ds16_t2i.pt in checkpoints/OmniMamba: README, OmniMamba), the new parts
+initialised as the release does; both stage-1 runs start from the same one (same seed).
+Variant for tests and laptops: --config=omnimamba_stage1_mmu:tiny
 """
 
 from configs import _omnimamba_base as base
@@ -22,5 +26,5 @@ def get_config(arg=None):
         mixture=((5_000, (1, 0)),),  # understanding : text-to-image
         freeze=((base.MMU_LORA, "trainable"), (base.PROJECTOR, "trainable"), (base.TOWERS, "frozen"),
                 (r"lm/", "frozen")),
-        init_kind="checkpoint",
+        init_kind="start",
     )

@@ -91,6 +91,13 @@ def test_sampling_options(params, prompts):
     assert not np.array_equal(a, sample(4, prompt))
     assert not np.array_equal(a, greedy)
     np.testing.assert_array_equal(sample(3, prompt[1:], [1])[0], a[1])
+    # top_p 0 is "off" as in the release (mamba_ssm's sample), the same draws as top_p 1; outside [0, 1] an error
+    off = infer.generate_image_tokens(MODEL, params, prompt, temperature=1.0, top_k=0, top_p=0.0, seed=3)
+    np.testing.assert_array_equal(off, infer.generate_image_tokens(MODEL, params, prompt, temperature=1.0, top_k=0,
+                                                                   top_p=1.0, seed=3))
+    assert not np.array_equal(off, greedy)
+    with pytest.raises(ValueError, match=r"top_p must be in \[0, 1\] \(0 or 1 = off\), got 1.5"):
+        infer.generate_image_tokens(MODEL, params, prompt, temperature=1.0, top_p=1.5)
     with pytest.raises(ValueError, match="null_prompt_ids"):
         infer.generate_image_tokens(MODEL, params, prompt, cfg=2.0)
     with pytest.raises(ValueError, match="prompt_ids must be"):

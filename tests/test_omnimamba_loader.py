@@ -1,6 +1,6 @@
 """The grain loader (janusflow_jax/data/loader.py) reading OmniMamba records: a tiny digits dataset written by the
 preparation job (tests/omnimamba_data.py), read for configs/omnimamba_stage2.py:tiny's geometry (14 px tower,
-4 x 4 codes of 48, 16-id prompts, mmu rows of 32 ids)."""
+4 x 4 codes of 48, 16-id prompts, mmu rows of 72 ids: the 64 prepared and padding)."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from janusflow_jax.data import prepare
 from janusflow_jax.data import records as codec
 from janusflow_jax.data.batch import BatchGeometry
 from janusflow_jax.data.omnimamba_batch import OmniMambaGeometry
-from janusflow_jax.data.omnimamba_records import decode_mmu, decode_t2i
+from janusflow_jax.data.omnimamba_records import decode_mmu
 from tests.omnimamba_data import GOOD_MMU, GOOD_T2I, job_config, write_inputs
 
 SIZES = {"mmu": 2, "t2i": 4}
@@ -36,7 +36,7 @@ def dataset(tmp_path_factory):
 def geometry(dataset):
     config = omnimamba_stage2.get_config("tiny")
     with config.unlocked():
-        config.data.update(dict(mmu_len=32, pad_id=data.load_metadata(dataset)["tokenizer"]["pad_id"]))
+        config.data.update(dict(mmu_len=72, pad_id=data.load_metadata(dataset)["tokenizer"]["pad_id"]))
     return OmniMambaGeometry.from_config(config)
 
 
@@ -64,13 +64,44 @@ def _rows(batch, kind) -> list[bytes]:
     return [b"".join(batch[k][i].tobytes() for k in keys) for i in range(len(batch[keys[0]]))]
 
 
+def _example(decoded: dict) -> bytes:
+    return b"".join(v.tobytes() for _, v in sorted(decoded.items()))
+
+
+def _caption_variants(record, geometry) -> list[dict]:
+    """The t2i examples a record can load as: one per caption."""
+    return [{"t2i/prompt_ids": row, "t2i/image_ids": record["image_ids"]}
+            for row in np.asarray(record["prompt_ids"]).reshape(-1, geometry.prompt_len)]
+
+
+def test_a_fresh_caption_per_load(dataset, geometry):
+    """Every caption of a several-caption image is drawn over epochs, a draw per (seed, epoch, record): the same
+    for the same seed, another for another seed."""
+    several = [r for r in _records(dataset, "t2i") if len(json.loads(r["captions"])) > 1]
+    assert several and all(len(r["prompt_ids"]) == 3 for r in several)
+    codes = {r["image_ids"].tobytes(): r for r in several}
+
+    def draws(seed, epochs=16):
+        it = data.make_train_iterator(_config(dataset), {"t2i": 4}, geometry, seed=seed, shard_index=0,
+                                      shard_count=1)
+        batches = [it.take({"t2i": 4}) for _ in range(epochs * GOOD_T2I // 4)]
+        it.close()
+        return [(p.tobytes(), c.tobytes()) for b in batches for p, c in zip(b["t2i/prompt_ids"], b["t2i/image_ids"])
+                if c.tobytes() in codes]
+
+    first, again, other = draws(0), draws(0), draws(1)
+    assert first == again and first != other
+    for key, record in codes.items():
+        drawn = {p for p, c in first if c == key}
+        assert drawn == {row.tobytes() for row in record["prompt_ids"]}  # all three captions over 16 epochs
+
+
 def test_batches_are_the_records_in_the_layout(dataset, geometry):
-    examples = {kind: {b"".join(v.tobytes() for _, v in sorted(decode(r, geometry).items())): r
-                       for r in _records(dataset, kind)}
-                for kind, decode in (("mmu", decode_mmu), ("t2i", decode_t2i))}
+    examples = {"mmu": {_example(decode_mmu(r, geometry)): r for r in _records(dataset, "mmu")},
+                "t2i": {_example(v): r for r in _records(dataset, "t2i") for v in _caption_variants(r, geometry)}}
     iterator = data.make_train_iterator(_config(dataset), SIZES, geometry, shard_index=0, shard_count=1)
     seen = {kind: set() for kind in SIZES}
-    for _ in range(6):  # 12 rows of each type: an epoch of both
+    for _ in range(8):  # 16 mmu rows (an epoch of 15, then one more), 32 t2i rows (an epoch of 20, then more)
         batch = next(iterator)
         geometry.check(batch, SIZES, "the loader")
         for kind in SIZES:
@@ -78,7 +109,7 @@ def test_batches_are_the_records_in_the_layout(dataset, geometry):
             assert all(row in examples[kind] for row in rows), kind  # each row is one whole prepared example
             seen[kind] |= set(rows)
     assert seen["mmu"] == set(examples["mmu"])
-    assert len(seen["t2i"]) == GOOD_T2I  # 24 rows drawn from an epoch of 20, then the next epoch's
+    assert len({examples["t2i"][row]["image_ids"].tobytes() for row in seen["t2i"]}) == GOOD_T2I  # an epoch, then more
     mmu = batch["mmu/input_ids"]
     assert (mmu[:, -1] == geometry.pad_id).all() and batch["mmu/images"].max() <= 1.0
 
@@ -126,11 +157,11 @@ def test_a_dataset_that_does_not_fit_is_refused_in_one_line(dataset, geometry, t
     wrong = dataclasses.replace(geometry, mmu_len=16, pad_id=geometry.pad_id + 1, image_size=384,
                                 num_image_tokens=256, image_vocab_size=16384, prompt_len=72)
     with pytest.raises(ValueError) as error:
-        data.make_train_iterator(config, SIZES, wrong, shard_index=0, shard_count=13)
+        data.make_train_iterator(config, SIZES, wrong, shard_index=0, shard_count=21)
     message = str(error.value)
     assert "\n" not in message
-    for part in ("12 mmu records cannot feed 13 host shard(s)", "data.pad_id / data.eos_id are 60 / 0",
-                 "an mmu record has 23 ids > data.mmu_len 16", "prepared at 14 px, the tower wants 384",
+    for part in ("15 mmu records cannot feed 21 host shard(s)", "data.pad_id / data.eos_id are 60 / 0",
+                 "an mmu record has 64 ids > data.mmu_len 16", "prepared at 14 px, the tower wants 384",
                  "t2i prompts are 16 ids, the model wants 72", "t2i images are 16 codes (4^2), the model wants 256",
                  "the patch_kmeans codebook has 48 codes, the model's image vocabulary 16384"):
         assert part in message, part

@@ -18,7 +18,7 @@ from PIL import Image
 from janusflow_jax.data import omnimamba_prepare, prepare
 from janusflow_jax.data import records as codec
 from janusflow_jax.data.omnimamba_processor import OmniMambaProcessor
-from janusflow_jax.data.omnimamba_records import PatchKMeans, mmu_record
+from janusflow_jax.data.omnimamba_records import PatchKMeans, caption_record, conversation_record
 from janusflow_jax.data.processor import resize_short_side_and_crop
 from tests.cli_helpers import one_error_line
 from tests.omnimamba_data import EXPECTED_SKIPS, GOOD_MMU, GOOD_T2I, job_config, write_inputs
@@ -75,7 +75,11 @@ def test_metadata_counts_skips_and_what_the_loader_checks(prepared, processor):
     assert meta["counts"] == {"mmu": GOOD_MMU, "t2i": GOOD_T2I} == summary["counts"]
     assert meta["skipped"] == EXPECTED_SKIPS == summary["skipped"]
     assert (summary["shards_written"], summary["shards_reused"]) == (4 + 5, 0)
-    assert "12 mmu / 20 t2i" in prepare.summary_line(summary) and "multi_turn=1" in prepare.summary_line(summary)
+    assert "15 mmu / 20 t2i" in prepare.summary_line(summary) and "too_long=1" in prepare.summary_line(summary)
+    # Every turn kept: 4 single-turn question records, 4 JanusFlow-style ones, one of two turns, one of 6 cut to 2.
+    assert meta["understanding"] == {
+        "records": {"caption": 4, "caption_truncated": 1, "turns_1": 8, "turns_2": 1, "turns_2_of_6": 1},
+        "truncated": {"caption": 1, "conversation": 1}, "turns": {"kept": 8 + 2 + 2, "dropped": 4}}
     assert meta["tokenizer"]["pad_id"] == processor.pad_id and meta["tokenizer"]["eos_id"] == 0
     assert meta["tokenizer"]["token_ids"] == processor.token_ids
     assert meta["image"]["size"] == TOWER
@@ -108,13 +112,14 @@ def test_t2i_records(prepared, processor, inputs):
     records = _records(out, "t2i")
     codebook = PatchKMeans.load(out / omnimamba_prepare.CODEBOOK)
     lines = _lines(inputs["t2i"])
-    kept = [(n, line) for n, line in enumerate(lines) if line and line["caption"].strip()
+    kept = [(n, line) for n, line in enumerate(lines) if line and str(line["caption"]).strip()
             and Path(line["image"]).name not in ("corrupt.png", "absent.png")]
     assert len(kept) == len(records) == GOOD_T2I
     for (item, line), record in zip(kept, records):
-        assert list(record) == ["prompt_ids", "image_ids", "caption"]
-        assert record["caption"] == line["caption"]
-        np.testing.assert_array_equal(record["prompt_ids"], processor.t2i_prompt(line["caption"]))
+        assert list(record) == ["prompt_ids", "image_ids", "captions"]
+        captions = line["caption"] if isinstance(line["caption"], list) else [line["caption"]]
+        assert json.loads(record["captions"]) == captions  # every caption kept, one prompt row each
+        np.testing.assert_array_equal(record["prompt_ids"], np.stack([processor.t2i_prompt(c) for c in captions]))
         # The random crop from the record's RNG (seed, kind, item), then the codebook's codes.
         rng = np.random.default_rng([config.prepare.seed, 1, item])
         image = Image.open(inputs["root"] / line["image"]).convert("RGB")
@@ -128,23 +133,39 @@ def test_mmu_records(prepared, processor, inputs):
 
     _, out, _ = prepared
     records = _records(out, "mmu")
-    good = [line for line in _lines(inputs["mmu"])[:2] + _lines(inputs["mmu"])[6:]]
+    good = [line for line in _lines(inputs["mmu"])[:2] + _lines(inputs["mmu"])[5:]]
     assert len(good) == len(records) == GOOD_MMU
+    no_image = np.zeros((1, 1, 3), np.uint8)
     for line, record in zip(good, records):
         image = Image.open(inputs["root"] / line["image"])
-        if "conversation" in line:
-            question, answer = "what is this", line["conversation"][1]["content"]
+        if "caption" in line:
+            want = caption_record(processor, line["caption"], no_image, 64)
         else:
-            question, answer = line.get("question"), line.get("answer", line.get("caption"))
-        want = mmu_record(processor, question, answer, np.zeros((1, 1, 3), np.uint8), 64)
+            if "question" in line:
+                turns = [{"role": "user", "content": line["question"]},
+                         {"role": "assistant", "content": line["answer"]}]
+            else:
+                turns = [{"role": t.get("role", t.get("from")), "content": t.get("content", t.get("value"))}
+                         for t in line.get("conversation", line.get("conversations"))]
+            pairs = [(q["content"].replace("<image_placeholder>", ""), a["content"])
+                     for q, a in zip(turns[::2], turns[1::2])]
+            want = conversation_record(processor, pairs, no_image, 64)
         np.testing.assert_array_equal(record["input_ids"], want["input_ids"])
         np.testing.assert_array_equal(record["loss_mask"], want["loss_mask"])
+        assert record["template"] == want["template"]
         # The tower's pixels: exactly inference's resize-naive, stored as uint8.
         assert record["image"].dtype == np.uint8 and record["image"].shape == (TOWER, TOWER, 3)
         np.testing.assert_array_equal(record["image"].astype(np.float32) / 255.0, resize_naive(image, TOWER))
     caption_only = records[1]
     assert processor.token_ids["<|eot|>"] not in caption_only["input_ids"]  # stage 1's layout: no <|eot|>
     assert caption_only["loss_mask"].sum() == len(caption_only["input_ids"]) - 4  # the caption and its EOS
+    cut_caption, cut_conversation = records[4], records[3]
+    assert cut_caption["template"] == "caption_truncated" and len(cut_caption["input_ids"]) == 64
+    assert cut_caption["loss_mask"][4:].all() and cut_caption["input_ids"][-1] != processor.eos_id  # cut as released
+    assert cut_conversation["template"] == "turns_2_of_6" and len(cut_conversation["input_ids"]) <= 64
+    assert cut_conversation["input_ids"][-1] == processor.token_ids["<|eot|>"]
+    eos = np.flatnonzero(cut_conversation["input_ids"] == processor.eos_id)  # each answer ends with <|endoftext|>
+    assert len(eos) == 2 and all(cut_conversation["loss_mask"][eos])
 
 
 def test_killed_run_resumes_to_identical_bytes(inputs, prepared, tmp_path, monkeypatch):
@@ -206,7 +227,8 @@ def test_command_line_with_a_relative_output(inputs, tmp_path):
     done = prepare_data("--config.prepare.out=data/digits", f"--config.prepare.mmu_jsonl={inputs['mmu']}",
                         "--config.prepare.image_tokenizer.fit=true")
     assert done.returncode == 0, done.stderr
-    assert done.stdout.startswith("prepared 12 mmu / 20 t2i records in " + str(tmp_path / "data" / "digits"))
+    assert done.stdout.startswith(f"prepared {GOOD_MMU} mmu / {GOOD_T2I} t2i records in "
+                                  + str(tmp_path / "data" / "digits"))
     meta = json.loads((tmp_path / "data" / "digits" / codec.METADATA).read_text())
     assert meta["image_tokenizer"]["path"] == str(tmp_path / "data" / "digits" / omnimamba_prepare.CODEBOOK)
     assert meta["counts"] == {"mmu": GOOD_MMU, "t2i": GOOD_T2I}
@@ -257,7 +279,7 @@ def test_vq16_codes_from_a_system_checkpoint(inputs, tmp_path):
                                        "num_image_tokens": CODES, "grid": 4, "image_size": T2I_SIDE, "downsample": 4}
     records = _records(tmp_path / "out", "t2i")
     vq = VQ16.load(tmp_path / "system")
-    kept = [line for line in _lines(inputs["t2i"]) if line and line["caption"].strip()
+    kept = [line for line in _lines(inputs["t2i"]) if line and str(line["caption"]).strip()
             and Path(line["image"]).name not in ("corrupt.png", "absent.png")]
     crops = np.stack([np.asarray(resize_short_side_and_crop(Image.open(inputs["root"] / line["image"]).convert("RGB"),
                                                             T2I_SIDE)) for line in kept])

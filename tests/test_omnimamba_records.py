@@ -87,7 +87,12 @@ def test_records_decode_into_the_batch_layout(processor):
     with pytest.raises(ValueError, match="the answer is empty"):
         records.mmu_record(processor, "what", " ", image, geometry.mmu_len)
     gen = records.t2i_record(processor, "a red cat", np.arange(16))
-    np.testing.assert_array_equal(gen["prompt_ids"], processor.t2i_prompt("a red cat"))
+    np.testing.assert_array_equal(gen["prompt_ids"], processor.t2i_prompt("a red cat")[None])
+    several = records.t2i_record(processor, ["a red cat", "a cat"], np.arange(16))  # one prompt row per caption
+    np.testing.assert_array_equal(several["prompt_ids"][1], processor.t2i_prompt("a cat"))
+    drawn = {records.decode_t2i(several, geometry, np.random.default_rng(seed))["t2i/prompt_ids"].tobytes()
+             for seed in range(8)}
+    assert drawn == {row.tobytes() for row in several["prompt_ids"]}
 
     # Through the codec, as the loader reads them, then stacked into a batch.
     mmu_examples = [records.decode_mmu(decode_record(encode_record(r)), geometry) for r in (qa, caption)]

@@ -24,14 +24,16 @@ from __future__ import annotations
 
 import os
 import re
-from pathlib import Path
+import tempfile
 from typing import Mapping
 
 import flax.linen as nn
 import jax
 import numpy as np
+from etils import epath
 from flax import traverse_util
 
+from janusflow_jax import paths
 from janusflow_jax.convert import mamba2 as mamba2_convert
 from janusflow_jax.convert.tensors import CheckpointMismatchError, StateDict, numpy_dtype, shape_of
 from janusflow_jax.models import omnimamba
@@ -67,8 +69,8 @@ def release_pieces(cfg: OmniMambaConfig) -> list[Piece]:
     if not cfg.backbone.tie_embeddings:
         raise ValueError("the release ties lm_head to the text embedding (tie_embeddings=True)")
     pieces: list[Piece] = []
-    for key, shape, parts, transform in mamba2_convert.hf_pieces(lm):
-        key = BACKBONE + key.removeprefix("backbone.").replace("embeddings.weight", "embedding.weight", 1)
+    for key, shape, parts, transform in mamba2_convert.hf_pieces(lm, layout="mamba_ssm"):
+        key = BACKBONE + key.removeprefix("backbone.")
         pieces.append((key, shape, tuple((f"backbone/{path}", rows) for path, rows in parts), transform))
     d, inner, bc, heads, r = lm.d_model, lm.d_inner, lm.bc_width, lm.nheads, lm.lora_rank
     rows = {"z": inner, "x": inner, "B": bc, "C": bc, "dt": heads}
@@ -211,7 +213,10 @@ def from_release(path: str | os.PathLike, config: OmniMambaConfig | None = None,
 
     config: the architecture (default: `config_from_release` with `overrides`); params come in its layout, stored
     in `param_dtype`."""
-    state = StateDict(path)
+    if paths.is_remote(path):  # torch.load and safetensors read local files
+        with paths.local_copy(path) as local:
+            return from_release(local, config, param_dtype, **overrides)
+    state = StateDict(os.fspath(path))
     if config is None:
         config = config_from_release(state, str(path), param_dtype=param_dtype, **overrides)
     else:
@@ -220,12 +225,12 @@ def from_release(path: str | os.PathLike, config: OmniMambaConfig | None = None,
 
 
 def to_release(config: OmniMambaConfig, params, path: str | os.PathLike, dtype: str | None = "float16",
-               towers: Mapping[str, np.ndarray] | None = None) -> Path:
+               towers: Mapping[str, np.ndarray] | None = None) -> epath.Path:
     """Writes a release-layout `.pth` (torch.save of a state dict, fp16 by default as released), atomically."""
     import torch
 
     state = export_release_state(config, params, dtype=dtype, towers=towers)
-    path = Path(path)
+    path = epath.Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {}
     for key, value in state.items():
@@ -233,10 +238,12 @@ def to_release(config: OmniMambaConfig, params, path: str | os.PathLike, dtype: 
             tensors[key] = torch.from_numpy(value.view(np.int16).copy()).view(torch.bfloat16)
         else:
             tensors[key] = torch.from_numpy(np.ascontiguousarray(value).copy())
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        torch.save(tensors, tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    # Written whole beside the target and renamed into place; on an object store written locally, then uploaded.
+    with tempfile.TemporaryDirectory(prefix="omnimamba-", dir=None if paths.is_remote(path) else path.parent) as tmp:
+        local = os.path.join(tmp, path.name)
+        torch.save(tensors, local)
+        if paths.is_remote(path):
+            paths.copy_file(local, path)
+        else:
+            os.replace(local, os.fspath(path))
     return path

@@ -270,11 +270,13 @@ def _gen_pipeline(grain, data_config, meta, directory, rows, *, prompt_len, shar
 def _example_pipeline(grain, data_config, meta, directory, kind, rows, *, geometry: OmniMambaGeometry,
                       shard_index, shard_count, seed):
     """OmniMamba rows, one example each: decode into the batch layout (`decode_mmu` pads the ids to mmu_len and
-    scales the image to [0, 1]; `decode_t2i`) -> sub-batch of `rows`."""
-    shuffle_seed, _ = _seeds(data_config, seed, kind, geometry.types)
-    decode = {"mmu": decode_mmu, "t2i": decode_t2i}[kind]
+    scales the image to [0, 1]; `decode_t2i` draws one of the image's captions) -> sub-batch of `rows`."""
+    shuffle_seed, example_seed = _seeds(data_config, seed, kind, geometry.types)
     ds = _records(grain, meta, directory, kind, shard_index, shard_count, shuffle_seed)
-    ds = ds.map(lambda data: decode(decode_record(data), geometry))
+    if kind == "t2i":  # a caption of the image drawn at every load: per (seed, epoch, record), so resumes are exact
+        ds = ds.random_map(lambda data, rng: decode_t2i(decode_record(data), geometry, rng), seed=example_seed)
+    else:
+        ds = ds.map(lambda data: decode_mmu(decode_record(data), geometry))
     ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=data_config.read_threads,
                                               prefetch_buffer_size=data_config.read_buffer))
     return ds.batch(rows, drop_remainder=True)

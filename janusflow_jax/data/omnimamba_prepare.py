@@ -3,17 +3,23 @@ same sources, shards, resume, hosts and skip counting as JanusFlow's). Records: 
 
 Inputs (JSON-lines like JanusFlow's; image paths relative to the manifest's folder unless `image_root` is set):
   t2i  {"image": path, "caption": str | [str, ...]} lines (`t2i_jsonl`) and/or a local TFDS caption dataset
-       (`tfds`): the caption's first caption_length tokens in the t2i prompt layout; the image's short side resized
+       (`tfds`): every caption's first caption_length tokens in the t2i prompt layout (all kept: the loader draws
+       one per load, `omnimamba_records.decode_t2i`); the image's short side resized
        to the tokenizer's side and square-cropped (`gen_crop`: "random" with the record's RNG, or "center"), then
        coded by the image tokenizer in batches of encode_batch_per_device x local devices (on this host's first
        device: no cross-host program)
   mmu  {"image": path, "question": q, "answer": a} (stage 2's "In: … Out:" layout), {"image": path, "caption": c}
-       (stage 1's caption-only layout) or {"image": path, "conversation": [one user turn, one assistant turn]}
-       (JanusFlow's understanding manifests; "<image_placeholder>" dropped) (`mmu_jsonl`): the ids and loss mask of
-       `mmu_record`, the image resized to the tower's side (resize-naive, bicubic) as uint8 — exactly the pixels
-       `inference.omnimamba.resize_naive` gives, before its / 255
+       (stage 1's caption-only layout), {"image": path, "conversations": [{"from": "human" | "gpt", "value"}, ...]}
+       (LLaVA / ShareGPT4V, the release's stage-2 data) or {"image": path, "conversation": [{"role", "content"},
+       ...]} (JanusFlow's understanding manifests; "<image_placeholder>" dropped) (`mmu_jsonl`): the ids and loss mask
+       of `omnimamba_records.conversation_record` (every turn, loss on every answer, cut at a turn boundary to fit
+       mmu_len) or `caption_record` (cut at mmu_len - 4 ids: 449 in the release), the image resized to the tower's
+       side (resize-naive, bicubic) as uint8 — exactly the pixels `inference.omnimamba.resize_naive` gives, before
+       its / 255
 Skipped and counted by reason (beside the shared image and line reasons): empty_caption, empty_question,
-empty_answer, multi_turn, too_many_images, too_long (more than `mmu_len` ids).
+empty_answer, bad_conversation, too_many_images, too_long (not even the first turn fits `mmu_len`). Kept records by
+layout in metadata.json's "understanding": records per template, truncated ones by reason (caption, conversation)
+and the turns kept and dropped.
 
 Image tokenizer (`image_tokenizer`): kind "vq16" with path = an orbax root holding an OmniMamba system (the VQ of a
 `launch.convert`ed release), or "patch_kmeans" with path = its .npz. fit=True fits the patch_kmeans codebook first
@@ -43,13 +49,15 @@ from typing import Mapping, Sequence
 import numpy as np
 from etils import epath
 
-from janusflow_jax.data import prepare
-from janusflow_jax.data.omnimamba_records import (IMAGE_TOKENIZERS, PatchKMeans, VQ16, mmu_record, t2i_record)
+from janusflow_jax.data import prepare, prepare_families
+from janusflow_jax.data.omnimamba_records import (IMAGE_TOKENIZERS, PatchKMeans, VQ16, caption_record,
+                                                  conversation_record, t2i_record)
 from janusflow_jax.data.prepare import Skip, open_image
 
 log = logging.getLogger(__name__)
 
-KINDS = prepare.FAMILY_KINDS["omnimamba"]
+KINDS = prepare_families.FAMILIES["omnimamba"].kinds
+_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
 CODEBOOK = "patch_kmeans.npz"  # a fitted codebook's default name, beside the shards
 TEMPLATES = {
     "t2i": "[<|t2i|>, <|sot|>, caption (its first caption_length tokens, left-padded with [PAD]), <|eot|>, <|soi|>]",
@@ -100,6 +108,40 @@ def fit_patch_kmeans(sources: Sequence, *, side: int, patch: int, codebook_size:
     return PatchKMeans.fit(np.stack(crops), codebook_size, patch, seed), len(crops)
 
 
+def captions_of(raw: Mapping) -> list[str]:
+    """Every non-empty caption of an image-caption input, stripped, in order (all kept: the loader draws one per
+    load, as the release's COCO dataset does); raises `Skip` as `prepare.caption_of` does (none, or no image)."""
+    value = raw.get("caption")
+    captions = []
+    for v in list(value) if isinstance(value, (list, tuple, np.ndarray)) else [value]:
+        try:
+            captions.append(prepare.caption_of({"caption": v, "image": None}, None))
+        except Skip as e:
+            if e.reason != "empty_caption":
+                raise
+    if not captions:
+        raise Skip("empty_caption")
+    if "image" not in raw:
+        raise Skip("bad_record", "no 'image'")
+    return captions
+
+
+def understanding_counts(templates: Mapping[str, int]) -> dict:
+    """metadata.json's "understanding": mmu records per template (`omnimamba_records`), those truncated by reason,
+    and the conversations' turns kept and dropped (dropped: cut off at a turn boundary to fit mmu_len)."""
+    truncated, turns = {"caption": 0, "conversation": 0}, {"kept": 0, "dropped": 0}
+    for template, count in templates.items():
+        if template == "caption_truncated":
+            truncated["caption"] += count
+        elif template.startswith("turns_"):
+            kept, _, total = template.removeprefix("turns_").partition("_of_")
+            turns["kept"] += int(kept) * count
+            if total:
+                truncated["conversation"] += count
+                turns["dropped"] += (int(total) - int(kept)) * count
+    return {"records": dict(sorted(templates.items())), "truncated": truncated, "turns": turns}
+
+
 def _sync_hosts(name: str):
     import jax
 
@@ -125,9 +167,9 @@ class OmniMambaConverter:
     def t2i(self, raw: dict, rng: np.random.Generator) -> list[dict]:
         from janusflow_jax.data.processor import resize_short_side_and_crop
 
-        caption = prepare.caption_of(raw, rng)
+        captions = captions_of(raw)
         with self._lock:
-            record = t2i_record(self.processor, caption, np.zeros(self.num_image_tokens, np.int32))
+            record = t2i_record(self.processor, captions, np.zeros(self.num_image_tokens, np.int32))
         crop = resize_short_side_and_crop(open_image(raw["image"]), self.t2i_size,
                                           rng if self.job.gen_crop == "random" else None)
         record["_pixels"] = np.asarray(crop, np.uint8)  # coded by `add_codes`, then dropped
@@ -147,35 +189,41 @@ class OmniMambaConverter:
         return records
 
     @staticmethod
-    def _turn(raw: Mapping) -> tuple[str | None, str]:
-        """(question or None for the caption-only layout, answer)."""
-        if "conversation" in raw:
-            turns = raw["conversation"]
+    def _turns(raw: Mapping) -> tuple[str | None, list[tuple[str, str]]]:
+        """(caption, []) for the caption-only layout, else (None, [(question, answer), ...])."""
+        if "conversations" in raw or "conversation" in raw:
+            turns = raw.get("conversations", raw.get("conversation"))
             if not isinstance(turns, list) or not all(isinstance(t, dict) for t in turns):
-                raise Skip("bad_conversation", "'conversation' must be a list of {role, content} objects")
-            if len(turns) != 2:
-                raise Skip("multi_turn", f"{len(turns)} turns; OmniMamba's records hold one question and its answer")
-            roles = [str(t.get("role", "")).lower() for t in turns]
-            if roles != ["user", "assistant"]:
-                raise Skip("bad_conversation", f"roles {roles}, expected user then assistant")
-            question, answer = (t.get("content") for t in turns)
-            if isinstance(question, str):
-                question = question.replace("<image_placeholder>", "")
+                raise Skip("bad_conversation", "a conversation must be a list of {from, value} or {role, content}")
+            # LLaVA / ShareGPT4V ({"from": "human" | "gpt", "value"}, the release's data) or JanusFlow's manifests
+            # ({"role": "user" | "assistant", "content"}, "<image_placeholder>" dropped).
+            roles = [_ROLES.get(str(t.get("from", t.get("role", ""))).lower()) for t in turns]
+            texts = [t.get("value", t.get("content")) for t in turns]
+            if len(turns) % 2:  # a last question without its answer carries no loss (the release's too)
+                roles, texts = roles[:-1], texts[:-1]
+            if not roles or roles != ["user", "assistant"] * (len(roles) // 2):
+                raise Skip("bad_conversation", f"roles {roles}, expected user and assistant turns in turn")
+            texts = [t.replace("<image_placeholder>", "") if isinstance(t, str) else t for t in texts]
+            pairs = list(zip(texts[::2], texts[1::2]))
         elif "question" in raw or "answer" in raw:
-            question, answer = raw.get("question"), raw.get("answer")
+            pairs = [(raw.get("question"), raw.get("answer"))]
         elif "caption" in raw:
-            question, answer = None, raw["caption"]
+            caption = raw["caption"]
+            if not isinstance(caption, str) or not caption.strip():
+                raise Skip("empty_caption")
+            return caption, []
         else:
-            raise Skip("bad_record", "needs 'question' + 'answer', 'caption' or 'conversation'")
-        if question is not None and (not isinstance(question, str) or not question.strip()):
-            raise Skip("empty_question")
-        if not isinstance(answer, str) or not answer.strip():
-            raise Skip("empty_answer" if question is not None else "empty_caption")
-        return question, answer
+            raise Skip("bad_record", "needs 'question' + 'answer', 'caption' or 'conversations'")
+        for question, answer in pairs:
+            if not isinstance(question, str) or not question.strip():
+                raise Skip("empty_question")
+            if not isinstance(answer, str) or not answer.strip():
+                raise Skip("empty_answer")
+        return None, pairs
 
     def mmu(self, raw: dict, rng: np.random.Generator) -> list[dict]:
         del rng  # understanding records are deterministic
-        question, answer = self._turn(raw)
+        caption, turns = self._turns(raw)
         image = raw.get("image", raw.get("images"))
         if isinstance(image, list):
             if len(image) != 1:
@@ -185,10 +233,12 @@ class OmniMambaConverter:
             raise Skip("bad_record", "no 'image'")
         pixels = resize_naive(open_image(image), self.tower_size)
         with self._lock:
-            record = mmu_record(self.processor, question, answer, pixels, sys.maxsize)
-        if len(record["input_ids"]) > self.job.mmu_len:
-            raise Skip("too_long", f"{len(record['input_ids'])} ids > mmu_len {self.job.mmu_len}")
-        return [record]
+            try:
+                if caption is not None:
+                    return [caption_record(self.processor, caption, pixels, self.job.mmu_len)]
+                return [conversation_record(self.processor, turns, pixels, self.job.mmu_len)]
+            except ValueError as e:  # the first turn alone does not fit mmu_len
+                raise Skip("too_long", str(e)) from None
 
 
 class OmniMambaJob:
@@ -266,8 +316,8 @@ class OmniMambaJob:
     def summarize(self, config, shards: Sequence) -> dict:
         job, p = config.prepare, self.processor
         totals = prepare.shard_totals(self.out, shards, KINDS)
-        lengths = totals.pop("_lengths")
-        del totals["_images"], totals["_templates"]
+        lengths, templates = totals.pop("_lengths"), totals.pop("_templates")
+        del totals["_images"]
         spec = job.image_tokenizer
         image_tokenizer = {"kind": spec.kind, "path": self.path, "codebook_size": self.tokenizer.codebook_size,
                            "num_image_tokens": self.num_image_tokens, "grid": self.grid, "image_size": self.t2i_size,
@@ -278,6 +328,7 @@ class OmniMambaJob:
             "family": "omnimamba",
             **totals,
             "templates": TEMPLATES,
+            "understanding": understanding_counts(templates),
             "tokenizer": {"path": str(job.tokenizer), "vocab_size": p.vocab_size, "pad_id": p.pad_id,
                           "eos_id": p.eos_id, "token_ids": p.token_ids},
             "image": {"size": self.tower_size, "stored": "uint8, resize-naive (bicubic); the loader scales to [0, 1]"},

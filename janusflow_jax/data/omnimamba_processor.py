@@ -31,21 +31,25 @@ from __future__ import annotations
 import json
 import os
 import re
-from pathlib import Path
+import tempfile
 from typing import Sequence
 
 import numpy as np
+from etils import epath
+
+from janusflow_jax import paths
 
 EOS_TOKEN = "<|endoftext|>"
 PAD_TOKEN = "[PAD]"
 SPECIAL_TOKENS = ("<|soi|>", "<|eoi|>", "<|sot|>", "<|eot|>", "<|t2i|>", "<|mmu|>", "<|soc|>", "<|eoc|>", "<|lvg|>")
 TEMPLATES = ("training", "release")
 PROCESSOR_CONFIG = "omnimamba_processor.json"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", PROCESSOR_CONFIG)
 
 Turn = tuple[str, str]  # (question, answer) of an earlier turn
 
 
-def make_tokenizer(out_dir: str | os.PathLike, words: Sequence[str]) -> Path:
+def make_tokenizer(out_dir: str | os.PathLike, words: Sequence[str]) -> epath.Path:
     """Writes a tiny word-level tokenizer laid out like gpt-neox-20b's: "<|endoftext|>" is id 0 and the BOS, EOS and
     UNK token; no BOS is prepended; every word, single whitespace character and other character is one piece (so
     decoding is concatenation). Base vocabulary: "<|endoftext|>", space, newline, the ASCII punctuation, "In", "Out",
@@ -64,14 +68,28 @@ def make_tokenizer(out_dir: str | os.PathLike, words: Sequence[str]) -> Path:
     tokenizer.pre_tokenizer = pre_tokenizers.Split(Regex(pieces), behavior="isolated")
     tokenizer.decoder = decoders.Fuse()
     tokenizer.add_special_tokens([AddedToken(EOS_TOKEN, special=True, normalized=False)])
-    out = Path(out_dir)
+    out = epath.Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    tokenizer.save(str(out / "tokenizer.json"))
+    (out / "tokenizer.json").write_text(tokenizer.to_str())
     config = {"add_bos_token": False, "add_eos_token": False, "bos_token": EOS_TOKEN, "eos_token": EOS_TOKEN,
               "unk_token": EOS_TOKEN, "clean_up_tokenization_spaces": False, "model_max_length": 2048,
               "tokenizer_class": "PreTrainedTokenizerFast"}
     (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
     return out
+
+
+def conversation_pieces(turns: Sequence[tuple[str, str | None]]) -> list[tuple[str, bool]]:
+    """Cobra's MambaPromptBuilder (the release's training template): (text, is_answer) per message, each tokenized
+    on its own: "In: {question}\nOut: " (later questions start with "\n"), "{answer}<|endoftext|>" (an empty answer
+    a space); "<image>" removed and whitespace stripped as it does. A None answer ends the pieces after its question."""
+    pieces = []
+    for i, (q, a) in enumerate(turns):
+        pieces.append((("\n" if i else "") + f"In: {q.replace('<image>', '').strip()}\nOut: ", False))
+        if a is None:
+            break
+        a = a.replace("<image>", "").strip()
+        pieces.append((f"{a if a else ' '}{EOS_TOKEN}", True))
+    return pieces
 
 
 class OmniMambaProcessor:
@@ -106,20 +124,29 @@ class OmniMambaProcessor:
         from omnimamba_processor.json when present, then `overrides`."""
         from transformers import PreTrainedTokenizerFast
 
-        path = Path(path)
+        path = epath.Path(path)
         if not (path / "tokenizer.json").is_file():
             raise FileNotFoundError(f"{path} has no tokenizer.json (gpt-neox-20b's tokenizer files are needed)")
         settings = json.loads((path / PROCESSOR_CONFIG).read_text()) if (path / PROCESSOR_CONFIG).is_file() else {}
         settings.update(overrides)
-        return cls(PreTrainedTokenizerFast.from_pretrained(str(path)), **settings)
+        with tempfile.TemporaryDirectory(prefix="omnimamba-tokenizer-") as tmp:
+            local = path
+            if paths.is_remote(path):  # transformers reads local files: the tokenizer files only (not the weights)
+                local = epath.Path(tmp)
+                for name in TOKENIZER_FILES:
+                    if (path / name).is_file():
+                        paths.copy_file(path / name, local / name)
+            return cls(PreTrainedTokenizerFast.from_pretrained(os.fspath(local)), **settings)
 
-    def save_pretrained(self, out_dir: str | os.PathLike) -> Path:
-        out = Path(out_dir)
+    def save_pretrained(self, out_dir: str | os.PathLike) -> epath.Path:
+        out = epath.Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
-        self.tokenizer.save_pretrained(str(out))
-        settings = {"caption_length": self.caption_length, "template": self.template,
-                    "system_prompt": self.system_prompt}
-        (out / PROCESSOR_CONFIG).write_text(json.dumps(settings, indent=2) + "\n")
+        with tempfile.TemporaryDirectory(prefix="omnimamba-tokenizer-") as tmp:  # transformers writes local files
+            self.tokenizer.save_pretrained(tmp)
+            settings = {"caption_length": self.caption_length, "template": self.template,
+                        "system_prompt": self.system_prompt}
+            (epath.Path(tmp) / PROCESSOR_CONFIG).write_text(json.dumps(settings, indent=2) + "\n")
+            paths.upload_tree(tmp, out)
         return out
 
     def _ids(self, text: str) -> list[int]:
@@ -159,13 +186,7 @@ class OmniMambaProcessor:
             if a is not None and not isinstance(a, str):
                 raise ValueError(f"an answer must be a string, got {a!r}")
         if template == "training":
-            pieces = []
-            for i, (q, a) in enumerate(turns):
-                pieces.append(("\n" if i else "") + f"In: {q.replace('<image>', '').strip()}\nOut: ")
-                if a is not None:
-                    a = a.replace("<image>", "").strip()
-                    pieces.append(f"{a if a else ' '}{EOS_TOKEN}")
-            return pieces
+            return [text for text, _ in conversation_pieces(turns)]
         if template == "release":
             text = self.system_prompt + " "
             for q, a in turns:

@@ -2,15 +2,19 @@
 the preparation job writes for the family and what the loader reads back into `data/omnimamba_batch.py`'s layout.
 
 Records (one dict per example, `data/records.py`'s codec):
-  t2i  prompt_ids int32 [P]   `OmniMambaProcessor.t2i_prompt(caption)` (72 ids in the release)
+  t2i  prompt_ids int32 [K, P] `OmniMambaProcessor.t2i_prompt(caption)` of each of the image's K captions (72 ids in
+                              the release); the loader draws one per load (`decode_t2i`)
        image_ids  int32 [N]   the image's codes from the dataset's image tokenizer, row-major (256 for VQ-16)
-       caption    str
-  mmu  input_ids  int32 [T]   [<|mmu|>, <|soi|>, <|eoi|>, <|sot|>, "In: {question}\\nOut: ", "{answer}<|endoftext|>",
-                              <|eot|>] (stage 2, the release's FinetuneDataset), or without a question
-                              [.., <|sot|>, "{caption}<|endoftext|>"] (stage 1's AlignDataset: the caption alone,
+       captions   str         the K captions, a JSON list
+  mmu  input_ids  int32 [T]   [<|mmu|>, <|soi|>, <|eoi|>, <|sot|>, then per turn "In: {question}\\nOut: " (later
+                              ones after "\\n") and "{answer}<|endoftext|>", then <|eot|>] (stage 2, the release's
+                              FinetuneDataset: every turn, cut at a turn boundary), or [.., <|sot|>,
+                              "{caption}<|endoftext|>"] (stage 1's AlignDataset: the caption alone, cut at mmu_len,
                               no <|eot|>); T <= mmu_len, padded by `decode_mmu`
-       loss_mask  int32 [T]   1 on the answer (or caption) tokens and their <|endoftext|>
+       loss_mask  int32 [T]   1 on every answer's (or the caption's) tokens and their <|endoftext|>
        image      uint8 [H, H, 3]   the image resized to the tower's side (resize-naive, bicubic)
+       template   str         "caption", "caption_truncated", "turns_{n}" or "turns_{kept}_of_{n}" (counted in
+                              metadata.json)
 
 Image tokenizers (`IMAGE_TOKENIZERS`; a prepared dataset names its own and the file it reads):
   "vq16"          LlamaGen VQ-16 (`models.vq.VQModel`, an orbax root of the system or of the VQ alone): pixels in
@@ -24,13 +28,14 @@ from __future__ import annotations
 
 import dataclasses
 import io
-from typing import Mapping
+import json
+from typing import Mapping, Sequence
 
 import numpy as np
 from etils import epath
 
 from janusflow_jax.data.omnimamba_batch import MMU_PREFIX, OmniMambaGeometry
-from janusflow_jax.data.omnimamba_processor import EOS_TOKEN, OmniMambaProcessor
+from janusflow_jax.data.omnimamba_processor import EOS_TOKEN, OmniMambaProcessor, conversation_pieces
 
 IMAGE_TOKENIZERS = ("vq16", "patch_kmeans")
 
@@ -144,37 +149,92 @@ def load_image_tokenizer(kind: str, path):
 
 
 # ---------------------------------------------------------------------------------------------------------- records
-def t2i_record(processor: OmniMambaProcessor, caption: str, image_ids: np.ndarray) -> dict:
-    """A t2i record: the caption in the t2i prompt layout and the image's codes."""
-    return {"prompt_ids": processor.t2i_prompt(caption), "image_ids": np.asarray(image_ids, np.int32).reshape(-1),
-            "caption": caption}
+def t2i_record(processor: OmniMambaProcessor, captions: str | Sequence[str], image_ids: np.ndarray) -> dict:
+    """A t2i record: every caption of the image in the t2i prompt layout (one row each), the image's codes, and the
+    captions as a JSON list (for people)."""
+    captions = [captions] if isinstance(captions, str) else list(captions)
+    if not captions:
+        raise ValueError("no caption")
+    return {"prompt_ids": np.stack([processor.t2i_prompt(c) for c in captions]).astype(np.int32),
+            "image_ids": np.asarray(image_ids, np.int32).reshape(-1), "captions": json.dumps(captions)}
+
+
+def _mmu_ids(processor: OmniMambaProcessor, text_ids: list[int], mask: list[int], image: np.ndarray,
+             template: str) -> dict:
+    image = np.asarray(image)
+    if image.dtype != np.uint8 or image.ndim != 3 or image.shape[-1] != 3:
+        raise ValueError(f"the image must be uint8 [H, H, 3], got {image.dtype} {image.shape}")
+    t = processor.token_ids
+    prefix = [t["<|mmu|>"], t["<|soi|>"], t["<|eoi|>"], t["<|sot|>"]]
+    assert len(prefix) == MMU_PREFIX
+    return {"input_ids": np.asarray(prefix + text_ids, np.int32),
+            "loss_mask": np.asarray([0] * MMU_PREFIX + mask, np.int32), "image": image, "template": template}
+
+
+def caption_record(processor: OmniMambaProcessor, caption: str, image: np.ndarray, mmu_len: int) -> dict:
+    """Stage 1's caption-only layout (the release's AlignDataset): [<|mmu|>, <|soi|>, <|eoi|>, <|sot|>] +
+    "{caption}<|endoftext|>", its ids cut to the mmu_len - 4 that fit (449 in the release, the <|endoftext|> cut
+    too when it does not fit, as the release pads and truncates to max_length), no <|eot|>; loss on every caption
+    id. template "caption", or "caption_truncated" when cut."""
+    if not isinstance(caption, str) or not caption.strip():
+        raise ValueError("the caption is empty")
+    ids = processor.tokenizer(f"{caption.strip()}{EOS_TOKEN}", add_special_tokens=False)["input_ids"]
+    room = mmu_len - MMU_PREFIX
+    template = "caption" if len(ids) <= room else "caption_truncated"
+    ids = ids[:room]
+    return _mmu_ids(processor, ids, [1] * len(ids), image, template)
+
+
+def conversation_record(processor: OmniMambaProcessor, turns: Sequence[tuple[str, str]], image: np.ndarray,
+                        mmu_len: int) -> dict:
+    """Stage 2's layout (the release's FinetuneDataset with Cobra's MambaPromptBuilder): [<|mmu|>, <|soi|>, <|eoi|>,
+    <|sot|>] + every (question, answer) turn ("In: {q}\nOut: ", "{a}<|endoftext|>", `conversation_pieces`) + <|eot|>;
+    loss on every answer and its <|endoftext|>. Truncated at a turn boundary: whole turns are kept while they fit
+    mmu_len with the closing <|eot|> (the release breaks at the first message that does not fit; a question left
+    without its answer there carries no loss and precedes nothing, so the loss is the same). template "turns_{n}",
+    or "turns_{kept}_of_{n}" when cut. ValueError when not even the first turn fits (or an answer is empty)."""
+    if not turns:
+        raise ValueError("no turns")
+    for q, a in turns:
+        if not isinstance(q, str) or not q.strip():
+            raise ValueError("a question is empty")
+        if not isinstance(a, str) or not a.strip():
+            raise ValueError("the answer is empty")
+    room = mmu_len - MMU_PREFIX - 1  # the closing <|eot|>
+    ids, mask, kept = [], [], 0
+    pieces = conversation_pieces(turns)
+    for k in range(len(turns)):
+        (question, _), (answer, _) = pieces[2 * k], pieces[2 * k + 1]
+        q_ids, a_ids = (processor.tokenizer(text, add_special_tokens=False)["input_ids"] for text in (question, answer))
+        if len(ids) + len(q_ids) + len(a_ids) > room:
+            break
+        ids += q_ids + a_ids
+        mask += [0] * len(q_ids) + [1] * len(a_ids)
+        kept += 1
+    if not kept:
+        first = len(processor.tokenizer(pieces[0][0] + pieces[1][0], add_special_tokens=False)["input_ids"])
+        raise ValueError(f"the first turn's {MMU_PREFIX + first + 1} ids do not fit mmu_len={mmu_len}")
+    template = f"turns_{kept}" if kept == len(turns) else f"turns_{kept}_of_{len(turns)}"
+    return _mmu_ids(processor, ids + [processor.token_ids["<|eot|>"]], mask + [0], image, template)
 
 
 def mmu_record(processor: OmniMambaProcessor, question: str | None, answer: str, image: np.ndarray,
                mmu_len: int) -> dict:
-    """An mmu record in the training layout (`question` None: stage 1's caption-only layout). Raises ValueError for
-    an empty answer or ids longer than `mmu_len`."""
-    if not isinstance(answer, str) or not answer.strip():
-        raise ValueError("the answer is empty")
-    ids = lambda text: processor.tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
-    t = processor.token_ids
-    prompt = [] if question is None else ids(processor.format_chat(question)[0])
-    target = ids(f"{answer.strip()}{EOS_TOKEN}")
-    closing = [] if question is None else [t["<|eot|>"]]
-    input_ids = [t["<|mmu|>"], t["<|soi|>"], t["<|eoi|>"], t["<|sot|>"], *prompt, *target, *closing]
-    if len(input_ids) > mmu_len:
-        raise ValueError(f"{len(input_ids)} ids do not fit mmu_len={mmu_len}")
-    loss_mask = np.zeros(len(input_ids), np.int32)
-    loss_mask[MMU_PREFIX + len(prompt):MMU_PREFIX + len(prompt) + len(target)] = 1
-    image = np.asarray(image)
-    if image.dtype != np.uint8 or image.ndim != 3 or image.shape[-1] != 3:
-        raise ValueError(f"the image must be uint8 [H, H, 3], got {image.dtype} {image.shape}")
-    return {"input_ids": np.asarray(input_ids, np.int32), "loss_mask": loss_mask, "image": image}
+    """One question and its answer (`conversation_record`), or with `question` None stage 1's caption layout
+    (`caption_record`). Raises ValueError for an empty answer or a turn longer than `mmu_len`."""
+    if question is None:
+        return caption_record(processor, answer, image, mmu_len)
+    return conversation_record(processor, [(question, answer)], image, mmu_len)
 
 
-def decode_t2i(record: Mapping, geometry: OmniMambaGeometry) -> dict[str, np.ndarray]:
-    """A t2i record -> one example {"t2i/prompt_ids" [P], "t2i/image_ids" [N]} of the batch layout."""
-    return {"t2i/prompt_ids": np.asarray(record["prompt_ids"], np.int32).reshape(geometry.prompt_len),
+def decode_t2i(record: Mapping, geometry: OmniMambaGeometry, rng: np.random.Generator | None = None
+               ) -> dict[str, np.ndarray]:
+    """A t2i record -> one example {"t2i/prompt_ids" [P], "t2i/image_ids" [N]} of the batch layout: one of its
+    captions drawn by `rng` (the loader's per-load draw, as the release draws a caption of the image at every load;
+    without `rng` the first)."""
+    prompts = np.asarray(record["prompt_ids"], np.int32).reshape(-1, geometry.prompt_len)
+    pick = int(rng.integers(len(prompts))) if rng is not None and len(prompts) > 1 else 0
+    return {"t2i/prompt_ids": prompts[pick],
             "t2i/image_ids": np.asarray(record["image_ids"], np.int32).reshape(geometry.num_image_tokens)}
 
 

@@ -1,8 +1,9 @@
 """The preparation job: captions, conversations and text -> ArrayRecord shards of ready-to-train records.
 
 One job for every model family (`prepare.family`): the sources, shards, resume, hosts and skip counting below are
-shared; each family has its record kinds (`FAMILY_KINDS`), its converter and its metadata fields. "janusflow" (the
-default) is described here; "omnimamba" (mmu and t2i records, image codes precomputed) in data/omnimamba_prepare.py.
+shared; each family, registered in data/prepare_families.py, has its record kinds (`FAMILY_KINDS`), its converter
+and its metadata fields. "janusflow" (the default) is described here; "omnimamba" (mmu and t2i records, image codes
+precomputed) in data/omnimamba_prepare.py.
 
 Inputs (any mix; each JSON-lines file one object per line, image paths relative to the file's folder unless
 `image_root` is set):
@@ -71,24 +72,21 @@ from etils import epath
 
 from janusflow_jax import hosts as hosts_lib
 from janusflow_jax import paths
+from janusflow_jax.data import prepare_families
 
 from janusflow_jax.data.records import METADATA, RECORD_FORMAT, encode_record, normalize_pixels
 
-KINDS = ("gen", "und", "text")  # JanusFlow's record kinds
 # The model family a job prepares for (`prepare.family`) -> its record kinds, each read from `<kind>_jsonl`, and the
-# kind a TFDS caption dataset feeds. OmniMamba's converter: data/omnimamba_prepare.py.
-FAMILY_KINDS = {"janusflow": KINDS, "omnimamba": ("mmu", "t2i")}
-CAPTION_KIND = {"janusflow": "gen", "omnimamba": "t2i"}
+# kind a TFDS caption dataset feeds: registered in data/prepare_families.py (this job names no family).
+KINDS = prepare_families.FAMILIES["janusflow"].kinds  # JanusFlow's record kinds
+FAMILY_KINDS = {name: f.kinds for name, f in prepare_families.FAMILIES.items()}
+CAPTION_KIND = {name: f.caption_kind for name, f in prepare_families.FAMILIES.items()}
 FORMAT_VERSION = 1
 TEMPLATES = {"sft": "User: {prompt}\n\nAssistant:", "pretrain": "{prompt}"}
 # Config fields that do not change any output byte (so a resume may change them), and per family the fields its job
 # never reads (also left out of its fingerprint: adding OmniMamba's fields kept JanusFlow datasets resumable).
 _NON_OUTPUT_FIELDS = ("out", "num_threads")
-_UNREAD_FIELDS = {
-    "janusflow": ("family", "mmu_jsonl", "t2i_jsonl", "mmu_len", "image_tokenizer"),
-    "omnimamba": ("gen_jsonl", "und_jsonl", "text_jsonl", "latent", "sft_fraction", "system_prompt",
-                  "max_images_per_record", "text_overflow", "seq_len", "prompt_len"),
-}
+_UNREAD_FIELDS = {name: f.unread_fields for name, f in prepare_families.FAMILIES.items()}
 
 log = logging.getLogger(__name__)
 
@@ -554,7 +552,7 @@ def _sizes(config) -> tuple[int, int, int, Any]:
     return model.und_encoder.image_size, model.latent_size, model.und_encoder.num_patches, model
 
 
-class _JanusFlowJob:
+class JanusFlowJob:
     """JanusFlow's side of the job: the processor, the latent space, the converter and metadata.json's fields.
     (Every family's side has `kinds`, `converter`, `image_size`, `grouped(host_batch)` and `summarize`; `encoder`
     only where the family has "gen" shards, the ones `host_plan` runs in SPMD rounds.)"""
@@ -596,31 +594,24 @@ class _JanusFlowJob:
 
 
 def _family_job(config, sources: Mapping[str, Sequence], out: epath.Path):
-    if config.prepare.family == "omnimamba":
-        from janusflow_jax.data.omnimamba_prepare import OmniMambaJob
-
-        return OmniMambaJob(config, sources, out)
-    return _JanusFlowJob(config)
+    return prepare_families.of(config.prepare.family).job(config, sources, out)
 
 
 def _check_job(config):
     job = config.prepare
-    if job.family not in FAMILY_KINDS:
-        raise ValueError(f"unknown family {job.family!r}: set --config.prepare.family to one of {tuple(FAMILY_KINDS)}")
+    family = prepare_families.of(job.family)
     if not job.out:
         raise ValueError("no output directory: set --config.prepare.out")
     if not job.tokenizer:
         raise ValueError("no tokenizer: set --config.prepare.tokenizer to a directory with tokenizer.json "
-                         + ("(e.g. the JanusFlow checkpoint, or one written by processor.make_tokenizer)"
-                            if job.family == "janusflow" else
-                            "(gpt-neox-20b's, or one written by omnimamba_processor.make_tokenizer)"))
+                         + family.tokenizer_hint)
     others = [f"{kind}_jsonl" for family, kinds in FAMILY_KINDS.items() if family != job.family for kind in kinds
               if kind not in FAMILY_KINDS[job.family] and getattr(job, f"{kind}_jsonl")]
     if others:
         raise ValueError(f"{', '.join(others)} are not read by a job of family {job.family!r} (it reads "
                          f"{', '.join(f'{k}_jsonl' for k in FAMILY_KINDS[job.family])}); set "
                          "--config.prepare.family, or use the family's variant of configs/prepare_data.py")
-    model_key = {"janusflow": "llm", "omnimamba": "lm"}[job.family]
+    model_key = family.model_key
     if model_key not in config.model:
         raise ValueError(f"config.model is not a {job.family} model (no '{model_key}'): use the family's variant of "
                          "configs/prepare_data.py")

@@ -57,12 +57,13 @@ def _check_sampling(temperature: float, top_k: int, top_p: float):
         raise ValueError(f"temperature must be >= 0, got {temperature}")
     if int(top_k) < 0:
         raise ValueError(f"top_k must be >= 0 (0 = off), got {top_k}")
-    if not 0.0 < top_p <= 1.0:
-        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    if not 0.0 <= top_p <= 1.0:
+        raise ValueError(f"top_p must be in [0, 1] (0 or 1 = off), got {top_p}")
 
 
 def _static_sampling(temperature, top_k, top_p) -> dict:
-    return dict(greedy=float(temperature) == 0.0, top_k=int(top_k), use_top_p=float(top_p) < 1.0)
+    """top_p 0 is "off" as in the release (mamba_ssm's sample: `if top_p > 0.0`), and so is 1."""
+    return dict(greedy=float(temperature) == 0.0, top_k=int(top_k), use_top_p=0.0 < float(top_p) < 1.0)
 
 
 def row_keys(seed: int, indices) -> jax.Array:
@@ -108,7 +109,7 @@ def generate_image_tokens(model: OmniMamba, params, prompt_ids, *, null_prompt_i
     """Text-to-image codes: int32 [batch, grid, grid] (16 x 16 for the release).
 
     prompt_ids: [batch, 72] t2i prompts (`OmniMambaProcessor.t2i_prompt`). Defaults are the release's: top_k 1
-    (greedy), no guidance. temperature 0 is greedy too; top_k 0 and top_p 1 switch those filters off.
+    (greedy), no guidance. temperature 0 is greedy too; top_k 0 and top_p 0 or 1 switch those filters off.
     cfg: guidance weight; with it, `null_prompt_ids` [batch, 72] (`t2i_null_prompt`) are the unconditional rows.
     guided: run the unconditional branch (default: cfg != 1; True with cfg = 1 computes the conditional result the
     long way). indices: each row's image index for its key (default arange(batch)).

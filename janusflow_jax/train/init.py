@@ -88,8 +88,18 @@ def _omnimamba_params(plan: Plan):
         except merge.MergeError as e:
             raise TrainingError(str(e)) from None
         source = f"{init.mmu_path} + {init.t2i_path}"
+    elif init.kind == "start":  # stage 1 from mamba2-1.3b, the towers and the VQ (train/omnimamba_start.py)
+        from janusflow_jax.train import omnimamba_start
+
+        if not (init.get("llm_path") and init.path):
+            raise TrainingError("config.init.kind='start' needs --config.init.llm_path (the Mamba-2 LM directory: "
+                                "state-spaces/mamba2-1.3b) and --config.init.path (the directory holding "
+                                "dinov2.safetensors, siglip.safetensors and vq_ds16_t2i.pt)")
+        _, params = omnimamba_start.stage1_start(cfg, init.llm_path, init.path, plan.config.seed)
+        source = f"{init.llm_path} + {init.path}"
     else:
-        raise TrainingError(f"unknown config.init.kind {init.kind!r} for OmniMamba: random, checkpoint or merge")
+        raise TrainingError(f"unknown config.init.kind {init.kind!r} for OmniMamba: random, checkpoint, merge or "
+                            f"start")
     want = jax.tree.map(lambda a: a.shape, nn.unbox(plan.family.abstract_params(cfg)))
     got = jax.tree.map(np.shape, params)
     if jax.tree.structure(want) != jax.tree.structure(got) or want != got:
