@@ -1,0 +1,312 @@
+"""The chunked SSD scan of Mamba-2 as fused Pallas (Mosaic TPU) kernels, forward and backward.
+
+Same maths and signature as `mamba2.ssd_chunked` (the XLA reference): per head S_t = exp(dt_t A) S_{t-1} +
+dt_t x_t ⊗ B_t, y_t = S_t C_t, the sequence cut into chunks of Q tokens. One grid step is one (batch row, head,
+chunk); the chunk axis runs in order and carries the state [headdim, d_state] in fp32 VMEM scratch, so no [Q, Q]
+decay matrix, cumulative sum or exponential ever goes to HBM (the XLA program writes them per chunk and `full`
+remat recomputes them). Within a chunk (l, s index tokens, a = dt·A, a_cum its chunk-local cumulative sum):
+
+    y      = ((C Bᵀ) ∘ L) (x·dt) + exp(a_cum) ∘ (C S₀ᵀ),   L[l, s] = exp(a_cum_l − a_cum_s) for l ≥ s, else 0
+    S₁     = exp(a_cum_Q) S₀ + ((x·dt) ∘ w)ᵀ B,           w_s = exp(a_cum_Q − a_cum_s)
+
+(mamba_ssm's `ssd_combined` splits this into five Triton kernels; here one kernel does all of it per chunk). The
+cumulative sums a_cum ([batch, heads, seq], 1/headdim of x's size) are computed in XLA before the kernel, so their
+gradient (a reverse cumulative sum) is XLA's too; the kernels take and return per-token vectors.
+
+Backward (`jax.custom_vjp`): the forward kernel also writes the state entering each chunk (fp32, [headdim, d_state]
+per chunk: what the backward needs to avoid a second forward scan), and one backward kernel walks the chunks in
+reverse, carrying dS (the gradient of the state leaving the chunk) in VMEM scratch:
+
+    dxdt = Mᵀ dy + w ∘ (B dSᵀ),                 M = (C Bᵀ) ∘ L
+    dC   = (dM ∘ L) B + exp(a_cum) ∘ (dy S₀),    dM = dy (x·dt)ᵀ
+    dB   = (dM ∘ L)ᵀ C + ((x·dt) ∘ w) dS
+    dS₀  = exp(a_cum_Q) dS + (exp(a_cum) ∘ dy)ᵀ C
+    da_cum = rowsum(dM ∘ M) − colsum(dM ∘ M) + rowsum(dy ∘ y_off) − u + [last] (Σu + exp(a_cum_Q) ⟨dS, S₀⟩),
+             u_s = Σ_p (x·dt)[s, p] (w ∘ B dSᵀ)[s, p]
+
+The column sums come out as a row vector and everything else as a column vector: the kernel writes both and XLA adds
+them (a TPU kernel does not transpose a vector for free).
+
+Layout: x is transposed to [batch, heads, seq, headdim], B and C to [batch, groups, seq, d_state] (head h reads group
+h // (heads / groups) through its index map), so every block's last two dimensions are (chunk, headdim or d_state),
+as Mosaic's (8, 128) tiling wants. Matmul operands are in x's dtype (bf16 in training: the MXU's rate) with fp32
+accumulation; decays, states and their gradients stay fp32.
+
+Off TPU the kernels run in Pallas' TPU interpreter (`interpret=pltpu.InterpretParams()`: TPU semantics on a CPU),
+which is how tests/test_ssd_pallas.py checks them against `mamba2.ssd_chunked`. Under a mesh (`jax.set_mesh`) they
+run per shard through `jax.shard_map`, batch split as "activation_batch" and heads as "ssm_heads" map under the
+active rules (as `layers.splash_attention` does).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import tpu as pltpu
+
+from janusflow_jax.models import layers
+
+_HIGHEST = jax.lax.Precision.HIGHEST
+
+
+def _dot(a, b, trans_a=False, trans_b=False):
+    """a @ b (optionally a or b transposed) with fp32 accumulation; operands keep their dtype."""
+    dims = (((0,) if trans_a else (1,)), ((1,) if trans_b else (0,)))
+    precision = _HIGHEST if a.dtype == jnp.float32 else None
+    return jax.lax.dot_general(a, b, (dims, ((), ())), precision=precision, preferred_element_type=jnp.float32)
+
+
+def _decay(acum_col, acum_row):
+    """L[l, s] = exp(a_cum_l - a_cum_s) for l >= s, else 0 ([Q, 1], [1, Q] -> [Q, Q])."""
+    q = acum_col.shape[0]
+    causal = jax.lax.broadcasted_iota(jnp.int32, (q, q), 0) >= jax.lax.broadcasted_iota(jnp.int32, (q, q), 1)
+    return jnp.exp(jnp.where(causal, acum_col - acum_row, -jnp.inf))
+
+
+# ------------------------------------------------------------------------------------------------------- forward
+def _forward_kernel(x_ref, dt_ref, acol_ref, arow_ref, b_ref, c_ref, s0_ref,
+                    y_ref, final_ref, states_ref, state):
+    chunk = pl.program_id(2)
+
+    @pl.when(chunk == 0)
+    def _():
+        state[...] = s0_ref[...].astype(jnp.float32)
+
+    dtype = x_ref.dtype
+    acum_col, acum_row = acol_ref[...], arow_ref[...]  # [Q, 1], [1, Q] fp32
+    total = acum_row[:, -1:]  # [1, 1]
+    xdt = x_ref[...].astype(jnp.float32) * dt_ref[...]  # [Q, P]
+    b, c = b_ref[...], c_ref[...]  # [Q, N]
+    s0 = state[...]  # [P, N]
+    states_ref[...] = s0
+    scores = _dot(c, b, trans_b=True) * _decay(acum_col, acum_row)  # [Q, Q]
+    y = _dot(scores.astype(dtype), xdt.astype(dtype))
+    y = y + jnp.exp(acum_col) * _dot(c, s0.astype(dtype), trans_b=True)
+    y_ref[...] = y.astype(y_ref.dtype)
+    weighted = (xdt * jnp.exp(total - acum_col)).astype(dtype)  # [Q, P]
+    state[...] = jnp.exp(total) * s0 + _dot(weighted, b, trans_a=True)
+
+    @pl.when(chunk == pl.num_programs(2) - 1)
+    def _():
+        final_ref[...] = state[...]
+
+
+# ------------------------------------------------------------------------------------------------------ backward
+def _backward_kernel(x_ref, dt_ref, acol_ref, arow_ref, b_ref, c_ref, states_ref, dy_ref, dfinal_ref,
+                     dx_ref, ddt_ref, dacol_ref, darow_ref, db_ref, dc_ref, ds0_ref, dstate):
+    step = pl.program_id(2)  # chunk = chunks - 1 - step: the chunks in reverse
+
+    @pl.when(step == 0)
+    def _():
+        dstate[...] = dfinal_ref[...]
+
+    dtype = x_ref.dtype
+    q = acol_ref.shape[0]
+    acum_col, acum_row = acol_ref[...], arow_ref[...]
+    total = acum_row[:, -1:]
+    x = x_ref[...].astype(jnp.float32)
+    dt = dt_ref[...]
+    xdt = x * dt
+    b, c = b_ref[...], c_ref[...]
+    s0, ds = states_ref[...], dstate[...]  # [P, N] fp32
+    dy = dy_ref[...].astype(jnp.float32)  # [Q, P]
+    decay = _decay(acum_col, acum_row)
+    scores = _dot(c, b, trans_b=True)  # C Bᵀ [Q, Q]
+    m = scores * decay
+    dm = _dot(dy.astype(dtype), xdt.astype(dtype), trans_b=True)  # dy (x·dt)ᵀ [Q, Q]
+    dg = dm * decay
+    w = jnp.exp(total - acum_col)  # [Q, 1]
+    b_ds = _dot(b, ds.astype(dtype), trans_b=True)  # B dSᵀ [Q, P]
+    dxdt = _dot(m.astype(dtype), dy.astype(dtype), trans_a=True) + w * b_ds
+    dx_ref[...] = (dxdt * dt).astype(dx_ref.dtype)
+    ddt_ref[...] = jnp.sum(dxdt * x, axis=1, keepdims=True)
+    exp_col = jnp.exp(acum_col)
+    dc = _dot(dg.astype(dtype), b) + exp_col * _dot(dy.astype(dtype), s0.astype(dtype))
+    dc_ref[...] = dc.astype(dc_ref.dtype)
+    db = _dot(dg.astype(dtype), c, trans_a=True) + _dot((xdt * w).astype(dtype), ds.astype(dtype))
+    db_ref[...] = db.astype(db_ref.dtype)
+    y_off = exp_col * _dot(c, s0.astype(dtype), trans_b=True)
+    t = dm * m
+    u = jnp.sum(xdt * w * b_ds, axis=1, keepdims=True)  # [Q, 1]
+    last = jax.lax.broadcasted_iota(jnp.int32, (q, 1), 0) == q - 1
+    tail = jnp.sum(u, axis=0, keepdims=True) + jnp.exp(total) * jnp.sum(ds * s0, keepdims=True).reshape(1, 1)
+    dacol_ref[...] = (jnp.sum(t, axis=1, keepdims=True) + jnp.sum(dy * y_off, axis=1, keepdims=True) - u
+                      + jnp.where(last, tail, 0.0))
+    darow_ref[...] = -jnp.sum(t, axis=0, keepdims=True)
+    dstate[...] = jnp.exp(total) * ds + _dot((exp_col * dy).astype(dtype), c, trans_a=True)
+
+    @pl.when(step == pl.num_programs(2) - 1)
+    def _():
+        ds0_ref[...] = dstate[...]
+
+
+# ------------------------------------------------------------------------------------------------- pallas calls
+def _specs(heads, groups, q, p, n, reverse=False):
+    """BlockSpecs of the per-token inputs; the grid is (batch, heads, chunks)."""
+    per_group = heads // groups
+    ck = (lambda nc: (lambda i, h, c: nc - 1 - c)) if reverse else (lambda nc: (lambda i, h, c: c))
+
+    def make(nc):
+        at = ck(nc)
+        tok = lambda width: pl.BlockSpec((None, None, q, width), lambda i, h, c: (i, h, at(i, h, c), 0))  # noqa
+        row = pl.BlockSpec((None, None, None, 1, q), lambda i, h, c: (i, h, at(i, h, c), 0, 0))
+        grp = pl.BlockSpec((None, None, q, n), lambda i, h, c: (i, h // per_group, at(i, h, c), 0))
+        per_chunk_state = pl.BlockSpec((None, None, None, p, n), lambda i, h, c: (i, h, at(i, h, c), 0, 0))
+        state = pl.BlockSpec((None, None, p, n), lambda i, h, c: (i, h, 0, 0))
+        return tok, row, grp, per_chunk_state, state
+
+    return make
+
+
+def _cost(batch, heads, chunks, q, p, n, itemsize, backward: bool) -> pl.CostEstimate:
+    """FLOPs, exponentials and HBM bytes of the kernel, from its matmuls and the blocks its specs move.
+
+    Per (row, head, chunk), forward: C Bᵀ 2Q²N, scores·(x·dt) 2Q²P, C S₀ᵀ 2QNP, the state update 2QPN; the decay
+    matrix Q² exponentials (+ 2Q). Blocks read: x [Q, P], B and C [Q, N] (fetched again for every head: the grid
+    walks chunks innermost), dt, a_cum (column and row) 3Q fp32; written: y [Q, P], the entering state P·N fp32; per
+    (row, head) the initial and final states P·N fp32 each. Backward: 2 more [Q, Q] products (dM, Mᵀdy), dC, dB each
+    two, dS₀ one, B dSᵀ one (2Q²N + 4Q²P... stated below), its reads = the forward's + dy [Q, P] + the stored state,
+    its writes dx [Q, P], dB, dC [Q, N], ddt and the two da_cum vectors, 3Q fp32; per (row, head) dfinal and dS₀.
+    """
+    steps = batch * heads * chunks
+    if not backward:
+        flops = 2 * q * q * n + 2 * q * q * p + 4 * q * p * n
+        exps = q * q + 2 * q
+        moved = (q * p * itemsize + 2 * q * n * itemsize + 3 * q * 4) + (q * p * itemsize + p * n * 4)
+        per_row_head = 2 * p * n * 4
+    else:
+        # C Bᵀ, dy (x·dt)ᵀ, Mᵀ dy, dG B, dGᵀ C: 2Q²N + 2Q²P + 2Q²P + 2Q²N + 2Q²N;
+        # B dSᵀ, dy S₀, (x·dt∘w) dS, (e^a∘dy)ᵀ C, C S₀ᵀ: 5 × 2QPN.
+        flops = 6 * q * q * n + 4 * q * q * p + 10 * q * p * n
+        exps = q * q + 3 * q
+        moved = (2 * q * p * itemsize + 2 * q * n * itemsize + 3 * q * 4 + p * n * 4) \
+            + (q * p * itemsize + 2 * q * n * itemsize + 4 * q * 4)
+        per_row_head = 2 * p * n * 4
+    return pl.CostEstimate(flops=steps * flops, transcendentals=steps * exps,
+                           bytes_accessed=steps * moved + batch * heads * per_row_head)
+
+
+def _interpret(interpret):
+    if interpret is None:
+        interpret = layers.target_platform() != "tpu"
+    return pltpu.InterpretParams() if interpret is True else interpret
+
+
+def _forward_call(x, dt, acum, B, C, s0, q, interpret):
+    """Kernel layouts in: x [b, h, T, p], dt/acum [b, h, T, 1] and acum [b, h, c, 1, Q] rows, B/C [b, g, T, n],
+    s0 [b, h, p, n]. Returns y [b, h, T, p] (x's dtype), final [b, h, p, n], states [b, h, c, p, n] (fp32)."""
+    batch, heads, length, p = x.shape
+    groups, n = B.shape[1], B.shape[3]
+    nc = length // q
+    tok, row, grp, chunk_state, state = _specs(heads, groups, q, p, n)(nc)
+    return pl.pallas_call(
+        _forward_kernel,
+        grid=(batch, heads, nc),
+        in_specs=[tok(p), tok(1), tok(1), row, grp, grp, state],
+        out_specs=[tok(p), state, chunk_state],
+        out_shape=[jax.ShapeDtypeStruct(x.shape, x.dtype),
+                   jax.ShapeDtypeStruct((batch, heads, p, n), jnp.float32),
+                   jax.ShapeDtypeStruct((batch, heads, nc, p, n), jnp.float32)],
+        scratch_shapes=[pltpu.VMEM((p, n), jnp.float32)],
+        compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "arbitrary")),
+        cost_estimate=_cost(batch, heads, nc, q, p, n, x.dtype.itemsize, backward=False),
+        interpret=interpret,
+        name="ssd_forward",
+    )(x, dt, acum, acum.reshape(batch, heads, nc, 1, q), B, C, s0)
+
+
+def _backward_call(x, dt, acum, B, C, states, dy, dfinal, q, interpret):
+    batch, heads, length, p = x.shape
+    groups, n = B.shape[1], B.shape[3]
+    nc = length // q
+    tok, row, grp, chunk_state, state = _specs(heads, groups, q, p, n, reverse=True)(nc)
+    # dB, dC per head (summed over a group's heads in XLA afterwards): [b, h, T, n].
+    head_tok_n = pl.BlockSpec((None, None, q, n), lambda i, h, c: (i, h, nc - 1 - c, 0))
+    f32 = lambda shape: jax.ShapeDtypeStruct(shape, jnp.float32)  # noqa: E731
+    return pl.pallas_call(
+        _backward_kernel,
+        grid=(batch, heads, nc),
+        in_specs=[tok(p), tok(1), tok(1), row, grp, grp, chunk_state, tok(p), state],
+        out_specs=[tok(p), tok(1), tok(1), row, head_tok_n, head_tok_n, state],
+        out_shape=[jax.ShapeDtypeStruct(x.shape, x.dtype), f32(dt.shape), f32(dt.shape),
+                   f32((batch, heads, nc, 1, q)), f32((batch, heads, length, n)), f32((batch, heads, length, n)),
+                   f32((batch, heads, p, n))],
+        scratch_shapes=[pltpu.VMEM((p, n), jnp.float32)],
+        compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "arbitrary")),
+        cost_estimate=_cost(batch, heads, nc, q, p, n, x.dtype.itemsize, backward=True),
+        interpret=interpret,
+        name="ssd_backward",
+    )(x, dt, acum, acum.reshape(batch, heads, nc, 1, q), B, C, states, dy, dfinal)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7))
+def _ssd_kernel(x, dt, acum, B, C, s0, q, interpret):
+    y, final, _ = _forward_call(x, dt, acum, B, C, s0, q, interpret)
+    return y, final
+
+
+def _ssd_kernel_fwd(x, dt, acum, B, C, s0, q, interpret):
+    y, final, states = _forward_call(x, dt, acum, B, C, s0, q, interpret)
+    return (y, final), (x, dt, acum, B, C, states)
+
+
+def _ssd_kernel_bwd(q, interpret, residuals, cotangents):
+    x, dt, acum, B, C, states = residuals
+    dy, dfinal = cotangents
+    dx, ddt, dacol, darow, db, dc, ds0 = _backward_call(x, dt, acum, B, C, states, dy.astype(x.dtype),
+                                                        dfinal.astype(jnp.float32), q, interpret)
+    batch, heads, length = x.shape[:3]
+    groups = B.shape[1]
+    dacum = dacol + darow.reshape(batch, heads, length, 1)
+    group_sum = lambda g: g.reshape(batch, groups, heads // groups, length, -1).sum(2)  # noqa: E731
+    return dx, ddt, dacum, group_sum(db).astype(B.dtype), group_sum(dc).astype(C.dtype), ds0
+
+
+_ssd_kernel.defvjp(_ssd_kernel_fwd, _ssd_kernel_bwd)
+
+
+# ----------------------------------------------------------------------------------------------------- public
+def ssd_pallas(x, dt, A, B, C, chunk_size: int, initial_state=None, *, interpret=None):
+    """`mamba2.ssd_chunked` through the fused kernels: same arguments and results (y in fp32).
+
+    x, B, C may be bf16 (the matmuls then run in bf16 with fp32 accumulation; decays and states are fp32); dt and A
+    are used in fp32. Any length: the sequence is padded to a multiple of `chunk_size` with dt = 0 (decay 1, no
+    input), as the reference does. `interpret`: run in Pallas' TPU interpreter (default: unless the target is a
+    TPU), or pltpu.InterpretParams to configure it.
+    """
+    batch, length, heads, head_dim = x.shape
+    groups, n = B.shape[2], B.shape[3]
+    q = chunk_size
+    pad = -length % q
+    dt = dt.astype(jnp.float32)
+    if pad:
+        x, dt, B, C = (jnp.pad(t, [(0, 0), (0, pad)] + [(0, 0)] * (t.ndim - 2)) for t in (x, dt, B, C))
+    total = length + pad
+    a = (dt * A.astype(jnp.float32)).reshape(batch, total // q, q, heads)
+    acum = jnp.cumsum(a, axis=2).reshape(batch, total, heads)
+    if initial_state is None:
+        initial_state = jnp.zeros((batch, heads, head_dim, n), jnp.float32)
+    initial_state = initial_state.astype(jnp.float32)
+    B, C = B.astype(x.dtype), C.astype(x.dtype)
+    to_heads = lambda t: jnp.moveaxis(t, 2, 1)  # [b, T, h, ...] -> [b, h, T, ...]  # noqa: E731
+    args = (to_heads(x), to_heads(dt)[..., None], to_heads(acum)[..., None], to_heads(B), to_heads(C),
+            initial_state)
+    interpret = _interpret(interpret)
+    run = lambda *a: _ssd_kernel(*a, q, interpret)  # noqa: E731
+
+    mesh = jax.sharding.get_abstract_mesh()
+    if not mesh.empty:
+        batch_axes = layers._mesh_axes("activation_batch", batch, mesh)
+        # Heads split only where each head has its own group (ngroups = 1 shares B and C across every head).
+        heads_axes = layers._mesh_axes("ssm_heads", heads, mesh) if groups == heads else None
+        groups_axes = heads_axes
+        tok = jax.P(batch_axes, heads_axes, None, None)
+        grp = jax.P(batch_axes, groups_axes, None, None)
+        run = jax.shard_map(run, mesh=mesh, in_specs=(tok, tok, tok, grp, grp, tok), out_specs=(tok, tok),
+                            check_vma=False)
+    y, final = run(*args)
+    y = jnp.moveaxis(y, 1, 2)[:, :length].astype(jnp.float32)
+    return y, final
