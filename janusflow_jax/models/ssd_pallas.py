@@ -1,10 +1,11 @@
 """The chunked SSD scan of Mamba-2 as fused Pallas (Mosaic TPU) kernels, forward and backward.
 
 Same maths and signature as `mamba2.ssd_chunked` (the XLA reference): per head S_t = exp(dt_t A) S_{t-1} +
-dt_t x_t ⊗ B_t, y_t = S_t C_t, the sequence cut into chunks of Q tokens. One grid step is one (batch row, head,
-chunk); the chunk axis runs in order and carries the state [headdim, d_state] in fp32 VMEM scratch, so no [Q, Q]
-decay matrix, cumulative sum or exponential ever goes to HBM (the XLA program writes them per chunk and `full`
-remat recomputes them). Within a chunk (l, s index tokens, a = dt·A, a_cum its chunk-local cumulative sum):
+dt_t x_t ⊗ B_t, y_t = S_t C_t, the sequence cut into chunks of Q tokens. One grid step is one (batch row, block
+of heads of one group, chunk); the chunk axis runs in order and carries the block's states [heads, headdim,
+d_state] in fp32 VMEM scratch, so no [Q, Q] decay matrix, cumulative sum or exponential ever goes to HBM (the XLA
+program writes them per chunk and `full` remat recomputes them). The block's heads share the group's B and C
+(fetched once) and C Bᵀ (computed once; ngroups = 1 in OmniMamba, so every head reads the same B and C). Within a chunk (l, s index tokens, a = dt·A, a_cum its chunk-local cumulative sum):
 
     y      = ((C Bᵀ) ∘ L) (x·dt) + exp(a_cum) ∘ (C S₀ᵀ),   L[l, s] = exp(a_cum_l − a_cum_s) for l ≥ s, else 0
     S₁     = exp(a_cum_Q) S₀ + ((x·dt) ∘ w)ᵀ B,           w_s = exp(a_cum_Q − a_cum_s)
@@ -69,6 +70,7 @@ def _decay(acum_col, acum_row):
 # ------------------------------------------------------------------------------------------------------- forward
 def _forward_kernel(x_ref, dt_ref, acol_ref, arow_ref, b_ref, c_ref, s0_ref,
                     y_ref, final_ref, states_ref, state):
+    """One (row, block of heads sharing a group, chunk); refs carry the block's heads on axis 0."""
     chunk = pl.program_id(2)
 
     @pl.when(chunk == 0)
@@ -76,18 +78,23 @@ def _forward_kernel(x_ref, dt_ref, acol_ref, arow_ref, b_ref, c_ref, s0_ref,
         state[...] = s0_ref[...].astype(jnp.float32)
 
     dtype = x_ref.dtype
-    acum_col, acum_row = acol_ref[...], arow_ref[...]  # [Q, 1], [1, Q] fp32
-    total = acum_row[:, -1:]  # [1, 1]
-    xdt = x_ref[...].astype(jnp.float32) * dt_ref[...]  # [Q, P]
-    b, c = b_ref[...], c_ref[...]  # [Q, N]
-    s0 = state[...]  # [P, N]
-    states_ref[...] = s0
-    scores = _dot(c, b, trans_b=True) * _decay(acum_col, acum_row)  # [Q, Q]
-    y = _dot(scores.astype(dtype), xdt.astype(dtype))
-    y = y + jnp.exp(acum_col) * _dot(c, s0.astype(dtype), trans_b=True)
-    y_ref[...] = y.astype(y_ref.dtype)
-    weighted = (xdt * jnp.exp(total - acum_col)).astype(dtype)  # [Q, P]
-    state[...] = jnp.exp(total) * s0 + _dot(weighted, b, trans_a=True)
+    b, c = b_ref[...], c_ref[...]  # [Q, N], the group's
+    cb = _dot(c, b, trans_b=True)  # C Bᵀ [Q, Q], once for all the block's heads
+
+    def head(i, carry):
+        acum_col, acum_row = acol_ref[i], arow_ref[i]  # [Q, 1], [1, Q] fp32
+        total = acum_row[:, -1:]  # [1, 1]
+        xdt = x_ref[i].astype(jnp.float32) * dt_ref[i]  # [Q, P]
+        s0 = state[i]  # [P, N]
+        states_ref[i] = s0
+        y = _dot((cb * _decay(acum_col, acum_row)).astype(dtype), xdt.astype(dtype))
+        y = y + jnp.exp(acum_col) * _dot(c, s0.astype(dtype), trans_b=True)
+        y_ref[i] = y.astype(y_ref.dtype)
+        weighted = (xdt * jnp.exp(total - acum_col)).astype(dtype)  # [Q, P]
+        state[i] = jnp.exp(total) * s0 + _dot(weighted, b, trans_a=True)
+        return carry
+
+    jax.lax.fori_loop(0, x_ref.shape[0], head, 0)
 
     @pl.when(chunk == pl.num_programs(2) - 1)
     def _():
@@ -97,46 +104,54 @@ def _forward_kernel(x_ref, dt_ref, acol_ref, arow_ref, b_ref, c_ref, s0_ref,
 # ------------------------------------------------------------------------------------------------------ backward
 def _backward_kernel(x_ref, dt_ref, acol_ref, arow_ref, b_ref, c_ref, states_ref, dy_ref, dfinal_ref,
                      dx_ref, ddt_ref, dacol_ref, darow_ref, db_ref, dc_ref, ds0_ref, dstate):
-    step = pl.program_id(2)  # chunk = chunks - 1 - step: the chunks in reverse
+    """One (row, block of heads, chunk), the chunks in reverse; dB and dC summed over the block's heads."""
+    step = pl.program_id(2)  # chunk = chunks - 1 - step
 
     @pl.when(step == 0)
     def _():
         dstate[...] = dfinal_ref[...]
 
     dtype = x_ref.dtype
-    q = acol_ref.shape[0]
-    acum_col, acum_row = acol_ref[...], arow_ref[...]
-    total = acum_row[:, -1:]
-    x = x_ref[...].astype(jnp.float32)
-    dt = dt_ref[...]
-    xdt = x * dt
+    q = acol_ref.shape[1]
     b, c = b_ref[...], c_ref[...]
-    s0, ds = states_ref[...], dstate[...]  # [P, N] fp32
-    dy = dy_ref[...].astype(jnp.float32)  # [Q, P]
-    decay = _decay(acum_col, acum_row)
-    scores = _dot(c, b, trans_b=True)  # C Bᵀ [Q, Q]
-    m = scores * decay
-    dm = _dot(dy.astype(dtype), xdt.astype(dtype), trans_b=True)  # dy (x·dt)ᵀ [Q, Q]
-    dg = dm * decay
-    w = jnp.exp(total - acum_col)  # [Q, 1]
-    b_ds = _dot(b, ds.astype(dtype), trans_b=True)  # B dSᵀ [Q, P]
-    dxdt = _dot(m.astype(dtype), dy.astype(dtype), trans_a=True) + w * b_ds
-    dx_ref[...] = (dxdt * dt).astype(dx_ref.dtype)
-    ddt_ref[...] = jnp.sum(dxdt * x, axis=1, keepdims=True)
-    exp_col = jnp.exp(acum_col)
-    dc = _dot(dg.astype(dtype), b) + exp_col * _dot(dy.astype(dtype), s0.astype(dtype))
-    dc_ref[...] = dc.astype(dc_ref.dtype)
-    db = _dot(dg.astype(dtype), c, trans_a=True) + _dot((xdt * w).astype(dtype), ds.astype(dtype))
-    db_ref[...] = db.astype(db_ref.dtype)
-    y_off = exp_col * _dot(c, s0.astype(dtype), trans_b=True)
-    t = dm * m
-    u = jnp.sum(xdt * w * b_ds, axis=1, keepdims=True)  # [Q, 1]
+    cb = _dot(c, b, trans_b=True)  # C Bᵀ [Q, Q]
     last = jax.lax.broadcasted_iota(jnp.int32, (q, 1), 0) == q - 1
-    tail = jnp.sum(u, axis=0, keepdims=True) + jnp.exp(total) * jnp.sum(ds * s0, keepdims=True).reshape(1, 1)
-    dacol_ref[...] = (jnp.sum(t, axis=1, keepdims=True) + jnp.sum(dy * y_off, axis=1, keepdims=True) - u
-                      + jnp.where(last, tail, 0.0))
-    darow_ref[...] = -jnp.sum(t, axis=0, keepdims=True)
-    dstate[...] = jnp.exp(total) * ds + _dot((exp_col * dy).astype(dtype), c, trans_a=True)
+
+    def head(i, grads):
+        db_sum, dc_sum = grads
+        acum_col, acum_row = acol_ref[i], arow_ref[i]
+        total = acum_row[:, -1:]
+        x = x_ref[i].astype(jnp.float32)
+        dt = dt_ref[i]
+        xdt = x * dt
+        s0, ds = states_ref[i], dstate[i]  # [P, N] fp32
+        dy = dy_ref[i].astype(jnp.float32)  # [Q, P]
+        decay = _decay(acum_col, acum_row)
+        m = cb * decay
+        dm = _dot(dy.astype(dtype), xdt.astype(dtype), trans_b=True)  # dy (x·dt)ᵀ [Q, Q]
+        dg = dm * decay
+        w = jnp.exp(total - acum_col)  # [Q, 1]
+        b_ds = _dot(b, ds.astype(dtype), trans_b=True)  # B dSᵀ [Q, P]
+        dxdt = _dot(m.astype(dtype), dy.astype(dtype), trans_a=True) + w * b_ds
+        dx_ref[i] = (dxdt * dt).astype(dx_ref.dtype)
+        ddt_ref[i] = jnp.sum(dxdt * x, axis=1, keepdims=True)
+        exp_col = jnp.exp(acum_col)
+        dc_sum = dc_sum + _dot(dg.astype(dtype), b) + exp_col * _dot(dy.astype(dtype), s0.astype(dtype))
+        db_sum = db_sum + _dot(dg.astype(dtype), c, trans_a=True) + _dot((xdt * w).astype(dtype), ds.astype(dtype))
+        y_off = exp_col * _dot(c, s0.astype(dtype), trans_b=True)
+        t = dm * m
+        u = jnp.sum(xdt * w * b_ds, axis=1, keepdims=True)  # [Q, 1]
+        tail = jnp.sum(u, axis=0, keepdims=True) + jnp.exp(total) * jnp.sum(ds * s0, keepdims=True).reshape(1, 1)
+        dacol_ref[i] = (jnp.sum(t, axis=1, keepdims=True) + jnp.sum(dy * y_off, axis=1, keepdims=True) - u
+                        + jnp.where(last, tail, 0.0))
+        darow_ref[i] = -jnp.sum(t, axis=0, keepdims=True)
+        dstate[i] = jnp.exp(total) * ds + _dot((exp_col * dy).astype(dtype), c, trans_a=True)
+        return db_sum, dc_sum
+
+    zeros = jnp.zeros(b.shape, jnp.float32)
+    db_sum, dc_sum = jax.lax.fori_loop(0, x_ref.shape[0], head, (zeros, zeros))
+    db_ref[...] = db_sum
+    dc_ref[...] = dc_sum
 
     @pl.when(step == pl.num_programs(2) - 1)
     def _():
@@ -144,49 +159,50 @@ def _backward_kernel(x_ref, dt_ref, acol_ref, arow_ref, b_ref, c_ref, states_ref
 
 
 # ------------------------------------------------------------------------------------------------- pallas calls
-def _specs(heads, groups, q, p, n, reverse=False):
-    """BlockSpecs of the per-token inputs; the grid is (batch, heads, chunks)."""
+def heads_per_step(heads: int, groups: int, limit: int = 8) -> int:
+    """Heads one grid step takes: the largest divisor of a group's heads up to `limit` (they share B, C and C Bᵀ,
+    fetched and computed once; 8 heads of OmniMamba's 64 x 256 x 128 keep every block and buffer within ~4 MiB of
+    VMEM)."""
     per_group = heads // groups
-    ck = (lambda nc: (lambda i, h, c: nc - 1 - c)) if reverse else (lambda nc: (lambda i, h, c: c))
-
-    def make(nc):
-        at = ck(nc)
-        tok = lambda width: pl.BlockSpec((None, None, q, width), lambda i, h, c: (i, h, at(i, h, c), 0))  # noqa
-        row = pl.BlockSpec((None, None, None, 1, q), lambda i, h, c: (i, h, at(i, h, c), 0, 0))
-        grp = pl.BlockSpec((None, None, q, n), lambda i, h, c: (i, h // per_group, at(i, h, c), 0))
-        per_chunk_state = pl.BlockSpec((None, None, None, p, n), lambda i, h, c: (i, h, at(i, h, c), 0, 0))
-        state = pl.BlockSpec((None, None, p, n), lambda i, h, c: (i, h, 0, 0))
-        return tok, row, grp, per_chunk_state, state
-
-    return make
+    return max(d for d in range(1, min(per_group, limit) + 1) if per_group % d == 0)
 
 
-def _cost(batch, heads, chunks, q, p, n, itemsize, backward: bool) -> pl.CostEstimate:
-    """FLOPs, exponentials and HBM bytes of the kernel, from its matmuls and the blocks its specs move.
+def _specs(heads, groups, hb, q, p, n, nc, reverse=False):
+    """BlockSpecs over the grid (batch, head blocks, chunks); chunks in reverse order for the backward."""
+    blocks_per_group = heads // groups // hb
+    at = (lambda c: nc - 1 - c) if reverse else (lambda c: c)
+    tok = lambda width: pl.BlockSpec((None, hb, q, width), lambda i, h, c: (i, h, at(c), 0))  # noqa: E731
+    row = pl.BlockSpec((None, hb, None, 1, q), lambda i, h, c: (i, h, at(c), 0, 0))
+    grp = pl.BlockSpec((None, None, q, n), lambda i, h, c: (i, h // blocks_per_group, at(c), 0))
+    chunk_state = pl.BlockSpec((None, hb, None, p, n), lambda i, h, c: (i, h, at(c), 0, 0))
+    state = pl.BlockSpec((None, hb, p, n), lambda i, h, c: (i, h, 0, 0))
+    per_block = pl.BlockSpec((None, None, q, n), lambda i, h, c: (i, h, at(c), 0))
+    return tok, row, grp, chunk_state, state, per_block
 
-    Per (row, head, chunk), forward: C Bᵀ 2Q²N, scores·(x·dt) 2Q²P, C S₀ᵀ 2QNP, the state update 2QPN; the decay
-    matrix Q² exponentials (+ 2Q). Blocks read: x [Q, P], B and C [Q, N] (fetched again for every head: the grid
-    walks chunks innermost), dt, a_cum (column and row) 3Q fp32; written: y [Q, P], the entering state P·N fp32; per
-    (row, head) the initial and final states P·N fp32 each. Backward: 2 more [Q, Q] products (dM, Mᵀdy), dC, dB each
-    two, dS₀ one, B dSᵀ one (2Q²N + 4Q²P... stated below), its reads = the forward's + dy [Q, P] + the stored state,
-    its writes dx [Q, P], dB, dC [Q, N], ddt and the two da_cum vectors, 3Q fp32; per (row, head) dfinal and dS₀.
+
+def _cost(batch, heads, hb, chunks, q, p, n, itemsize, backward: bool) -> pl.CostEstimate:
+    """FLOPs, exponentials and HBM bytes of a kernel, from its matmuls and the blocks its specs move.
+
+    Per (row, chunk) and head: forward scores·(x·dt) 2Q²P, C S₀ᵀ 2QNP, the state update 2QPN; the decay matrix Q²
+    exponentials (+ 2Q); per block of hb heads C Bᵀ 2Q²N once. Blocks moved per (row, chunk, head): x [Q, P] in,
+    y [Q, P] out, dt and a_cum (column and row) 3Q fp32 in, the entering state P·N fp32 out; per block B and C
+    [Q, N]; per (row, head) the initial and final states P·N fp32.
+    Backward per head: dy (x·dt)ᵀ and Mᵀ dy 2 × 2Q²P, dG B and dGᵀ C 2 × 2Q²N; B dSᵀ, dy S₀, (x·dt∘w) dS,
+    (e^a∘dy)ᵀ C, C S₀ᵀ 5 × 2QPN; Q² + 3Q exponentials; per block C Bᵀ 2Q²N. Moved per head: x, dy, dx [Q, P], dt,
+    a_cum (2), ddt, da_cum (2) 6Q fp32, the stored state P·N fp32; per block B, C in and dB, dC [Q, N] fp32 out; per
+    (row, head) dfinal and dS₀.
     """
-    steps = batch * heads * chunks
+    steps = batch * chunks * heads  # (row, chunk, head) triples
+    blocks = batch * chunks * (heads // hb)
     if not backward:
-        flops = 2 * q * q * n + 2 * q * q * p + 4 * q * p * n
-        exps = q * q + 2 * q
-        moved = (q * p * itemsize + 2 * q * n * itemsize + 3 * q * 4) + (q * p * itemsize + p * n * 4)
-        per_row_head = 2 * p * n * 4
+        flops = steps * (2 * q * q * p + 4 * q * p * n) + blocks * 2 * q * q * n
+        exps = steps * (q * q + 2 * q)
+        moved = steps * (2 * q * p * itemsize + 3 * q * 4 + p * n * 4) + blocks * 2 * q * n * itemsize
     else:
-        # C Bᵀ, dy (x·dt)ᵀ, Mᵀ dy, dG B, dGᵀ C: 2Q²N + 2Q²P + 2Q²P + 2Q²N + 2Q²N;
-        # B dSᵀ, dy S₀, (x·dt∘w) dS, (e^a∘dy)ᵀ C, C S₀ᵀ: 5 × 2QPN.
-        flops = 6 * q * q * n + 4 * q * q * p + 10 * q * p * n
-        exps = q * q + 3 * q
-        moved = (2 * q * p * itemsize + 2 * q * n * itemsize + 3 * q * 4 + p * n * 4) \
-            + (q * p * itemsize + 2 * q * n * itemsize + 4 * q * 4)
-        per_row_head = 2 * p * n * 4
-    return pl.CostEstimate(flops=steps * flops, transcendentals=steps * exps,
-                           bytes_accessed=steps * moved + batch * heads * per_row_head)
+        flops = steps * (4 * q * q * p + 4 * q * q * n + 10 * q * p * n) + blocks * 2 * q * q * n
+        exps = steps * (q * q + 3 * q)
+        moved = steps * (3 * q * p * itemsize + 6 * q * 4 + p * n * 4) + blocks * 2 * q * n * (itemsize + 4)
+    return pl.CostEstimate(flops=flops, transcendentals=exps, bytes_accessed=moved + batch * heads * 2 * p * n * 4)
 
 
 def _interpret(interpret):
@@ -196,47 +212,48 @@ def _interpret(interpret):
 
 
 def _forward_call(x, dt, acum, B, C, s0, q, interpret):
-    """Kernel layouts in: x [b, h, T, p], dt/acum [b, h, T, 1] and acum [b, h, c, 1, Q] rows, B/C [b, g, T, n],
-    s0 [b, h, p, n]. Returns y [b, h, T, p] (x's dtype), final [b, h, p, n], states [b, h, c, p, n] (fp32)."""
+    """Kernel layouts in: x [b, h, T, p], dt/acum [b, h, T, 1] (acum also as rows [b, h, c, 1, Q]), B/C
+    [b, g, T, n], s0 [b, h, p, n]. Returns y [b, h, T, p] (x's dtype), final [b, h, p, n] and the state entering
+    each chunk [b, h, c, p, n] (fp32)."""
     batch, heads, length, p = x.shape
     groups, n = B.shape[1], B.shape[3]
-    nc = length // q
-    tok, row, grp, chunk_state, state = _specs(heads, groups, q, p, n)(nc)
+    nc, hb = length // q, heads_per_step(heads, groups)
+    tok, row, grp, chunk_state, state, _ = _specs(heads, groups, hb, q, p, n, nc)
     return pl.pallas_call(
         _forward_kernel,
-        grid=(batch, heads, nc),
+        grid=(batch, heads // hb, nc),
         in_specs=[tok(p), tok(1), tok(1), row, grp, grp, state],
         out_specs=[tok(p), state, chunk_state],
         out_shape=[jax.ShapeDtypeStruct(x.shape, x.dtype),
                    jax.ShapeDtypeStruct((batch, heads, p, n), jnp.float32),
                    jax.ShapeDtypeStruct((batch, heads, nc, p, n), jnp.float32)],
-        scratch_shapes=[pltpu.VMEM((p, n), jnp.float32)],
+        scratch_shapes=[pltpu.VMEM((hb, p, n), jnp.float32)],
         compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "arbitrary")),
-        cost_estimate=_cost(batch, heads, nc, q, p, n, x.dtype.itemsize, backward=False),
+        cost_estimate=_cost(batch, heads, hb, nc, q, p, n, x.dtype.itemsize, backward=False),
         interpret=interpret,
         name="ssd_forward",
     )(x, dt, acum, acum.reshape(batch, heads, nc, 1, q), B, C, s0)
 
 
 def _backward_call(x, dt, acum, B, C, states, dy, dfinal, q, interpret):
+    """Returns dx [b, h, T, p], ddt, the column and row parts of da_cum, dB and dC per block of heads
+    [b, h / hb, T, n] (fp32) and dS₀ [b, h, p, n]."""
     batch, heads, length, p = x.shape
     groups, n = B.shape[1], B.shape[3]
-    nc = length // q
-    tok, row, grp, chunk_state, state = _specs(heads, groups, q, p, n, reverse=True)(nc)
-    # dB, dC per head (summed over a group's heads in XLA afterwards): [b, h, T, n].
-    head_tok_n = pl.BlockSpec((None, None, q, n), lambda i, h, c: (i, h, nc - 1 - c, 0))
+    nc, hb = length // q, heads_per_step(heads, groups)
+    tok, row, grp, chunk_state, state, per_block = _specs(heads, groups, hb, q, p, n, nc, reverse=True)
     f32 = lambda shape: jax.ShapeDtypeStruct(shape, jnp.float32)  # noqa: E731
     return pl.pallas_call(
         _backward_kernel,
-        grid=(batch, heads, nc),
+        grid=(batch, heads // hb, nc),
         in_specs=[tok(p), tok(1), tok(1), row, grp, grp, chunk_state, tok(p), state],
-        out_specs=[tok(p), tok(1), tok(1), row, head_tok_n, head_tok_n, state],
+        out_specs=[tok(p), tok(1), tok(1), row, per_block, per_block, state],
         out_shape=[jax.ShapeDtypeStruct(x.shape, x.dtype), f32(dt.shape), f32(dt.shape),
-                   f32((batch, heads, nc, 1, q)), f32((batch, heads, length, n)), f32((batch, heads, length, n)),
-                   f32((batch, heads, p, n))],
-        scratch_shapes=[pltpu.VMEM((p, n), jnp.float32)],
+                   f32((batch, heads, nc, 1, q)), f32((batch, heads // hb, length, n)),
+                   f32((batch, heads // hb, length, n)), f32((batch, heads, p, n))],
+        scratch_shapes=[pltpu.VMEM((hb, p, n), jnp.float32)],
         compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "arbitrary")),
-        cost_estimate=_cost(batch, heads, nc, q, p, n, x.dtype.itemsize, backward=True),
+        cost_estimate=_cost(batch, heads, hb, nc, q, p, n, x.dtype.itemsize, backward=True),
         interpret=interpret,
         name="ssd_backward",
     )(x, dt, acum, acum.reshape(batch, heads, nc, 1, q), B, C, states, dy, dfinal)
@@ -261,7 +278,7 @@ def _ssd_kernel_bwd(q, interpret, residuals, cotangents):
     batch, heads, length = x.shape[:3]
     groups = B.shape[1]
     dacum = dacol + darow.reshape(batch, heads, length, 1)
-    group_sum = lambda g: g.reshape(batch, groups, heads // groups, length, -1).sum(2)  # noqa: E731
+    group_sum = lambda g: g.reshape(batch, groups, -1, length, g.shape[-1]).sum(2)  # head blocks -> groups  # noqa
     return dx, ddt, dacum, group_sum(db).astype(B.dtype), group_sum(dc).astype(C.dtype), ds0
 
 
