@@ -64,7 +64,7 @@ def test_bf16_inputs_accumulate_in_fp32():
     rounding of the fp32 reference on the same bf16-rounded inputs."""
     x, dt, A, B, C, s0 = _inputs(5, 1, 40, 2, 8, 1, 16, True)
     x, B, C = (t.astype(jnp.bfloat16) for t in (x, B, C))
-    y, final = ssd_pallas.ssd_pallas(x, dt, A, B, C, 16, s0, interpret=True)
+    y, final = jax.jit(lambda *a: ssd_pallas.ssd_pallas(*a, 16, s0, interpret=True))(x, dt, A, B, C)
     y_ref, final_ref = mamba2.ssd(x, dt, A, B, C, 16, s0, implementation="xla")
     assert y.dtype == jnp.float32 and final.dtype == jnp.float32
     assert float(jnp.max(jnp.abs(y - y_ref))) <= 2e-2 * float(jnp.max(jnp.abs(y_ref)))
