@@ -10,6 +10,7 @@ import pytest
 from flax import linen as nn
 
 from janusflow_jax.models import mamba2, omnimamba, ssd_pallas
+from janusflow_jax.perf import roofline
 
 
 def _inputs(seed, batch, length, heads, head_dim, groups, state, initial: bool):
@@ -101,3 +102,20 @@ def test_omnimamba_logits_loss_and_gradients_match_xla():
     for path, (g, g_k) in zip(jax.tree_util.tree_leaves_with_path(grads), zip(jax.tree.leaves(grads),
                                                                               jax.tree.leaves(grads_k))):
         assert scale(g_k - g) <= 1e-4 * max(scale(g), 1e-6), jax.tree_util.keystr(path[0])
+
+
+def test_roofline_reads_a_kernels_declared_cost():
+    """A Pallas TPU kernel's `pl.CostEstimate` rides in its tpu_custom_call's backend config; the roofline counts
+    its FLOPs and, where larger than its operands and results, its declared bytes (B and C are read once per block
+    of heads). Hand-written HLO in the form XLA:TPU prints (no TPU compile in the suite)."""
+    hlo = """HloModule m, entry_computation_layout={(bf16[2,512,1024]{2,1,0})->bf16[2,512,1024]{2,1,0}}
+
+ENTRY %main (x: bf16[2,512,1024]) -> bf16[2,512,1024] {
+  %x = bf16[2,512,1024]{2,1,0} parameter(0)
+  ROOT %ssd_forward.1 = bf16[2,512,1024]{2,1,0} custom-call(%x), custom_call_target="tpu_custom_call", backend_config={"custom_call_config": {"body": "TUzvUgFNTElS", "cost_estimate": {"flops": "9663676416", "transcendentals": "33816576", "bytes_accessed": "68157440", "remote_bytes_transferred": "0"}}}
+}
+"""
+    est = roofline.estimate(hlo, 100e12, 1e12)
+    assert est["flops"] == 9663676416
+    assert est["bytes"] == 68157440  # declared, above the 2 x 2 MiB of operand and result
+    assert est["seconds"] == pytest.approx(max(9663676416 / 100e12, 68157440 / 1e12))
