@@ -112,7 +112,9 @@ def test_roofline_reads_a_kernels_declared_cost():
 
 ENTRY %main (x: bf16[2,512,1024]) -> bf16[2,512,1024] {
   %x = bf16[2,512,1024]{2,1,0} parameter(0)
-  ROOT %ssd_forward.1 = bf16[2,512,1024]{2,1,0} custom-call(%x), custom_call_target="tpu_custom_call", backend_config={"custom_call_config": {"body": "TUzvUgFNTElS", "cost_estimate": {"flops": "9663676416", "transcendentals": "33816576", "bytes_accessed": "68157440", "remote_bytes_transferred": "0"}}}
+  ROOT %ssd_forward.1 = bf16[2,512,1024]{2,1,0} custom-call(%x), custom_call_target="tpu_custom_call", \
+backend_config={"custom_call_config": {"body": "TUzvUgFNTElS", "cost_estimate": {"flops": "9663676416", \
+"transcendentals": "33816576", "bytes_accessed": "68157440", "remote_bytes_transferred": "0"}}}
 }
 """
     est = roofline.estimate(hlo, 100e12, 1e12)

@@ -5,7 +5,8 @@ dt_t x_t ⊗ B_t, y_t = S_t C_t, the sequence cut into chunks of Q tokens. One g
 of heads of one group, chunk); the chunk axis runs in order and carries the block's states [heads, headdim,
 d_state] in fp32 VMEM scratch, so no [Q, Q] decay matrix, cumulative sum or exponential ever goes to HBM (the XLA
 program writes them per chunk and `full` remat recomputes them). The block's heads share the group's B and C
-(fetched once) and C Bᵀ (computed once; ngroups = 1 in OmniMamba, so every head reads the same B and C). Within a chunk (l, s index tokens, a = dt·A, a_cum its chunk-local cumulative sum):
+(fetched once) and C Bᵀ (computed once; ngroups = 1 in OmniMamba, so every head reads the same B and C).
+Within a chunk (l, s index tokens, a = dt·A, a_cum its chunk-local cumulative sum):
 
     y      = ((C Bᵀ) ∘ L) (x·dt) + exp(a_cum) ∘ (C S₀ᵀ),   L[l, s] = exp(a_cum_l − a_cum_s) for l ≥ s, else 0
     S₁     = exp(a_cum_Q) S₀ + ((x·dt) ∘ w)ᵀ B,           w_s = exp(a_cum_Q − a_cum_s)
@@ -25,13 +26,14 @@ reverse, carrying dS (the gradient of the state leaving the chunk) in VMEM scrat
     da_cum = rowsum(dM ∘ M) − colsum(dM ∘ M) + rowsum(dy ∘ y_off) − u + [last] (Σu + exp(a_cum_Q) ⟨dS, S₀⟩),
              u_s = Σ_p (x·dt)[s, p] (w ∘ B dSᵀ)[s, p]
 
-The column sums come out as a row vector and everything else as a column vector: the kernel writes both and XLA adds
-them (a TPU kernel does not transpose a vector for free).
+The column sums come out as a row, the rest as a column; the kernel turns the column into a row and writes their sum.
+dB and dC are summed over a block's heads in the kernel and over a group's blocks in XLA.
 
-Layout: x is transposed to [batch, heads, seq, headdim], B and C to [batch, groups, seq, d_state] (head h reads group
-h // (heads / groups) through its index map), so every block's last two dimensions are (chunk, headdim or d_state),
-as Mosaic's (8, 128) tiling wants. Matmul operands are in x's dtype (bf16 in training: the MXU's rate) with fp32
-accumulation; decays, states and their gradients stay fp32.
+Layout: the kernels take the model's own layouts, x as [batch, seq, heads·headdim] and B, C as [batch, seq,
+groups·d_state] (free reshapes, no transposes), a block of 8 heads making x's block [Q, 8·64] lane-dense; the per-token
+vectors dt and a_cum go in as rows [batch, chunks, heads, Q] (a [seq, 1] column would be padded 128x in a TPU's HBM)
+and become columns in VMEM by a select and a lane sum. Matmul operands are in x's dtype (bf16 in training: the MXU's
+rate) with fp32 accumulation; decays, states and their gradients stay fp32.
 
 Off TPU the kernels run in Pallas' TPU interpreter (`interpret=pltpu.InterpretParams()`: TPU semantics on a CPU),
 which is how tests/test_ssd_pallas.py checks them against `mamba2.ssd_chunked`. Under a mesh (`jax.set_mesh`) they
