@@ -53,6 +53,7 @@ from janusflow_jax.models import layers
 from janusflow_jax.models.config import Dtypes
 
 Cache = dict[str, jax.Array]  # see `init_cache`
+SSD_IMPLEMENTATIONS = ("auto", "xla", "pallas")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,6 +84,10 @@ class Mamba2Config(Dtypes):
     lora_rank: int = 8
     lora_alpha: float = 32.0
     lora_dropout: float = 0.0
+    # The chunked SSD scan's implementation (`ssd`): "xla" (`ssd_chunked`, the reference, every backend), "pallas"
+    # (`ssd_pallas`: fused Mosaic kernels, forward and backward, for TPUs; elsewhere they run in Pallas' slow TPU
+    # interpreter) or "auto" (pallas when the target is a TPU, xla elsewhere: CPU runs are exactly the "xla" ones).
+    ssd: str = "auto"
 
     def __post_init__(self):
         object.__setattr__(self, "lora_tasks", tuple(self.lora_tasks))  # a JSON list comes back as a list
@@ -95,6 +100,8 @@ class Mamba2Config(Dtypes):
             raise ValueError(f"nheads={self.nheads} is not a multiple of ngroups={self.ngroups}")
         if self.remat_policy not in layers.REMAT_POLICIES:
             raise ValueError(f"remat_policy {self.remat_policy!r} not in {sorted(layers.REMAT_POLICIES)}")
+        if self.ssd not in SSD_IMPLEMENTATIONS:
+            raise ValueError(f"ssd {self.ssd!r} not in {SSD_IMPLEMENTATIONS}")
         jnp.dtype(self.dtype), jnp.dtype(self.param_dtype)
 
     @property
@@ -183,6 +190,22 @@ def ssd_chunked(x, dt, A, B, C, chunk_size: int, initial_state=None):
     y_off = jnp.einsum("bclgn,bcgrpn,bcgrl->bclgrp", C, states, jnp.exp(a_cum))
     y = (y_diag + y_off).reshape(batch, chunks * q, heads, head_dim)[:, :length]
     return y, final.reshape(batch, heads, head_dim, state)
+
+
+def ssd(x, dt, A, B, C, chunk_size: int, initial_state=None, *, implementation: str = "xla"):
+    """The chunked scan by `implementation` (`Mamba2Config.ssd`): "xla" is `ssd_chunked`, "pallas" the fused TPU
+    kernels (`ssd_pallas.ssd_pallas`, x, B and C in their own dtype), "auto" pallas when the target is a TPU.
+    Arguments and results as `ssd_chunked` (x, B, C in any float dtype; the reference upcasts them to fp32)."""
+    if implementation == "auto":
+        implementation = "pallas" if layers.target_platform() == "tpu" else "xla"
+    if implementation == "pallas":
+        from janusflow_jax.models import ssd_pallas  # local import: Pallas loads only where the kernel runs
+
+        return ssd_pallas.ssd_pallas(x, dt, A, B, C, chunk_size, initial_state)
+    if implementation != "xla":
+        raise ValueError(f"unknown ssd implementation {implementation!r}: use one of {SSD_IMPLEMENTATIONS}")
+    f32 = lambda t: t.astype(jnp.float32)  # noqa: E731
+    return ssd_chunked(f32(x), dt, A, f32(B), f32(C), chunk_size, initial_state)
 
 
 def ssd_step(ssm_state, x, dt, A, B, C):
@@ -358,9 +381,11 @@ class Mamba2Mixer(nn.Module):
         dt = project(cfg.nheads, "ssm_heads", "dt_proj")
         (x, conv_x), (b, conv_b), (c, conv_c) = (conv(x, "ssm_inner", "conv_x"), conv(b, "ssm_state", "conv_B"),
                                                  conv(c, "ssm_state", "conv_C"))
-        x = nn.silu(x).astype(jnp.float32).reshape(batch, length, cfg.nheads, cfg.headdim)
-        b = nn.silu(b).astype(jnp.float32).reshape(batch, length, cfg.ngroups, cfg.d_state)
-        c = nn.silu(c).astype(jnp.float32).reshape(batch, length, cfg.ngroups, cfg.d_state)
+        # x, B, C stay in the compute dtype into the scan (the reference upcasts them, the kernel's matmuls take
+        # them as they are); the skip term D·x and the recurrence use fp32.
+        x = nn.silu(x).reshape(batch, length, cfg.nheads, cfg.headdim)
+        b = nn.silu(b).reshape(batch, length, cfg.ngroups, cfg.d_state)
+        c = nn.silu(c).reshape(batch, length, cfg.ngroups, cfg.d_state)
 
         head_param = lambda name, init: self.param(name, layers.logical_init(init, ("ssm_heads",)),  # noqa: E731
                                                    (cfg.nheads,), param_dtype).astype(jnp.float32)
@@ -370,11 +395,13 @@ class Mamba2Mixer(nn.Module):
         dt = jnp.clip(jax.nn.softplus(dt.astype(jnp.float32) + dt_bias), *cfg.dt_limit)
 
         if cache is not None and length == 1:
-            y, ssm = ssd_step(cache["ssm"], x[:, 0], dt[:, 0], A, b[:, 0], c[:, 0])
+            f32 = lambda t: t.astype(jnp.float32)  # noqa: E731
+            y, ssm = ssd_step(cache["ssm"], f32(x[:, 0]), dt[:, 0], A, f32(b[:, 0]), f32(c[:, 0]))
             y = y[:, None]
         else:
-            y, ssm = ssd_chunked(x, dt, A, b, c, cfg.chunk_size, None if cache is None else cache["ssm"])
-        y = (y + D[:, None] * x).reshape(batch, length, cfg.d_inner)
+            y, ssm = ssd(x, dt, A, b, c, cfg.chunk_size, None if cache is None else cache["ssm"],
+                         implementation=cfg.ssd)
+        y = (y + D[:, None] * x.astype(jnp.float32)).reshape(batch, length, cfg.d_inner)
         y = GatedRMSNorm(cfg.norm_eps, cfg.ngroups, param_dtype, name="norm")(y, z)
         y = nn.with_logical_constraint(y.astype(dtype), ("activation_batch", "activation_length", "activation_mlp"))
         out = layers.dense(cfg.d_model, ("ssm_inner", "embed"), use_bias=False, dtype=dtype, param_dtype=param_dtype,

@@ -196,6 +196,16 @@ def _splash_flops(inst: Instruction) -> float:
     return flops * (1.0 if "fwd" in inst.name else 2.5)
 
 
+def _declared_cost(inst: Instruction) -> tuple[float, float]:
+    """(FLOPs, HBM bytes) a Pallas TPU kernel declares (`pl.CostEstimate`, carried in the tpu_custom_call's backend
+    config; e.g. `models/ssd_pallas.py`'s, computed from its matmuls and the blocks its specs move); (0, 0) if none."""
+    m = re.search(r'cost_estimate\\?":\s*\{([^}]*)\}', inst.line)
+    if m is None:
+        return 0.0, 0.0
+    value = lambda key: float((re.search(rf'{key}\\?":\s*\\?"?(\d+)', m.group(1)) or [0, 0])[1])  # noqa: E731
+    return value("flops"), value("bytes_accessed")
+
+
 def _gemm_flops(inst: Instruction, by_name: dict[str, Instruction]) -> float:
     """A cuBLAS GEMM custom call: its backend config carries the dot's dimension numbers."""
     m = re.search(r'"lhs_contracting_dimensions":\s*\[([^\]]*)\]', inst.line)
@@ -222,6 +232,8 @@ def _flops(inst: Instruction, computations: dict, by_name: dict, seen: frozenset
             return _attention_flops(inst, by_name), False
         if target == "tpu_custom_call" and inst.name.startswith("splash_mha"):
             return _splash_flops(inst), False
+        if target == "tpu_custom_call":
+            return _declared_cost(inst)[0], False
         if "conv" in target:
             return _conv_flops(inst, by_name, target), False
         if "gemm" in target or "matmul" in target:
@@ -319,8 +331,11 @@ def _kernel_bytes(inst: Instruction, computations: dict, by_name: dict) -> float
         parts = _ARRAY_LAYOUT.findall(inst.shape)
         dest = _array_bytes(*parts[0][:2]) if parts and _in_hbm(parts[0][2]) else 0.0
         return dest + sum(hbm_bytes(by_name[o].shape) for o in inst.operands[:1] if o in by_name)
-    return hbm_bytes(inst.shape) + sum(hbm_bytes(by_name[o].shape) for o in dict.fromkeys(inst.operands)
-                                       if o in by_name)
+    moved = hbm_bytes(inst.shape) + sum(hbm_bytes(by_name[o].shape) for o in dict.fromkeys(inst.operands)
+                                        if o in by_name)
+    if inst.opcode == "custom-call" and 'custom_call_target="tpu_custom_call"' in inst.line:
+        moved = max(moved, _declared_cost(inst)[1])  # a kernel may read a block more than once
+    return moved
 
 
 # ------------------------------------------------------------------------------------------------------ kernels
