@@ -114,7 +114,8 @@ def save_params(directory, config, params, step: int = 0, overwrite: bool = Fals
         mngr.wait_until_finished()
 
 
-def load_params(directory, mesh=None, shardings=None, step: int | None = None, weights: str = "ema") -> tuple:
+def load_params(directory, mesh=None, shardings=None, step: int | None = None, weights: str = "ema",
+                dtype=None) -> tuple:
     """Restores (config, params) from `step` (default: the latest) of the root `directory`; the config is a
     JanusFlowConfig or an OmniMambaConfig by the saved family (`config_from_dict`).
 
@@ -136,7 +137,8 @@ def load_params(directory, mesh=None, shardings=None, step: int | None = None, w
         def target(meta, shardings):
             if shardings is None:  # numpy targets restore to host memory (np.empty does not touch the pages)
                 return jax.tree.map(lambda m: np.empty(m.shape, m.dtype), meta)
-            return jax.tree.map(lambda m, s: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=s), meta, shardings)
+            return jax.tree.map(lambda m, s: jax.ShapeDtypeStruct(m.shape, dtype or m.dtype, sharding=s), meta,
+                                shardings)
 
         params = mngr.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(target(meta, shardings))))
         params = params["params"]
@@ -152,6 +154,16 @@ def load_params(directory, mesh=None, shardings=None, step: int | None = None, w
                 flat[path] = value.astype(flat[path].dtype)
             params = traverse_util.unflatten_dict(flat, sep="/")
     return config, params
+
+
+def param_shapes(directory, step: int | None = None) -> dict:
+    """The saved parameter tree of `step` (default: the latest) as shapes (tuples), without reading any array."""
+    with _open(directory) as mngr:
+        step, _ = _step_and_config(mngr, directory, step)
+        meta = mngr.item_metadata(step)["params"]
+        meta = getattr(meta, "tree", meta)
+        flat = traverse_util.flatten_dict(meta, sep="/")
+        return traverse_util.unflatten_dict({k: tuple(m.shape) for k, m in flat.items()}, sep="/")
 
 
 def load_config(directory, step: int | None = None):
