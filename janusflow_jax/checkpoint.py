@@ -35,7 +35,7 @@ ITEMS = {
     "ema": "the EMA of the trainable parameters (training checkpoints; `load_params(weights='ema')` overlays it)",
     "opt_state": "the optimizer state of the trainable parameters",
     "counters": "step and consecutive-skip count",
-    "data": "the data iterator's state (grain's handler: one file per process)",
+    "data": "the data iterator's state (one file per reading stream, `data/stream_state.py`)",
     "config": "the model config (JSON)",
     "run_config": "the whole run config (JSON)",
 }
@@ -62,13 +62,13 @@ def _array_saving():
 
 def item_handlers() -> dict:
     """{item: orbax handler} for every entry of ITEMS (jax.Array's saving configured as above)."""
-    import grain.checkpoint as grain_ckpt
+    from janusflow_jax.data import stream_state
 
     _array_saving()
 
     array_tree, json_ = ocp.StandardCheckpointHandler, ocp.JsonCheckpointHandler
     handlers = dict(params=array_tree(), ema=array_tree(), opt_state=array_tree(), counters=array_tree(),
-                    data=grain_ckpt.CheckpointHandler(), config=json_(), run_config=json_())
+                    data=stream_state.Handler(), config=json_(), run_config=json_())
     assert handlers.keys() == ITEMS.keys()
     return handlers
 

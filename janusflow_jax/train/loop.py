@@ -6,7 +6,7 @@ Checkpoints (orbax `CheckpointManager` under `<workdir>/checkpoints`, asynchrono
   ema         the EMA of the trainable parameters (`load_params(..., weights="ema")` overlays it; the default)
   opt_state   AdamW state of the trainable parameters
   counters    step and consecutive-skip count
-  data        the data iterator's state (grain's checkpoint handler: one file per process)
+  data        the data iterator's state (one file per reading stream: any host count dividing data.streams resumes)
   config      the model config (JSON); run_config: the whole run config (JSON)
 A step counts only when complete (orbax commits a local step by rename, a gs:// step by a commit marker written
 last), so a run killed at any moment — SIGKILL included, also during an asynchronous save — resumes from the newest
