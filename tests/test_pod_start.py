@@ -113,3 +113,166 @@ def test_a_start_from_a_checkpoint_costs_each_host_what_a_random_start_does(env,
               f"({random['seconds']:.1f} s), +{grew['checkpoint'] / 2**20:.0f} MiB from the checkpoint "
               f"({restored['seconds']:.1f} s); the model is {model / 2**20:.0f} MiB")
         assert grew["checkpoint"] < grew["random"] + 0.15 * model, grew
+
+
+# --------------------------------------------------------------------------------------------- restart chain
+# stage2:tiny with one block per tower (test_pod's run, 6 steps) on a prepared dataset read in 2 streams, started
+# from a checkpoint in the other layer layout (scanned; the run is per-layer: changed on the mesh).
+CHAIN = {**pod.OVERRIDES, "steps": STEPS, "mixture": ((STEPS, (1, 1, 1)),), "init.kind": "checkpoint"}
+
+# launch.train with one fault: "after:<host>:<step>" (that host sends itself SIGTERM after the step) or
+# "restore:<host>" (SIGTERM during the restore of a resumed run: the notice comes before the first step).
+TRAIN_DRIVER = """
+import json, os, signal, sys, time
+from janusflow_jax import hosts
+
+workdir, fault, address, count, pid, overrides = sys.argv[1:]
+hosts.initialize(address, int(count), int(pid))  # also for 1 process: collectives through gloo, as on 2
+import jax
+from configs import stage2
+from janusflow_jax.train import checkpointing
+from janusflow_jax.train import loop as trainer
+from tests.test_pod_start import apply
+
+config = apply(stage2.get_config("tiny"), json.loads(overrides))
+kind, host, *at = fault.split(":")
+mine = jax.process_index() == int(host or 0)
+
+
+def after(step, state, metrics):
+    if kind == "after" and mine and step == int(at[0]):
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+if kind == "restore":
+    real_restore = checkpointing.restore_state
+
+    def restore_and_term(*args):
+        out = real_restore(*args)
+        if mine:
+            os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(3)  # every host: the notice's step agreement is done before the first step
+        return out
+
+    checkpointing.restore_state = restore_and_term
+trainer.train(config, workdir, callbacks=[after], progress=False)
+"""
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory) -> str:
+    """test_pod's 8 examples per type, prepared in this process (local paths)."""
+    from PIL import Image
+
+    from configs import prepare_data as prepare_configs
+    from janusflow_jax.data import prepare
+    from janusflow_jax.data.processor import make_tokenizer
+
+    root = tmp_path_factory.mktemp("start_inputs")
+    rng = np.random.default_rng(0)
+    rows = {"gen": [], "und": [], "text": []}
+    words = pod.WORDS
+    for i in range(8):
+        Image.fromarray(rng.integers(0, 256, (64 + 16 * (i % 2), 64, 3), np.uint8)).save(root / f"{i}.png")
+        rows["gen"].append({"image": f"{i}.png", "caption": f"a photo of {words[i]}"})
+        rows["und"].append({"image": f"{i}.png", "question": f"what is {i}", "answer": " ".join(words[i:i + 1 + i % 4])})
+        rows["text"].append({"text": " ".join(words[i:i + 4 + i % 5])})
+    for name, items in rows.items():
+        (root / f"{name}.jsonl").write_text("\n".join(json.dumps(r) for r in items) + "\n")
+    config = prepare_configs.get_config("tiny")
+    with config.unlocked():
+        config.prepare.update(dict(
+            out=str(root / "prepared"), tokenizer=str(make_tokenizer(root / "tok", words + [str(i) for i in range(10)])),
+            gen_jsonl=str(root / "gen.jsonl"), und_jsonl=str(root / "und.jsonl"), text_jsonl=str(root / "text.jsonl"),
+            seq_len=64, prompt_len=8, records_per_shard=4, encode_batch_per_device=1, num_threads=2,
+            system_prompt=""))
+    assert prepare.run(config, progress=False)["counts"] == {"gen": 8, "und": 8, "text": 8}
+    return str(root / "prepared")
+
+
+def _start_checkpoint(directory) -> str:
+    """Random weights of the chain's model, saved in the scanned layout (numpy: nothing to compile)."""
+    import flax.linen as nn
+
+    from configs import stage2
+    from janusflow_jax.convert import janusflow as convert
+    from janusflow_jax.models.config import JanusFlowConfig
+    from janusflow_jax.models.janusflow import abstract_params
+
+    config = apply(stage2.get_config("tiny"), CHAIN)
+    model = JanusFlowConfig.from_dict(config.model.to_dict()).replace(scan_layers=True)
+    rng = np.random.default_rng(0)
+    params = jax.tree.map(lambda a: (0.05 * rng.standard_normal(a.shape)).astype(a.dtype),
+                          nn.unbox(abstract_params(model.replace(scan_layers=False))))
+    checkpoint.save_params(directory, model, convert.scan_params(params, model))
+    return str(directory)
+
+
+def _run(env, workdir, fault, hosts, overrides, cwd) -> list[dict]:
+    results = _launch_script(env, TRAIN_DRIVER, [str(workdir), fault, json.dumps(overrides)], hosts, cwd)
+    pod._ok(results)
+    return results
+
+
+def _steps(workdir) -> list[int]:
+    return sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
+
+
+def test_restarts_on_other_host_counts_and_before_the_first_step_continue_bit_for_bit(env, dataset, tmp_path):
+    """One chain: 1 process from the checkpoint (the reference); 2 hosts from the same checkpoint, SIGTERM on host 1
+    after step 1 (every host saves the agreed step s); 1 host resumes s (2 -> 1) and is stopped after s + 1; 2 hosts
+    resume s + 1 (1 -> 2) and get SIGTERM during the restore (every host keeps s + 1, exits 0); the same 2 hosts
+    finish, their step program loaded from the persistent cache. The final weights, EMA and every logged loss equal
+    the reference's bit for bit."""
+    overrides = {**CHAIN, "data.dir": dataset, "init.path": _start_checkpoint(tmp_path / "start")}
+    reference, workdir = tmp_path / "reference", tmp_path / "run"
+    timings = {}
+    began = time.monotonic()
+    _run(env, reference, "none:", 1, overrides, tmp_path)
+    timings["reference (1 host)"] = time.monotonic() - began
+
+    began = time.monotonic()
+    first = _run(env, workdir, "after:1:1", 2, overrides, tmp_path)
+    timings["2 hosts, SIGTERM"] = time.monotonic() - began
+    saved = [int(line.split()[3]) for line in first[0]["out"].splitlines() if line.startswith("preempted: saved")]
+    assert len(saved) == 1 and 2 <= saved[0] <= 3 and _steps(workdir)[-1] == saved[0], first[0]["out"]
+    s = saved[0]
+    assert sorted(p.name for p in (workdir / "checkpoints" / str(s) / "data").iterdir()) == [
+        "stream_0-of-2.json", "stream_1-of-2.json"]  # per reading stream, not per process
+
+    began = time.monotonic()
+    (one,) = _run(env, workdir, f"after:0:{s + 1}", 1, overrides, tmp_path)  # 2 -> 1
+    timings["1 host, resumed"] = time.monotonic() - began
+    assert f"resuming from step {s}" in one["out"] and _steps(workdir)[-1] == s + 1, one["out"]
+
+    began = time.monotonic()
+    held = _run(env, workdir, "restore:1", 2, overrides, tmp_path)  # 1 -> 2, the notice before the first step
+    timings["2 hosts, SIGTERM in the restore"] = time.monotonic() - began
+    assert f"preempted: saved step {s + 1} in" in held[0]["out"] and "before the first step" in held[0]["out"]
+    assert not [line for line in pod._said(held[0]) if line.startswith("step ")]  # no step ran
+    assert _steps(workdir)[-1] == s + 1
+
+    began = time.monotonic()
+    last = _run(env, workdir, "none:", 2, overrides, tmp_path)
+    timings["2 hosts, finish"] = time.monotonic() - began
+    out = last[0]["out"]
+    assert f"resuming from step {s + 1}" in out
+    assert " 0 compiled)" in next(line for line in out.splitlines() if line.startswith("first step after")), out
+    assert next(line for line in out.splitlines() if line.startswith("goodput: "))
+    for weights in ("params", "ema"):  # bitwise
+        x, y = (checkpoint.load_params(w / "checkpoints", weights=weights)[1] for w in (reference, workdir))
+        assert jax.tree.structure(x) == jax.tree.structure(y)
+        for u, v in zip(jax.tree.leaves(x), jax.tree.leaves(y)):
+            np.testing.assert_array_equal(u, v)
+    rows, ref_rows = ([json.loads(line) for line in (w / "metrics.jsonl").read_text().splitlines()]
+                      for w in (workdir, reference))
+    keys = ("step", "loss", "ar", "rf", "repa", "grad_norm")
+    assert [[r[k] for k in keys] for r in rows] == [[r[k] for k in keys] for r in ref_rows]
+    assert [r["step"] for r in rows] == list(range(1, STEPS + 1))
+    assert all("time_to_first_step_s" in rows[k - 1] for k in (1, s + 1, s + 2))  # each launch's first step
+    goodput = [json.loads(line) for line in (workdir / "goodput.jsonl").read_text().splitlines()]
+    assert len(goodput) == 4 and all(g["total_s"] > 0 for g in goodput)
+    print("launch seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in timings.items()))
+    for line in out.splitlines():
+        if line.startswith(("first step after", "goodput: ")):
+            print(line)

@@ -13,8 +13,11 @@ other is refused in one line.
 
 from __future__ import annotations
 
+import dataclasses
 import json
+from typing import Any
 
+import orbax.checkpoint as ocp
 from etils import epath
 from grain._src.python.checkpoint import handler as grain_handler
 
@@ -60,8 +63,8 @@ def divisors(n: int) -> list[int]:
 
 
 class Handler(grain_handler.CheckpointHandler):
-    """grain's orbax handler (its `CheckpointSave` / `CheckpointRestore` args), per stream where the iterator has
-    streams (`stream_states` / `set_stream_states`, `streams`, `stream_count`)."""
+    """grain's orbax handler, per stream where the iterator has streams (`stream_states` / `set_stream_states`,
+    `streams`, `stream_count`). Its args: `Save(iterator)`, `Restore(iterator)`."""
 
     def save(self, directory: epath.Path, item=None, args=None):
         item = item or args.item
@@ -97,3 +100,15 @@ class Handler(grain_handler.CheckpointHandler):
                              f"source, or a checkpoint from before states were saved per reading stream), this run "
                              f"has {jax.process_count()}: resume on {count} hosts")
         return super().restore(directory, item=item)
+
+
+@ocp.args.register_with_handler(Handler, for_save=True)
+@dataclasses.dataclass
+class Save(ocp.args.CheckpointArgs):
+    item: Any
+
+
+@ocp.args.register_with_handler(Handler, for_restore=True)
+@dataclasses.dataclass
+class Restore(ocp.args.CheckpointArgs):
+    item: Any
