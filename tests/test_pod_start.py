@@ -115,6 +115,43 @@ def test_a_start_from_a_checkpoint_costs_each_host_what_a_random_start_does(env,
         assert grew["checkpoint"] < grew["random"] + 0.15 * model, grew
 
 
+def test_every_init_kind_places_the_host_values_in_the_plans_shardings(tmp_path):
+    """In this process (8 CPU devices, parameters sharded over all 8): a checkpoint in the run's layout and in the
+    other one (scanned), and the official PyTorch layout, each start with exactly the saved values, in the plan's
+    shardings and storage dtype."""
+    import flax.linen as nn
+    from flax.traverse_util import flatten_dict
+
+    from configs import stage2
+    from janusflow_jax.convert import janusflow as convert
+    from janusflow_jax.models.janusflow import abstract_params
+    from janusflow_jax.sharding import param_shardings
+    from janusflow_jax.train.init import initial_params
+    from janusflow_jax.train.plan import make_plan
+
+    config = apply(stage2.get_config("tiny"), {"mesh.data": 1, "mesh.fsdp": -1})
+    plan = make_plan(config)
+    cfg = plan.model_cfg
+    rng = np.random.default_rng(0)
+    values = jax.tree.map(lambda a: rng.standard_normal(a.shape).astype(a.dtype),
+                          nn.unbox(abstract_params(cfg)))
+    checkpoint.save_params(tmp_path / "plain", cfg, values)
+    scanned = cfg.replace(scan_layers=True)
+    checkpoint.save_params(tmp_path / "scanned", scanned, convert.scan_params(values, scanned))
+    convert.to_pytorch(cfg, values, tmp_path / "official", torch_dtype="float32")
+    shardings = flatten_dict(param_shardings(cfg, plan.mesh), sep="/")
+    for kind, path in (("checkpoint", "plain"), ("checkpoint", "scanned"), ("official", "official")):
+        with config.unlocked():
+            config.init.kind, config.init.path = kind, str(tmp_path / path)
+        placed = flatten_dict(initial_params(make_plan(config)), sep="/")
+        want = flatten_dict(values, sep="/")
+        assert placed.keys() == want.keys(), (kind, path)
+        for key, got in placed.items():
+            assert got.sharding == shardings[key] and got.dtype == cfg.storage_dtype, (kind, path, key)
+            if not (kind == "official" and key.startswith("repa_projector/")):  # ours: the release has none
+                np.testing.assert_array_equal(np.asarray(got), want[key], err_msg=f"{kind} {path} {key}")
+
+
 # --------------------------------------------------------------------------------------------- restart chain
 # stage2:tiny with one block per tower (test_pod's run, 6 steps) on a prepared dataset read in 2 streams, started
 # from a checkpoint in the other layer layout (scanned; the run is per-layer: changed on the mesh).
