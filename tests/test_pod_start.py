@@ -313,3 +313,24 @@ def test_restarts_on_other_host_counts_and_before_the_first_step_continue_bit_fo
     for line in out.splitlines():
         if line.startswith(("first step after", "goodput: ")):
             print(line)
+
+
+def test_goodput_counts_steps_redone_after_a_restart_as_lost(tmp_path):
+    """The rows a killed launch logged past the checkpoint the next one resumes from are its lost progress; the
+    summary line, goodput.jsonl and the buckets add up to the launch's time."""
+    from janusflow_jax.train import goodput
+
+    clock = goodput.Goodput()
+    clock.resumed = True
+    clock.redone([{"step": 5, "step_time": 2.0}, {"step": 6, "step_time": 4.0}])
+    clock.add("program_startup", 1.5)
+    clock.saved(0.5)
+    assert clock.row_fields() == {"checkpoint_save_s": 0.5} and clock.row_fields() == {}
+    line = clock.report(tmp_path, None, step=8, steps_done=4)
+    (row,) = [json.loads(r) for r in (tmp_path / "goodput.jsonl").read_text().splitlines()]
+    assert row["steps_redone"] == 2 and row["wasted_progress_from_disruption_s"] == 6.0 and row["step"] == 8
+    assert row["program_startup_s"] == 1.5 and row["unproductive_checkpoint_save_time_s"] == 0.5
+    lost = sum(row[f"{k}_s"] for k in goodput.BUCKETS if k != "wasted_progress_from_disruption")
+    assert row["productive_s"] == max(0.0, row["total_s"] - lost)  # (here the buckets were made up: 0)
+    assert line.startswith("goodput: ") and "compile 1.5 s" in line and "checkpoint save 0.5 s" in line
+    assert line.endswith("; 2 steps redone after the restart (6.0 s of the previous launch)")

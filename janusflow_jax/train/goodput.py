@@ -1,5 +1,5 @@
 """Goodput: where a launch's wall time went, in the buckets of the ML Goodput Measurement library (MaxText's goodput
-recorder): productive step time, and badput
+recorder): productive time (the launch's time outside the buckets below: the steps), and badput
 
     tpu_initialization                    the launch to a ready plan (mesh, model, optimizer, checkpoint manager)
     training_prep                         the first parameters: initialised, or restored from the run's checkpoint
@@ -8,7 +8,7 @@ recorder): productive step time, and badput
     unproductive_checkpoint_save_time     the loop blocked on saving checkpoints
     wasted_progress_from_disruption       steps the previous launch trained past the checkpoint this one resumed
                                           from: done again, so lost (their logged step times)
-    other                                 the rest (evaluation, logging, closing)
+    other                                 the evaluators' runs (the log calls it "evaluation")
 
 The first step's row in metrics.jsonl carries the time to it (`time_to_first_step_s`, split into `init_s`,
 `restore_s` or `init_params_s`, `compile_s`, `first_batch_s`, and the programs the cache served: `compile_cached`,
@@ -91,8 +91,8 @@ class Goodput:
     def summary(self, steps_done: int) -> dict:
         """The launch's totals: {bucket}_s, productive_s, total_s, goodput_percent, steps, steps_redone."""
         total = time.perf_counter() - self.begin
-        lost_here = sum(v for k, v in self.seconds.items() if k not in ("wasted_progress_from_disruption", "other"))
-        productive = max(0.0, total - lost_here - self.seconds["other"])
+        lost_here = sum(v for k, v in self.seconds.items() if k != "wasted_progress_from_disruption")
+        productive = max(0.0, total - lost_here)  # the steps themselves (and the logging between them)
         out = {f"{k}_s": v for k, v in self.seconds.items()}
         out.update(productive_s=productive, total_s=total, steps=steps_done, steps_redone=self.lost_steps,
                    goodput_percent=100.0 * productive / max(total + self.seconds["wasted_progress_from_disruption"],
@@ -111,7 +111,7 @@ class Goodput:
                 writer.add_scalar(f"goodput/{key}", value, step)
         names = dict(tpu_initialization="init", training_prep="restore" if self.resumed else "init params",
                      program_startup="compile", data_loading_sync="data wait",
-                     unproductive_checkpoint_save_time="checkpoint save", other="other")
+                     unproductive_checkpoint_save_time="checkpoint save", other="evaluation")
         lost = ", ".join(f"{names[k]} {s[f'{k}_s']:.1f} s" for k in names)
         redone = (f"; {s['steps_redone']} steps redone after the restart ({s['wasted_progress_from_disruption_s']:.1f} "
                   f"s of the previous launch)" if s["steps_redone"] else "")

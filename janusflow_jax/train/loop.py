@@ -202,7 +202,9 @@ def _loop(plan: Plan, mngr, state, source, phase: int, start: int, workdir: epat
             for callback in callbacks:
                 callback(done, state, metrics_host)
             if evaluating:  # before the next step donates this state
+                began = time.perf_counter()
                 evaluators.run(done, state)
+                clock.add("other", time.perf_counter() - began)
             if boundary:
                 # A new mixture from the next step on: new compositions, source and compiled steps. Switched before
                 # saving, so a checkpoint at the boundary holds the new source's (fresh) state.
