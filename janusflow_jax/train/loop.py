@@ -141,6 +141,7 @@ def _loop(plan: Plan, mngr, state, source, phase: int, start: int, workdir: epat
         if key not in step_fns:
             began = time.perf_counter()
             compile_phase(phase, state)
+            hosts.barrier(f"janusflow_jax: phase {phase} compiled ({len(step_fns)} programs)")  # all hosts at once
             clock.add("program_startup", time.perf_counter() - began)
         return step_fns[key]
 
