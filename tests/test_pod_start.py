@@ -29,7 +29,7 @@ from tests.cli_helpers import user_env
 from janusflow_jax import checkpoint
 
 ROOT = pod.ROOT
-STEPS = 6
+STEPS = 10  # room for a SIGTERM's agreed step to come one or two steps late on a loaded host
 # The memory scenario's model: stage2:tiny with a 100k vocabulary at width 512 (embedding + LM head: 410 MB in
 # fp32), every parameter sharded over all 8 devices (the pod layout, FSDP).
 BIG = {"model.llm.vocab_size": 100_000, "model.llm.hidden_size": 512, "model.llm.head_dim": 128,
@@ -257,10 +257,10 @@ def _steps(workdir) -> list[int]:
 
 def test_restarts_on_other_host_counts_and_before_the_first_step_continue_bit_for_bit(env, dataset, tmp_path):
     """One chain: 1 process from the checkpoint (the reference); 2 hosts from the same checkpoint, SIGTERM on host 1
-    after step 1 (every host saves the agreed step s); 1 host resumes s (2 -> 1) and is stopped after s + 1; 2 hosts
-    resume s + 1 (1 -> 2) and get SIGTERM during the restore (every host keeps s + 1, exits 0); the same 2 hosts
-    finish, their step program loaded from the persistent cache. The final weights, EMA and every logged loss equal
-    the reference's bit for bit."""
+    after step 1 (every host saves the agreed step s); 1 host resumes s (2 -> 1), SIGTERM after s + 1 (saves the
+    agreed step t); 2 hosts resume t (1 -> 2) and get SIGTERM during the restore (every host keeps t, exits 0);
+    the same 2 hosts finish, their step program loaded from the persistent cache. The final weights, EMA and every
+    logged loss equal the reference's bit for bit."""
     overrides = {**CHAIN, "data.dir": dataset, "init.path": _start_checkpoint(tmp_path / "start")}
     reference, workdir = tmp_path / "reference", tmp_path / "run"
     timings = {}
@@ -272,7 +272,7 @@ def test_restarts_on_other_host_counts_and_before_the_first_step_continue_bit_fo
     first = _run(env, workdir, "after:1:1", 2, overrides, tmp_path)
     timings["2 hosts, SIGTERM"] = time.monotonic() - began
     saved = [int(line.split()[3]) for line in first[0]["out"].splitlines() if line.startswith("preempted: saved")]
-    assert len(saved) == 1 and 2 <= saved[0] <= 3 and _steps(workdir)[-1] == saved[0], first[0]["out"]
+    assert len(saved) == 1 and 2 <= saved[0] <= 4 and _steps(workdir)[-1] == saved[0], first[0]["out"]
     s = saved[0]
     assert sorted(p.name for p in (workdir / "checkpoints" / str(s) / "data").glob("*.json")) == [
         "stream_0-of-2.json", "stream_1-of-2.json"]  # per reading stream, not per process
@@ -280,20 +280,22 @@ def test_restarts_on_other_host_counts_and_before_the_first_step_continue_bit_fo
     began = time.monotonic()
     (one,) = _run(env, workdir, f"after:0:{s + 1}", 1, overrides, tmp_path)  # 2 -> 1
     timings["1 host, resumed"] = time.monotonic() - began
-    assert f"resuming from step {s}" in one["out"] and _steps(workdir)[-1] == s + 1, one["out"]
+    assert f"resuming from step {s}" in one["out"], one["out"]
+    (t,) = [int(line.split()[3]) for line in one["out"].splitlines() if line.startswith("preempted: saved")]
+    assert s + 1 < t < STEPS and _steps(workdir)[-1] == t, one["out"]  # the agreed step: after the notice
 
     began = time.monotonic()
     held = _run(env, workdir, "restore:1", 2, overrides, tmp_path)  # 1 -> 2, the notice before the first step
     timings["2 hosts, SIGTERM in the restore"] = time.monotonic() - began
-    assert f"preempted: saved step {s + 1} in" in held[0]["out"] and "before the first step" in held[0]["out"]
+    assert f"preempted: saved step {t} in" in held[0]["out"] and "before the first step" in held[0]["out"]
     assert not [line for line in pod._said(held[0]) if line.startswith("step ")]  # no step ran
-    assert _steps(workdir)[-1] == s + 1
+    assert _steps(workdir)[-1] == t
 
     began = time.monotonic()
     last = _run(env, workdir, "none:", 2, overrides, tmp_path)
     timings["2 hosts, finish"] = time.monotonic() - began
     out = last[0]["out"]
-    assert f"resuming from step {s + 1}" in out
+    assert f"resuming from step {t}" in out
     assert " 0 compiled)" in next(line for line in out.splitlines() if line.startswith("first step after")), out
     assert next(line for line in out.splitlines() if line.startswith("goodput: "))
     for weights in ("params", "ema"):  # bitwise
@@ -306,7 +308,7 @@ def test_restarts_on_other_host_counts_and_before_the_first_step_continue_bit_fo
     keys = ("step", "loss", "ar", "rf", "repa", "grad_norm")
     assert [[r[k] for k in keys] for r in rows] == [[r[k] for k in keys] for r in ref_rows]
     assert [r["step"] for r in rows] == list(range(1, STEPS + 1))
-    assert all("time_to_first_step_s" in rows[k - 1] for k in (1, s + 1, s + 2))  # each launch's first step
+    assert all("time_to_first_step_s" in rows[k - 1] for k in (1, s + 1, t + 1))  # each launch's first step
     goodput = [json.loads(line) for line in (workdir / "goodput.jsonl").read_text().splitlines()]
     assert len(goodput) == 4 and all(g["total_s"] > 0 for g in goodput)
     print("launch seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in timings.items()))
