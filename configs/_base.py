@@ -67,6 +67,9 @@ def base_config(arg: str | None, *, stage: int, lr: float, warmup_steps: int, st
     c.checkpoint_every = 1000
     c.keep_checkpoints = 3
     c.max_consecutive_skips = 20
+    # Persistent compilation cache (janusflow_jax/train/compilation_cache.py): "" = <workdir>/compilation_cache, a
+    # local or gs:// directory every host reads, or "off". A relaunch loads what it compiled before.
+    c.compilation_cache = ""
     # Evaluators inside training (janusflow_jax/eval/evaluators.py), on the EMA weights every eval_every steps and at
     # the last; 0 = off. Held-out losses need a prepared split of data the run does not train on (eval.data_dir);
     # the sample grid decodes in that data's latent space with its tokenizer.

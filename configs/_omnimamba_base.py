@@ -105,6 +105,9 @@ def base_config(arg: str | None, *, stage: str, lr: float, warmup_steps: int, st
     c.checkpoint_every = 5000  # the release's save_steps
     c.keep_checkpoints = 5  # its save_total_limit
     c.max_consecutive_skips = 20
+    # Persistent compilation cache (janusflow_jax/train/compilation_cache.py): "" = <workdir>/compilation_cache, a
+    # local or gs:// directory every host reads, or "off". A relaunch loads what it compiled before.
+    c.compilation_cache = ""
     c.eval_every = 0
     c.eval = ml_collections.ConfigDict(dict(evaluators=(), data_dir="", batch_size=0, batches=2, seed=0))
     if variant == "tiny":  # seconds on a CPU: the tiny system, 16 rows of short sequences, 6 steps

@@ -35,7 +35,7 @@ ITEMS = {
     "ema": "the EMA of the trainable parameters (training checkpoints; `load_params(weights='ema')` overlays it)",
     "opt_state": "the optimizer state of the trainable parameters",
     "counters": "step and consecutive-skip count",
-    "data": "the data iterator's state (grain's handler: one file per process)",
+    "data": "the data iterator's state (one file per reading stream, `data/stream_state.py`)",
     "config": "the model config (JSON)",
     "run_config": "the whole run config (JSON)",
 }
@@ -62,13 +62,13 @@ def _array_saving():
 
 def item_handlers() -> dict:
     """{item: orbax handler} for every entry of ITEMS (jax.Array's saving configured as above)."""
-    import grain.checkpoint as grain_ckpt
+    from janusflow_jax.data import stream_state
 
     _array_saving()
 
     array_tree, json_ = ocp.StandardCheckpointHandler, ocp.JsonCheckpointHandler
     handlers = dict(params=array_tree(), ema=array_tree(), opt_state=array_tree(), counters=array_tree(),
-                    data=grain_ckpt.CheckpointHandler(), config=json_(), run_config=json_())
+                    data=stream_state.Handler(), config=json_(), run_config=json_())
     assert handlers.keys() == ITEMS.keys()
     return handlers
 
@@ -114,7 +114,8 @@ def save_params(directory, config, params, step: int = 0, overwrite: bool = Fals
         mngr.wait_until_finished()
 
 
-def load_params(directory, mesh=None, shardings=None, step: int | None = None, weights: str = "ema") -> tuple:
+def load_params(directory, mesh=None, shardings=None, step: int | None = None, weights: str = "ema",
+                dtype=None) -> tuple:
     """Restores (config, params) from `step` (default: the latest) of the root `directory`; the config is a
     JanusFlowConfig or an OmniMambaConfig by the saved family (`config_from_dict`).
 
@@ -136,7 +137,8 @@ def load_params(directory, mesh=None, shardings=None, step: int | None = None, w
         def target(meta, shardings):
             if shardings is None:  # numpy targets restore to host memory (np.empty does not touch the pages)
                 return jax.tree.map(lambda m: np.empty(m.shape, m.dtype), meta)
-            return jax.tree.map(lambda m, s: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=s), meta, shardings)
+            return jax.tree.map(lambda m, s: jax.ShapeDtypeStruct(m.shape, dtype or m.dtype, sharding=s), meta,
+                                shardings)
 
         params = mngr.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(target(meta, shardings))))
         params = params["params"]
@@ -152,6 +154,16 @@ def load_params(directory, mesh=None, shardings=None, step: int | None = None, w
                 flat[path] = value.astype(flat[path].dtype)
             params = traverse_util.unflatten_dict(flat, sep="/")
     return config, params
+
+
+def param_shapes(directory, step: int | None = None) -> dict:
+    """The saved parameter tree of `step` (default: the latest) as shapes (tuples), without reading any array."""
+    with _open(directory) as mngr:
+        step, _ = _step_and_config(mngr, directory, step)
+        meta = mngr.item_metadata(step)["params"]
+        meta = getattr(meta, "tree", meta)
+        flat = traverse_util.flatten_dict(meta, sep="/")
+        return traverse_util.unflatten_dict({k: tuple(m.shape) for k, m in flat.items()}, sep="/")
 
 
 def load_config(directory, step: int | None = None):

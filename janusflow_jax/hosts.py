@@ -52,6 +52,19 @@ def runtime_initialized() -> bool:
     return jax.distributed.is_initialized()
 
 
+def barrier(name: str, timeout_s: int = 3600):
+    """Every host waits here until all have arrived (`name`: unique per use). The distributed runtime's barrier, not
+    a device collective: hosts that reach their first collective far apart (one loads its programs from the
+    compilation cache, another compiles them) would otherwise outlast the collectives' connection timeout."""
+    import jax
+
+    if jax.process_count() == 1:
+        return
+    from jax._src import distributed  # the runtime's client (jax exports no barrier with a timeout of its own)
+
+    distributed.global_state.client.wait_at_barrier(name, timeout_in_ms=timeout_s * 1000)
+
+
 def _allgather(x: np.ndarray) -> np.ndarray:
     from jax.experimental import multihost_utils
 

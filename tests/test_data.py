@@ -237,7 +237,8 @@ def test_streams_make_the_global_batch_independent_of_the_host_count(dataset):
             for kind, found in _identities(batch).items():
                 seen[host][kind] |= set(found)
     assert all(not seen[0][kind] & seen[1][kind] for kind in sizes)
-    with pytest.raises(ValueError, match="data.streams 2 is not a multiple of the 3 hosts"):
+    with pytest.raises(ValueError, match=r"data.streams 2 cannot be read by 3 hosts: run on a host count that divides "
+                                         r"it \(1, 2\)"):
         data.make_train_iterator(_config(dataset, streams=2), SIZES, GEOMETRY, shard_index=0, shard_count=3)
     with pytest.raises(ValueError, match=r"in units of 1 do not split over this host's 2 reading"):
         data.make_train_iterator(_config(dataset, streams=2), SIZES, GEOMETRY, shard_index=0, shard_count=1)
@@ -299,6 +300,50 @@ def test_resume_from_a_saved_state_is_exact(dataset, tmp_path):
         mngr.restore(3, args=ocp.args.Composite(data=grain.checkpoint.CheckpointRestore(fresh)))
     _assert_same(_take(fresh, 5), reference)
     for it in (iterator, restored, fresh):
+        it.close()
+
+
+def test_a_state_saved_on_two_hosts_resumes_on_one_or_four(dataset, tmp_path):
+    """Saved per reading stream (`stream_state.Handler`, orbax's layout): 2 hosts' states, read back by 1 host (both
+    streams) or by 4 (one each), continue the uninterrupted batches of 1 host exactly; a state saved per process
+    (grain's own handler) resumes on its own host count only, and any other is refused in one line."""
+    from janusflow_jax.data import stream_state
+
+    config, sizes = _config(dataset, streams=4, prefetch=0), {"und": 4, "gen": 4, "text": 4}  # rows of 1 host
+
+    def host(index, count):
+        return data.make_train_iterator(config, {k: n // count for k, n in sizes.items()}, GEOMETRY,
+                                        shard_index=index, shard_count=count)
+
+    def step(iterators):
+        parts = [next(it) for it in iterators]
+        return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+    reference = [step([it]) for it in [host(0, 1)] for _ in range(3)]
+    saved = tmp_path / "data"
+    saved.mkdir()
+    two = [host(i, 2) for i in range(2)]
+    _assert_same([step(two)], reference[:1])
+    for it in two:
+        stream_state.Handler().save(saved, item=it)
+    assert sorted(p.name for p in saved.iterdir()) == [f"stream_{s}-of-4.json" for s in range(4)]
+    for count in (1, 4):
+        hosts = [host(i, count) for i in range(count)]
+        for it in hosts:
+            stream_state.Handler().restore(saved, item=it)
+        _assert_same([step(hosts) for _ in range(2)], reference[1:])
+    other = host(0, 1)
+    with pytest.raises(ValueError, match=r"saved from 4 reading streams, this run reads 2: set "
+                                         r"--config.data.streams=4 and run on a host count that divides it \(1, 2, 4\)"):
+        stream_state.Handler().restore(saved, item=data.make_train_iterator(
+            _config(dataset, streams=2, prefetch=0), {"und": 2, "gen": 2, "text": 2}, GEOMETRY, shard_index=0,
+            shard_count=1))
+    old = tmp_path / "old"  # a checkpoint from before the states were per stream: process_0-of-2.json, ...
+    old.mkdir()
+    (old / "process_0-of-2.json").write_text(other.get_state().decode())
+    with pytest.raises(ValueError, match=r"saved per process by 2 hosts .* this run has 1: resume on 2 hosts"):
+        stream_state.Handler().restore(old, item=other)
+    for it in two + hosts + [other]:
         it.close()
 
 

@@ -17,6 +17,7 @@ from typing import Mapping
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
@@ -134,7 +135,9 @@ def _stack_layers_(params: dict, cfg: JanusFlowConfig) -> dict:
         layers = [flatten(sub.pop(f"{name}_{i}")) for i in range(_layer_counts(cfg)[tower])]
         stacked = {}
         for key in list(layers[0]):
-            stacked[key] = np.stack([np.asarray(layer.pop(key)) for layer in layers])
+            arrays = [layer.pop(key) for layer in layers]
+            stacked[key] = (jnp.stack(arrays) if isinstance(arrays[0], jax.core.Tracer)  # on the mesh, jitted
+                            else np.stack([np.asarray(a) for a in arrays]))
         sub[name] = traverse_util.unflatten_dict(stacked, sep="/")
     return params
 
@@ -151,7 +154,8 @@ def unscan_params(params, cfg: JanusFlowConfig):
         sub = dict(params[tower])
         stacked = sub.pop(name)
         for i in range(_layer_counts(cfg)[tower]):
-            sub[f"{name}_{i}"] = jax.tree.map(lambda x: np.asarray(x)[i], stacked)
+            sub[f"{name}_{i}"] = jax.tree.map(lambda x: x[i] if isinstance(x, jax.core.Tracer) else np.asarray(x)[i],
+                                              stacked)
         params[tower] = sub
     return params
 

@@ -23,9 +23,10 @@ as JSON bytes, saved beside the train state in the same orbax step:
     mngr.save(step, args=ocp.args.Composite(state=..., data=grain.checkpoint.CheckpointSave(iterator)))
     mngr.restore(step, args=ocp.args.Composite(state=..., data=grain.checkpoint.CheckpointRestore(iterator)))
 
-(one file per host; or `it.get_state()` / `it.set_state(state)` directly). The batches after a restore equal those of
-an uninterrupted run. Restore with the same data config (num_workers included), data types, unit and host count: the
-state indexes this exact pipeline.
+(or `it.get_state()` / `it.set_state(state)` directly). The batches after a restore equal those of an uninterrupted
+run. Restore with the same data config (num_workers and streams included), data types and unit: the state indexes
+this exact pipeline. A training checkpoint saves it per reading stream (`stream_state.py`, one file per stream), so
+any host count dividing `data.streams` resumes it.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ import ml_collections
 import numpy as np
 from etils import epath
 
+from janusflow_jax.data import stream_state
 from janusflow_jax.data.batch import DATA_TYPES, BatchGeometry
 from janusflow_jax.data.omnimamba_batch import OmniMambaGeometry
 from janusflow_jax.data.omnimamba_records import decode_mmu, decode_t2i
@@ -314,8 +316,10 @@ class MixtureIterator:
     hosts that divides the streams. `next()` takes `default_sizes`. The state (`get_state` / `set_state`, JSON bytes)
     is every type's grain iterator state; grain's orbax checkpoint handler saves it like any iterator's."""
 
-    def __init__(self, iterators: Mapping[str, object], unit_rows: int, default_sizes: Mapping[str, int]):
+    def __init__(self, iterators: Mapping[str, object], unit_rows: int, default_sizes: Mapping[str, int],
+                 streams: range = range(1), stream_count: int = 1):
         self.iterators, self.unit_rows, self.default_sizes = dict(iterators), unit_rows, dict(default_sizes)
+        self.streams, self.stream_count = streams, stream_count  # the reading streams of this host, of all
 
     def __iter__(self):
         return self
@@ -346,6 +350,18 @@ class MixtureIterator:
                              f"{sorted(self.iterators)}: restore with the config the state was saved with")
         for kind, it in self.iterators.items():
             it.set_state(states[kind])
+
+    def stream_states(self) -> dict[int, dict]:
+        """{stream: its state}, for each of this host's streams (`stream_state.py`: any host count reading the same
+        streams resumes from them)."""
+        states = {kind: it.get_state() for kind, it in self.iterators.items()}
+        return {stream: {kind: stream_state.split(state, i) for kind, state in states.items()}
+                for i, stream in enumerate(self.streams)}
+
+    def set_stream_states(self, states: Mapping[int, dict]):
+        """Restores this host's streams from `stream_states` of any host count (each of `self.streams` given)."""
+        self.set_state(json.dumps({kind: stream_state.merge([states[s][kind] for s in self.streams])
+                                   for kind in states[self.streams[0]]}).encode())
 
     def start_prefetch(self):  # grain's checkpoint handler calls it after a restore
         for it in self.iterators.values():
@@ -403,7 +419,8 @@ def make_train_iterator(data_config, sizes: Mapping[str, int], geometry: BatchGe
         raise ValueError("no prepared dataset: set config.data.dir (written by launch.prepare_data)")
     streams = data_config.streams or shard_count
     if streams % shard_count:
-        raise ValueError(f"data.streams {streams} is not a multiple of the {shard_count} hosts")
+        raise ValueError(f"data.streams {streams} cannot be read by {shard_count} hosts: run on a host count that "
+                         f"divides it ({', '.join(map(str, stream_state.divisors(streams)))})")
     per_host = streams // shard_count
     if unit_rows is None:
         unit_rows = math.gcd(*(n for n in sizes.values() if n))
@@ -432,7 +449,8 @@ def make_train_iterator(data_config, sizes: Mapping[str, int], geometry: BatchGe
                                                 **common))
         ds = grain.experimental.ZipIterDataset(parts).map(_merge_streams)
         iterators[kind] = iter(_prefetch(grain, data_config, ds))
-    return MixtureIterator(iterators, unit_rows, sizes)
+    return MixtureIterator(iterators, unit_rows, sizes, range(shard_index * per_host, (shard_index + 1) * per_host),
+                           streams)
 
 
 def _prefetch(grain, data_config, ds):

@@ -10,6 +10,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 
 from janusflow_jax import checkpoint as checkpoint_lib
+from janusflow_jax.data import stream_state
 from janusflow_jax.train import optimizer
 from janusflow_jax.train.plan import Plan
 
@@ -21,12 +22,10 @@ def training_manager(workdir, config) -> ocp.CheckpointManager:
 
 
 def save_state(mngr: ocp.CheckpointManager, plan: Plan, state: dict, source, step: int):
-    import grain.checkpoint as grain_ckpt
-
     args = dict(params=ocp.args.StandardSave(optimizer.merge(state["trainable"], state["frozen"])),
                 opt_state=ocp.args.StandardSave(state["opt_state"]),
                 counters=ocp.args.StandardSave({"step": state["step"], "skips": state["skips"]}),
-                data=grain_ckpt.CheckpointSave(source),
+                data=stream_state.Save(source),
                 config=ocp.args.JsonSave(plan.model_cfg.to_dict()),
                 run_config=ocp.args.JsonSave(json.loads(plan.config.to_json())))
     if plan.use_ema:
@@ -36,13 +35,11 @@ def save_state(mngr: ocp.CheckpointManager, plan: Plan, state: dict, source, ste
 
 def restore_state(mngr: ocp.CheckpointManager, plan: Plan, step: int, source) -> dict:
     """The train state of `step`, each array restored straight into its shard; `source` gets its saved position."""
-    import grain.checkpoint as grain_ckpt
-
     abstract = plan.abstract_state()  # ShapeDtypeStructs with the plan's shardings: the restore targets
     args = dict(params=ocp.args.StandardRestore(optimizer.merge(abstract["trainable"], abstract["frozen"])),
                 opt_state=ocp.args.StandardRestore(abstract["opt_state"]),
                 counters=ocp.args.StandardRestore({"step": abstract["step"], "skips": abstract["skips"]}),
-                data=grain_ckpt.CheckpointRestore(source))
+                data=stream_state.Restore(source))
     if plan.use_ema:
         args["ema"] = ocp.args.StandardRestore(abstract["ema"])
     out = mngr.restore(step, args=ocp.args.Composite(**args))

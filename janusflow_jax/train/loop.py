@@ -6,7 +6,7 @@ Checkpoints (orbax `CheckpointManager` under `<workdir>/checkpoints`, asynchrono
   ema         the EMA of the trainable parameters (`load_params(..., weights="ema")` overlays it; the default)
   opt_state   AdamW state of the trainable parameters
   counters    step and consecutive-skip count
-  data        the data iterator's state (grain's checkpoint handler: one file per process)
+  data        the data iterator's state (one file per reading stream: any host count dividing data.streams resumes)
   config      the model config (JSON); run_config: the whole run config (JSON)
 A step counts only when complete (orbax commits a local step by rename, a gs:// step by a commit marker written
 last), so a run killed at any moment — SIGKILL included, also during an asynchronous save — resumes from the newest
@@ -41,7 +41,7 @@ from janusflow_jax.data.mixture import sizes_dict
 from janusflow_jax.eval import evaluators as eval_lib
 from janusflow_jax.perf import chips
 from janusflow_jax.sharding import mesh_context
-from janusflow_jax.train import checkpointing
+from janusflow_jax.train import checkpointing, compilation_cache, goodput
 from janusflow_jax.train.init import initial_params
 from janusflow_jax.train.metrics import Reporter
 from janusflow_jax.train.plan import Plan, TrainingError, make_plan, phase_at
@@ -61,7 +61,9 @@ def global_batch(local: dict, shardings: dict) -> dict:
 def train(config, workdir, callbacks: Iterable[Callback] = (), progress: bool = True, devices=None) -> dict:
     """Runs (or resumes) the configured stage in `workdir`. Returns the final host metrics."""
     workdir = paths.user_path(workdir)
+    clock = goodput.Goodput()
     paths.check_access(workdir, *paths.config_paths(config))  # before anything is written (or a bucket made)
+    compilation_cache.enable(config, workdir)  # before the first compile
     hosts.check_same_config(config.to_json_best_effort())
     hosts.check_shared_directory(workdir, "workdir")
     workdir.mkdir(parents=True, exist_ok=True)
@@ -73,6 +75,10 @@ def train(config, workdir, callbacks: Iterable[Callback] = (), progress: bool = 
         signal.SIGTERM, lambda *_: preempted.__setitem__("flag", True))
     try:
         latest = mngr.latest_step()
+        # Where this host stands for jax's preemption sync (every host, before the restore and compile): a notice
+        # that arrives before the first step then agrees on a step this launch reaches (`_preempted_before`).
+        mngr.reached_preemption(latest or 0)
+        clock.lap("tpu_initialization")
         phase = phase_at(config.mixture, latest or 0)
         source = plan.source(phase)
         if latest is not None:
@@ -81,9 +87,12 @@ def train(config, workdir, callbacks: Iterable[Callback] = (), progress: bool = 
                 print(f"resuming from step {latest} in {mngr.directory}", flush=True)
         else:
             state = plan.init_state(initial_params(plan))
+        clock.resumed = latest is not None
+        jax.block_until_ready(state)
+        clock.lap("training_prep")
         with mesh_context(plan.mesh):  # the model's activation constraints need the mesh and the axis rules
             return _loop(plan, mngr, state, source, phase, int(jax.device_get(state["step"])), workdir,
-                         list(callbacks), progress, preempted)
+                         list(callbacks), progress, preempted, clock)
     finally:
         if previous_handler is not None:
             signal.signal(signal.SIGTERM, previous_handler)
@@ -91,8 +100,24 @@ def train(config, workdir, callbacks: Iterable[Callback] = (), progress: bool = 
         mngr.close()
 
 
+def _preempted_before(mngr, plan: Plan, state, source, start: int, preempted) -> bool:
+    """Whether a preemption notice came during the restore or the compile (before step `start` + 1 runs): then the
+    launch keeps step `start` (saving it where it is not saved: a fresh start) and stops on every host. On several
+    hosts jax's sync agrees on `start` + 1 when no host has asked past `start` (`train`), on a later step otherwise
+    (then the loop stops there)."""
+    if not (mngr.reached_preemption(start + 1) or preempted["flag"]):
+        return False
+    if mngr.latest_step() != start:
+        checkpointing.save_state(mngr, plan, state, source, start)
+    mngr.wait_until_finished()
+    if jax.process_index() == 0:
+        print(f"preempted: saved step {start} in {mngr.directory} (before the first step of this launch); rerun the "
+              f"same command {'on every host ' if jax.process_count() > 1 else ''}to resume", flush=True)
+    return True
+
+
 def _loop(plan: Plan, mngr, state, source, phase: int, start: int, workdir: epath.Path, callbacks, progress,
-          preempted):
+          preempted, clock: goodput.Goodput):
     config = plan.config
     step_fns = {}
 
@@ -114,13 +139,17 @@ def _loop(plan: Plan, mngr, state, source, phase: int, start: int, workdir: epat
         """The compiled step, batch shardings and counted work of one step composition."""
         key = (phase, tuple(sorted(sizes.items())))
         if key not in step_fns:
+            began = time.perf_counter()
             compile_phase(phase, state)
+            hosts.barrier(f"janusflow_jax: phase {phase} compiled ({len(step_fns)} programs)")  # all hosts at once
+            clock.add("program_startup", time.perf_counter() - began)
         return step_fns[key]
 
     reporter = Reporter(workdir, chips.peak_flops_per_device(), config.batch_size, progress, start=start,
                         types=plan.mixture.types, terms=plan.family.objective.TERMS)
     reporter.start_bar(start, config.steps)
     evaluators = eval_lib.from_config(plan, workdir, reporter.writer)  # None unless config.eval_every > 0
+    clock.redone(reporter.dropped_rows)
     metrics_host, last_time = {}, time.perf_counter()
     pending = None  # (step, metrics, input seconds, counted work) of a step dispatched but not yet reported
 
@@ -129,8 +158,11 @@ def _loop(plan: Plan, mngr, state, source, phase: int, start: int, workdir: epat
         nonlocal last_time
         host = {k: float(v) for k, v in jax.device_get(metrics).items()}
         now = time.perf_counter()
-        reporter.step(done, {**host, "input_s": input_s}, now - last_time, counts, plan.mixture.rows_after(done),
-                      log=done % config.log_every == 0 or done == config.steps or not host["finite"])
+        if done == start + 1 and jax.process_index() == 0:
+            print(clock.first_step_done(input_s), flush=True)
+        log = done % config.log_every == 0 or done == config.steps or not host["finite"]
+        reporter.step(done, {**host, "input_s": input_s, **(clock.row_fields() if log else {})}, now - last_time,
+                      counts, plan.mixture.rows_after(done), log=log)
         last_time = now
         skips = int(host["skips"])  # the state's count of consecutive non-finite steps, after this one
         if skips >= config.max_consecutive_skips:
@@ -143,11 +175,14 @@ def _loop(plan: Plan, mngr, state, source, phase: int, start: int, workdir: epat
         for step in range(start, config.steps):
             sizes = plan.sizes_at(step)  # this step's rows per data type (the mixture schedule)
             fn, b_sh, counts = compiled(phase, sizes, state)
+            if step == start and _preempted_before(mngr, plan, state, source, start, preempted):
+                break
             fetch_start = time.perf_counter()
             host_batch = source.take(plan.host_sizes(sizes))
             plan.geometry.check(host_batch, plan.host_sizes(sizes))  # every source keeps to the one layout
             batch = global_batch(host_batch, b_sh)
             input_s = time.perf_counter() - fetch_start  # host time to get the batch (hidden behind the last step)
+            clock.add("data_loading_sync", input_s)
             state, metrics = fn(state, batch)  # dispatched asynchronously
             if pending is not None:  # the previous step: read its metrics while this one is queued behind it
                 metrics_host = report(*pending)
@@ -168,7 +203,9 @@ def _loop(plan: Plan, mngr, state, source, phase: int, start: int, workdir: epat
             for callback in callbacks:
                 callback(done, state, metrics_host)
             if evaluating:  # before the next step donates this state
+                began = time.perf_counter()
                 evaluators.run(done, state)
+                clock.add("other", time.perf_counter() - began)
             if boundary:
                 # A new mixture from the next step on: new compositions, source and compiled steps. Switched before
                 # saving, so a checkpoint at the boundary holds the new source's (fresh) state.
@@ -176,7 +213,9 @@ def _loop(plan: Plan, mngr, state, source, phase: int, start: int, workdir: epat
                 source = plan.source(phase)
             stop = synced or preempted["flag"]  # a callback may have raised the flag (SIGTERM)
             if saving or stop:
+                began = time.perf_counter()
                 checkpointing.save_state(mngr, plan, state, source, done)
+                clock.saved(time.perf_counter() - began)
                 reporter.flush()  # metrics.jsonl on an object store: as new as the newest checkpoint
             if stop:
                 mngr.wait_until_finished()
@@ -184,6 +223,18 @@ def _loop(plan: Plan, mngr, state, source, phase: int, start: int, workdir: epat
                     print(f"preempted: saved step {done} in {mngr.directory}; rerun the same command "
                           f"{'on every host ' if jax.process_count() > 1 else ''}to resume", flush=True)
                 break
+        began = time.perf_counter()
+        mngr.wait_until_finished()
+        clock.saved(time.perf_counter() - began)
+        _report_goodput(clock, reporter, workdir, mngr, start)
     finally:
+        clock.cache.stop()
         reporter.close()
     return metrics_host
+
+
+def _report_goodput(clock: goodput.Goodput, reporter, workdir, mngr, start: int):
+    """The launch's goodput summary: goodput.jsonl, TensorBoard and one log line (process 0)."""
+    done = mngr.latest_step() or 0
+    if jax.process_index() == 0:
+        print(clock.report(workdir, reporter.writer, done, done - start), flush=True)

@@ -31,9 +31,11 @@ class JsonLines:
     def __init__(self, path: epath.Path, start: int):
         self.path, self.remote = path, paths.is_remote(path)
         self.rows: list[dict] = []
+        self.dropped: list[dict] = []  # the rows after `start`: steps a resumed run trains again
         if path.exists():
-            self.rows = [row for row in map(json.loads, filter(str.strip, path.read_text().splitlines()))
-                         if row.get("step", 0) <= start]
+            rows = list(map(json.loads, filter(str.strip, path.read_text().splitlines())))
+            self.rows = [row for row in rows if row.get("step", 0) <= start]
+            self.dropped = [row for row in rows if row.get("step", 0) > start]
         self._text = "".join(json.dumps(row) + "\n" for row in self.rows)
         self._dirty, self._uploaded = False, time.monotonic()
         if self.remote:
@@ -123,6 +125,11 @@ class Reporter:
         if not row["finite"]:
             line += "  [non-finite: update skipped]"
         (self.bar.write if self.bar is not None else print)(line)
+
+    @property
+    def dropped_rows(self) -> list[dict]:
+        """The rows of steps after the resumed step that an earlier launch logged (process 0; [] elsewhere)."""
+        return self.jsonl.dropped if self.active else []
 
     def flush(self):
         """Brings metrics.jsonl and the TensorBoard events up to date (an object store otherwise sees them late)."""
