@@ -10,8 +10,9 @@ from the newest complete checkpoint.
 
 The bound (`config.watchdog`): `seconds` > 0 is fixed; 0 derives it, `step_multiple` times the median of the steps
 measured so far, never under `floor_seconds` (the floor alone until a step is measured); < 0 turns the watchdog off.
-Compiling and in-training evaluation are not timed (`paused`): their length is not a step's. A host waiting on the
-step itself (its results: the collectives that need every host) allows half a bound more, so that a host stuck in its
+Compiling and in-training evaluation are not timed (`paused`): their length is not a step's; the first step after
+them (and the run's first) is allowed at least the floor, since another host may still be compiling and the data
+readers start then. A host waiting on the step itself (its results: the collectives that need every host) allows half a bound more, so that a host stuck in its
 own input or save is the first to give up and the one that names the cause.
 """
 
@@ -122,6 +123,8 @@ class Watchdog:
             if self._paused:
                 return None
             bound = self.bound() * (_STEP_GRACE if self._what == "step" else 1.0)
+            if not self._measure:  # the first step after a compile: other hosts may still compile, readers start
+                bound = max(bound, self.floor)
             waited = (time.monotonic() if now is None else now) - self._last
             if waited <= bound:
                 return None
