@@ -16,6 +16,7 @@ import jax
 import numpy as np
 from flax import traverse_util
 
+from janusflow_jax import paths
 from janusflow_jax.convert.tensors import CheckpointMismatchError, StateDict
 from janusflow_jax.models.mamba2 import Mamba2Config, param_shapes
 
@@ -158,6 +159,7 @@ def export_hf_state(cfg: Mamba2Config, params) -> dict[str, np.ndarray]:
             for key, _, parts, transform in pieces}
 
 
+@paths.reads_local
 def from_hf_mamba2(directory: str | os.PathLike, param_dtype: str = "float32",
                    **config_overrides) -> tuple[Mamba2Config, dict]:
     """A transformers Mamba2ForCausalLM directory (config.json + model.safetensors, a sharded index, or
