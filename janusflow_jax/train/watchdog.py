@@ -11,8 +11,8 @@ from the newest complete checkpoint.
 The bound (`config.watchdog`): `seconds` > 0 is fixed; 0 derives it, `step_multiple` times the median of the steps
 measured so far, never under `floor_seconds` (the floor alone until a step is measured); < 0 turns the watchdog off.
 Compiling and in-training evaluation are not timed (`paused`): their length is not a step's; the first step after
-them (and the run's first) is allowed at least the floor, since another host may still be compiling and the data
-readers start then. A host waiting on the step itself (its results: the collectives that need every host) allows half a bound more, so that a host stuck in its
+them (and the run's first) is allowed at least the floor and twice the pause, since another host may still be
+compiling (or evaluating) and the data readers start then. A host waiting on the step itself (its results: the collectives that need every host) allows half a bound more, so that a host stuck in its
 own input or save is the first to give up and the one that names the cause.
 """
 
@@ -41,6 +41,7 @@ class Watchdog:
         self._lock = threading.Lock()
         self._last = time.monotonic()  # the last completed step (or the end of the last pause)
         self._measure = False  # whether the next completion measures a step (not the first after a pause)
+        self._pause_seconds = 0.0  # how long the last pause lasted
         self._steps: list[float] = []
         self._what, self._step = "the host loop", 0
         self._paused = 0
@@ -83,12 +84,14 @@ class Watchdog:
         """Work that is not a step (compiling, evaluating): not timed; the clock restarts after it."""
         with self._lock:
             self._paused += 1
+        began = time.monotonic()
         try:
             yield
         finally:
             with self._lock:
                 self._paused -= 1
                 self._last, self._measure = time.monotonic(), False
+                self._pause_seconds = self._last - began
 
     def completed(self, step: int):
         """Step `step`'s results are on the host."""
@@ -124,7 +127,7 @@ class Watchdog:
                 return None
             bound = self.bound() * (_STEP_GRACE if self._what == "step" else 1.0)
             if not self._measure:  # the first step after a compile: other hosts may still compile, readers start
-                bound = max(bound, self.floor)
+                bound = max(bound, self.floor, 2 * self._pause_seconds)
             waited = (time.monotonic() if now is None else now) - self._last
             if waited <= bound:
                 return None
