@@ -100,9 +100,13 @@ def test_bad_bucket_and_missing_credentials_are_one_line(dataset, env, tmp_path,
         paths.check_access("gs://b/run", "/local/dir")
 
 
-def test_convert_generate_and_chat_with_gcs_paths(gcs, inputs, tmp_path, capsys):
+def test_convert_generate_and_chat_with_gcs_paths(gcs, inputs, tmp_path, capsys, monkeypatch):
     """launch.convert to and from gs:// (official layout uploaded with config.json last; orbax native), then
-    launch.generate and launch.chat from the gs:// orbax checkpoint, images read from and written to gs://."""
+    launch.generate and launch.chat from the gs:// orbax checkpoint, images read from and written to gs://; nothing
+    is written under the working directory."""
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
     from safetensors.numpy import load_file
 
     from janusflow_jax.convert import vae as vae_convert
@@ -140,6 +144,7 @@ def test_convert_generate_and_chat_with_gcs_paths(gcs, inputs, tmp_path, capsys)
     assert run_cli(chat_cli, f"--checkpoint={orbax}", f"--image={inputs[1]}/0.png", "--question=what is this",
                    "--max_new_tokens=4") == 0
     assert capsys.readouterr().out.strip()
+    assert not list(cwd.iterdir())  # no ./gs:/... and no stray file
 
 
 def test_a_profile_to_gcs_is_traced_locally_and_copied(gcs):

@@ -46,7 +46,7 @@ def test_the_watchdog_names_the_host_the_step_and_what_it_waited_on():
     with dog.waiting("data", 5):
         assert dog.check(now=dog._last + 4.0) is None
         line = dog.check(now=dog._last + 6.0)
-    assert re.fullmatch(r"error: host 1 of 2 \(h\): no step completed in 6 s \(bound 5 s\): step 5 waiting on data; "
+    assert re.fullmatch(r"error: host 1 of 2 \(h\): no step completed in 6.0 s \(bound 5.0 s\): step 5 waiting on data; "
                         r"exiting \(code 75\) .*", line), line
     with dog.waiting("step", 5):  # waiting on the peers: half a bound more, so that the stuck host speaks first
         assert dog.check(now=dog._last + 6.0) is None
@@ -163,6 +163,13 @@ def test_a_read_only_workdir_is_one_line(readonly, pod_dataset, pod_env, tmp_pat
 
 
 # --------------------------------------------------------------------------------------- faults, 2 hosts, gs://
+def _tails(results) -> str:
+    """Each host's exit code and last lines (for a failing assertion)."""
+    return "\n".join(f"host {i} rc {r['rc']}:\n" + "\n".join(
+        [line for line in r["err"].splitlines() if line.strip() and not line.startswith(("    @", "  File", "    "))][-8:])
+        for i, r in enumerate(results))
+
+
 def _fault_time(result) -> float:
     (line,) = [line for line in result["err"].splitlines() if line.startswith("fault ")]
     return float(line.split()[-1])
@@ -174,17 +181,19 @@ def test_a_hung_host_and_a_dead_coordinator_end_every_host_and_the_relaunch_resu
     relaunch resumes from the newest committed step, and process 0 (the coordinator) is killed after step 3: host 1
     exits non-zero. The last relaunch ends bit for bit where the one-process reference ends."""
     workdir = f"{gcs}/faults"
-    dog = {"watchdog.seconds": BOUND, "watchdog.floor_seconds": BOUND}
+    # The floor covers only the first step after a start or a compile (hosts restore, load the compiled program and
+    # open their readers at different speeds on a loaded machine).
+    dog = {"watchdog.seconds": BOUND, "watchdog.floor_seconds": 120.0}
     measured = {}
 
     hung = _launch_driver(pod_env, pod_dataset, workdir, "hang:1:3", 2, tmp_path, heartbeat=HEARTBEAT, **dog)
     struck = _fault_time(hung[1])
-    assert hung[1]["rc"] == watchdog.EXIT_CODE, hung[1]["err"][-3000:]
+    assert hung[1]["rc"] == watchdog.EXIT_CODE, _tails(hung)
     (line,) = [line for line in hung[1]["err"].splitlines() if line.startswith("error: host 1 of 2 ")]
     assert re.fullmatch(rf"error: host 1 of 2 \(.+\): no step completed in \d+ s \(bound {BOUND:.0f} s\): step 4 "
                         r"waiting on data; exiting \(code 75\) so that every host stops and the job restarts \(rerun "
                         r"the same command on every host to resume\)", line), line
-    assert hung[0]["rc"] != 0, hung[0]["err"][-3000:]
+    assert hung[0]["rc"] != 0, _tails(hung)
     measured["hung host exits"] = hung[1]["ended"] - struck
     measured["hung host: the other exits"] = hung[0]["ended"] - struck
     assert measured["hung host exits"] < BOUND + 30 and measured["hung host: the other exits"] < 1.5 * BOUND + 60
@@ -193,10 +202,10 @@ def test_a_hung_host_and_a_dead_coordinator_end_every_host_and_the_relaunch_resu
 
     dead = _launch_driver(pod_env, pod_dataset, workdir, "sigkill:0:3", 2, tmp_path, heartbeat=HEARTBEAT, **dog)
     survivor, coordinator = dead[1], dead[0]
-    assert coordinator["rc"] == -9, coordinator["err"][-3000:]
+    assert coordinator["rc"] == -9, _tails(dead)
     if committed:
         assert f"resuming from step {committed[-1]} in {workdir}/checkpoints" in coordinator["out"]
-    assert survivor["rc"] != 0, survivor["err"][-3000:]
+    assert survivor["rc"] != 0, _tails(dead)
     measured["coordinator killed: the other exits"] = survivor["ended"] - _fault_time(coordinator)
     assert measured["coordinator killed: the other exits"] < 1.5 * BOUND + HEARTBEAT + 60
     committed = _committed(workdir)

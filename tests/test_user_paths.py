@@ -129,3 +129,20 @@ def test_the_lint_sees_each_kind_of_call(tmp_path):
                       "def f(x):\n    open(x)\n    P(x)\n    pathlib.Path(x)\n    os.path.join(x, 'a')\n"
                       "    x.open()\n")
     assert [t for _, t in file_calls(sample)] == ["open(x)", "P(x)", "pathlib.Path(x)", "os.path.join(x, 'a')"]
+
+
+def test_a_figure_is_saved_to_gcs(gcs):
+    """matplotlib writes local files only: `paths.save_figure` (the race plot, the digits grids) renders in memory."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from etils import epath
+
+    from janusflow_jax import paths
+
+    fig, ax = plt.subplots()
+    ax.plot([0, 1], [1, 0])
+    paths.save_figure(fig, f"{gcs}/figures/race.png", dpi=50)
+    plt.close(fig)
+    assert epath.Path(f"{gcs}/figures/race.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

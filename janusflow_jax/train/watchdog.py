@@ -131,7 +131,7 @@ class Watchdog:
             waited = (time.monotonic() if now is None else now) - self._last
             if waited <= bound:
                 return None
-            return (f"error: {self.host}: no step completed in {waited:.0f} s (bound {bound:.0f} s): step "
+            return (f"error: {self.host}: no step completed in {_seconds(waited)} s (bound {_seconds(bound)} s): step "
                     f"{self._step} waiting on {self._what}; exiting (code {EXIT_CODE}) so that every host stops and "
                     f"the job restarts (rerun the same command on every host to resume)")
 
@@ -143,6 +143,10 @@ class Watchdog:
                 print(line, file=sys.stderr, flush=True)
                 self._exit(EXIT_CODE)  # os._exit: the loop's thread is stuck; nothing else would end the process
                 return
+
+
+def _seconds(x: float) -> str:
+    return f"{x:.0f}" if x >= 10 else f"{x:.1f}"
 
 
 def host_name() -> str:
