@@ -52,7 +52,7 @@ def _free_port() -> int:
 
 
 # A launch.train stand-in that injects one fault: "<kind>:<host>:<step>" with kind sigterm (the host sends itself
-# SIGTERM after that step; sigterm_all: to its whole process group, its grain workers included), sigkill (SIGKILL after that step: a crashed host), killsave (SIGKILL while that step's
+# SIGTERM after that step), sigkill (SIGKILL after that step: a crashed host), killsave (SIGKILL while that step's
 # asynchronous save is writing: once its first object exists on gs://, before the commit marker) or hang (after that
 # step the host's data source blocks forever: a host stuck in a GCS read or a grain worker). Each fault prints
 # "fault <kind> at <wall clock>" to stderr when it strikes.
@@ -80,13 +80,11 @@ mine = jax.process_index() == int(host)
 
 
 def fault_after(step, state, metrics):
-    if mine and step == int(at) and kind in ("sigterm", "sigterm_all", "sigkill", "hang"):
+    if mine and step == int(at) and kind in ("sigterm", "sigkill", "hang"):
         print(f"host {host}: {kind} after step {step}", file=sys.stderr, flush=True)
         print(f"fault {kind} at {time.time()}", file=sys.stderr, flush=True)
         if kind == "hang":
             hung.append(step)
-        elif kind == "sigterm_all":  # as a VM's shutdown does: every process of the host (grain's workers too)
-            os.killpg(os.getpgrp(), signal.SIGTERM)
         else:
             os.kill(os.getpid(), signal.SIGTERM if kind == "sigterm" else signal.SIGKILL)
 

@@ -46,8 +46,8 @@ def test_the_watchdog_names_the_host_the_step_and_what_it_waited_on():
     with dog.waiting("data", 5):
         assert dog.check(now=dog._last + 4.0) is None
         line = dog.check(now=dog._last + 6.0)
-    assert re.fullmatch(r"error: host 1 of 2 \(h\): no step completed in 6.0 s \(bound 5.0 s\): step 5 waiting on data; "
-                        r"exiting \(code 75\) .*", line), line
+    assert re.fullmatch(r"error: host 1 of 2 \(h\): no step completed in 6.0 s \(bound 5.0 s\): step 5 waiting on "
+                        r"data; exiting \(code 75\) .*", line), line
     with dog.waiting("step", 5):  # waiting on the peers: half a bound more, so that the stuck host speaks first
         assert dog.check(now=dog._last + 6.0) is None
         assert "waiting on step" in dog.check(now=dog._last + 8.0)
@@ -166,7 +166,7 @@ def test_a_read_only_workdir_is_one_line(readonly, pod_dataset, pod_env, tmp_pat
 def _tails(results) -> str:
     """Each host's exit code and last lines (for a failing assertion)."""
     return "\n".join(f"host {i} rc {r['rc']}:\n" + "\n".join(
-        [line for line in r["err"].splitlines() if line.strip() and not line.startswith(("    @", "  File", "    "))][-8:])
+        [line for line in r["err"].splitlines() if line.strip() and not line.startswith(("    @", "  "))][-8:])
         for i, r in enumerate(results))
 
 

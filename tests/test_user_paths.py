@@ -87,8 +87,8 @@ def file_calls(path: Path) -> list[tuple[int, str]]:
     """(line, call as written) of every open(...), pathlib Path(...) and os.path.<fn>(...) call in one file."""
     source = path.read_text()
     tree = ast.parse(source)
-    from_pathlib = {a.asname or a.name for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module == "pathlib"
-                    for a in n.names}
+    from_pathlib = {a.asname or a.name for n in ast.walk(tree)
+                    if isinstance(n, ast.ImportFrom) and n.module == "pathlib" for a in n.names}
     found = []
     for node in ast.walk(tree):
         if not isinstance(node, ast.Call):

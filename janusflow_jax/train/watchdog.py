@@ -12,8 +12,9 @@ The bound (`config.watchdog`): `seconds` > 0 is fixed; 0 derives it, `step_multi
 measured so far, never under `floor_seconds` (the floor alone until a step is measured); < 0 turns the watchdog off.
 Compiling and in-training evaluation are not timed (`paused`): their length is not a step's; the first step after
 them (and the run's first) is allowed at least the floor and twice the pause, since another host may still be
-compiling (or evaluating) and the data readers start then. A host waiting on the step itself (its results: the collectives that need every host) allows half a bound more, so that a host stuck in its
-own input or save is the first to give up and the one that names the cause.
+compiling (or evaluating) and the data readers start then. A host waiting on the step itself (its results: the
+collectives that need every host) allows half a bound more, so that a host stuck in its own input or save is the
+first to give up and the one that names the cause.
 """
 
 from __future__ import annotations
