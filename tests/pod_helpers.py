@@ -38,6 +38,9 @@ OVERRIDES = {
     "model.llm.num_layers": 1, "model.und_encoder.depth": 1, "model.gen_encoder.num_blocks": 1,
     "model.gen_decoder.num_blocks": 1, "model.repa.layer": 1,
     "batch_size": 24, "steps": STEPS, "mixture": ((STEPS, (1, 1, 1)),),
+    # The step watchdog's floor well above what hosts' start-up and compiles differ by on a loaded 2-core machine
+    # (seen: > 200 s): only tests/test_pod_faults.py's hung host is meant to trip it (its own bound).
+    "watchdog.floor_seconds": 1800.0,
 }
 
 
