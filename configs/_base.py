@@ -19,6 +19,7 @@ Fields (all overridable from the command line, e.g. `--config.optimizer.lr=3e-5`
   data                  source "synthetic" | "prepared" (+ loader fields of janusflow_jax/data/loader.py), seq_len (packed
                         understanding/text rows), prompt_len (generation prompts, left-padded), images_per_row
   seed, log_every, checkpoint_every, keep_checkpoints, max_consecutive_skips
+  watchdog              a host on which no step completes within the bound exits (train/watchdog.py)
   eval_every, eval      evaluators on the EMA weights every eval_every steps (0 = off): held-out losses, a sample
                         grid, a scored understanding set (janusflow_jax/eval/evaluators.py)
 """
@@ -70,6 +71,9 @@ def base_config(arg: str | None, *, stage: int, lr: float, warmup_steps: int, st
     # Persistent compilation cache (janusflow_jax/train/compilation_cache.py): "" = <workdir>/compilation_cache, a
     # local or gs:// directory every host reads, or "off". A relaunch loads what it compiled before.
     c.compilation_cache = ""
+    # A host on which no step completes within the bound exits (train/watchdog.py): seconds > 0 fixed, 0 derived
+    # (step_multiple x the median step, at least floor_seconds; compiles and evaluations not counted), < 0 off.
+    c.watchdog = ml_collections.ConfigDict(dict(seconds=0.0, floor_seconds=300.0, step_multiple=20.0))
     # Evaluators inside training (janusflow_jax/eval/evaluators.py), on the EMA weights every eval_every steps and at
     # the last; 0 = off. Held-out losses need a prepared split of data the run does not train on (eval.data_dir);
     # the sample grid decodes in that data's latent space with its tokenizer.

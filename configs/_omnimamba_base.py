@@ -108,6 +108,9 @@ def base_config(arg: str | None, *, stage: str, lr: float, warmup_steps: int, st
     # Persistent compilation cache (janusflow_jax/train/compilation_cache.py): "" = <workdir>/compilation_cache, a
     # local or gs:// directory every host reads, or "off". A relaunch loads what it compiled before.
     c.compilation_cache = ""
+    # A host on which no step completes within the bound exits (train/watchdog.py): seconds > 0 fixed, 0 derived
+    # (step_multiple x the median step, at least floor_seconds; compiles and evaluations not counted), < 0 off.
+    c.watchdog = ml_collections.ConfigDict(dict(seconds=0.0, floor_seconds=300.0, step_multiple=20.0))
     c.eval_every = 0
     c.eval = ml_collections.ConfigDict(dict(evaluators=(), data_dir="", batch_size=0, batches=2, seed=0))
     if variant == "tiny":  # seconds on a CPU: the tiny system, 16 rows of short sequences, 6 steps

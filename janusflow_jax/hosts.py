@@ -9,8 +9,10 @@ hung, lost) makes the runtime abort every other host, so a pod never hangs on a 
 on every host resumes from the newest complete checkpoint. It also owns SIGTERM: jax's preemption sync manager
 catches it on any host and agrees with the others on a step at which every host saves (`reached_preemption`).
 
-`check_same_config` and `check_shared_directory` turn the two silent ways a multi-host run goes wrong (hosts started
-with different flags; a "shared" directory that is in fact each host's own disk) into one-line errors on every host.
+`check_same_config`, `check_writable`, `check_shared_directory` and `check_slices` turn the silent ways a
+multi-host run goes wrong (hosts started with different flags or workdirs; a directory a host cannot write; a "shared"
+directory that is in fact each host's own disk; a mesh that does not match the slices) into one-line errors raised on
+every host at start, before any host waits on another in a collective.
 """
 
 from __future__ import annotations
@@ -71,9 +73,10 @@ def _allgather(x: np.ndarray) -> np.ndarray:
     return np.asarray(multihost_utils.process_allgather(x))
 
 
-def check_same_config(text: str, what: str = "run config"):
-    """Every host compares the hash of `text` (e.g. the config's JSON) with every other's; a mismatch raises
-    ValueError on every host, naming the hosts that differ from process 0."""
+def check_same_config(text: str, what: str = "run config", show: bool = False):
+    """Every host compares the hash of `text` (e.g. the config's JSON, the workdir) with every other's; a mismatch
+    raises ValueError on every host, naming the hosts that differ from process 0 (and, with `show`, this host's
+    `text`)."""
     import jax
 
     if jax.process_count() == 1:
@@ -82,8 +85,56 @@ def check_same_config(text: str, what: str = "run config"):
     digests = _allgather(digest)
     differ = [i for i in range(len(digests)) if not np.array_equal(digests[i], digests[0])]
     if differ:
-        raise ValueError(f"the {what} differs between hosts: process(es) {differ} do not match process 0; start "
-                         f"every host with the same command and flags")
+        here = f" (process {jax.process_index()} has {text})" if show else ""
+        raise ValueError(f"the {what} differs between hosts: process(es) {differ} do not match process 0{here}; "
+                         f"start every host with the same command and flags")
+
+
+def check_writable(directory: str | os.PathLike, what: str = "workdir"):
+    """Every host creates `directory` (if needed), writes a probe file of its own there and deletes it; if any host
+    cannot, every host raises one ValueError naming the hosts that failed (each its own reason), instead of the first
+    checkpoint failing on one host while the others wait for it."""
+    import jax
+
+    directory = paths.user_path(directory)
+    probe = directory / f".janusflow-write-probe-{jax.process_index()}-{secrets.token_hex(4)}"
+    error = ""
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        probe.write_text("a probe of write access, written and deleted at the start of a run\n")
+        probe.unlink()
+    except Exception as e:  # noqa: BLE001 - permission, read-only bucket, full disk: one line on every host
+        error = f"{type(e).__name__}: {' '.join(str(e).split())[:300]}"
+    ok = np.ravel(_allgather(np.int32(not error))) if jax.process_count() > 1 else [not error]
+    failed = [i for i, s in enumerate(ok) if not s]
+    if failed:
+        raise ValueError(f"cannot write to the {what} {directory}: process(es) {failed} could not write a file there"
+                         + (f" ({error})" if error else "") + "; give this account write access (gs://: the "
+                         f"roles/storage.objectUser role on the bucket) or choose another {what}")
+
+
+def slice_count(devices) -> int:
+    """The number of slices `devices` span (TPU devices carry `slice_index`; other platforms report one slice)."""
+    return len({getattr(d, "slice_index", 0) for d in devices})
+
+
+def check_slices(dcn_data: int, devices):
+    """`mesh.dcn_data` must be the number of slices the job spans (jax devices' `slice_index`): a multi-slice job
+    without it, or with another number, would fail deep inside jax (or place the data axis across the slow network
+    wrongly). On platforms with one slice index (CPUs, GPUs) processes stand for slices, so `dcn_data` > 1 must be the
+    number of processes. Raises ValueError (the same on every host: every host sees every device)."""
+    devices = list(devices)
+    slices = slice_count(devices)
+    if slices > 1 and dcn_data != slices:
+        raise ValueError(f"the job spans {slices} slices (jax devices' slice_index) but mesh.dcn_data is {dcn_data}: "
+                         f"set --config.mesh.dcn_data={slices} (the data axis across the slices)")
+    if slices == 1 and dcn_data > 1:
+        platform = devices[0].platform
+        processes = len({d.process_index for d in devices})
+        if platform == "tpu" or dcn_data != processes:
+            stand_in = "" if platform == "tpu" else f" (on {platform} the {processes} process(es) stand for slices)"
+            raise ValueError(f"mesh.dcn_data is {dcn_data} but the job spans 1 slice{stand_in}: set "
+                             f"--config.mesh.dcn_data={1 if platform == 'tpu' else processes}")
 
 
 def check_shared_directory(directory: str | os.PathLike, what: str = "directory"):

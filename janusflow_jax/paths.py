@@ -161,6 +161,16 @@ def upload_tree(local: str | os.PathLike, destination: str | os.PathLike, last: 
     return files
 
 
+def save_figure(fig, path: str | os.PathLike, **savefig_kwargs):
+    """A matplotlib figure as a PNG at a local or remote path (matplotlib writes local files only: rendered in memory,
+    then written in one piece)."""
+    import io
+
+    png = io.BytesIO()
+    fig.savefig(png, format="png", **savefig_kwargs)
+    epath.Path(path).write_bytes(png.getvalue())
+
+
 class RemoteAccessError(ValueError):
     """A remote path this process cannot use (no credentials, no such bucket); the message is one line."""
 

@@ -14,6 +14,7 @@ import flax.linen as nn
 import jax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from janusflow_jax import hosts
 from janusflow_jax.models.config import JanusFlowConfig
 from janusflow_jax.models.janusflow import JanusFlow, abstract_params
 
@@ -67,6 +68,7 @@ def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, dcn_data: int = 1,
     from jax.experimental import mesh_utils
 
     devices = list(jax.devices() if devices is None else devices)
+    hosts.check_slices(dcn_data, devices)
     if dcn_data < 1 or len(devices) % dcn_data:
         raise ValueError(f"dcn_data {dcn_data} does not divide the {len(devices)} devices into slices")
     per_slice = len(devices) // dcn_data

@@ -16,6 +16,7 @@ import time  # noqa: E402
 import pytest  # noqa: E402
 
 from janusflow_jax.models.config import JanusFlowConfig  # noqa: E402
+from tests.pod_helpers import pod_dataset, pod_env, pod_inputs, pod_reference  # noqa: E402,F401 (session fixtures)
 
 GCS_BUCKET = "janusflow-test"
 
@@ -47,6 +48,7 @@ def pytest_terminal_summary(terminalreporter):
 # every asynchronous orbax save after jax.distributed.initialize). The header is added to each download response.
 _EMULATOR = """
 import sys
+from http import HTTPStatus
 from gcp_storage_emulator.handlers import objects
 
 _download = objects.download
@@ -63,6 +65,23 @@ def download(request, response, storage, *args, **kwargs):
 
 
 objects.download = download
+
+
+# A bucket whose name ends in "-readonly" refuses every upload with 403, as GCS does for an account without write
+# access (tests of the write-access check).
+def _refusing(handler):
+    def refuse(request, response, storage, *args, **kwargs):
+        if request.params.get("bucket_name", "").endswith("-readonly"):
+            response.status = HTTPStatus.FORBIDDEN
+            response.json({"error": {"code": 403, "message": "the account may not create objects in this bucket"}})
+            return None
+        return handler(request, response, storage, *args, **kwargs)
+
+    return refuse
+
+
+for _name in ("insert", "upload_partial", "xml_upload", "copy", "rewrite", "compose"):
+    setattr(objects, _name, _refusing(getattr(objects, _name)))
 from gcp_storage_emulator.__main__ import main  # noqa: E402  (builds its routes from the patched module)
 
 sys.exit(main())

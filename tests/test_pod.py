@@ -16,254 +16,39 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
-import sys
-import time
-from pathlib import Path
 
 import jax
 import numpy as np
 import pytest
 from etils import epath
-from PIL import Image
 
-from tests.cli_helpers import run_cli, user_env
+from tests.cli_helpers import run_cli
+from tests.pod_helpers import (ROOT, STEPS, _assert_same_run, _committed, _devices, _launch, _launch_driver,
+                               _objects, _ok, _prepare_argv, _said, _train_argv)
 
 from janusflow_jax import paths  # also: fresh gs:// listings in this process (subprocesses write there)
 
-ROOT = Path(__file__).parents[1]
-WORDS = "a the red blue cat dog bird photo of what is this on in big small sky grass tree two".split()
-STEPS = 4
-# stage2:tiny with one block per tower, 24 rows (8 per data type) and one mixture phase: one program to compile.
-OVERRIDES = {
-    "data.source": "prepared", "data.streams": 2,
-    "model.gen_encoder.in_channels": 192, "model.gen_decoder.out_channels": 192,  # the prepared space_to_depth latents
-    "model.llm.num_layers": 1, "model.und_encoder.depth": 1, "model.gen_encoder.num_blocks": 1,
-    "model.gen_decoder.num_blocks": 1, "model.repa.layer": 1,
-    "batch_size": 24, "steps": STEPS, "mixture": ((STEPS, (1, 1, 1)),),
-}
+
+# The session's pod fixtures (tests/pod_helpers.py), under this file's names.
+@pytest.fixture
+def env(pod_env):
+    return pod_env
 
 
-def _flag(key, value) -> str:
-    return f"--config.{key}={value if isinstance(value, str) else repr(value).replace(' ', '')}"
+@pytest.fixture
+def inputs(pod_inputs):
+    return pod_inputs
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+@pytest.fixture
+def dataset(pod_dataset):
+    return pod_dataset
 
 
-# A launch.train stand-in that injects one fault: "<kind>:<host>:<step>" with kind sigterm (the host sends itself
-# SIGTERM after that step), sigkill (SIGKILL after that step: a crashed host) or killsave (SIGKILL while that step's
-# asynchronous save is writing: once its first object exists on gs://, before the commit marker).
-DRIVER = """
-import json, os, signal, sys, time
-from janusflow_jax import hosts
-
-workdir, fault, address, count, pid, heartbeat, overrides = sys.argv[1:]
-if int(count):
-    hosts.initialize(address, int(count), int(pid), heartbeat_timeout_seconds=int(heartbeat))
-import jax
-from configs import stage2
-from janusflow_jax.train import checkpointing
-from janusflow_jax.train import loop as trainer
-
-config = stage2.get_config("tiny")
-for key, value in json.loads(overrides).items():
-    *parents, leaf = key.split(".")
-    node = config
-    for name in parents:
-        node = node[name]
-    node[leaf] = tuple((a, tuple(b)) for a, b in value) if key == "mixture" else value
-kind, host, at = fault.split(":")
-mine = jax.process_index() == int(host)
-
-
-def fault_after(step, state, metrics):
-    if mine and step == int(at) and kind in ("sigterm", "sigkill"):
-        print(f"host {host}: {kind} after step {step}", file=sys.stderr, flush=True)
-        os.kill(os.getpid(), signal.SIGTERM if kind == "sigterm" else signal.SIGKILL)
-
-
-if kind == "killsave":
-    from etils import epath
-    real_save = checkpointing.save_state
-
-    def save_and_die(mngr, plan, state, source, step):
-        real_save(mngr, plan, state, source, step)
-        if mine and step == int(at):
-            folder = epath.Path(workdir) / "checkpoints" / str(step)
-            while not (folder.exists() and any(folder.iterdir())):
-                time.sleep(0.005)
-            os.kill(os.getpid(), signal.SIGKILL)
-
-    checkpointing.save_state = save_and_die
-trainer.train(config, workdir, callbacks=[fault_after], progress=False)
-"""
-
-
-@pytest.fixture(scope="module")
-def env(gcs, tmp_path_factory):
-    return dict(user_env(tmp_path_factory.mktemp("jax_cache")), JAX_PLATFORMS="cpu")
-
-
-def _devices(env, count: int) -> dict:
-    return dict(env, XLA_FLAGS=f"{env['XLA_FLAGS']} --xla_force_host_platform_device_count={count}".strip())
-
-
-def _launch(env, argv, hosts: int, cwd, per_host=None, timeout=600) -> list[dict]:
-    """Starts `argv` as `hosts` processes of one jax.distributed run (a local coordinator), each with 8 / hosts CPU
-    devices; `per_host(i)` adds arguments. Returns per process {rc, out, err, seconds (to its exit)}."""
-    port = _free_port()
-    start = time.monotonic()
-    procs = []
-    for i in range(hosts):
-        args = [*argv, f"--coordinator_address=127.0.0.1:{port}", f"--num_processes={hosts}", f"--process_id={i}"]
-        procs.append(subprocess.Popen(args + (per_host(i) if per_host else []), cwd=cwd, env=_devices(env, 8 // hosts),
-                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
-    return _collect(procs, start, timeout)
-
-
-def _collect(procs, start, timeout) -> list[dict]:
-    import threading
-
-    results = [None] * len(procs)
-
-    def wait(i, p):
-        out, err = p.communicate()
-        results[i] = dict(rc=p.returncode, out=out, err=err, seconds=time.monotonic() - start)
-
-    threads = [threading.Thread(target=wait, args=(i, p)) for i, p in enumerate(procs)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout)
-    for p in procs:
-        if p.poll() is None:
-            p.kill()
-    for t in threads:
-        t.join()
-    return results
-
-
-def _train_argv(data: str, workdir: str, **more) -> list[str]:
-    return [sys.executable, "-m", "launch.train", "--config=stage2:tiny", f"--workdir={workdir}", "--progress=false",
-            _flag("data.dir", data), *(_flag(k, v) for k, v in {**OVERRIDES, **more}.items())]
-
-
-def _launch_driver(env, data, workdir, fault, hosts, cwd, heartbeat=100, **more) -> list[dict]:
-    """The DRIVER on `hosts` processes of one jax.distributed run."""
-    port = _free_port()
-    start = time.monotonic()
-    procs = []
-    overrides = json.dumps({**OVERRIDES, **more, "data.dir": data})
-    for i in range(hosts):
-        argv = [sys.executable, "-c", DRIVER, workdir, fault, f"127.0.0.1:{port}", str(hosts), str(i), str(heartbeat),
-                overrides]
-        procs.append(subprocess.Popen(argv, cwd=cwd, env=_devices(env, 8 // hosts), stdout=subprocess.PIPE,
-                                      stderr=subprocess.PIPE, text=True))
-    return _collect(procs, start, 600)
-
-
-def _said(result) -> list[str]:
-    """A process's stdout lines, less gloo's own connection notices (its C++ prints them on every process, from
-    several threads: a notice can be cut in two, e.g. "[Gloo] Rank " + "7 is connected to 7 peer ranks. ...")."""
-    return [line for line in result["out"].splitlines()
-            if line.strip() and not line.startswith("[Gloo]") and "peer ranks" not in line]
-
-
-def _ok(results):
-    for i, r in enumerate(results):
-        assert r["rc"] == 0, f"process {i} exited {r['rc']}:\n{r['err'][-4000:]}"
-
-
-def _params(workdir, weights):
-    from janusflow_jax import checkpoint
-
-    return checkpoint.load_params(f"{workdir}/checkpoints", weights=weights)[1]
-
-
-def _assert_same_run(a: str, b: str):
-    """Bitwise: parameters and EMA of the final checkpoint, and every logged loss."""
-    for weights in ("params", "ema"):
-        x, y = _params(a, weights), _params(b, weights)
-        assert jax.tree.structure(x) == jax.tree.structure(y)
-        for u, v in zip(jax.tree.leaves(x), jax.tree.leaves(y)):
-            np.testing.assert_array_equal(u, v)
-    rows = [[json.loads(line) for line in epath.Path(w, "metrics.jsonl").read_text().splitlines()] for w in (a, b)]
-    keys = ("step", "loss", "ar", "rf", "repa", "grad_norm")
-    assert [[r[k] for k in keys] for r in rows[0]] == [[r[k] for k in keys] for r in rows[1]]
-    assert [r["step"] for r in rows[0]] == list(range(1, STEPS + 1))
-
-
-def _objects(prefix: str) -> list[str]:
-    """Every object name under a gs:// prefix, relative to it."""
-    root = epath.Path(prefix)
-    out = []
-
-    def visit(folder):
-        for p in folder.iterdir():
-            if p.is_dir():
-                visit(p)
-            else:
-                out.append(os.fspath(p)[len(os.fspath(root)) + 1:])
-
-    if root.exists():
-        visit(root)
-    return sorted(out)
-
-
-# ------------------------------------------------------------------------------------------------------ fixtures
-@pytest.fixture(scope="module")
-def inputs(gcs, tmp_path_factory) -> tuple[Path, str]:
-    """Images, manifests and a tokenizer, written locally and uploaded to gs:// (the preparation job reads them
-    there)."""
-    from janusflow_jax.data.processor import make_tokenizer
-
-    root = tmp_path_factory.mktemp("pod_inputs")
-    rng = np.random.default_rng(0)
-    gen, und, text = [], [], []
-    for i in range(8):
-        Image.fromarray(rng.integers(0, 256, (64 + 16 * (i % 2), 64, 3), np.uint8)).save(root / f"{i}.png")
-        gen.append({"image": f"{i}.png", "caption": f"a photo of {WORDS[i]}"})
-        und.append({"image": f"{i}.png", "question": f"what is {i}", "answer": " ".join(WORDS[i:i + 1 + i % 4])})
-        text.append({"text": " ".join(WORDS[i:i + 4 + i % 5])})
-    for name, rows in (("gen", gen), ("und", und), ("text", text)):
-        (root / f"{name}.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
-    make_tokenizer(root / "tokenizer", WORDS + [str(i) for i in range(10)])
-    paths.upload_tree(root, f"{gcs}/inputs")
-    return root, f"{gcs}/inputs"
-
-
-def _prepare_argv(remote_inputs: str, out: str) -> list[str]:
-    job = dict(out=out, tokenizer=f"{remote_inputs}/tokenizer", gen_jsonl=f"{remote_inputs}/gen.jsonl",
-               und_jsonl=f"{remote_inputs}/und.jsonl", text_jsonl=f"{remote_inputs}/text.jsonl", seq_len=64,
-               prompt_len=8, records_per_shard=4, encode_batch_per_device=1, num_threads=2, system_prompt="")
-    return [sys.executable, "-m", "launch.prepare_data", "--config=configs/prepare_data.py:tiny", "--progress=false",
-            *(f"--config.prepare.{k}={v}" for k, v in job.items())]
-
-
-@pytest.fixture(scope="module")
-def dataset(gcs, inputs, env) -> str:
-    """`launch.prepare_data` in one process, inputs and output on gs://."""
-    out = f"{gcs}/prepared"
-    run = subprocess.run(_prepare_argv(inputs[1], out), cwd=ROOT, env=_devices(env, 8), capture_output=True,
-                         text=True, timeout=600)
-    assert run.returncode == 0, run.stderr[-3000:]
-    assert f"prepared 8 gen / 8 und / 8 text records in {out}" in run.stdout
-    return out
-
-
-@pytest.fixture(scope="module")
-def reference(gcs, dataset, env, tmp_path_factory) -> dict:
-    """`launch.train` in one process with 8 devices, workdir and data on gs://, from an empty directory."""
-    cwd = tmp_path_factory.mktemp("pod_cwd")
-    workdir = f"{gcs}/reference"
-    (result,) = _launch(env, _train_argv(dataset, workdir), 1, cwd)
-    _ok([result])
-    return dict(result, workdir=workdir, cwd=cwd)
+@pytest.fixture
+def reference(pod_reference):
+    return pod_reference
 
 
 # --------------------------------------------------------------------------------------------------------- GCS
@@ -315,9 +100,13 @@ def test_bad_bucket_and_missing_credentials_are_one_line(dataset, env, tmp_path,
         paths.check_access("gs://b/run", "/local/dir")
 
 
-def test_convert_generate_and_chat_with_gcs_paths(gcs, inputs, tmp_path, capsys):
+def test_convert_generate_and_chat_with_gcs_paths(gcs, inputs, tmp_path, capsys, monkeypatch):
     """launch.convert to and from gs:// (official layout uploaded with config.json last; orbax native), then
-    launch.generate and launch.chat from the gs:// orbax checkpoint, images read from and written to gs://."""
+    launch.generate and launch.chat from the gs:// orbax checkpoint, images read from and written to gs://; nothing
+    is written under the working directory."""
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
     from safetensors.numpy import load_file
 
     from janusflow_jax.convert import vae as vae_convert
@@ -355,6 +144,7 @@ def test_convert_generate_and_chat_with_gcs_paths(gcs, inputs, tmp_path, capsys)
     assert run_cli(chat_cli, f"--checkpoint={orbax}", f"--image={inputs[1]}/0.png", "--question=what is this",
                    "--max_new_tokens=4") == 0
     assert capsys.readouterr().out.strip()
+    assert not list(cwd.iterdir())  # no ./gs:/... and no stray file
 
 
 def test_a_profile_to_gcs_is_traced_locally_and_copied(gcs):
@@ -426,20 +216,29 @@ def test_a_killed_host_stops_the_others_and_the_relaunch_resumes_on_gcs(gcs, ref
     assert "stopped sending heartbeats" in survivor["err"]  # the runtime says what happened
     assert f"a process silent for {heartbeat} s aborts the run on every host" in survivor["out"]
     print(f"a killed host was detected by the survivor after {detected:.1f} s (heartbeat timeout {heartbeat} s)")
+    # What the relaunch resumes from is what was committed before the kill, not what the clock allowed: on a loaded
+    # host the SIGKILL after step 3 can cut step 2's asynchronous save off (then it starts over).
+    committed = _committed(workdir)
+    assert set(committed) <= {2}, committed
     resumed = _launch(env, _train_argv(dataset, workdir), 2, tmp_path)
     _ok(resumed)
-    assert f"resuming from step 2 in {workdir}/checkpoints" in resumed[0]["out"]
+    if committed:
+        assert f"resuming from step {committed[-1]} in {workdir}/checkpoints" in resumed[0]["out"]
+    else:
+        assert "resuming from step" not in resumed[0]["out"]
     _assert_same_run(reference["workdir"], workdir)
 
 
 def test_hosts_must_share_the_config_and_the_workdir(dataset, env, tmp_path):
+    """Hosts started with different flags or different workdirs: one line on every host (a workdir that is each
+    host's own disk under one name: test_pod_faults.py, `check_shared_directory`)."""
     argv = _train_argv(dataset, str(tmp_path / "run"))
     mismatched = _launch(env, argv, 2, tmp_path, per_host=lambda i: [f"--config.optimizer.lr={1e-3 * (i + 1)}"])
-    unshared = _launch(env, argv, 2, tmp_path, per_host=lambda i: [f"--workdir={tmp_path / f'host{i}'}"])
-    for results, message in ((mismatched, "error: the run config differs between hosts: process(es) [1] do not "
-                                          "match process 0"),
-                             (unshared, "is not shared by the hosts: process(es) [1] do not see the file process 0 "
-                                        "wrote there")):
-        for r in results:
+    elsewhere = _launch(env, argv, 2, tmp_path, per_host=lambda i: [f"--workdir={tmp_path / f'host{i}'}"])
+    for results, message in ((mismatched, lambda i: "error: the run config differs between hosts: process(es) [1] "
+                                                    "do not match process 0"),
+                             (elsewhere, lambda i: f"error: the workdir differs between hosts: process(es) [1] do "
+                                                   f"not match process 0 (process {i} has {tmp_path / f'host{i}'})")):
+        for i, r in enumerate(results):
             assert r["rc"] == 1 and "Traceback" not in r["err"], r["err"][-3000:]
-            assert message in r["err"].strip().splitlines()[-1]
+            assert r["err"].strip().splitlines()[-1].startswith(message(i)), r["err"][-3000:]

@@ -23,7 +23,7 @@ import jax
 import numpy as np
 import pytest
 
-from tests import test_pod as pod
+from tests import pod_helpers as pod
 from tests.cli_helpers import user_env
 
 from janusflow_jax import checkpoint

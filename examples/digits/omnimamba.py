@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from examples.digits.pipeline import (GEN_PROMPT, NAMES, QUESTION, _write_atomic, classifier_features, fit_judge,
-                                      render, save_grid, vocabulary, write_dataset)
+                                      local_workdir, render, save_grid, vocabulary, write_dataset)
 
 CODEBOOK = "patch_kmeans.npz"
 
@@ -162,7 +162,7 @@ def run(config, workdir, progress: bool = True) -> dict:
     from janusflow_jax.models.omnimamba import OmniMambaSystemConfig
     from janusflow_jax.train import recipe
 
-    workdir = Path(workdir)
+    workdir = local_workdir(workdir)
     data_root = workdir / "data"
     data_root.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()

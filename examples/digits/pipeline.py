@@ -36,6 +36,7 @@ from typing import Sequence
 
 import numpy as np
 
+from janusflow_jax import paths
 from janusflow_jax.inference.load import LATENT_FILE  # latent.json: the checkpoint root's latent space
 
 NAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
@@ -296,7 +297,7 @@ def save_grid(path: Path, images: dict, columns: int, title: str, label=lambda w
         ax.set_xticks([])
     fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(path, dpi=80)
+    paths.save_figure(fig, path, dpi=80)
     plt.close(fig)
 
 
@@ -350,13 +351,22 @@ def finish_checkpoint(checkpoint_root: Path, tokenizer_dir: Path, space_descript
 
 
 # --------------------------------------------------------------------------------------------------------- the run
+def local_workdir(workdir) -> Path:
+    """The digits runs render, judge and read their images as local files: a gs:// workdir is refused in one line
+    (rather than written under ./gs:/ on this machine)."""
+    if paths.is_remote(workdir):
+        raise ValueError(f"the digits example runs in a local workdir (its images are made, judged and read as local "
+                         f"files), not {workdir}: use a local --workdir")
+    return Path(workdir)
+
+
 def run(config, workdir, progress: bool = True) -> dict:
     """The whole pipeline in `workdir` (resumable); returns eval.json's content."""
     from janusflow_jax.data import prepare
     from janusflow_jax.train import recipe
     from janusflow_jax.models.config import JanusFlowConfig
 
-    workdir = Path(workdir)
+    workdir = local_workdir(workdir)
     data_root = workdir / "data"
     data_root.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()

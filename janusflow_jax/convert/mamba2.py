@@ -257,14 +257,12 @@ def _state(directory: epath.Path) -> StateDict:
     return StateDict(os.fspath(directory))
 
 
+@paths.reads_local
 def from_hf_mamba2(directory: str | os.PathLike, param_dtype: str = "float32",
                    **config_overrides) -> tuple[Mamba2Config, dict]:
     """A transformers Mamba2ForCausalLM directory (config.json + model.safetensors, a sharded index, or
     pytorch_model.bin) -> (config, params as numpy arrays of `param_dtype`). Pass `scan_layers=True` (or any other
     Mamba2Config field) to override the config; params come in the layout of the returned config."""
-    if paths.is_remote(directory):
-        with paths.local_copy(directory) as local:
-            return from_hf_mamba2(local, param_dtype, **config_overrides)
     directory = epath.Path(directory)
     raw = _config_json(directory)
     if is_mamba_ssm_config(raw):
@@ -274,6 +272,7 @@ def from_hf_mamba2(directory: str | os.PathLike, param_dtype: str = "float32",
     return cfg, import_hf_state(_state(directory), cfg, source=os.fspath(directory))
 
 
+@paths.reads_local
 def from_mamba_ssm(directory: str | os.PathLike, param_dtype: str = "float32",
                    **config_overrides) -> tuple[Mamba2Config, dict]:
     """A mamba_ssm MambaLMHeadModel directory (config.json + pytorch_model.bin, read with weights_only, or
@@ -281,9 +280,6 @@ def from_mamba_ssm(directory: str | os.PathLike, param_dtype: str = "float32",
     vocabulary keeps the checkpoint's padded rows (50288 for mamba2-1.3b's 50277 tokens); a tied head is the
     embedding (a stored `lm_head.weight` must equal it), an untied one is read. `config_overrides` as in
     `from_hf_mamba2`."""
-    if paths.is_remote(directory):
-        with paths.local_copy(directory) as local:
-            return from_mamba_ssm(local, param_dtype, **config_overrides)
     directory = epath.Path(directory)
     raw = _config_json(directory)
     if not is_mamba_ssm_config(raw):

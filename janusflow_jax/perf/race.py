@@ -50,6 +50,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from janusflow_jax import paths
 from janusflow_jax.models import llama, mamba2
 from janusflow_jax.models.config import JanusFlowConfig, LlamaConfig
 from janusflow_jax.models.mamba2 import Mamba2LM
@@ -522,7 +523,7 @@ def plot(reports: Sequence[dict], path) -> None:
     fig.suptitle("Mamba-2 (OmniMamba) vs Llama (JanusFlow) at d_model 2048. Paper (RTX 4090): ~10.2x faster at 100K; "
                  "more memory below 16K; -40% memory at 100K", fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    paths.save_figure(fig, path, dpi=110)
     plt.close(fig)
 
 # -------------------------------------------------------------------------------------------------------- report

@@ -16,7 +16,8 @@ jax.distributed (several hosts) jax catches SIGTERM on any host and the hosts ag
 saves and stops (`CheckpointManager.reached_preemption`, asked at every step on every host).
 
 The workdir may be local or gs:// (`etils.epath` throughout). On several hosts, every host must run the same config
-(`hosts.check_same_config`) and see the same workdir (`hosts.check_shared_directory`); process 0 alone logs.
+and workdir (`hosts.check_same_config`), be able to write there (`hosts.check_writable`) and see the same workdir
+(`hosts.check_shared_directory`); process 0 alone logs.
 
 The host runs one step ahead: it fetches, transfers and dispatches step n+1 before it reads step n's metrics, so the
 device is not idle while the host prepares a batch (on the tiny config on 2 CPU cores this took the loop from ~23 to
@@ -24,11 +25,13 @@ device is not idle while the host prepares a batch (on the tiny config on 2 CPU 
 dispatched. Each logged row carries `input_s`, the host's time to get the batch: when it nears the step time, the
 input pipeline is the bottleneck (more `data.num_workers`). The step of every batch composition a mixture phase
 deals (data/mixture.py) is compiled before the phase's first step. Every `eval_every` steps (and at the last) the
-evaluators `config.eval.evaluators` run on the EMA weights (janusflow_jax/eval/evaluators.py).
+evaluators `config.eval.evaluators` run on the EMA weights (janusflow_jax/eval/evaluators.py). A host on which no
+step completes within `config.watchdog`'s bound (stuck on its data, a step or a checkpoint) exits (train/watchdog.py).
 """
 
 from __future__ import annotations
 
+import os
 import signal
 import time
 from typing import Callable, Iterable
@@ -41,7 +44,7 @@ from janusflow_jax.data.mixture import sizes_dict
 from janusflow_jax.eval import evaluators as eval_lib
 from janusflow_jax.perf import chips
 from janusflow_jax.sharding import mesh_context
-from janusflow_jax.train import checkpointing, compilation_cache, goodput
+from janusflow_jax.train import checkpointing, compilation_cache, goodput, watchdog
 from janusflow_jax.train.init import initial_params
 from janusflow_jax.train.metrics import Reporter
 from janusflow_jax.train.plan import Plan, TrainingError, make_plan, phase_at
@@ -65,8 +68,9 @@ def train(config, workdir, callbacks: Iterable[Callback] = (), progress: bool = 
     paths.check_access(workdir, *paths.config_paths(config))  # before anything is written (or a bucket made)
     compilation_cache.enable(config, workdir)  # before the first compile
     hosts.check_same_config(config.to_json_best_effort())
+    hosts.check_same_config(os.fspath(workdir), "workdir", show=True)
+    hosts.check_writable(workdir, "workdir")  # creates it
     hosts.check_shared_directory(workdir, "workdir")
-    workdir.mkdir(parents=True, exist_ok=True)
     plan = make_plan(config, devices)
     mngr = checkpointing.training_manager(workdir, config)
     preempted = {"flag": False}
@@ -140,8 +144,9 @@ def _loop(plan: Plan, mngr, state, source, phase: int, start: int, workdir: epat
         key = (phase, tuple(sorted(sizes.items())))
         if key not in step_fns:
             began = time.perf_counter()
-            compile_phase(phase, state)
-            hosts.barrier(f"janusflow_jax: phase {phase} compiled ({len(step_fns)} programs)")  # all hosts at once
+            with dog.paused():  # a compile is not a step
+                compile_phase(phase, state)
+                hosts.barrier(f"janusflow_jax: phase {phase} compiled ({len(step_fns)} programs)")  # all hosts at once
             clock.add("program_startup", time.perf_counter() - began)
         return step_fns[key]
 
@@ -152,11 +157,14 @@ def _loop(plan: Plan, mngr, state, source, phase: int, start: int, workdir: epat
     clock.redone(reporter.dropped_rows)
     metrics_host, last_time = {}, time.perf_counter()
     pending = None  # (step, metrics, input seconds, counted work) of a step dispatched but not yet reported
+    dog = watchdog.Watchdog.from_config(config, watchdog.host_name()).start()  # a stalled host exits (watchdog.py)
 
     def report(done: int, metrics, input_s: float, counts: dict) -> dict:
         """Reads one step's metrics (waits for it), logs them and enforces the limit on consecutive skips."""
         nonlocal last_time
-        host = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        with dog.waiting("step", done):
+            host = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        dog.completed(done)
         now = time.perf_counter()
         if done == start + 1 and jax.process_index() == 0:
             print(clock.first_step_done(input_s), flush=True)
@@ -178,9 +186,10 @@ def _loop(plan: Plan, mngr, state, source, phase: int, start: int, workdir: epat
             if step == start and _preempted_before(mngr, plan, state, source, start, preempted):
                 break
             fetch_start = time.perf_counter()
-            host_batch = source.take(plan.host_sizes(sizes))
-            plan.geometry.check(host_batch, plan.host_sizes(sizes))  # every source keeps to the one layout
-            batch = global_batch(host_batch, b_sh)
+            with dog.waiting("data", step + 1):
+                host_batch = source.take(plan.host_sizes(sizes))
+                plan.geometry.check(host_batch, plan.host_sizes(sizes))  # every source keeps to the one layout
+                batch = global_batch(host_batch, b_sh)
             input_s = time.perf_counter() - fetch_start  # host time to get the batch (hidden behind the last step)
             clock.add("data_loading_sync", input_s)
             state, metrics = fn(state, batch)  # dispatched asynchronously
@@ -204,30 +213,36 @@ def _loop(plan: Plan, mngr, state, source, phase: int, start: int, workdir: epat
                 callback(done, state, metrics_host)
             if evaluating:  # before the next step donates this state
                 began = time.perf_counter()
-                evaluators.run(done, state)
+                with dog.paused():
+                    evaluators.run(done, state)
                 clock.add("other", time.perf_counter() - began)
             if boundary:
                 # A new mixture from the next step on: new compositions, source and compiled steps. Switched before
                 # saving, so a checkpoint at the boundary holds the new source's (fresh) state.
                 phase = phase_at(config.mixture, done)
-                source = plan.source(phase)
+                with dog.waiting("data", done):
+                    source = plan.source(phase)
             stop = synced or preempted["flag"]  # a callback may have raised the flag (SIGTERM)
             if saving or stop:
                 began = time.perf_counter()
-                checkpointing.save_state(mngr, plan, state, source, done)
-                clock.saved(time.perf_counter() - began)
-                reporter.flush()  # metrics.jsonl on an object store: as new as the newest checkpoint
+                with dog.waiting("checkpoint", done):
+                    checkpointing.save_state(mngr, plan, state, source, done)
+                    clock.saved(time.perf_counter() - began)
+                    reporter.flush()  # metrics.jsonl on an object store: as new as the newest checkpoint
             if stop:
-                mngr.wait_until_finished()
+                with dog.waiting("checkpoint", done):
+                    mngr.wait_until_finished()
                 if jax.process_index() == 0:
                     print(f"preempted: saved step {done} in {mngr.directory}; rerun the same command "
                           f"{'on every host ' if jax.process_count() > 1 else ''}to resume", flush=True)
                 break
         began = time.perf_counter()
-        mngr.wait_until_finished()
+        with dog.waiting("checkpoint", config.steps):
+            mngr.wait_until_finished()
         clock.saved(time.perf_counter() - began)
         _report_goodput(clock, reporter, workdir, mngr, start)
     finally:
+        dog.stop()
         clock.cache.stop()
         reporter.close()
     return metrics_host
