@@ -191,8 +191,8 @@ def test_two_hosts_preempted_on_one_save_the_same_step_and_train_bit_for_bit_lik
     assert len(saved) == 1 and 2 <= saved[0] < STEPS, results[0]["out"]
     step = saved[0]
     assert sorted(int(p.name) for p in (workdir / "checkpoints").iterdir()) == sorted({2, step})
-    assert sorted(p.name for p in (workdir / "checkpoints" / str(step) / "data").glob("process_*")) == [
-        "process_0-of-2.json", "process_1-of-2.json"]  # both hosts saved that step
+    assert sorted(p.name for p in (workdir / "checkpoints" / str(step) / "data").glob("stream_*")) == [
+        "stream_0-of-2.json", "stream_1-of-2.json"]  # both hosts saved that step (one reader state per stream)
     resumed = _launch(env, _train_argv(dataset, str(workdir), **dcn), 2, tmp_path)
     _ok(resumed)
     assert f"resuming from step {step}" in resumed[0]["out"]
