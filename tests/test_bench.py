@@ -13,6 +13,7 @@ from configs import stage2
 from janusflow_jax.perf import bench
 from janusflow_jax.perf import chips
 from janusflow_jax.perf import flops as flops_lib
+from janusflow_jax.perf import report as report_lib
 
 HAS_TORCH = importlib.util.find_spec("torch") is not None
 
@@ -114,7 +115,7 @@ def test_outputs_keep_the_other_section(report, tmp_path):
     md = tmp_path / "BENCHMARKS.md"
     other = "# Benchmarks\n\n## Ahead-of-time compile\n\nsomeone else's table\n"
     md.write_text(other)
-    path = bench.save_json(report, tmp_path / "json")
+    path = report_lib.save_json(report, tmp_path / "json")
     assert json.loads(path.read_text())["mode"] == report["mode"]
     bench.write_markdown(md, tmp_path / "json")
     first = md.read_text()

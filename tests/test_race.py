@@ -39,11 +39,13 @@ def _cli(*args) -> int:
 def test_race_cli_end_to_end(tmp_path):
     """Both models, both phases at two lengths; a time budget that only the first length's points meet (those after
     it are compiled for their plans, not run); the section goes into someone else's file and is rewritten in place."""
-    md, json_dir = tmp_path / "BENCHMARKS.md", tmp_path / "json"
+    md, json_dir = tmp_path / "BENCHMARKS.md", tmp_path / "benchmarks"
     md.write_text("# Benchmarks\n\nsomeone else's section\n")
     assert _cli(f"--race_width={WIDTH}", "--race_lengths=64,128", "--race_layers=2,1", "--reps=1",
-                "--race_time_budget=1e-9", f"--out={md}", f"--json_dir={json_dir}") == 0
+                "--race_time_budget=1e-9", f"--out_dir={tmp_path / 'out'}", "--update_benchmarks",
+                f"--benchmarks_md={md}") == 0
     (path,) = json_dir.glob("race_*.json")
+    assert [p.suffix for p in sorted((tmp_path / "out").iterdir())] == [".json", ".md"]  # this run's own copy
     report = json.loads(path.read_text())
     rows = report["sweep"]
     assert {(r["model"], r["phase"], r["length"]) for r in rows} == {

@@ -56,6 +56,7 @@ from janusflow_jax.models.mamba2 import Mamba2LM
 from janusflow_jax.models.omnimamba import OmniMambaConfig
 from janusflow_jax.perf import chips
 from janusflow_jax.perf import flops as flops_lib
+from janusflow_jax.perf import report as report_lib
 
 DECODE_STEPS = 8  # greedy tokens per timed decode call (one compiled loop), reported per token
 FULL_LAYERS = {"mamba": 48, "llama": 24}
@@ -441,6 +442,53 @@ def per_image(mamba_layers: int, llama_layers: int, reps: int = 1, seed: int = 0
     return rows
 
 
+# ------------------------------------------------------------------------------------------------------ the report
+PARTS = ("sweep", "image", "aot")
+
+
+def run(*, label: str, command: str = "", lengths: Sequence[int], mamba_layers: int, llama_layers: int,
+        parts: Sequence[str] = ("sweep",), targets: Sequence[str] = (), batch: int = 1, reps: int = 2,
+        memory_budget_gib: float = 8.0, time_budget: float = 90.0, dtype: str = "float32",
+        note: str = "", width: int = RELEASE_WIDTH, models: Sequence[str] = ("mamba", "llama"),
+        progress: Callable[[str], None] = report_lib.progress) -> dict:
+    """The race report: "sweep" (this host, reduced depth), "image" (per-image latency at the shipped settings, same
+    depths), "aot" (full depth compiled for each of `targets`, e.g. "h200", "v5p:2x2x1": `aot.topology_devices`; a
+    single chip is the first device of the topology). `width`: d_model of the sweep's backbones (2048, the release;
+    smaller ones for tests: `mamba_config`). `models`: the backbones "aot" compiles (the section takes a model
+    missing from a target's newest report from an older one)."""
+    unknown = set(parts) - set(PARTS)
+    if unknown or not parts:
+        raise RaceError(f"race parts are {', '.join(PARTS)}; got {list(parts)}")
+    if not lengths or min(lengths) < 1 or mamba_layers < 1 or llama_layers < 1 or batch < 1 or reps < 1:
+        raise RaceError(f"race needs lengths, layers, batch and reps >= 1; got lengths={list(lengths)} layers="
+                        f"{mamba_layers}/{llama_layers} batch={batch} reps={reps}")
+    if not models or set(models) - {"mamba", "llama"}:
+        raise RaceError(f"race models are mamba and llama; got {list(models)}")
+    if "aot" in parts and not targets:
+        raise RaceError("race part aot needs --race_targets (e.g. h200,v5p:2x2x1)")
+    report = {"mode": "race", "meta": report_lib.meta(label, command, note),
+              "race": {"mamba_layers": mamba_layers, "llama_layers": llama_layers, "batch": batch, "dtype": dtype,
+                       "lengths": list(lengths), "capacity_bytes": host_memory(), "attention": "auto",
+                       "memory_budget": memory_budget_gib * GIB, "time_budget": time_budget,
+                       "decode_steps": DECODE_STEPS, "width": width}}
+    if "sweep" in parts:
+        report["sweep"] = sweep(contenders(mamba_layers, llama_layers, dtype, width=width), lengths, batch, reps,
+                                memory_budget_gib * GIB, time_budget, progress)
+    if "image" in parts:
+        report["image"] = per_image(mamba_layers, llama_layers, reps=1, progress=progress)
+    if "aot" in parts:
+        from janusflow_jax.perf import aot
+
+        report["aot"] = {}
+        for target in targets:
+            try:
+                devices = aot.topology_devices(target)
+            except aot.TopologyError as e:
+                raise RaceError(str(e)) from None
+            report["aot"][target] = aot_memory(devices, lengths, progress=progress, models=models)
+    return report_lib.finish(report)
+
+
 # ------------------------------------------------------------------------------------------------------- summary
 def _ok(rows, model, phase, key="seconds"):
     return {r["length"]: r[key] for r in rows if r["model"] == model and r["phase"] == phase
@@ -637,12 +685,7 @@ def format_image(report: dict) -> list[str]:
 def format_report(report: dict) -> str:
     """Markdown of one race report (what the CLI prints and BENCHMARKS.md's race section holds)."""
     m = report["meta"]
-    lines = [f"### {report['meta']['config']} — {m['date']}", "",
-             f"device {m['device']} ({m['cpu_count']} host cores, shared with other jobs); commit {m['commit']}; load "
-             f"average {m['load_average_start']} before, {m.get('load_average_end', 'n/a')} after; jax {m['jax']}",
-             f"command: `{m['command']}`", ""]
-    if m.get("note"):
-        lines += [f"Note: {m['note']}", ""]
+    lines = report_lib.header(report, f"### {m['config']} — {m['date']}", shared_host=True)
     if report.get("sweep"):
         lines += format_sweep(report)
     for target, rows in (report.get("aot") or {}).items():
@@ -707,6 +750,4 @@ def render_section(json_dir, plot_path=None) -> str:
 
 def write_markdown(md_path, json_dir, plot_path=None) -> None:
     """Replaces only the text between RACE_BEGIN and RACE_END in `md_path` (appends the section if absent)."""
-    from janusflow_jax.perf.bench import replace_section
-
-    replace_section(md_path, RACE_BEGIN, RACE_END, render_section(json_dir, plot_path))
+    report_lib.replace_section(md_path, RACE_BEGIN, RACE_END, render_section(json_dir, plot_path))
