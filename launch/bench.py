@@ -25,7 +25,9 @@ from ml_collections import config_flags
 
 from launch import config_cli
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Run config: configs/<name>.py[:arg] or a bare name.",
+__doc__ = config_cli.with_config_list(__doc__)
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, config_cli.CONFIG_HELP,
                                           lock_config=True)
 _STEPS = flags.DEFINE_integer("steps", 10, "train: timed steps (the median is reported); data: timed batches.")
 _WARMUP = flags.DEFINE_integer("warmup", 2, "train: untimed steps after compilation; data: untimed batches.")
