@@ -35,7 +35,7 @@ def config_list() -> str:
     return "\n".join(f"  {n:<{pad}}  {config_summary(n)}" for n in names)
 
 
-CONFIG_HELP = "Run config: a name from configs/ or a path, then :VARIANT if any (stage2:tiny); --config=help lists them."
+CONFIG_HELP = "Run config: a name from configs/ or a path, then :VARIANT (stage2:tiny); --config=help lists them."
 
 
 def with_config_list(doc: str) -> str:

@@ -75,6 +75,11 @@ def train(config, workdir, callbacks: Iterable[Callback] = (), progress: bool = 
         latest = mngr.latest_step()
         phase = phase_at(config.mixture, latest or 0)
         source = plan.source(phase)
+        if latest is not None and latest >= config.steps:
+            if jax.process_index() == 0:
+                print(f"already finished at step {latest} in {mngr.directory} (config.steps = {config.steps}); "
+                      f"raise --config.steps to train on, or give a new --workdir", flush=True)
+            return {}
         if latest is not None:
             state = checkpointing.restore_state(mngr, plan, latest, source)
             if jax.process_index() == 0:
@@ -101,14 +106,21 @@ def _loop(plan: Plan, mngr, state, source, phase: int, start: int, workdir: epat
         step waits on a compile later on (on several hosts, one host compiling while the others wait in a collective
         can outlast the collectives' set-up timeout)."""
         state_shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
+        todo = {}
         for p, composition in plan.mixture.compositions(config.steps):
-            if p != phase:
-                continue
             sizes = sizes_dict(plan.mixture.types, composition)
             key = (phase, tuple(sorted(sizes.items())))
-            if key not in step_fns:
-                executable = plan.jitted_step(phase, sizes).lower(state_shapes, plan.abstract_batch(sizes)).compile()
-                step_fns[key] = (executable, plan.batch_shardings(sizes), plan.family.step_counts(plan, sizes))
+            if p == phase and key not in step_fns:
+                todo[key] = sizes
+        start_compile = time.perf_counter()
+        for i, (key, sizes) in enumerate(todo.items()):
+            say(f"compiling the train step for mixture phase {phase}, batch composition {i + 1} of {len(todo)} "
+                f"({', '.join(f'{t} {n}' for t, n in sizes.items())} rows) ...")
+            executable = plan.jitted_step(phase, sizes).lower(state_shapes, plan.abstract_batch(sizes)).compile()
+            step_fns[key] = (executable, plan.batch_shardings(sizes), plan.family.step_counts(plan, sizes))
+        if todo:
+            seconds = time.perf_counter() - start_compile
+            say(f"compiled {len(todo)} step program{'s' * (len(todo) > 1)} in {seconds:.1f} s")
 
     def compiled(phase, sizes, state):
         """The compiled step, batch shardings and counted work of one step composition."""
@@ -119,6 +131,7 @@ def _loop(plan: Plan, mngr, state, source, phase: int, start: int, workdir: epat
 
     reporter = Reporter(workdir, chips.peak_flops_per_device(), config.batch_size, progress, start=start,
                         types=plan.mixture.types, terms=plan.family.objective.TERMS)
+    say = reporter.say  # a line above the progress bar (process 0)
     reporter.start_bar(start, config.steps)
     evaluators = eval_lib.from_config(plan, workdir, reporter.writer)  # None unless config.eval_every > 0
     metrics_host, last_time = {}, time.perf_counter()
