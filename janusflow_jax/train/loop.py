@@ -39,6 +39,7 @@ from etils import epath
 from janusflow_jax import hosts, paths
 from janusflow_jax.data.mixture import sizes_dict
 from janusflow_jax.eval import evaluators as eval_lib
+from janusflow_jax.inference import starter_files
 from janusflow_jax.perf import chips
 from janusflow_jax.sharding import mesh_context
 from janusflow_jax.train import checkpointing
@@ -67,6 +68,8 @@ def train(config, workdir, callbacks: Iterable[Callback] = (), progress: bool = 
     workdir.mkdir(parents=True, exist_ok=True)
     plan = make_plan(config, devices)
     mngr = checkpointing.training_manager(workdir, config)
+    if config.data.source == "synthetic" and jax.process_index() == 0:  # launch.generate / chat accept its checkpoint
+        starter_files.write(config, mngr.directory)
     preempted = {"flag": False}
     # With jax.distributed, jax's preemption sync manager owns SIGTERM (a Python handler would replace its own).
     previous_handler = None if hosts.runtime_initialized() else signal.signal(
