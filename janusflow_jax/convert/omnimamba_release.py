@@ -52,7 +52,7 @@ WEIGHT_FILES = (RELEASE_FILE, DINO_FILE, SIGLIP_FILE)
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "omnimamba_processor.json")
 RELEASE_DTYPE = "float16"  # the .pth's dtype as released
 
-TOWERS_HINT = "save the timm towers there (README, OmniMamba: one python command)"
+TOWERS_HINT = "save the timm towers there (docs/omnimamba.md: one python command)"
 
 
 def is_release_dir(path: str | os.PathLike) -> bool:
