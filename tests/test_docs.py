@@ -55,9 +55,14 @@ def as_run(text: str) -> str:
     return text
 
 
-def _git_status() -> str:
-    return subprocess.run(["git", "status", "--porcelain", "--untracked-files=all"], cwd=ROOT, capture_output=True,
-                          text=True, check=True).stdout
+def _repository_files() -> tuple:
+    """Files in the repository that git does not track (ignored ones included, caches left out), and the bytes of
+    what a command would most likely rewrite (BENCHMARKS.md, benchmarks/)."""
+    others = subprocess.run(["git", "ls-files", "--others"], cwd=ROOT, capture_output=True, text=True,
+                            check=True).stdout.splitlines()
+    others = sorted(p for p in others if "__pycache__" not in p and not p.startswith((".pytest_cache", ".venv")))
+    written = [ROOT / "BENCHMARKS.md", *sorted((ROOT / "benchmarks").rglob("*"))]
+    return others, [p.read_bytes() for p in written if p.is_file()]
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +70,7 @@ def results(tmp_path_factory):
     """Runs every block not marked skip, in order, in one fresh directory; (returncode, output tail, seconds) each."""
     cwd = tmp_path_factory.mktemp("user")
     env = user_env(cache_dir=tmp_path_factory.mktemp("compile_cache"))
-    before, out = _git_status(), {}
+    before, out = _repository_files(), {}
     for page, line, _, text in RUN:
         start = time.perf_counter()
         proc = subprocess.run(["bash", "-euo", "pipefail", "-c", as_run(text)], cwd=cwd, env=env, capture_output=True,
@@ -73,7 +78,7 @@ def results(tmp_path_factory):
         out[page, line] = (proc.returncode, (proc.stdout + proc.stderr)[-4000:], time.perf_counter() - start)
     print("\n".join(f"{page}:{line}: {seconds:.0f} s" for (page, line), (_, _, seconds) in out.items()))
     print("\n".join(f"skipped {page}:{line}: {reason}" for page, line, reason, _ in BLOCKS if reason))
-    assert _git_status() == before, "a documented command wrote into the repository"
+    assert _repository_files() == before, "a documented command wrote into the repository"
     return out
 
 

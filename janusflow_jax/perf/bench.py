@@ -580,7 +580,8 @@ def render_section(json_dir) -> str:
             continue
         latest[key] = report  # names sort by time stamp: the last one wins
     parts = ["## Throughput and sampling speed (`python -m launch.bench`)", "",
-             "Written by `launch.bench` from the JSON files in `benchmarks/` (newest per mode and config). "
+             "Written by `launch.bench --update_benchmarks` from the JSON files in `benchmarks/` (the newest per mode "
+             "and config, with its date, device and commit; older runs stay in those files). "
              "Speedups are torch time / JAX time from alternating repetitions in one process, so the machine's "
              "load hits both alike; record the load average with every table.", ""]
     # Newest first, what-if runs (a note starting "WHAT-IF": not the repository's code) after the real ones.

@@ -739,7 +739,8 @@ def render_section(json_dir, plot_path=None) -> str:
     chosen.sort(key=lambda r: r["meta"]["date"], reverse=True)
     parts = ["## The long-sequence race: Mamba-2 (OmniMamba) vs Llama (JanusFlow) (`python -m launch.bench race`)", "",
              PAPER_CLAIM + " Not reproduced here: no RTX 4090, and these are the backbones in JAX, not the release's "
-             "PyTorch/Triton code. Written by `launch.bench race` from `benchmarks/race_*.json` (newest per part).",
+             "PyTorch/Triton code. Written by `launch.bench race --update_benchmarks` from `benchmarks/race_*.json` "
+             "(the newest per part; older runs stay in those files).",
              ""]
     if plot_path is not None and chosen:
         plot(chosen, plot_path)
