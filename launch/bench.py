@@ -74,7 +74,7 @@ def _label(argv: list[str]) -> str:
 
 
 def main(argv) -> int:
-    from janusflow_jax.perf import bench
+    from janusflow_jax.perf import bench, bench_report
 
     modes = (*bench.MODES, "race")
     if len(argv) != 2 or argv[1] not in modes:
@@ -109,11 +109,11 @@ def main(argv) -> int:
     except (bench.BenchError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    return _publish(report, bench.format_report(report), "bench", bench.write_markdown)
+    return _publish(report, bench_report.format_report(report), "bench", bench_report.write_markdown)
 
 
 def _race() -> int:
-    from janusflow_jax.perf import race
+    from janusflow_jax.perf import race, race_report
 
     try:
         lengths = [int(n) for n in _RACE_LENGTHS.value]
@@ -136,8 +136,8 @@ def _race() -> int:
     except ValueError as e:  # race.RaceError and bad sizes
         print(f"error: {e}", file=sys.stderr)
         return 1
-    return _publish(report, race.format_report(report), "race",
-                    lambda md, json_dir: race.write_markdown(md, json_dir, plot_path=json_dir / race.PLOT_NAME))
+    return _publish(report, race_report.format_report(report), "race",
+                    lambda md, json_dir: race_report.write_markdown(md, json_dir, json_dir / race_report.PLOT_NAME))
 
 
 def _publish(report: dict, text: str, section: str, write_section) -> int:

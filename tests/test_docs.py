@@ -75,7 +75,7 @@ def results(tmp_path_factory):
         start = time.perf_counter()
         proc = subprocess.run(["bash", "-euo", "pipefail", "-c", as_run(text)], cwd=cwd, env=env, capture_output=True,
                               text=True, timeout=900)
-        out[page, line] = (proc.returncode, (proc.stdout + proc.stderr)[-4000:], time.perf_counter() - start)
+        out[page, line] = (proc.returncode, proc.stdout + proc.stderr, time.perf_counter() - start)
     print("\n".join(f"{page}:{line}: {seconds:.0f} s" for (page, line), (_, _, seconds) in out.items()))
     print("\n".join(f"skipped {page}:{line}: {reason}" for page, line, reason, _ in BLOCKS if reason))
     assert _repository_files() == before, "a documented command wrote into the repository"
@@ -86,7 +86,7 @@ def results(tmp_path_factory):
 def test_block_runs(results, block):
     page, line, _, text = block
     returncode, output, _ = results[page, line]
-    assert returncode == 0, f"{page}:{line} failed:\n{as_run(text)}\n---\n{output}"
+    assert returncode == 0, f"{page}:{line} failed:\n{as_run(text)}\n---\n{output[-4000:]}"
 
 
 def test_every_marker_is_a_reason_before_a_block():
@@ -101,9 +101,17 @@ def test_every_marker_is_a_reason_before_a_block():
 
 
 def test_the_first_run_generates_and_chats_for_both_families(results):
-    """The README's download-free first run ends in images and answers (no dead end), for both families."""
+    """The README's download-free first run ends in images and answers (no dead end), for both families; it says
+    when it compiles and what its loss is, and the same command again says the run is finished."""
     readme = [(page, line) for page, line, _, text in RUN if page == "README.md" and "launch.chat" in text]
     assert len(readme) == 2 and all(results[key][0] == 0 for key in readme)
+    janusflow = results[readme[0]][1]
+    assert "compiling the train step for mixture phase 0, batch composition 1 of 1" in janusflow
+    assert "compiled 1 step program in" in janusflow and "(reweighted total; terms ar " in janusflow
+    assert "wrote 2 images and grid.png to runs/samples_tiny" in janusflow
+    again = [results[page, line][1] for page, line, _, text in RUN
+             if page in ("docs/training.md", "docs/omnimamba.md") and "launch.train" in text]
+    assert len(again) == 2 and all("already finished at step 2" in o and "final loss" not in o for o in again)
 
 
 def test_ci_runs_the_readme_test_command():

@@ -11,7 +11,7 @@ import pytest
 from janusflow_jax.models import mamba2
 from janusflow_jax.models.omnimamba import OmniMambaSystemConfig
 from janusflow_jax.perf import flops as flops_lib
-from janusflow_jax.perf import race, roofline
+from janusflow_jax.perf import race, race_report, roofline
 
 WIDTH = 64  # narrow stand-ins: race.mamba_config / llama_config at another width
 
@@ -57,10 +57,10 @@ def test_race_cli_end_to_end(tmp_path):
         else:
             assert r["status"].startswith("over time budget") and "seconds" not in r, r
     text = md.read_text()
-    assert "someone else's section" in text and text.count(race.RACE_BEGIN) == 1
-    assert "| 128 | time budget |" in text and "race.png" in text and (json_dir / race.PLOT_NAME).stat().st_size > 0
-    race.write_markdown(md, json_dir)
-    assert md.read_text().count(race.RACE_BEGIN) == 1  # rewritten in place
+    assert "someone else's section" in text and text.count(race_report.RACE_BEGIN) == 1
+    assert "| 128 | time budget |" in text and "race.png" in text and (json_dir / race_report.PLOT_NAME).stat().st_size > 0
+    race_report.write_markdown(md, json_dir)
+    assert md.read_text().count(race_report.RACE_BEGIN) == 1  # rewritten in place
 
 
 def test_decode_cost_is_flat_for_mamba_and_grows_for_llama(narrow):
@@ -115,7 +115,7 @@ def test_largest_batch_and_crossovers():
             for m, pts in (("mamba", {512: (2.0, 30), 1024: (2.0, 30), 2048: (2.0, 30)}),
                            ("llama", {512: (1.0, 10), 1024: (3.0, 40), 2048: (6.0, 90)}))
             for n, (s, b) in pts.items()]
-    c = race.compare(rows)["decode"]
+    c = race_report.compare(rows)["decode"]
     assert c["time_crossover"] == 1024 and c["time_ratio"] == 3.0 and c["longest_timed"] == 2048
     assert c["memory_crossover"] == 1024 and c["memory_ratio"] == pytest.approx(30 / 90)
 

@@ -3,7 +3,7 @@ number formatting, its JSON file and its markdown copy in an output directory (`
 markdown file that a report type owns (`replace_section`, e.g. BENCHMARKS.md's bench and race sections).
 
 A report is a plain dict {"mode": ..., "meta": meta(...), <the measurements>}; each benchmark formats its own tables
-(`bench.format_report`, `race.format_report`) and renders its own section from a directory of JSON reports.
+(`bench.format_report`, `race_report.format_report`) and renders its own section from a directory of JSON reports.
 """
 
 from __future__ import annotations
