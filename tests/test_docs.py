@@ -27,7 +27,8 @@ ONE_BLOCK = ("--config.model.llm.num_layers=1 --config.model.und_encoder.depth=1
 # What the test changes in a page's commands (text as written -> text as run), applied in this order.
 SUBSTITUTIONS = {
     "--config=stage2:tiny": f"--config=stage2:tiny --config.steps=2 {ONE_BLOCK}",  # one mixture phase, one compile
-    "--config=omnimamba_stage2:tiny": "--config=omnimamba_stage2:tiny --config.steps=2 --config.optimizer.warmup_steps=1",
+    "--config=omnimamba_stage2:tiny": ("--config=omnimamba_stage2:tiny --config.steps=2 "
+                                       "--config.optimizer.warmup_steps=1"),
     "--max_new_tokens=16": "--max_new_tokens=4",
 }
 
