@@ -9,7 +9,7 @@
 with --config.FIELD=VALUE (an unknown field is an error). Rerunning the same command resumes from the newest
 checkpoint in the workdir. Every path may be local or gs://. On several hosts (a TPU pod slice) run the same command
 on every host: jax.distributed starts from --coordinator_address/--num_processes/--process_id or from what jax
-detects (launch/hosts.py); README "Train on a TPU pod".
+detects (launch/hosts.py); docs/pods.md.
 """
 
 from __future__ import annotations

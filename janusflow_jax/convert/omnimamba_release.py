@@ -7,7 +7,7 @@ A release directory holds
     `llm_backbone.vqvae.*` (`convert/vq.py`);
   * `dinov2.safetensors` and `siglip.safetensors`: the timm state dicts of the two vision backbones
     (`vit_large_patch14_reg4_dinov2.lvd142m` built at img_size=384, `vit_so400m_patch14_siglip_384`); the release
-    has no vision tower (Prismatic builds it from timm), so a user saves them once with the README's one-liner;
+    has no vision tower (Prismatic builds it from timm), so a user saves them once with docs/omnimamba.md's one-liner;
   * the tokenizer (EleutherAI/gpt-neox-20b's tokenizer.json, tokenizer_config.json, special_tokens_map.json; plus
     `omnimamba_processor.json` when we wrote the directory) — not read here, copied by `launch.convert`;
   * optionally `omnimamba_config.json` (our `OmniMambaSystemConfig.to_dict()`, written by every export): the
