@@ -1,20 +1,11 @@
 """launch.bench writes where it is told: a smoke run leaves the repository as it was (its report goes to runs/bench
 under the current directory), and only --update_benchmarks rewrites a BENCHMARKS.md."""
 
-import hashlib
 import json
 import subprocess
 import sys
 
-from tests.cli_helpers import ROOT, user_env
-
-
-def _repository_state() -> dict:
-    """git's view of the tree plus the bytes of every file under benchmarks/ and of BENCHMARKS.md."""
-    status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=all"], cwd=ROOT, capture_output=True,
-                            text=True, check=True).stdout
-    files = [ROOT / "BENCHMARKS.md", *sorted((ROOT / "benchmarks").rglob("*"))]
-    return {"status": status, **{str(p): hashlib.sha256(p.read_bytes()).hexdigest() for p in files if p.is_file()}}
+from tests.cli_helpers import repository_files, user_env
 
 
 def _bench(cwd, *args):
@@ -26,9 +17,9 @@ def _bench(cwd, *args):
 
 
 def test_a_bench_smoke_leaves_the_repository_unchanged(tmp_path):
-    before = _repository_state()
+    before = repository_files()
     _bench(tmp_path)  # the defaults, as the docs run it
-    assert _repository_state() == before
+    assert repository_files() == before
     (report,) = (tmp_path / "runs" / "bench").glob("data_*.json")
     assert json.loads(report.read_text())["mode"] == "data"
     assert "examples/s" in report.with_suffix(".md").read_text()
@@ -39,4 +30,4 @@ def test_a_bench_smoke_leaves_the_repository_unchanged(tmp_path):
     assert "someone else's section" in md.read_text() and "<!-- bench:begin -->" in md.read_text()
     assert len(list((tmp_path / "benchmarks").glob("data_*.json"))) == 1
     assert len(list((tmp_path / "elsewhere").glob("data_*"))) == 2
-    assert _repository_state() == before
+    assert repository_files() == before

@@ -18,7 +18,7 @@ import time
 import jax
 import pytest
 
-from tests.cli_helpers import ROOT, user_env
+from tests.cli_helpers import ROOT, repository_files, user_env
 
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 SKIP = re.compile(r"^<!-- skip: (.*\S) -->$")
@@ -57,22 +57,12 @@ def as_run(text: str) -> str:
     return text
 
 
-def _repository_files() -> tuple:
-    """Files in the repository that git does not track (ignored ones included, caches left out), and the bytes of
-    what a command would most likely rewrite (BENCHMARKS.md, benchmarks/)."""
-    others = subprocess.run(["git", "ls-files", "--others"], cwd=ROOT, capture_output=True, text=True,
-                            check=True).stdout.splitlines()
-    others = sorted(p for p in others if "__pycache__" not in p and not p.startswith((".pytest_cache", ".venv")))
-    written = [ROOT / "BENCHMARKS.md", *sorted((ROOT / "benchmarks").rglob("*"))]
-    return others, [p.read_bytes() for p in written if p.is_file()]
-
-
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
     """Runs every block not marked skip, in order, in one fresh directory; (returncode, output tail, seconds) each."""
     cwd = tmp_path_factory.mktemp("user")
     env = user_env(cache_dir=tmp_path_factory.mktemp("compile_cache"))
-    before, out = _repository_files(), {}
+    before, out = repository_files(), {}
     cpu = []
     for page, line, _, text in RUN:
         start, usage = time.perf_counter(), resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -84,7 +74,7 @@ def results(tmp_path_factory):
     print("\n".join(f"{page}:{line}: rc {rc}, {seconds:.0f} s, {c:.0f} s CPU"
                     for ((page, line), (rc, _, seconds)), c in zip(out.items(), cpu)))
     print("\n".join(f"skipped {page}:{line}: {reason}" for page, line, reason, _ in BLOCKS if reason))
-    assert _repository_files() == before, "a documented command wrote into the repository"
+    assert repository_files() == before, "a documented command wrote into the repository"
     return out
 
 
