@@ -103,7 +103,7 @@ def test_the_first_run_generates_and_chats_for_both_families(results):
     assert len(readme) == 2 and all(results[key][0] == 0 for key in readme)
     janusflow = results[readme[0]][1]
     assert "compiling the train step for mixture phase 0, batch composition 1 of 1" in janusflow
-    assert "compiled 1 step program in" in janusflow and "(reweighted total; terms ar " in janusflow
+    assert "compiled 1 step program in" in janusflow and "the reweighted total of (ar " in janusflow
     assert "wrote 2 images and grid.png to runs/samples_tiny" in janusflow
     again = [results[page, line][1] for page, line, _, text in RUN
              if page in ("docs/training.md", "docs/omnimamba.md") and "launch.train" in text]

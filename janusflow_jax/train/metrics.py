@@ -119,7 +119,7 @@ class Reporter:
             if k != "step" and math.isfinite(v):  # MFU is NaN where the device's peak is unknown (CPU)
                 self.writer.add_scalar(f"train/{k}", v, step)
         terms = " ".join(f"{t} {row[t]:.4f}" for t in self.terms if t in row)
-        line = (f"step {step}: loss {row['loss']:.4f} (reweighted total; terms {terms}) "
+        line = (f"step {step}: loss {row['loss']:.4f}, the reweighted total of ({terms}) "
                 f"lr {row['lr']:.2e} grad_norm {row['grad_norm']:.3f} | {step_time * 1e3:.1f} ms/step "
                 + (f"(input {row['input_s'] * 1e3:.1f} ms) " if "input_s" in row else "") +
                 f"{row['examples_per_s']:.1f} ex/s {row['tokens_per_s']:.0f} tok/s "
