@@ -68,8 +68,8 @@ def train(config, workdir, callbacks: Iterable[Callback] = (), progress: bool = 
     workdir.mkdir(parents=True, exist_ok=True)
     plan = make_plan(config, devices)
     mngr = checkpointing.training_manager(workdir, config)
-    if config.data.source == "synthetic" and jax.process_index() == 0:  # launch.generate / chat accept its checkpoint
-        starter_files.write(config, mngr.directory)
+    if config.data.source == "synthetic" and jax.process_count() == 1:  # a first run: generate / chat accept it
+        starter_files.write(config, mngr.directory)  # (not on several hosts: no host waits on the others' files)
     preempted = {"flag": False}
     # With jax.distributed, jax's preemption sync manager owns SIGTERM (a Python handler would replace its own).
     previous_handler = None if hosts.runtime_initialized() else signal.signal(
