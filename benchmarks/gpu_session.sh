@@ -55,7 +55,7 @@ step() {  # step NAME MAX_SECONDS COMMAND...
 }
 
 B="python3 -m launch.bench"
-J="--json_dir=$OUT --out="
+J="--out_dir=$OUT"
 # 1. The 1.3B stage-2 train step (bf16 compute, fp32 master weights, AdamW + EMA, REPA), 48 examples per step; the
 #    default attention "auto" is cuDNN flash attention on an NVIDIA GPU. Three more steps run under jax.profiler:
 #    the log gets the step's kernel time by kind of work, by model scope and the top kernels (the trace itself stays

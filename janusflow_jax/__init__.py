@@ -1,7 +1,8 @@
 """janusflow_jax: JanusFlow (DeepSeek, CVPR 2025) in JAX/Flax.
 
-`JanusFlow` is the composite Linen module (`understand`, `velocity`); `janusflow_jax.convert` moves checkpoints
-between the official PyTorch layout and JAX; `janusflow_jax.sharding` creates parameters on a device mesh;
+`JanusFlow` is the composite Linen module (`understand`, `velocity`); `janusflow_jax.convert.janusflow` moves
+checkpoints between the official PyTorch layout and JAX (`from_pytorch`, `to_pytorch`, `init_from_parts`; OmniMamba's:
+`janusflow_jax.convert.omnimamba`); `janusflow_jax.sharding` creates parameters on a device mesh;
 `sample_latents` / `generate_images` (text-to-image) and `chat` (image chat) are the inference entry points.
 """
 

@@ -1,8 +1,8 @@
 """Benchmark training throughput and sampling speed, side by side with PyTorch eager.
 
   python -m launch.bench MODE --config=stage2:tiny [--steps=10 --warmup=2 --batch_sizes=1,8 --sample_steps=30
-                         --cfg=2.0 --reps=3 --torch_threads=0 --profile_dir=DIR] [--out=BENCHMARKS.md
-                         --json_dir=benchmarks]
+                         --cfg=2.0 --reps=3 --torch_threads=0 --profile_dir=DIR] [--out_dir=runs/bench]
+                         [--update_benchmarks]
 
   python -m launch.bench race [--race_parts=sweep,image,aot --race_lengths=512,1024,... --race_layers=4,2
                                --race_targets=h200,v5p:2x2x1 --race_memory_budget_gib=8 --race_time_budget=90]
@@ -10,7 +10,9 @@
 MODE: train | sample | torch | vae | data | all (= train + sample + torch; see janusflow_jax/perf/bench.py) | race
 (OmniMamba's Mamba-2 against JanusFlow's Llama over sequence lengths; janusflow_jax/perf/race.py; no --config). Config overrides
 work as in launch.train (--config.batch_size=32, --config.model.llm.num_layers=4, ...). The report is printed as
-tables, saved as JSON under --json_dir and, unless --out is empty, written into the bench section of --out.
+tables and saved to --out_dir (default runs/bench under the current directory, ignored by git): its JSON and its
+tables as markdown, under one name (<mode>_<config>_<UTC time>). The repository is written only with
+--update_benchmarks: the JSON joins benchmarks/ beside --benchmarks_md and that file's section is rewritten from them.
 """
 
 from __future__ import annotations
@@ -23,7 +25,9 @@ from ml_collections import config_flags
 
 from launch import config_cli
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Run config: configs/<name>.py[:arg] or a bare name.",
+__doc__ = config_cli.with_config_list(__doc__)
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, config_cli.CONFIG_HELP,
                                           lock_config=True)
 _STEPS = flags.DEFINE_integer("steps", 10, "train: timed steps (the median is reported); data: timed batches.")
 _WARMUP = flags.DEFINE_integer("warmup", 2, "train: untimed steps after compilation; data: untimed batches.")
@@ -51,8 +55,13 @@ _RACE_MEMORY = flags.DEFINE_float("race_memory_budget_gib", 8.0, "race sweep: po
                                   "not run (this host is shared).")
 _RACE_TIME = flags.DEFINE_float("race_time_budget", 90.0, "race sweep: points predicted to take longer per call (the "
                                 "previous length's time scaled by the counted FLOPs) are not run.")
-_OUT = flags.DEFINE_string("out", "BENCHMARKS.md", "Markdown file whose bench section is rewritten ('' = none).")
-_JSON_DIR = flags.DEFINE_string("json_dir", "benchmarks", "Directory for the JSON reports.")
+_OUT_DIR = flags.DEFINE_string("out_dir", "runs/bench", "Directory for this run's report (JSON + markdown); local or "
+                                "gs://, relative to the current directory.")
+_UPDATE = flags.DEFINE_bool("update_benchmarks", False, "Also publish the report: its JSON into the benchmarks/ "
+                            "folder beside --benchmarks_md, and that file's bench (or race) section rewritten.")
+_BENCHMARKS_MD = flags.DEFINE_string("benchmarks_md", str(config_cli.CONFIG_DIR.parent / "BENCHMARKS.md"),
+                                     "With --update_benchmarks: the markdown file to update (default: the "
+                                     "repository's).")
 _PROFILE_DIR = flags.DEFINE_string("profile_dir", "", "train/all: also trace 3 train steps with jax.profiler into "
                                    "this directory (XProf + Perfetto files) and print where the time goes.")
 
@@ -65,10 +74,11 @@ def _label(argv: list[str]) -> str:
 
 
 def main(argv) -> int:
-    from janusflow_jax.perf import bench
+    from janusflow_jax.perf import bench, bench_report
 
-    if len(argv) != 2 or argv[1] not in bench.MODES:
-        print(f"error: give exactly one mode ({', '.join(bench.MODES)}), got {argv[1:]}", file=sys.stderr)
+    modes = (*bench.MODES, "race")
+    if len(argv) != 2 or argv[1] not in modes:
+        print(f"error: give exactly one mode ({', '.join(modes)}), got {argv[1:]}", file=sys.stderr)
         return 2
     if argv[1] == "race":
         return _race()
@@ -88,7 +98,7 @@ def main(argv) -> int:
     from janusflow_jax import paths
 
     config = paths.resolve_config_paths(_CONFIG.value)
-    out, json_dir, profile_dir = (paths.resolve(f.value) for f in (_OUT, _JSON_DIR, _PROFILE_DIR))
+    profile_dir = paths.resolve(_PROFILE_DIR.value)
     raw = sys.argv[1:]
     command = "python -m launch.bench " + " ".join(shlex.quote(a) for a in raw)
     try:
@@ -99,12 +109,11 @@ def main(argv) -> int:
     except (bench.BenchError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    return _publish(report, json_dir, out, "bench", lambda: bench.write_markdown(out, json_dir))
+    return _publish(report, bench_report.format_report(report), "bench", bench_report.write_markdown)
 
 
 def _race() -> int:
-    from janusflow_jax import paths
-    from janusflow_jax.perf import bench, race
+    from janusflow_jax.perf import race, race_report
 
     try:
         lengths = [int(n) for n in _RACE_LENGTHS.value]
@@ -113,37 +122,41 @@ def _race() -> int:
         print(f"error: --race_lengths needs integers and --race_layers two integers (Mamba, Llama): {e}",
               file=sys.stderr)
         return 2
-    out, json_dir = paths.resolve(_OUT.value), paths.resolve(_JSON_DIR.value)
     raw = sys.argv[1:]
     command = "python -m launch.bench " + " ".join(shlex.quote(a) for a in raw)
     label = f"race {'+'.join(_RACE_PARTS.value)} layers {mamba_layers}/{llama_layers}" + (
         f" targets {','.join(_RACE_TARGETS.value)}" if "aot" in _RACE_PARTS.value else "") + (
         f" models {','.join(_RACE_MODELS.value)}" if "aot" in _RACE_PARTS.value and len(_RACE_MODELS.value) < 2 else "")
     try:
-        report = bench.run_race(label=label, command=command, lengths=lengths, mamba_layers=mamba_layers,
-                                llama_layers=llama_layers, parts=_RACE_PARTS.value, targets=_RACE_TARGETS.value,
-                                batch=_RACE_BATCH.value, reps=_REPS.value, memory_budget_gib=_RACE_MEMORY.value,
-                                time_budget=_RACE_TIME.value, note=_NOTE.value, width=_RACE_WIDTH.value,
-                                models=_RACE_MODELS.value)
-    except (bench.BenchError, ValueError) as e:
+        report = race.run(label=label, command=command, lengths=lengths, mamba_layers=mamba_layers,
+                          llama_layers=llama_layers, parts=_RACE_PARTS.value, targets=_RACE_TARGETS.value,
+                          batch=_RACE_BATCH.value, reps=_REPS.value, memory_budget_gib=_RACE_MEMORY.value,
+                          time_budget=_RACE_TIME.value, note=_NOTE.value, width=_RACE_WIDTH.value,
+                          models=_RACE_MODELS.value)
+    except ValueError as e:  # race.RaceError and bad sizes
         print(f"error: {e}", file=sys.stderr)
         return 1
-    return _publish(report, json_dir, out, "race",
-                    lambda: race.write_markdown(out, json_dir, plot_path=f"{json_dir}/{race.PLOT_NAME}"))
+    return _publish(report, race_report.format_report(report), "race",
+                    lambda md, json_dir: race_report.write_markdown(md, json_dir, json_dir / race_report.PLOT_NAME))
 
 
-def _publish(report: dict, json_dir, out, section: str, write_section) -> int:
-    """Prints the report, saves its JSON under `json_dir` and, with `out`, rewrites that file's `section` section
-    (`write_section()`); a write failure is one line and exit status 1."""
-    from janusflow_jax.perf import bench
+def _publish(report: dict, text: str, section: str, write_section) -> int:
+    """Prints the report's tables (`text`) and saves them with its JSON in --out_dir; with --update_benchmarks also
+    saves the JSON into benchmarks/ beside --benchmarks_md and rewrites that file's `section` section
+    (`write_section(md, json_dir)`). A write failure is one line and exit status 1."""
+    from janusflow_jax import paths
+    from janusflow_jax.perf import report as report_lib
 
-    print(bench.format_report(report))
+    print(text)
     try:
-        path = bench.save_json(report, json_dir)
-        print(f"saved {path}")
-        if out:
-            write_section()
-            print(f"updated the {section} section of {_OUT.value}")
+        json_path, md_path = report_lib.save(report, text, paths.resolve(_OUT_DIR.value))
+        print(f"saved {json_path} and {md_path.name}")
+        if _UPDATE.value:
+            md = paths.user_path(_BENCHMARKS_MD.value)
+            json_dir = md.parent / "benchmarks"
+            print(f"saved {report_lib.save_json(report, json_dir)}")
+            write_section(md, json_dir)
+            print(f"updated the {section} section of {md}")
     except OSError as e:
         print(f"error: cannot write the results: {e}", file=sys.stderr)
         return 1

@@ -20,6 +20,8 @@ import sys
 
 from absl import app, flags, logging
 
+from launch import config_cli
+
 # allow_override: launch.convert/generate/chat define some of the same flags (--checkpoint, --out, --seed,
 # --dtype) with the same meaning; one process (the test suite) may import all of them.
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Official JanusFlow directory or orbax checkpoint root.",
@@ -145,4 +147,4 @@ def main(argv) -> int:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    config_cli.run(main)

@@ -36,6 +36,8 @@ from pathlib import Path
 from absl import app, flags, logging
 from etils import epath
 
+from launch import config_cli
+
 _RANDOM_CONFIGS = {"tiny": "configs.tiny", "1.3b": "configs.janusflow_1_3b"}
 _SAFETENSORS_DTYPES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}
 
@@ -252,4 +254,4 @@ def main(argv) -> int:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    config_cli.run(main)

@@ -26,6 +26,8 @@ import time
 from absl import app, flags, logging
 from etils import epath
 
+from launch import config_cli
+
 # allow_override: launch.convert/generate/chat define some of the same flags (--checkpoint, --out, --seed,
 # --dtype) with the same meaning; one process (the test suite) may import all of them.
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Official JanusFlow directory or orbax checkpoint root.",
@@ -68,6 +70,8 @@ def read_prompts(prompts: list[str], prompts_file: str | None) -> list[str]:
             raise ValueError(f"cannot read prompts file {prompts_file}: {e}") from None
         out += [line.strip() for line in text.splitlines() if line.strip()]
     if not out:
+        if prompts:  # --prompt="" (or only blanks): say so rather than that none was given
+            raise app.UsageError("--prompt is empty: give the text of the image to draw (or --prompts_file)")
         raise app.UsageError("give --prompt or --prompts_file")
     return out
 
@@ -131,4 +135,4 @@ def main(argv) -> int:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    config_cli.run(main)

@@ -19,6 +19,7 @@ from pathlib import Path
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from launch import config_cli
 from launch import hosts as host_flags
 
 _DEFAULT = f"{Path(__file__).resolve().parents[1] / 'configs' / 'prepare_data.py'}:tiny"
@@ -48,4 +49,4 @@ def main(argv) -> int:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    config_cli.run(main)

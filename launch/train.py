@@ -9,7 +9,7 @@
 with --config.FIELD=VALUE (an unknown field is an error). Rerunning the same command resumes from the newest
 checkpoint in the workdir. Every path may be local or gs://. On several hosts (a TPU pod slice) run the same command
 on every host: jax.distributed starts from --coordinator_address/--num_processes/--process_id or from what jax
-detects (launch/hosts.py); README "Train on a TPU pod".
+detects (launch/hosts.py); docs/pods.md.
 """
 
 from __future__ import annotations
@@ -22,7 +22,9 @@ from ml_collections import config_flags
 from launch import config_cli
 from launch import hosts as host_flags
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Run config: configs/<name>.py[:arg] or a bare name.",
+__doc__ = config_cli.with_config_list(__doc__)
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, config_cli.CONFIG_HELP,
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and plots (resumes if it has them).")
 _PROGRESS = flags.DEFINE_bool("progress", True, "Show a progress bar.")
@@ -44,6 +46,10 @@ def main(argv) -> int:
 
     config = paths.resolve_config_paths(_CONFIG.value)  # user paths, relative to where the command was typed
     workdir = paths.resolve(_WORKDIR.value)
+    if paths.user_path(workdir).is_file():
+        print(f"error: --workdir={_WORKDIR.value} is a file; give a directory (new, or a run's to resume it)",
+              file=sys.stderr)
+        return 1
     try:
         if "recipe" in config:  # a multi-stage recipe (configs/digits.py): its own pipeline prints where things are
             if "digits" in config and config.get("family", "janusflow") == "omnimamba":
@@ -63,7 +69,7 @@ def main(argv) -> int:
     except (trainer.TrainingError, ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    if jax.process_index() == 0:
+    if jax.process_index() == 0 and "loss" in metrics:  # (none when the run had already finished)
         workdir = _WORKDIR.value.rstrip("/")  # as the user typed it (gs:// included)
         print(f"done: final loss {metrics.get('loss', float('nan')):.4f}; checkpoints in {workdir}/checkpoints, "
               f"loss curve {workdir}/loss_curve.png, TensorBoard logs in {workdir}/tensorboard")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import subprocess
 from pathlib import Path
 
 from absl import flags
@@ -37,3 +38,13 @@ def user_env(cache_dir=None) -> dict:
         env.update(JAX_COMPILATION_CACHE_DIR=str(cache_dir), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
                    JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
     return env
+
+
+def repository_files() -> tuple:
+    """What a command run by a test must not change in the repository: the files git does not track (ignored ones
+    included, caches left out; without git, everything under runs/) and the bytes of BENCHMARKS.md and benchmarks/."""
+    git = subprocess.run(["git", "ls-files", "--others"], cwd=ROOT, capture_output=True, text=True)
+    others = git.stdout.splitlines() if git.returncode == 0 else [str(p) for p in ROOT.glob("runs/**/*")]
+    others = sorted(p for p in others if "__pycache__" not in p and not p.startswith((".pytest_cache", ".venv")))
+    written = [ROOT / "BENCHMARKS.md", *sorted((ROOT / "benchmarks").rglob("*"))]
+    return others, [p.read_bytes() for p in written if p.is_file()]

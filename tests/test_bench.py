@@ -10,9 +10,10 @@ from pathlib import Path
 import pytest
 
 from configs import stage2
-from janusflow_jax.perf import bench
+from janusflow_jax.perf import bench, bench_report
 from janusflow_jax.perf import chips
 from janusflow_jax.perf import flops as flops_lib
+from janusflow_jax.perf import report as report_lib
 
 HAS_TORCH = importlib.util.find_spec("torch") is not None
 
@@ -57,7 +58,7 @@ def test_train_fields(report):
     r = t["roofline"]
     assert _positive(r["seconds"]) and r["flops"] > 0 and r["bytes"] > 0
     assert r["measured_over_bound"] == pytest.approx(t["step_s"] / r["seconds"]) and r["measured_over_bound"] > 1
-    assert "x the bound" in bench.format_report(report)
+    assert "x the bound" in bench_report.format_report(report)
 
 
 def test_sample_rows(report):
@@ -70,7 +71,7 @@ def test_sample_rows(report):
         assert r["mfu"] == pytest.approx(r["flops"] / r["latency_s"] / r["peak_flops"])
     cached, full = (next(r["flops"] for r in rows if r["prompt_cache"] is c) for c in (True, False))
     assert cached < full  # the cache skips the prompt at every step but the first
-    assert "| MFU |" in bench.format_report(report)
+    assert "| MFU |" in bench_report.format_report(report)
 
 
 def test_sampling_flops_match_the_compiled_sampler():
@@ -107,23 +108,23 @@ def test_torch_rows(report):
         assert r["speedup_ceiling"] == pytest.approx(r["torch_s"] * report["torch"]["peak_flops"] / r["jax_flops"])
         assert r["jax_flops"] <= r["torch_flops"] and _positive(r["jax_tflops"]) and _positive(r["torch_tflops"])
     assert rows[2]["jax_flops"] < rows[2]["torch_flops"]  # the prompt cache; the torch loop recomputes the prompt
-    assert "speedup ceiling" in bench.format_report(report)
+    assert "speedup ceiling" in bench_report.format_report(report)
 
 
 def test_outputs_keep_the_other_section(report, tmp_path):
     md = tmp_path / "BENCHMARKS.md"
     other = "# Benchmarks\n\n## Ahead-of-time compile\n\nsomeone else's table\n"
     md.write_text(other)
-    path = bench.save_json(report, tmp_path / "json")
+    path = report_lib.save_json(report, tmp_path / "json")
     assert json.loads(path.read_text())["mode"] == report["mode"]
-    bench.write_markdown(md, tmp_path / "json")
+    bench_report.write_markdown(md, tmp_path / "json")
     first = md.read_text()
-    assert first.startswith(other.rstrip("\n")) and first.count(bench.BEGIN) == 1
+    assert first.startswith(other.rstrip("\n")) and first.count(bench_report.BEGIN) == 1
     assert "step ms" in first and "images/s" in first and "Running these on a GPU" in first
     md.write_text(first + "\n## Later section\n")
-    bench.write_markdown(md, tmp_path / "json")  # rewrites in place, keeps what surrounds the markers
+    bench_report.write_markdown(md, tmp_path / "json")  # rewrites in place, keeps what surrounds the markers
     again = md.read_text()
-    assert again.count(bench.BEGIN) == 1 and again.endswith("## Later section\n") and "someone else's" in again
+    assert again.count(bench_report.BEGIN) == 1 and again.endswith("## Later section\n") and "someone else's" in again
 
 
 def test_bad_requests():
@@ -152,7 +153,7 @@ def test_vae_mode_reports_encode_and_decode_rows():
     assert [(r["op"], r["dtype"], r["batch"], r["image_size"]) for r in rows] == [
         ("encode", "float32", 1, 16), ("decode", "float32", 1, 16)]
     assert all(_positive(r["images_per_s"]) and _positive(r["latency_s"]) for r in rows)
-    text = bench.format_report({"mode": "vae", "meta": {"config": "x", "date": "d", "device": "cpu", "cpu_count": 2,
+    text = bench_report.format_report({"mode": "vae", "meta": {"config": "x", "date": "d", "device": "cpu", "cpu_count": 2,
                                                        "commit": "c", "load_average_start": [0, 0, 0],
                                                        "jax": "j", "command": "c"}, "vae": rows})
     assert "| encode | float32 | 1 | 16² |" in text
@@ -170,7 +171,7 @@ def test_train_profile(report):
     assert math.isclose(sum(k["seconds"] for k in p["kinds"].values()), p["op_seconds"], rel_tol=1e-9)
     assert {r["kind"] for r in p["ops"]} <= set(profile.CATEGORIES)
     assert any(r["scope"].startswith(("language_model", "gen_decoder", "gen_encoder")) for r in p["ops"])
-    assert "| matmul |" in bench.format_report(report)
+    assert "| matmul |" in bench_report.format_report(report)
 
 
 def test_hlo_ops_are_classed_by_what_they_compute():
@@ -280,7 +281,7 @@ def test_data_mode_times_the_loader_alone():
     d = report["data"]
     assert d["source"] == "synthetic" and d["batches"] == 3 and d["rows_per_batch"] == sum(d["sub_batches"].values())
     assert _positive(d["examples_per_s"]) and _positive(d["megabytes_per_s"]) and d["bytes_per_batch"] > 0
-    assert "examples/s" in bench.format_report(report) and "train" not in report
+    assert "examples/s" in bench_report.format_report(report) and "train" not in report
 
 
 def test_a_profiler_failure_keeps_the_timings(report, monkeypatch, tmp_path):
@@ -297,5 +298,5 @@ def test_a_profiler_failure_keeps_the_timings(report, monkeypatch, tmp_path):
     assert bench.profile_train(stand_in, 3, tmp_path) == {"error": "RuntimeError: no CUPTI"}
     failed = copy.deepcopy(report)
     failed["train"]["profile"] = {"error": "RuntimeError: no CUPTI"}
-    text = bench.format_report(failed)
+    text = bench_report.format_report(failed)
     assert "Profile failed: RuntimeError: no CUPTI" in text and "step ms (median)" in text

@@ -11,7 +11,7 @@ import pytest
 from janusflow_jax.models import mamba2
 from janusflow_jax.models.omnimamba import OmniMambaSystemConfig
 from janusflow_jax.perf import flops as flops_lib
-from janusflow_jax.perf import race, roofline
+from janusflow_jax.perf import race, race_report, roofline
 
 WIDTH = 64  # narrow stand-ins: race.mamba_config / llama_config at another width
 
@@ -39,11 +39,13 @@ def _cli(*args) -> int:
 def test_race_cli_end_to_end(tmp_path):
     """Both models, both phases at two lengths; a time budget that only the first length's points meet (those after
     it are compiled for their plans, not run); the section goes into someone else's file and is rewritten in place."""
-    md, json_dir = tmp_path / "BENCHMARKS.md", tmp_path / "json"
+    md, json_dir = tmp_path / "BENCHMARKS.md", tmp_path / "benchmarks"
     md.write_text("# Benchmarks\n\nsomeone else's section\n")
     assert _cli(f"--race_width={WIDTH}", "--race_lengths=64,128", "--race_layers=2,1", "--reps=1",
-                "--race_time_budget=1e-9", f"--out={md}", f"--json_dir={json_dir}") == 0
+                "--race_time_budget=1e-9", f"--out_dir={tmp_path / 'out'}", "--update_benchmarks",
+                f"--benchmarks_md={md}") == 0
     (path,) = json_dir.glob("race_*.json")
+    assert [p.suffix for p in sorted((tmp_path / "out").iterdir())] == [".json", ".md"]  # this run's own copy
     report = json.loads(path.read_text())
     rows = report["sweep"]
     assert {(r["model"], r["phase"], r["length"]) for r in rows} == {
@@ -55,10 +57,10 @@ def test_race_cli_end_to_end(tmp_path):
         else:
             assert r["status"].startswith("over time budget") and "seconds" not in r, r
     text = md.read_text()
-    assert "someone else's section" in text and text.count(race.RACE_BEGIN) == 1
-    assert "| 128 | time budget |" in text and "race.png" in text and (json_dir / race.PLOT_NAME).stat().st_size > 0
-    race.write_markdown(md, json_dir)
-    assert md.read_text().count(race.RACE_BEGIN) == 1  # rewritten in place
+    assert "someone else's section" in text and text.count(race_report.RACE_BEGIN) == 1
+    assert "| 128 | time budget |" in text and "race.png" in text and (json_dir / race_report.PLOT_NAME).stat().st_size > 0
+    race_report.write_markdown(md, json_dir)
+    assert md.read_text().count(race_report.RACE_BEGIN) == 1  # rewritten in place
 
 
 def test_decode_cost_is_flat_for_mamba_and_grows_for_llama(narrow):
@@ -113,7 +115,7 @@ def test_largest_batch_and_crossovers():
             for m, pts in (("mamba", {512: (2.0, 30), 1024: (2.0, 30), 2048: (2.0, 30)}),
                            ("llama", {512: (1.0, 10), 1024: (3.0, 40), 2048: (6.0, 90)}))
             for n, (s, b) in pts.items()]
-    c = race.compare(rows)["decode"]
+    c = race_report.compare(rows)["decode"]
     assert c["time_crossover"] == 1024 and c["time_ratio"] == 3.0 and c["longest_timed"] == 2048
     assert c["memory_crossover"] == 1024 and c["memory_ratio"] == pytest.approx(30 / 90)
 

@@ -10,7 +10,7 @@ A release directory holds
     .pth's size (LM + projector in float16) says it carries none;
   * `dinov2.safetensors` and `siglip.safetensors`: the timm state dicts of the two vision backbones
     (`vit_large_patch14_reg4_dinov2.lvd142m` built at img_size=384, `vit_so400m_patch14_siglip_384`); the release
-    has no vision tower (Prismatic builds it from timm), so a user saves them once with the README's one-liner;
+    has no vision tower (Prismatic builds it from timm), so a user saves them once with docs/omnimamba.md's one-liner;
   * the tokenizer (EleutherAI/gpt-neox-20b's tokenizer.json, tokenizer_config.json, special_tokens_map.json; plus
     `omnimamba_processor.json` when we wrote the directory) — not read here, copied by `launch.convert`;
   * optionally `omnimamba_config.json` (our `OmniMambaSystemConfig.to_dict()`, written by every export): the
@@ -57,7 +57,7 @@ WEIGHT_FILES = (RELEASE_FILE, DINO_FILE, SIGLIP_FILE)
 TOKENIZER_FILES = omnimamba_processor.TOKENIZER_FILES
 RELEASE_DTYPE = "float16"  # the .pth's dtype as released
 
-TOWERS_HINT = "save the timm towers there (README, OmniMamba: one python command)"
+TOWERS_HINT = "save the timm towers there (docs/omnimamba.md: one python command)"
 VQ_HINT = f"hf download peizesun/llamagen_t2i {VQ_FILE} --local-dir <the release directory>"
 
 

@@ -16,8 +16,6 @@ A report is a plain dict (JSON-ready):
           of alternating repetitions), speedup = torch_s / jax_s, both sides' counted FLOPs and TFLOP/s, and
           speedup_ceiling (torch_s / the JAX FLOPs at peak); torch runs on the GPU when it sees one
   vae     (mode "vae" only) SDXL-VAE encode/decode rows at 384^2: compile_s, latency_s, images_per_s
-  race    (mode "race", `run_race`) the long-sequence race of OmniMamba's Mamba-2 against JanusFlow's Llama: see
-          `race.py` (it has its own section in BENCHMARKS.md and a plot, `race.write_markdown`)
   data    (mode "data" only) this host's loader alone (`bench_data`): batches, rows_per_batch, bytes_per_batch,
           batch_s_median / batch_s_max, examples_per_s and megabytes_per_s, source, num_workers, prefetch
 Medians, not means: a shared machine's other jobs produce long-tail outliers.
@@ -25,26 +23,15 @@ Medians, not means: a shared machine's other jobs produce long-tail outliers.
 
 from __future__ import annotations
 
-import datetime
-import hashlib
-import json
-import math
-import os
-import platform
-import re
 import resource
 import statistics
-import subprocess
-import sys
 import time
-from pathlib import Path
 from typing import Callable, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-from etils import epath
 
 from janusflow_jax.data.synthetic import SyntheticSource
 from janusflow_jax.inference.sampler import sample_latents
@@ -52,28 +39,26 @@ from janusflow_jax.models.janusflow import JanusFlow, init_params
 from janusflow_jax.perf import chips
 from janusflow_jax.perf import flops as flops_lib
 from janusflow_jax.perf import profile as profile_lib
+from janusflow_jax.perf import report as report_lib
 from janusflow_jax.perf import roofline
 from janusflow_jax.sharding import mesh_context
 from janusflow_jax.train import loop as trainer
 from janusflow_jax.train import optimizer
 from janusflow_jax.train import step as train_step
 
-MODES = ("train", "sample", "torch", "vae", "data", "all", "race")  # "all" = train + sample + torch; race: `race.py`
-BEGIN, END = "<!-- bench:begin -->", "<!-- bench:end -->"
+MODES = ("train", "sample", "torch", "vae", "data", "all")  # "all" = train + sample + torch
 
 
 class BenchError(ValueError):
     """A benchmark that cannot run as asked (bad mode or sizes, torch missing); the message says why."""
 
 
+progress = report_lib.progress
+
+
 # ------------------------------------------------------------------------------------------------------ timing
 def _ready(x):
     return jax.block_until_ready(x)
-
-
-def progress(message: str):
-    """One line on stderr as each measurement lands (a run cut short still shows what it measured)."""
-    print(f"[bench] {message}", file=sys.stderr, flush=True)
 
 
 def time_call(fn: Callable[[], object]) -> float:
@@ -99,28 +84,6 @@ def peak_memory() -> tuple[float, str]:
         return float(stats["peak_bytes_in_use"]), "device.memory_stats peak_bytes_in_use"
     # ru_maxrss is KiB on Linux: the whole process (JAX, XLA, and torch when loaded), not one device.
     return float(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024, "process peak RSS (CPU: no device stats)"
-
-
-def load_average() -> list[float]:
-    return [round(x, 2) for x in os.getloadavg()]
-
-
-def commit() -> str:
-    try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10,
-                             cwd=Path(__file__).resolve().parents[1])
-        return out.stdout.strip() or "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-
-
-def meta(label: str, command: str) -> dict:
-    d = jax.devices()[0]
-    return {"device": f"{jax.device_count()} x {d.platform}:{d.device_kind}", "platform": d.platform,
-            "device_kind": d.device_kind, "num_devices": jax.device_count(), "host": platform.processor() or
-            platform.machine(), "cpu_count": os.cpu_count(),
-            "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "commit": commit(),
-            "command": command, "config": label, "load_average_start": load_average(), "jax": jax.__version__}
 
 
 # ------------------------------------------------------------------------------------------------------ training
@@ -479,8 +442,6 @@ def run(mode: str, config, *, label: str, command: str = "", steps: int = 10, wa
     `profile_dir`: also profile the train step (train and all modes; `bench_train`)."""
     if mode not in MODES:
         raise BenchError(f"unknown mode {mode!r}: use one of {', '.join(MODES)}")
-    if mode == "race":
-        raise BenchError("the race has its own options: run_race")
     if steps < 1 or warmup < 0 or reps < 1:
         raise BenchError(f"need steps >= 1, warmup >= 0 and reps >= 1; got {steps}, {warmup}, {reps}")
     if not batch_sizes or not sample_steps or not cfgs or min(batch_sizes) < 1 or min(sample_steps) < 1 \
@@ -489,7 +450,7 @@ def run(mode: str, config, *, label: str, command: str = "", steps: int = 10, wa
                          f"{list(sample_steps)}, {list(cfgs)}")
     if profile_dir and mode not in ("train", "all"):
         raise BenchError(f"--profile_dir profiles the train step: use it with mode train or all, not {mode!r}")
-    report = {"mode": mode, "meta": {**meta(label, command), "note": note}}
+    report = {"mode": mode, "meta": report_lib.meta(label, command, note)}
     cpu_peak = None
     if mode in ("train", "sample", "torch", "all") and jax.devices()[0].platform == "cpu":  # for MFU on a CPU
         cpu_peak = cpu_peak_flops()
@@ -509,212 +470,4 @@ def run(mode: str, config, *, label: str, command: str = "", steps: int = 10, wa
     if mode in ("torch", "all"):
         report["torch"] = bench_torch(config, reps, max(batch_sizes), sample_steps[0], cfgs[0], torch_threads,
                                       train=train, sample=sample, cpu_peak=cpu_peak)
-    report["meta"]["load_average_end"] = load_average()
-    return report
-
-
-def run_race(*, label: str, command: str = "", lengths: Sequence[int], mamba_layers: int, llama_layers: int,
-             parts: Sequence[str] = ("sweep",), targets: Sequence[str] = (), batch: int = 1, reps: int = 2,
-             memory_budget_gib: float = 8.0, time_budget: float = 90.0, dtype: str = "float32",
-             note: str = "", width: int = 2048, models: Sequence[str] = ("mamba", "llama")) -> dict:
-    """The long-sequence race report (`race.py`): "sweep" (this host, reduced depth), "image" (per-image latency at
-    the shipped settings, same depths), "aot" (full depth compiled for each of `targets`, e.g. "h200",
-    "v5p:2x2x1": `aot.topology_devices`; a single chip is the first device of the topology). `width`: d_model of the
-    sweep's backbones (2048, the release; smaller ones for tests: `race.mamba_config`). `models`: the backbones
-    "aot" compiles (the section takes a model missing from a target's newest report from an older one)."""
-    from janusflow_jax.perf import race
-
-    unknown = set(parts) - {"sweep", "image", "aot"}
-    if unknown or not parts:
-        raise BenchError(f"race parts are sweep, image and aot; got {list(parts)}")
-    if not lengths or min(lengths) < 1 or mamba_layers < 1 or llama_layers < 1 or batch < 1 or reps < 1:
-        raise BenchError(f"race needs lengths, layers, batch and reps >= 1; got lengths={list(lengths)} layers="
-                         f"{mamba_layers}/{llama_layers} batch={batch} reps={reps}")
-    if not models or set(models) - {"mamba", "llama"}:
-        raise BenchError(f"race models are mamba and llama; got {list(models)}")
-    if "aot" in parts and not targets:
-        raise BenchError("race part aot needs --race_targets (e.g. h200,v5p:2x2x1)")
-    report = {"mode": "race", "meta": {**meta(label, command), "note": note},
-              "race": {"mamba_layers": mamba_layers, "llama_layers": llama_layers, "batch": batch, "dtype": dtype,
-                       "lengths": list(lengths), "capacity_bytes": race.host_memory(), "attention": "auto",
-                       "memory_budget": memory_budget_gib * race.GIB, "time_budget": time_budget,
-                       "decode_steps": race.DECODE_STEPS, "width": width}}
-    if "sweep" in parts:
-        contenders = race.contenders(mamba_layers, llama_layers, dtype, width=width)
-        report["sweep"] = race.sweep(contenders, lengths, batch, reps, memory_budget_gib * race.GIB, time_budget,
-                                     progress)
-    if "image" in parts:
-        report["image"] = race.per_image(mamba_layers, llama_layers, reps=1, progress=progress)
-    if "aot" in parts:
-        from janusflow_jax.perf import aot
-
-        report["aot"] = {}
-        for target in targets:
-            try:
-                devices = aot.topology_devices(target)
-            except aot.TopologyError as e:
-                raise BenchError(str(e)) from None
-            report["aot"][target] = race.aot_memory(devices, lengths, progress=progress, models=models)
-    report["meta"]["load_average_end"] = load_average()
-    return report
-
-
-# ------------------------------------------------------------------------------------------------------ output
-def _num(x: float, digits: int = 3) -> str:
-    if x is None or (isinstance(x, float) and not math.isfinite(x)):
-        return "n/a"
-    return f"{x:.{digits}g}" if abs(x) < 1e4 else f"{x:,.0f}"
-
-
-def format_report(report: dict) -> str:
-    """Markdown tables of one report (also what the CLI prints)."""
-    if report["mode"] == "race":
-        from janusflow_jax.perf import race
-
-        return race.format_report(report)
-    m = report["meta"]
-    lines = [f"### `{m['config']}` — {report['mode']} — {m['date']}", "",
-             f"device {m['device']} ({m['cpu_count']} host cores); commit {m['commit']}; load average "
-             f"{m['load_average_start']} before, {m.get('load_average_end', 'n/a')} after; jax {m['jax']}",
-             f"command: `{m['command']}`", ""]
-    if m.get("note"):
-        lines += [f"Note: {m['note']}", ""]
-    if "train" in report:
-        t = report["train"]
-        peak_note = t["peak_source"]
-        if "measured" in peak_note:
-            peak_note += f": {_num(m.get('cpu_peak_flops', float('nan')) / 1e9)} GFLOP/s for the whole CPU"
-        lines += ["| batch | sub-batches | seq | compile s | step ms (median) | examples/s | tokens/s | "
-                  "TFLOP/s/device | MFU | peak memory |",
-                  "|---|---|---|---|---|---|---|---|---|---|",
-                  f"| {t['batch_size']} | {t['sub_batches']} | {t['seq_len']} | {_num(t['compile_s'])} | "
-                  f"{_num(1e3 * t['step_s'])} | {_num(t['examples_per_s'])} | {_num(t['tokens_per_s'])} | "
-                  f"{_num(t['tflops_per_device'])} | {_num(100 * t['mfu'])}% | "
-                  f"{t['peak_memory_bytes'] / 2 ** 20:.0f} MiB |", "",
-                  f"FLOPs {t['flops_note']}; MFU against {peak_note}. Memory: {t['peak_memory_source']}.", ""]
-        if t.get("roofline"):
-            r = t["roofline"]
-            lines += [f"Roofline of the compiled step (`roofline.py`: every kernel's FLOPs and HBM bytes at "
-                      f"{_num(t['peak_flops_per_device'] / 1e12)} TFLOP/s and {_num(r['bandwidth'] / 1e12)} TB/s): "
-                      f"{_num(1e3 * r['seconds'])} ms (compute-bound kernels {_num(1e3 * r['compute_bound_seconds'])} "
-                      f"ms, memory-bound {_num(1e3 * r['memory_bound_seconds'])} ms); measured step = "
-                      f"{r['measured_over_bound']:.2f}x the bound. By kind: "
-                      + ", ".join(f"{k} {v:.0%}" for k, v in r["kinds"].items() if v >= 0.005), ""]
-        if t.get("profile"):
-            lines += [f"Profile failed: {t['profile']['error']}" if "error" in t["profile"]
-                      else profile_lib.format_summary(t["profile"], top=12), ""]
-    if "sample" in report:
-        counted = all("flops" in r for r in report["sample"])  # older reports keep their table (no sampling FLOPs)
-        lines += ["| batch | steps | cfg | prompt cache | compile s | latency s | images/s | s/image |"
-                  + (" TFLOP/s | MFU |" if counted else ""), "|---|---|---|---|---|---|---|---|" + "---|---|" * counted]
-        for r in report["sample"]:
-            lines.append(f"| {r['batch']} | {r['steps']} | {r['cfg']:g} | {'on' if r['prompt_cache'] else 'off'} | "
-                         f"{_num(r['compile_s'])} | {_num(r['latency_s'])} | {_num(r['images_per_s'])} | "
-                         f"{_num(r['per_image_s'])} |"
-                         + (f" {_num(r['tflops_per_device'])} | {_num(100 * r['mfu'])}% |" if counted else ""))
-        lines += ["", "Latents only: the config carries no VAE, so decoding is not timed."
-                  + (" FLOPs: `flops.sampling_flops` (every step's LLM and generation towers on the [cond; uncond] "
-                     "rows; the cached prompt once); MFU against the device's bf16 peak (on a CPU: a measured fp32 "
-                     "matmul)." if counted else ""), ""]
-    if "data" in report:
-        d = report["data"]
-        lines += ["| source | workers | prefetch | rows per batch | MB per batch | batch ms (median / max) | examples/s "
-                  "| MB/s |", "|---|---|---|---|---|---|---|---|",
-                  f"| {d['source']} | {d['num_workers']} | {d['prefetch']} | {d['rows_per_batch']} {d['sub_batches']} | "
-                  f"{_num(d['bytes_per_batch'] / 1e6)} | {_num(1e3 * d['batch_s_median'])} / "
-                  f"{_num(1e3 * d['batch_s_max'])} | {_num(d['examples_per_s'])} | {_num(d['megabytes_per_s'])} |",
-                  "", f"This host's loader alone, {d['batches']} batches after warm-up (rows of {d['seq_len']} "
-                  "tokens); compare examples/s with the train step's.", ""]
-    if "vae" in report:
-        lines += ["| SDXL-VAE | dtype | batch | size | compile s | latency s | images/s |",
-                  "|---|---|---|---|---|---|---|"]
-        for r in report["vae"]:
-            lines.append(f"| {r['op']} | {r['dtype']} | {r['batch']} | {r['image_size']}² | {_num(r['compile_s'])} | "
-                         f"{_num(r['latency_s'])} | {_num(r['images_per_s'])} |")
-        lines += ["", "Random weights at the SDXL config; encode = the posterior moments (the latent-precompute job's "
-                  "work), decode = latents to pixels (the sampler's last stage).", ""]
-    if "torch" in report:
-        t = report["torch"]
-        counted = all("jax_flops" in r for r in t["rows"])
-        lines += [f"JAX vs PyTorch {t['torch']} eager on {t.get('torch_device', 'cpu')} ({t['torch_threads']} torch "
-                  f"threads; bf16 weights and AdamW state when the config computes in bf16), {t['reps']} alternating "
-                  f"repetitions, sampling batch {t['sample_batch']}, train batch {t['train_batch_size']}:", "",
-                  "| work | JAX s (median) | PyTorch s (median) | JAX speedup |"
-                  + (" JAX TFLOP/s | PyTorch TFLOP/s | speedup ceiling |" if counted else ""),
-                  "|---|---|---|---|" + "---|---|---|" * counted]
-        for r in t["rows"]:
-            lines.append(f"| {r['work']} | {_num(r['jax_s'])} | {_num(r['torch_s'])} | {r['speedup']:.2f}x |"
-                         + (f" {_num(r['jax_tflops'])} | {_num(r['torch_tflops'])} | "
-                            f"{_num(r['speedup_ceiling'])}{'x' * math.isfinite(r['speedup_ceiling'])} |"
-                            if counted else ""))
-        lines.append("")
-        if counted:
-            lines += ["TFLOP/s: each side's counted FLOPs (`flops.py`) over its time; the JAX prompt cache does less "
-                      "work than the torch loop. Speedup ceiling: the PyTorch time over the time the JAX FLOPs would "
-                      "take at the device's peak, the most any implementation of the JAX side's algorithm could gain "
-                      "here.", ""]
-    return "\n".join(lines)
-
-
-def save_json(report: dict, json_dir) -> epath.Path:
-    json_dir = epath.Path(json_dir)  # local or gs://
-    json_dir.mkdir(parents=True, exist_ok=True)
-    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%S")
-    label = report["meta"]["config"]
-    slug = re.sub(r"[^A-Za-z0-9]+", "-", label).strip("-")
-    if len(slug) > 48:  # long override lists: a prefix plus a digest keeps names short and distinct
-        slug = slug[:40] + "-" + hashlib.sha1(label.encode()).hexdigest()[:8]
-    path = json_dir / f"{report['mode']}_{slug}_{stamp}.json"
-    path.write_text(json.dumps(report, indent=1, sort_keys=True))
-    return path
-
-
-GPU_NOTE = """### Running these on a GPU
-
-`bash benchmarks/gpu_session.sh` runs the 1.3B set on one NVIDIA GPU step by step (the profiled train step, the
-same step with the layers unrolled, sample, torch, vae), each in its own process with its own time limit; the summary of
-the H200 run is in "One H200" above this section.
-"""
-
-
-def render_section(json_dir) -> str:
-    """The text between the markers: the newest report per (mode, config) found in `json_dir`, newest first."""
-    latest = {}
-    for path in sorted(epath.Path(json_dir).glob("*.json")):
-        try:
-            report = json.loads(path.read_text())
-            key = (report["mode"], report["meta"]["config"])
-        except (ValueError, KeyError):
-            continue
-        if key[0] == "race":  # the race has its own section (`race.write_markdown`)
-            continue
-        latest[key] = report  # names sort by time stamp: the last one wins
-    parts = ["## Throughput and sampling speed (`python -m launch.bench`)", "",
-             "Written by `launch.bench` from the JSON files in `benchmarks/` (newest per mode and config). "
-             "Speedups are torch time / JAX time from alternating repetitions in one process, so the machine's "
-             "load hits both alike; record the load average with every table.", ""]
-    # Newest first, what-if runs (a note starting "WHAT-IF": not the repository's code) after the real ones.
-    by_date = sorted(latest.values(), key=lambda r: r["meta"]["date"], reverse=True)
-    for report in sorted(by_date, key=lambda r: r["meta"].get("note", "").startswith("WHAT-IF")):
-        parts.append(format_report(report))
-    parts.append(GPU_NOTE)
-    return "\n".join(parts)
-
-
-def replace_section(md_path, begin: str, end: str, section: str) -> None:
-    """Replaces only the text between the markers `begin` and `end` in `md_path` with `section` (appends the marked
-    section if absent; creates the file if needed). Re-reads the file right before writing: another section of the
-    file has another author."""
-    md_path = epath.Path(md_path)
-    body = f"{begin}\n{section}\n{end}"
-    text = md_path.read_text() if md_path.exists() else "# Benchmarks\n"
-    if begin in text and end in text and text.index(begin) < text.index(end):
-        new = text[:text.index(begin)] + body + text[text.index(end) + len(end):]
-    else:
-        new = text.rstrip("\n") + "\n\n" + body + "\n"
-    md_path.write_text(new)
-
-
-def write_markdown(md_path, json_dir) -> None:
-    """The bench section of `md_path` (between BEGIN and END) rendered from the reports in `json_dir`."""
-    replace_section(md_path, BEGIN, END, render_section(json_dir))
+    return report_lib.finish(report)

@@ -42,6 +42,7 @@ from etils import epath
 from janusflow_jax import hosts, paths
 from janusflow_jax.data.mixture import sizes_dict
 from janusflow_jax.eval import evaluators as eval_lib
+from janusflow_jax.inference import starter_files
 from janusflow_jax.perf import chips
 from janusflow_jax.sharding import mesh_context
 from janusflow_jax.train import checkpointing, compilation_cache, goodput, watchdog
@@ -73,6 +74,8 @@ def train(config, workdir, callbacks: Iterable[Callback] = (), progress: bool = 
     hosts.check_shared_directory(workdir, "workdir")
     plan = make_plan(config, devices)
     mngr = checkpointing.training_manager(workdir, config)
+    if config.data.source == "synthetic" and jax.process_count() == 1:  # a first run: generate / chat accept it
+        starter_files.write(config, mngr.directory)  # (not on several hosts: no host waits on the others' files)
     preempted = {"flag": False}
     # With jax.distributed, jax's preemption sync manager owns SIGTERM (a Python handler would replace its own).
     previous_handler = None if hosts.runtime_initialized() else signal.signal(
@@ -85,6 +88,11 @@ def train(config, workdir, callbacks: Iterable[Callback] = (), progress: bool = 
         clock.lap("tpu_initialization")
         phase = phase_at(config.mixture, latest or 0)
         source = plan.source(phase)
+        if latest is not None and latest >= config.steps:
+            if jax.process_index() == 0:
+                print(f"already finished at step {latest} in {mngr.directory} (config.steps = {config.steps}); "
+                      f"raise --config.steps to train on, or give a new --workdir", flush=True)
+            return {}
         if latest is not None:
             state = checkpointing.restore_state(mngr, plan, latest, source)
             if jax.process_index() == 0:
@@ -130,14 +138,21 @@ def _loop(plan: Plan, mngr, state, source, phase: int, start: int, workdir: epat
         step waits on a compile later on (on several hosts, one host compiling while the others wait in a collective
         can outlast the collectives' set-up timeout)."""
         state_shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
+        todo = {}
         for p, composition in plan.mixture.compositions(config.steps):
-            if p != phase:
-                continue
             sizes = sizes_dict(plan.mixture.types, composition)
             key = (phase, tuple(sorted(sizes.items())))
-            if key not in step_fns:
-                executable = plan.jitted_step(phase, sizes).lower(state_shapes, plan.abstract_batch(sizes)).compile()
-                step_fns[key] = (executable, plan.batch_shardings(sizes), plan.family.step_counts(plan, sizes))
+            if p == phase and key not in step_fns:
+                todo[key] = sizes
+        start_compile = time.perf_counter()
+        for i, (key, sizes) in enumerate(todo.items()):
+            say(f"compiling the train step for mixture phase {phase}, batch composition {i + 1} of {len(todo)} "
+                f"({', '.join(f'{t} {n}' for t, n in sizes.items())} rows) ...")
+            executable = plan.jitted_step(phase, sizes).lower(state_shapes, plan.abstract_batch(sizes)).compile()
+            step_fns[key] = (executable, plan.batch_shardings(sizes), plan.family.step_counts(plan, sizes))
+        if todo:
+            seconds = time.perf_counter() - start_compile
+            say(f"compiled {len(todo)} step program{'s' * (len(todo) > 1)} in {seconds:.1f} s")
 
     def compiled(phase, sizes, state):
         """The compiled step, batch shardings and counted work of one step composition."""
@@ -152,6 +167,7 @@ def _loop(plan: Plan, mngr, state, source, phase: int, start: int, workdir: epat
 
     reporter = Reporter(workdir, chips.peak_flops_per_device(), config.batch_size, progress, start=start,
                         types=plan.mixture.types, terms=plan.family.objective.TERMS)
+    say = reporter.say  # a line above the progress bar (process 0)
     reporter.start_bar(start, config.steps)
     evaluators = eval_lib.from_config(plan, workdir, reporter.writer)  # None unless config.eval_every > 0
     clock.redone(reporter.dropped_rows)

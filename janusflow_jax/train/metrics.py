@@ -93,6 +93,11 @@ class Reporter:
 
             self.bar = tqdm(total=total, initial=start, desc="train", unit="step", dynamic_ncols=True)
 
+    def say(self, line: str):
+        """One line for the user (process 0), above the progress bar when there is one."""
+        if self.active:
+            self.bar.write(line) if self.bar is not None else print(line, flush=True)
+
     def step(self, step: int, metrics: dict, step_time: float, counts: dict, rows: dict, log: bool):
         """One finished step: its metrics, wall time, counted work (`flops.step_counts`: "flops", "tokens") and the
         rows of each data type trained so far (`Mixture.rows_after`), logged as the realised mix `mix_<type>` (% of
@@ -116,7 +121,7 @@ class Reporter:
             if k != "step" and math.isfinite(v):  # MFU is NaN where the device's peak is unknown (CPU)
                 self.writer.add_scalar(f"train/{k}", v, step)
         terms = " ".join(f"{t} {row[t]:.4f}" for t in self.terms if t in row)
-        line = (f"step {step}: loss {row['loss']:.4f} ({terms}) "
+        line = (f"step {step}: loss {row['loss']:.4f}, the reweighted total of ({terms}) "
                 f"lr {row['lr']:.2e} grad_norm {row['grad_norm']:.3f} | {step_time * 1e3:.1f} ms/step "
                 + (f"(input {row['input_s'] * 1e3:.1f} ms) " if "input_s" in row else "") +
                 f"{row['examples_per_s']:.1f} ex/s {row['tokens_per_s']:.0f} tok/s "
@@ -147,6 +152,11 @@ class Reporter:
         plot_losses(self.jsonl.rows, self.workdir / "loss_curve.png", self.terms)
 
 
+# `loss` is what the step differentiates: each term weighed by its rows this step over its expected rows, summed
+# (train/step.py), so it is not the sum of the logged per-row term means.
+LOSS_TITLE = "loss (reweighted total of the terms)"
+
+
 def plot_losses(rows: list[dict], out, terms=("ar", "rf", "repa")):
     """The loss curves (total and each term) of metrics rows as a PNG at `out` (local or gs://)."""
     import matplotlib
@@ -160,7 +170,7 @@ def plot_losses(rows: list[dict], out, terms=("ar", "rf", "repa")):
     fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3.5))
     for ax, key in zip(axes, keys):
         ax.plot([r["step"] for r in rows], [r[key] for r in rows])
-        ax.set_title(key)
+        ax.set_title(LOSS_TITLE if key == "loss" else f"{key} (mean per row)")
         ax.set_xlabel("step")
     fig.tight_layout()
     png = io.BytesIO()
