@@ -71,7 +71,7 @@ def main(argv) -> int:
         return 1
     if jax.process_index() == 0 and "loss" in metrics:  # (none when the run had already finished)
         workdir = _WORKDIR.value.rstrip("/")  # as the user typed it (gs:// included)
-        print(f"done: final loss {metrics.get('loss', float('nan')):.4f}; checkpoints in {workdir}/checkpoints, "
+        print(f"done: final loss {metrics['loss']:.4f}; checkpoints in {workdir}/checkpoints, "
               f"loss curve {workdir}/loss_curve.png, TensorBoard logs in {workdir}/tensorboard")
     return 0
 

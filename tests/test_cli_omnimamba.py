@@ -90,13 +90,8 @@ def trees_equal(x, y) -> None:
 
 
 # ------------------------------------------------------------------------------------------------------- fixtures
-@pytest.fixture(scope="module")
-def release_dir(tmp_path_factory) -> Path:
-    """What a user has after the README's downloads: the .pth (fp16: LM + projector + VQ under the release's keys,
-    codebook_used a non-zero training statistic), the two timm tower files (fp32, every block, norm and head) and
-    the tokenizer; plus omnimamba_config.json, which states the tiny architecture (the real release needs none)."""
-    root = tmp_path_factory.mktemp("release") / "OmniMamba"
-    make_tokenizer(root, WORDS)
+def reference_lm(seed: int = 0):
+    """The PyTorch reference of the release's LM + projector at the tiny system's shapes, random weights."""
     lm = LM.backbone
     reference = omnimamba_torch.reference_config(
         d_model=lm.d_model, n_layer=lm.n_layer, d_state=lm.d_state, headdim=lm.headdim, expand=lm.expand,
@@ -105,12 +100,27 @@ def release_dir(tmp_path_factory) -> Path:
         mmu_pos_embed_rows=LM.mmu_pos_embed_rows, lora_tasks=lm.lora_tasks, lora_rank=lm.lora_rank,
         lora_alpha=lm.lora_alpha, lora_dropout=lm.lora_dropout, image_mlp_ratio=LM.image_mlp_ratio,
         vision_dim=TOWER.width)
-    model = omnimamba_torch.randomize_(omnimamba_torch.build_reference(reference), seed=0)
+    return omnimamba_torch.randomize_(omnimamba_torch.build_reference(reference), seed=seed)
+
+
+def reference_vq(seed: int = 1):
+    """LlamaGen's VQ (the PyTorch reference) at the tiny system's shapes, random weights."""
+    return randomize_(vq_torch.VQModel(codebook_size=VQ.codebook_size, codebook_embed_dim=VQ.codebook_embed_dim,
+                                       encoder_ch_mult=VQ.encoder_ch_mult, decoder_ch_mult=VQ.decoder_ch_mult,
+                                       z_channels=VQ.z_channels, ch=VQ.ch, norm_groups=VQ.norm_groups), seed=seed)
+
+
+@pytest.fixture(scope="module")
+def release_dir(tmp_path_factory) -> Path:
+    """What a user has after the README's downloads: the .pth (fp16: LM + projector + VQ under the release's keys,
+    codebook_used a non-zero training statistic), the two timm tower files (fp32, every block, norm and head) and
+    the tokenizer; plus omnimamba_config.json, which states the tiny architecture (the real release needs none)."""
+    root = tmp_path_factory.mktemp("release") / "OmniMamba"
+    make_tokenizer(root, WORDS)
+    model = reference_lm()
     # The LM's image table scaled up: peaked image logits, so greedy images vary with the prompt.
     model.llm_backbone.mamba.backbone.img_embeddings.word_embeddings.weight.data *= 20.0
-    vq_model = randomize_(vq_torch.VQModel(codebook_size=VQ.codebook_size, codebook_embed_dim=VQ.codebook_embed_dim,
-                                           encoder_ch_mult=VQ.encoder_ch_mult, decoder_ch_mult=VQ.decoder_ch_mult,
-                                           z_channels=VQ.z_channels, ch=VQ.ch, norm_groups=VQ.norm_groups), seed=1)
+    vq_model = reference_vq()
     vq_model.quantize.codebook_used.copy_(torch.arange(65536) % VQ.codebook_size)
     state = {**model.state_dict(), **{f"llm_backbone.vqvae.{k}": v for k, v in vq_model.state_dict().items()}}
     torch.save({k: v.to(torch.float16) if v.is_floating_point() else v for k, v in state.items()},

@@ -22,28 +22,17 @@ from safetensors.torch import save_file  # noqa: E402
 
 from janusflow_jax.convert import omnimamba_release as release  # noqa: E402
 from janusflow_jax.data.omnimamba_processor import make_tokenizer  # noqa: E402
-from janusflow_jax.reference import omnimamba_torch, vq_torch  # noqa: E402
 from launch import convert as convert_cli  # noqa: E402
 from cli_helpers import one_error_line, run_cli  # noqa: E402
-from test_cli_omnimamba import DINO, LM, SIGLIP, SYSTEM, TOWER, VQ, WORDS, randomize_, timm_state  # noqa: E402
+from test_cli_omnimamba import DINO, SIGLIP, SYSTEM, WORDS, reference_lm, reference_vq, timm_state  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def layouts(tmp_path_factory):
     """{"inside": VQ in the .pth, "beside": .pth without VQ + vq_ds16_t2i.pt, "neither": no VQ anywhere}."""
     root = tmp_path_factory.mktemp("layouts")
-    lm = LM.backbone
-    reference = omnimamba_torch.reference_config(
-        d_model=lm.d_model, n_layer=lm.n_layer, d_state=lm.d_state, headdim=lm.headdim, expand=lm.expand,
-        ngroups=lm.ngroups, d_conv=lm.d_conv, chunk_size=lm.chunk_size, vocab_size=lm.vocab_size,
-        image_vocab_size=LM.image_vocab_size, pos_embed_rows=LM.pos_embed_rows,
-        mmu_pos_embed_rows=LM.mmu_pos_embed_rows, lora_tasks=lm.lora_tasks, lora_rank=lm.lora_rank,
-        lora_alpha=lm.lora_alpha, lora_dropout=lm.lora_dropout, image_mlp_ratio=LM.image_mlp_ratio,
-        vision_dim=TOWER.width)
-    model = omnimamba_torch.randomize_(omnimamba_torch.build_reference(reference), seed=0)
-    vq_model = randomize_(vq_torch.VQModel(codebook_size=VQ.codebook_size, codebook_embed_dim=VQ.codebook_embed_dim,
-                                           encoder_ch_mult=VQ.encoder_ch_mult, decoder_ch_mult=VQ.decoder_ch_mult,
-                                           z_channels=VQ.z_channels, ch=VQ.ch, norm_groups=VQ.norm_groups), seed=1)
+    model = reference_lm()
+    vq_model = reference_vq()
     half = lambda state: {k: v.to(torch.float16) if v.is_floating_point() else v for k, v in state.items()}  # noqa
     lm_state, vq_state = half(model.state_dict()), half(vq_model.state_dict())
     dirs = {name: root / name for name in ("inside", "beside", "neither")}

@@ -207,15 +207,13 @@ def export_release_state(cfg: OmniMambaConfig, params, dtype=None, tied_copies: 
     return out
 
 
+@paths.reads_local  # torch.load and safetensors read local files
 def from_release(path: str | os.PathLike, config: OmniMambaConfig | None = None, param_dtype: str = "float32",
                  **overrides) -> tuple[OmniMambaConfig, dict]:
     """`OmniMamba-1.3b.pth` (or a safetensors file / directory with the same keys) -> (config, params).
 
     config: the architecture (default: `config_from_release` with `overrides`); params come in its layout, stored
     in `param_dtype`."""
-    if paths.is_remote(path):  # torch.load and safetensors read local files
-        with paths.local_copy(path) as local:
-            return from_release(local, config, param_dtype, **overrides)
     state = StateDict(os.fspath(path))
     if config is None:
         config = config_from_release(state, str(path), param_dtype=param_dtype, **overrides)

@@ -109,14 +109,12 @@ def merge_errors(errors: list[tuple[str, CheckpointMismatchError]], source: str)
         [(name(p, k), want, got) for p, e in errors for k, want, got in e.mis_shaped])
 
 
+@paths.reads_local  # torch.load and safetensors read local files: a temporary local copy
 def from_release_dir(directory: str | os.PathLike, param_dtype: str = "float32",
                      scan_layers: bool = False) -> tuple[OmniMambaSystemConfig, dict]:
     """A release directory -> (OmniMambaSystemConfig, {"lm", "vision", "projector", "vq"}), numpy arrays stored in
     `param_dtype`. scan_layers: the LM's blocks stacked (the towers stay per layer). The VQ comes from the .pth when
     it holds `llm_backbone.vqvae.*`, else from `vq_ds16_t2i.pt` beside it (as the release builds it)."""
-    if paths.is_remote(directory):  # torch.load and safetensors read local files: a temporary local copy
-        with paths.local_copy(directory) as local:
-            return from_release_dir(local, param_dtype, scan_layers)
     directory = epath.Path(directory)
     missing = [name for name in WEIGHT_FILES if not (directory / name).is_file()]
     if missing:

@@ -10,7 +10,6 @@ so the file holds each step once.
 
 from __future__ import annotations
 
-import io
 import json
 import math
 import time
@@ -173,7 +172,5 @@ def plot_losses(rows: list[dict], out, terms=("ar", "rf", "repa")):
         ax.set_title(LOSS_TITLE if key == "loss" else f"{key} (mean per row)")
         ax.set_xlabel("step")
     fig.tight_layout()
-    png = io.BytesIO()
-    fig.savefig(png, format="png", dpi=100)
+    paths.save_figure(fig, out, dpi=100)
     plt.close(fig)
-    epath.Path(out).write_bytes(png.getvalue())

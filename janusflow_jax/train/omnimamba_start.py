@@ -37,7 +37,7 @@ from janusflow_jax import paths
 from janusflow_jax.convert import dinosiglip as dinosiglip_convert
 from janusflow_jax.convert import mamba2 as mamba2_convert
 from janusflow_jax.convert import omnimamba_release as release
-from janusflow_jax.convert.tensors import CheckpointMismatchError
+from janusflow_jax.convert.tensors import CheckpointMismatchError, flatten
 from janusflow_jax.models import omnimamba
 from janusflow_jax.models.omnimamba import OmniMambaSystemConfig
 
@@ -141,7 +141,7 @@ def stage1_start(config: OmniMambaSystemConfig, lm_path, towers_path, seed: int 
         backbone[f"layers_{i}"]["mixer"].update(lora)
     lm = {"backbone": backbone, **parts}
     want = omnimamba.param_shapes(config.lm.replace(scan_layers=False))
-    got = {"/".join(k): np.shape(v) for k, v in _flat(lm).items()}
+    got = {k: np.shape(v) for k, v in flatten(lm).items()}
     if want != got:  # a bug here, not in the inputs
         raise AssertionError(f"the start does not fill the LM: {sorted(set(want.items()) ^ set(got.items()))}")
     if wanted.scan_layers:
@@ -165,13 +165,3 @@ def stage1_start(config: OmniMambaSystemConfig, lm_path, towers_path, seed: int 
         raise release.merge_errors(errors, os.fspath(towers))
     params["vision"] = {"dino": params.pop("dino"), "siglip": params.pop("siglip")}
     return config, params
-
-
-def _flat(tree, prefix=()) -> dict:
-    out = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            out.update(_flat(value, prefix + (key,)))
-        else:
-            out[prefix + (key,)] = value
-    return out
