@@ -94,6 +94,7 @@ from janusflow_jax import hosts
 
 address, pid, ok_dir, readonly, local = sys.argv[1:]
 hosts.initialize(address, 2, int(pid))
+said = {}  # written to a file: the runtime's own C++ logging shares stdout, unsynchronised with print
 import jax
 from janusflow_jax import sharding
 
@@ -101,9 +102,9 @@ from janusflow_jax import sharding
 def attempt(name, fn):
     try:
         fn()
-        print(json.dumps([name, "ok"]), flush=True)
+        said[name] = "ok"
     except ValueError as e:
-        print(json.dumps([name, str(e)]), flush=True)
+        said[name] = str(e)
 
 
 mine = jax.process_index()
@@ -113,6 +114,8 @@ attempt("writable_all", lambda: hosts.check_writable(ok_dir, "workdir"))
 attempt("shared", lambda: hosts.check_shared_directory(f"{local}/host{mine}", "workdir"))
 attempt("dcn_data", lambda: sharding.make_mesh(dcn_data=4))
 attempt("dcn_data_ok", lambda: sharding.make_mesh(dcn_data=2))
+with open(f"{local}/said{mine}.json", "w") as f:
+    json.dump(said, f)
 """
 
 
@@ -137,7 +140,7 @@ def test_a_host_mistake_is_one_line_on_every_host(gcs, readonly, pod_env, tmp_pa
     for p in procs:
         out, err = p.communicate(timeout=300)
         assert p.returncode == 0, err[-3000:]
-        said.append(dict(json.loads(line) for line in out.splitlines() if line.startswith('["')))
+        said.append(json.loads((tmp_path / f"said{len(said)}.json").read_text()))
     for i, got in enumerate(said):
         assert got["workdir"] == (f"the workdir differs between hosts: process(es) [1] do not match process 0 "
                                   f"(process {i} has {gcs}/checks/run{i}); start every host with the same command "
