@@ -54,8 +54,8 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-# A launch.train stand-in that injects one fault: "<kind>:<host>:<step>" with kind sigterm (the host sends itself
-# SIGTERM after that step), sigkill (SIGKILL after that step: a crashed host), killsave (SIGKILL while that step's
+# A launch.train stand-in that injects one fault: "<kind>:<host>:<step>" with kind sigterm (after that step the host's
+# process group gets SIGTERM: the trainer and its grain workers), sigkill (SIGKILL after that step: a crashed host), killsave (SIGKILL while that step's
 # asynchronous save is writing: once its first object exists on gs://, before the commit marker) or hang (after that
 # step the host's data source blocks forever: a host stuck in a GCS read or a grain worker). Each fault prints
 # "fault <kind> at <wall clock>" to stderr when it strikes.
@@ -88,8 +88,10 @@ def fault_after(step, state, metrics):
         print(f"fault {kind} at {time.time()}", file=sys.stderr, flush=True)
         if kind == "hang":
             hung.append(step)
+        elif kind == "sigterm":  # to the host's whole process group (its grain workers too), as a VM shutdown does
+            os.killpg(os.getpgid(0), signal.SIGTERM)
         else:
-            os.kill(os.getpid(), signal.SIGTERM if kind == "sigterm" else signal.SIGKILL)
+            os.kill(os.getpid(), signal.SIGKILL)
 
 
 hung = []

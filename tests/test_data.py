@@ -347,7 +347,7 @@ def test_a_state_saved_on_two_hosts_resumes_on_one_or_four(dataset, tmp_path):
         it.close()
 
 
-def test_worker_processes_resume_exactly(dataset):
+def test_worker_processes_resume_exactly_and_outlive_a_stop_signal(dataset):
     # One iterator (starting worker processes is the slow part): rewinding it to a saved state replays the batches.
     iterator = data.make_train_iterator(_config(dataset, num_workers=2, prefetch=1), SIZES, GEOMETRY, shard_index=0,
                                         shard_count=1)
@@ -356,6 +356,21 @@ def test_worker_processes_resume_exactly(dataset):
     tail = _take(iterator, 3)
     iterator.set_state(state)
     _assert_same(_take(iterator, 3), tail)
+    # A preemption notice (SIGTERM) or a Ctrl-C reaches the workers too (a VM shutdown, a terminal): they leave it
+    # to the trainer, which still reads the batches up to the hosts' agreed step.
+    import multiprocessing
+    import os
+    import signal
+    import time
+
+    workers = multiprocessing.active_children()
+    assert len(workers) >= 2 * len(SIZES)  # per data type
+    for worker in workers:
+        os.kill(worker.pid, signal.SIGTERM)
+        os.kill(worker.pid, signal.SIGINT)
+    time.sleep(1.0)
+    assert all(worker.is_alive() for worker in workers)
+    assert len(_take(iterator, 6)) == 6
     iterator.close()
     assert {k: (v.shape, v.dtype) for k, v in head[0].items()} == GEOMETRY.shapes(SIZES)
 

@@ -182,7 +182,8 @@ def test_a_hung_host_and_a_dead_coordinator_end_every_host_and_the_relaunch_resu
         gcs, pod_reference, pod_dataset, pod_env, tmp_path):
     """Host 1's data source blocks after step 3: its watchdog names it and exits; host 0 does not wait forever. The
     relaunch resumes from the newest committed step, and process 0 (the coordinator) is killed after step 3: host 1
-    exits non-zero. The last relaunch ends bit for bit where the one-process reference ends."""
+    exits non-zero. The next relaunch resumes, and host 1 is killed after step 3: the coordinator sees its heartbeats
+    stop and exits. The last relaunch ends bit for bit where the one-process reference ends."""
     workdir = f"{gcs}/faults"
     # The floor covers only the first step after a start or a compile: hosts restore, compile (or load the compiled
     # program) and open their readers at very different speeds on a loaded machine (seen: > 200 s apart).
@@ -214,6 +215,16 @@ def test_a_hung_host_and_a_dead_coordinator_end_every_host_and_the_relaunch_resu
     committed = _committed(workdir)
     assert set(committed) <= {2}, committed
 
+    killed = _launch_driver(pod_env, pod_dataset, workdir, "sigkill:1:3", 2, tmp_path, heartbeat=HEARTBEAT, **dog)
+    survivor, gone = killed
+    assert gone["rc"] == -9, _tails(killed)
+    measured["host 1 killed: the coordinator exits"] = survivor["ended"] - _fault_time(gone)
+    assert survivor["rc"] != 0 and measured["host 1 killed: the coordinator exits"] < HEARTBEAT + 30, _tails(killed)
+    assert "stopped sending heartbeats" in survivor["err"]  # the runtime says what happened, before the watchdog
+    assert f"a process silent for {HEARTBEAT} s aborts the run on every host" in survivor["out"]
+    committed = _committed(workdir)  # what the relaunch resumes from: what was committed, not what the clock allowed
+    assert set(committed) <= {2}, committed
+
     resumed = _launch(pod_env, _train_argv(pod_dataset, workdir, **dog), 2, tmp_path)
     _ok(resumed)
     if committed:
@@ -222,4 +233,4 @@ def test_a_hung_host_and_a_dead_coordinator_end_every_host_and_the_relaunch_resu
     print("seconds from the fault to the exit:", {k: round(v, 1) for k, v in measured.items()},
           f"(watchdog bound {BOUND:.0f} s, heartbeat timeout {HEARTBEAT} s)")
     print("host 0 after host 1 hung:", hung[0]["err"].strip().splitlines()[-1][:300])
-    print("host 1 after the coordinator died:", survivor["err"].strip().splitlines()[-1][:300])
+    print("host 1 after the coordinator died:", dead[1]["err"].strip().splitlines()[-1][:300])

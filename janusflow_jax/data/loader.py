@@ -453,6 +453,18 @@ def make_train_iterator(data_config, sizes: Mapping[str, int], geometry: BatchGe
                            streams)
 
 
+def _worker_ignores_stop_signals(index: int, count: int):
+    """In each grain worker process: SIGTERM and SIGINT are the trainer's to act on. A preemption notice or a Ctrl-C
+    reaches every process of the group; a worker that died of it would take the batches the agreed preemption step
+    still needs (the hosts save a step after the notice). The trainer stops its workers itself when it exits (grain:
+    a stop event, then SIGKILL after a timeout)."""
+    import signal
+
+    del index, count
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def _prefetch(grain, data_config, ds):
     """`num_workers` worker processes (per data type) or, without workers, a thread `prefetch` units ahead."""
     if data_config.num_workers > 0:
@@ -463,7 +475,8 @@ def _prefetch(grain, data_config, ds):
         if not flags.FLAGS.is_parsed():
             flags.FLAGS.mark_as_parsed()
         return ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=data_config.num_workers,
-                                                           per_worker_buffer_size=data_config.prefetch))
+                                                           per_worker_buffer_size=data_config.prefetch),
+                              worker_init_fn=_worker_ignores_stop_signals)
     if data_config.prefetch > 0:
         return grain.experimental.ThreadPrefetchIterDataset(ds, prefetch_buffer_size=data_config.prefetch)
     return ds
