@@ -42,7 +42,6 @@ import hashlib
 import json
 import logging
 import math
-import sys
 import threading
 from typing import Mapping, Sequence
 
