@@ -205,6 +205,8 @@ def test_und_multiple_choice_and_several_images(checkpoint, gcs, tmp_path, monke
     assert run_cli("score", "--suite=mmmu", f"--data={remote}/MMMU_DEV_VAL.tsv",
                    f"--predictions={out}/predictions.jsonl") == 0
     assert json.loads(epath.Path(out, "predictions.scores.json").read_text())["questions"] == 3  # validation only
+    assert run_cli("table", f"--scores={out}/predictions.scores.json", f"--out={remote}/table.md") == 0
+    assert "| JanusFlow-1.3B (paper) |" in epath.Path(remote, "table.md").read_text()
     assert {"manifest.json", "predictions.jsonl", "predictions.scores.json"} < set(_objects(out))
     assert all(name.startswith("parts/") for name in set(_objects(out)) - {"manifest.json", "predictions.jsonl",
                                                                          "predictions.scores.json"})
