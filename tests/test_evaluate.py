@@ -28,7 +28,7 @@ from janusflow_jax.inference import load as inference
 from janusflow_jax.models import vae as vae_lib
 from janusflow_jax.models.janusflow import init_params
 from launch import evaluate as evaluate_cli
-from tests.cli_helpers import repository_files
+from tests.cli_helpers import one_error_line, repository_files
 
 REPO = Path(__file__).resolve().parents[1]
 WORDS = "a the red blue cat dog on mat what is this photo color sky there in image yes no answer".split()
@@ -207,6 +207,10 @@ def test_und_multiple_choice_and_several_images(checkpoint, gcs, tmp_path, monke
     assert json.loads(epath.Path(out, "predictions.scores.json").read_text())["questions"] == 3  # validation only
     assert run_cli("table", f"--scores={out}/predictions.scores.json", f"--out={remote}/table.md") == 0
     assert "| JanusFlow-1.3B (paper) |" in epath.Path(remote, "table.md").read_text()
+    capsys.readouterr()
+    assert run_cli("und", "--suite=mmmu", f"--checkpoint={checkpoint}", f"--data={remote}/MMMU_DEV_VAL.tsv",
+                   "--out=gs://no-such-bucket/o") == 1  # before the model is loaded
+    assert one_error_line(capsys.readouterr().err).startswith("error: gs://no-such-bucket does not exist")
     assert {"manifest.json", "predictions.jsonl", "predictions.scores.json"} < set(_objects(out))
     assert all(name.startswith("parts/") for name in set(_objects(out)) - {"manifest.json", "predictions.jsonl",
                                                                          "predictions.scores.json"})
