@@ -74,6 +74,13 @@ def _label(argv: list[str]) -> str:
 
 
 def main(argv) -> int:
+    from janusflow_jax import paths
+
+    try:  # a missing bucket or missing credentials: one line now, not after the measurements
+        paths.check_access(_OUT_DIR.value, _BENCHMARKS_MD.value if _UPDATE.value else None, _PROFILE_DIR.value)
+    except paths.RemoteAccessError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     from janusflow_jax.perf import bench, bench_report
 
     modes = (*bench.MODES, "race")
@@ -95,8 +102,6 @@ def main(argv) -> int:
     if not batch_sizes or not sample_steps or not cfgs:
         print("error: --batch_sizes, --sample_steps and --cfg need at least one value", file=sys.stderr)
         return 2
-    from janusflow_jax import paths
-
     config = paths.resolve_config_paths(_CONFIG.value)
     profile_dir = paths.resolve(_PROFILE_DIR.value)
     raw = sys.argv[1:]

@@ -348,7 +348,12 @@ COMMANDS: dict[str, Callable[[], int]] = {"gen": gen_command, "und": und_command
                                           "table": table_command, "dpg_answers": dpg_answers_command}
 
 
+# The flags that name files or directories (gs:// ones are checked before any work: `paths.check_access`).
+PATH_FLAGS = ("checkpoint", "data", "out", "predictions", "image_root", "vae")
+
+
 def main(argv) -> int:
+    from janusflow_jax import paths
     from janusflow_jax.eval.formats import InputError
 
     try:
@@ -358,8 +363,10 @@ def main(argv) -> int:
             raise CommandError(f"unknown command {argv[1]!r} (known: {', '.join(COMMANDS)})")
         if len(argv) > 2:
             raise CommandError(f"unexpected arguments {argv[2:]}")
+        # A missing bucket or missing credentials: one line now, not a traceback (or a bare URL) after the model ran.
+        paths.check_access(*(flags.FLAGS[name].value for name in PATH_FLAGS), *_SCORES.value)
         return COMMANDS[argv[1]]()
-    except (CommandError, InputError, OSError) as e:
+    except (CommandError, InputError, OSError, paths.RemoteAccessError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
 

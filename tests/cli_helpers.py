@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 from absl import flags
@@ -12,12 +13,19 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def run_cli(cli, *args) -> int:
-    """`cli.main` with `args` parsed into fresh flags (flags of an earlier call never leak into this one)."""
+    """`cli.main` with `args` parsed into fresh flags (flags of an earlier call never leak into this one), and as
+    sys.argv for the call: ml_collections' config flags read their --config.FIELD overrides from sys.argv and define
+    one flag per override while parsing (removed afterwards: the next call defines its own)."""
     flags.FLAGS.unparse_flags()
+    argv, defined = sys.argv, set(flags.FLAGS)
+    sys.argv = [cli.__name__, *args]
     try:
-        flags.FLAGS([cli.__name__, *args])
+        flags.FLAGS(sys.argv)
         return cli.main([cli.__name__])
     finally:
+        sys.argv = argv
+        for name in set(flags.FLAGS) - defined:
+            delattr(flags.FLAGS, name)
         flags.FLAGS.unparse_flags()
 
 

@@ -1,11 +1,13 @@
 """launch.bench writes where it is told: a smoke run leaves the repository as it was (its report goes to runs/bench
-under the current directory), and only --update_benchmarks rewrites a BENCHMARKS.md."""
+under the current directory, or to a gs:// --out_dir with nothing local), and only --update_benchmarks rewrites a
+BENCHMARKS.md."""
 
 import json
 import subprocess
 import sys
 
 from tests.cli_helpers import repository_files, user_env
+from tests.pod_helpers import _objects
 
 
 def _bench(cwd, *args):
@@ -16,7 +18,7 @@ def _bench(cwd, *args):
     return result
 
 
-def test_a_bench_smoke_leaves_the_repository_unchanged(tmp_path):
+def test_a_bench_smoke_leaves_the_repository_unchanged(gcs, tmp_path):
     before = repository_files()
     _bench(tmp_path)  # the defaults, as the docs run it
     assert repository_files() == before
@@ -26,8 +28,11 @@ def test_a_bench_smoke_leaves_the_repository_unchanged(tmp_path):
 
     md = tmp_path / "BENCHMARKS.md"  # the explicit flag, aimed at a copy: only then is a section rewritten
     md.write_text("# Benchmarks\n\nsomeone else's section\n")
-    _bench(tmp_path, f"--out_dir={tmp_path / 'elsewhere'}", "--update_benchmarks", f"--benchmarks_md={md}")
+    cwd = tmp_path / "elsewhere"  # the report to gs://: nothing under the working directory
+    cwd.mkdir()
+    _bench(cwd, f"--out_dir={gcs}/bench", "--update_benchmarks", f"--benchmarks_md={md}")
     assert "someone else's section" in md.read_text() and "<!-- bench:begin -->" in md.read_text()
     assert len(list((tmp_path / "benchmarks").glob("data_*.json"))) == 1
-    assert len(list((tmp_path / "elsewhere").glob("data_*"))) == 2
-    assert repository_files() == before
+    saved = _objects(f"{gcs}/bench")
+    assert [name.rsplit(".", 1)[1] for name in saved] == ["json", "md"] and saved[0].startswith("data_"), saved
+    assert list(cwd.iterdir()) == [] and repository_files() == before

@@ -26,12 +26,14 @@ MISTAKES = {  # name: (command, what the one line says)
     "bad config name": (("launch.train", "--config=stag2", "--workdir={tmp}/run"),
                         ["no config 'stag2'", "did you mean 'stage2'?"]),
     "missing workdir": (("launch.train", "--config=stage2:tiny"), ["--config and --workdir are required"]),
+    "bench to a missing bucket": (("launch.bench", "data", "--config=stage2:tiny", "--out_dir=gs://no-such-bucket/b"),
+                                  ["gs://no-such-bucket does not exist", "gcloud storage buckets create"]),
 }
 LISTINGS = {"config=help": ("launch.train", "--config=help"), "train --help": ("launch.train", "--help")}
 
 
 @pytest.fixture(scope="module")
-def results(tmp_path_factory):
+def results(gcs, tmp_path_factory):  # gcs: gs:// paths reach the emulator (inherited by the processes)
     tmp = tmp_path_factory.mktemp("mistakes")
     (tmp / "a_file").write_text("not a directory\n")
     commands = {**{k: c for k, (c, _) in MISTAKES.items()}, **LISTINGS}

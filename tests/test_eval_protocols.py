@@ -263,7 +263,7 @@ def test_chartqa_suite():
 
 
 # ------------------------------------------------------------ DPG-Bench <res>_detail.txt
-def test_dpg_detail_file_to_answers(tmp_path, capsys):
+def test_dpg_detail_file_to_answers(gcs, tmp_path, monkeypatch, capsys):
     header = ["item_id", "text", "keywords", "proposition_id", "dependency", "category_broad", "category_detailed",
               "tuple", "question_natural_language"]
     rows = [dict(zip(header, r)) for r in [
@@ -289,15 +289,19 @@ def test_dpg_detail_file_to_answers(tmp_path, capsys):
     with pytest.raises(ValueError, match="line 4"):
         dpg.answers_from_detail(lines[:3] + lines[:1], questions)
 
-    # the CLI: dpg_bench.csv and the detail file in, the answers file beside it out
-    csv = tmp_path / "dpg_bench.csv"
+    # the CLI: dpg_bench.csv and the detail file in, the answers file beside it out; all on gs://, nothing local
+    from etils import epath
+
+    monkeypatch.chdir(tmp_path)
+    csv = epath.Path(gcs, "dpg_answers", "dpg_bench.csv")
     csv.write_text(",".join(header) + "\n" + "".join(",".join(f'"{v}"' for v in r.values()) + "\n" for r in rows))
-    detail = tmp_path / "dpg-bench_x_results_detail.txt"
+    detail = epath.Path(gcs, "dpg_answers", "dpg-bench_x_results_detail.txt")
     detail.write_text("\n".join(lines) + "\n")
     assert _run_cli("dpg_answers", f"--data={csv}", f"--predictions={detail}") == 0
-    written = tmp_path / "dpg-bench_x_results_answers.jsonl"
+    written = epath.Path(gcs, "dpg_answers", "dpg-bench_x_results_answers.jsonl")
     assert [json.loads(line) for line in written.read_text().splitlines()] == records
     assert f"dpg: 4 images of 1 prompts -> {written}" in capsys.readouterr().out
+    assert list(tmp_path.iterdir()) == []
     detail.write_text("not a detail line\n")
     assert _run_cli("dpg_answers", f"--data={csv}", f"--predictions={detail}") == 1
     assert capsys.readouterr().err.strip() == (f"error: {detail}: line 1: not 'image_path, (x0, y0, x1, y1), "

@@ -28,6 +28,7 @@ from janusflow_jax.inference import load as inference
 from janusflow_jax.models import vae as vae_lib
 from janusflow_jax.models.janusflow import init_params
 from launch import evaluate as evaluate_cli
+from tests.cli_helpers import one_error_line, repository_files
 
 REPO = Path(__file__).resolve().parents[1]
 WORDS = "a the red blue cat dog on mat what is this photo color sky there in image yes no answer".split()
@@ -81,7 +82,7 @@ def pope_tsv(tmp_path_factory) -> Path:
                      ["index", "question", "answer", "category", "image"], rows)
 
 
-def _predictions(out: Path) -> list[dict]:
+def _predictions(out) -> list[dict]:
     return [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
 
 
@@ -169,8 +170,16 @@ def test_und_answers_resumes_and_splits_over_hosts(checkpoint, pope_tsv, tmp_pat
     assert "holds outputs made with other settings" in capsys.readouterr().err
 
 
-def test_und_multiple_choice_and_several_images(checkpoint, tmp_path, capsys):
-    """MMMU-style rows: options A..D, two images in one row (a list cell), an open question, a dev row left out."""
+def test_und_multiple_choice_and_several_images(checkpoint, gcs, tmp_path, monkeypatch, capsys):
+    """MMMU-style rows: options A..D, two images in one row (a list cell), an open question, a dev row left out. The
+    benchmark file and every output (predictions, manifest, parts, scores) on gs://, run from an empty directory:
+    nothing is written under it or into the repository. (A checkpoint on gs:// is read as launch.generate reads it:
+    tests/test_pod.py.)"""
+    from etils import epath
+
+    from janusflow_jax import paths
+    from tests.pod_helpers import _objects
+
     header = ["index", "question", "A", "B", "C", "D", "answer", "split", "image"]
     two_images = str([b64_png(7), b64_png(8, (20, 30))])
     rows = [[1, "what color is the sky?", "red", "blue", "", "", "B", "validation", two_images],
@@ -178,17 +187,34 @@ def test_und_multiple_choice_and_several_images(checkpoint, tmp_path, capsys):
             [3, "how many?", "", "", "", "", "2", "validation", b64_png(10)],
             [4, "what is this?", "cat", "dog", "", "", "A", "dev", b64_png(11)]]
     data = write_tsv(tmp_path / "MMMU_DEV_VAL.tsv", header, rows)
-    assert run_cli("und", "--suite=mmmu", f"--checkpoint={checkpoint}", f"--data={data}", f"--out={tmp_path / 'o'}",
-                   "--max_new_tokens=2", "--batch_size=3") == 0
+    remote = f"{gcs}/evaluate_und"
+    paths.copy_file(data, f"{remote}/MMMU_DEV_VAL.tsv")
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    before = repository_files()
+    out = f"{remote}/o"
+    assert run_cli("und", "--suite=mmmu", f"--checkpoint={checkpoint}", f"--data={remote}/MMMU_DEV_VAL.tsv",
+                   f"--out={out}", "--max_new_tokens=2", "--batch_size=3") == 0
     assert "3 of 3 answered" in capsys.readouterr().out
-    assert [p["index"] for p in _predictions(tmp_path / "o")] == [1, 2, 3]
+    assert [p["index"] for p in _predictions(epath.Path(out))] == [1, 2, 3]
     items = answering.read_items(prompts.PROTOCOLS["mmmu"], data, "<image_placeholder>")
     assert [len(it.images) for it in items] == [2, 1, 1]
     assert items[0].content.startswith("<image_placeholder><image_placeholder>\nwhat color is the sky?\nA. red\nB. "
                                        "blue\n\nAnswer with")
-    predictions = tmp_path / "o" / "predictions.jsonl"
-    assert run_cli("score", "--suite=mmmu", f"--data={data}", f"--predictions={predictions}") == 0
-    assert json.loads((tmp_path / "o" / "predictions.scores.json").read_text())["questions"] == 3  # validation only
+    assert run_cli("score", "--suite=mmmu", f"--data={remote}/MMMU_DEV_VAL.tsv",
+                   f"--predictions={out}/predictions.jsonl") == 0
+    assert json.loads(epath.Path(out, "predictions.scores.json").read_text())["questions"] == 3  # validation only
+    assert run_cli("table", f"--scores={out}/predictions.scores.json", f"--out={remote}/table.md") == 0
+    assert "| JanusFlow-1.3B (paper) |" in epath.Path(remote, "table.md").read_text()
+    capsys.readouterr()
+    assert run_cli("und", "--suite=mmmu", f"--checkpoint={checkpoint}", f"--data={remote}/MMMU_DEV_VAL.tsv",
+                   "--out=gs://no-such-bucket/o") == 1  # before the model is loaded
+    assert one_error_line(capsys.readouterr().err).startswith("error: gs://no-such-bucket does not exist")
+    assert {"manifest.json", "predictions.jsonl", "predictions.scores.json"} < set(_objects(out))
+    assert all(name.startswith("parts/") for name in set(_objects(out)) - {"manifest.json", "predictions.jsonl",
+                                                                         "predictions.scores.json"})
+    assert list(cwd.iterdir()) == [] and repository_files() == before
 
 
 # ------------------------------------------------------------------------------------------------------- gen
@@ -238,25 +264,39 @@ def test_gen_geneval_layout_resume_and_hosts(checkpoint, tmp_path, capsys):
     assert "cfg: 2.0 then, 3.0 now" in capsys.readouterr().err
 
 
-def test_gen_dpg_and_mjhq_layouts(checkpoint, tmp_path, capsys):
-    prompts_dir = tmp_path / "prompts"
-    prompts_dir.mkdir()
+def test_gen_dpg_and_mjhq_layouts(checkpoint, gcs, tmp_path, monkeypatch, capsys):
+    """DPG-Bench's 2 x 2 grids and MJHQ-30K's category folders, with the prompt files and the outputs on gs://, run
+    from an empty directory: nothing is written under it or into the repository."""
+    from etils import epath
+
+    from janusflow_jax import paths
+    from tests.pod_helpers import _objects
+
+    remote = f"{gcs}/evaluate_gen"
+    prompts_dir = tmp_path / "inputs" / "prompts"
+    prompts_dir.mkdir(parents=True)
     (prompts_dir / "item7.txt").write_text("a red cat on a mat\n")
     (prompts_dir / "item3.txt").write_text("a blue sky\n")
-    assert run_cli("gen", "--suite=dpg", f"--checkpoint={checkpoint}", f"--data={prompts_dir}",
-                   f"--out={tmp_path / 'dpg'}", "--steps=2", "--batch_size=3") == 0
-    assert sorted(p.name for p in (tmp_path / "dpg" / "images").iterdir()) == ["item3.png", "item7.png"]
-    with Image.open(tmp_path / "dpg" / "images" / "item7.png") as grid:
-        assert grid.size == (128, 128) and grid.text["prompt"] == "a red cat on a mat"  # 2 x 2 tiles of 64 px
     meta = {"a1": {"prompt": "a dog", "category": "animals"}, "p2": {"prompt": "the sky", "category": "landscape"}}
-    (tmp_path / "meta_data.json").write_text(json.dumps(meta))
-    assert run_cli("gen", "--suite=mjhq", f"--checkpoint={checkpoint}", f"--data={tmp_path / 'meta_data.json'}",
-                   f"--out={tmp_path / 'mjhq'}", "--steps=2", "--batch_size=3") == 0
-    assert sorted(_tree(tmp_path / "mjhq" / "images")) == ["animals/a1.png", "landscape/p2.png"]
+    (tmp_path / "inputs" / "meta_data.json").write_text(json.dumps(meta))
+    paths.upload_tree(tmp_path / "inputs", f"{remote}/inputs")
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    before = repository_files()
+    assert run_cli("gen", "--suite=dpg", f"--checkpoint={checkpoint}", f"--data={remote}/inputs/prompts",
+                   f"--out={remote}/dpg", "--steps=2", "--batch_size=3") == 0
+    assert _objects(f"{remote}/dpg") == ["images/item3.png", "images/item7.png", "manifest.json"]
+    with Image.open(io.BytesIO(epath.Path(remote, "dpg", "images", "item7.png").read_bytes())) as grid:
+        assert grid.size == (128, 128) and grid.text["prompt"] == "a red cat on a mat"  # 2 x 2 tiles of 64 px
+    assert run_cli("gen", "--suite=mjhq", f"--checkpoint={checkpoint}", f"--data={remote}/inputs/meta_data.json",
+                   f"--out={remote}/mjhq", "--steps=2", "--batch_size=3") == 0
+    assert _objects(f"{remote}/mjhq") == ["images/animals/a1.png", "images/landscape/p2.png", "manifest.json"]
     assert "next: clean-fid" in capsys.readouterr().out
-    assert run_cli("gen", "--suite=mjhq", f"--checkpoint={checkpoint}", f"--data={tmp_path / 'meta_data.json'}",
-                   f"--out={tmp_path / 'mjhq2'}", "--images_per_prompt=2") == 1
+    assert run_cli("gen", "--suite=mjhq", f"--checkpoint={checkpoint}", f"--data={remote}/inputs/meta_data.json",
+                   f"--out={remote}/mjhq2", "--images_per_prompt=2") == 1
     assert "one image per prompt" in capsys.readouterr().err
+    assert list(cwd.iterdir()) == [] and repository_files() == before
 
 
 def test_help_documents_both_phases():

@@ -1,14 +1,11 @@
 """The preparation job writing OmniMamba records (`--config.prepare.family=omnimamba`: janusflow_jax/data/prepare.py
 with data/omnimamba_prepare.py's converter) on sklearn digits: a patch_kmeans codebook fitted by the job, t2i and mmu
 records in the layouts of data/omnimamba_records.py, bad inputs skipped and counted, a killed run resumed to the
-same bytes, and the command line with a relative output directory."""
+same bytes, and the command line with a relative output directory and with its inputs and output on gs://."""
 
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +17,7 @@ from janusflow_jax.data import records as codec
 from janusflow_jax.data.omnimamba_processor import OmniMambaProcessor
 from janusflow_jax.data.omnimamba_records import PatchKMeans, caption_record, conversation_record
 from janusflow_jax.data.processor import resize_short_side_and_crop
-from tests.cli_helpers import one_error_line
+from tests.cli_helpers import one_error_line, repository_files, run_cli
 from tests.omnimamba_data import EXPECTED_SKIPS, GOOD_MMU, GOOD_T2I, job_config, write_inputs
 
 TOWER, T2I_SIDE, CODES, CAPTION = 14, 16, 16, 12  # configs/_omnimamba_base.tiny_model()
@@ -212,29 +209,63 @@ def test_config_mistakes_are_one_clear_error(inputs, tmp_path):
                     progress=False)
 
 
-def test_command_line_with_a_relative_output(inputs, tmp_path):
+def _prepare_data(monkeypatch, *args) -> int:
+    """`launch.prepare_data` in this process, as a user types it: one host (this process's JAX backend already runs,
+    so jax.distributed is left out)."""
+    from launch import prepare_data as cli
+
+    monkeypatch.setattr(cli.host_flags, "initialize", lambda: False)
+    config = Path(__file__).resolve().parents[1] / "configs" / "prepare_data.py"
+    return run_cli(cli, "--progress=false", f"--config={config}:omnimamba_tiny", *args)
+
+
+def test_command_line_with_a_relative_output(inputs, tmp_path, monkeypatch, capsys):
     """As a user types it, from another directory: the output relative to it; then a mistake: one error line."""
-    root = Path(__file__).resolve().parents[1]
-    env = {**os.environ, "PYTHONPATH": str(root)}
-
-    def prepare_data(*args):
-        return subprocess.run([sys.executable, "-m", "launch.prepare_data", "--progress=false",
-                               f"--config={root / 'configs' / 'prepare_data.py'}:omnimamba_tiny",
-                               f"--config.prepare.tokenizer={inputs['tokenizer']}",
-                               f"--config.prepare.t2i_jsonl={inputs['t2i']}", *args],
-                              cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
-
-    done = prepare_data("--config.prepare.out=data/digits", f"--config.prepare.mmu_jsonl={inputs['mmu']}",
-                        "--config.prepare.image_tokenizer.fit=true")
-    assert done.returncode == 0, done.stderr
-    assert done.stdout.startswith(f"prepared {GOOD_MMU} mmu / {GOOD_T2I} t2i records in "
-                                  + str(tmp_path / "data" / "digits"))
+    monkeypatch.chdir(tmp_path)
+    given = (f"--config.prepare.tokenizer={inputs['tokenizer']}", f"--config.prepare.t2i_jsonl={inputs['t2i']}")
+    fit = ("--config.prepare.image_tokenizer.fit=true", f"--config.prepare.mmu_jsonl={inputs['mmu']}")
+    assert _prepare_data(monkeypatch, *given, *fit, "--config.prepare.out=data/digits") == 0
+    assert capsys.readouterr().out.startswith(f"prepared {GOOD_MMU} mmu / {GOOD_T2I} t2i records in "
+                                              + str(tmp_path / "data" / "digits"))
     meta = json.loads((tmp_path / "data" / "digits" / codec.METADATA).read_text())
     assert meta["image_tokenizer"]["path"] == str(tmp_path / "data" / "digits" / omnimamba_prepare.CODEBOOK)
     assert meta["counts"] == {"mmu": GOOD_MMU, "t2i": GOOD_T2I}
-    mistake = prepare_data("--config.prepare.out=data/other")
-    assert mistake.returncode == 1
-    assert one_error_line(mistake.stderr).startswith("error: no image tokenizer")
+    assert _prepare_data(monkeypatch, *given, "--config.prepare.out=data/other") == 1
+    assert one_error_line(capsys.readouterr().err).startswith("error: no image tokenizer")
+
+
+def test_command_line_on_gcs(inputs, prepared, gcs, tmp_path, monkeypatch, capsys):
+    """`launch.prepare_data` with the tokenizer, the manifests, their images and the output on gs://, run from an
+    empty directory: the codebook and the shards are the local run's bytes, and nothing is written under the working
+    directory or into the repository (the shards go through a local temporary directory, the fitted codebook straight
+    to its object)."""
+    from etils import epath
+
+    from janusflow_jax import paths
+    from tests.pod_helpers import _objects
+
+    _, local_out, _ = prepared
+    remote = f"{gcs}/omnimamba_prepare"
+    paths.upload_tree(inputs["root"], f"{remote}/inputs")
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    before = repository_files()
+    out = f"{remote}/out"
+    job = dict(out=out, tokenizer=f"{remote}/inputs/tokenizer", t2i_jsonl=f"{remote}/inputs/t2i.jsonl",
+               mmu_jsonl=f"{remote}/inputs/mmu.jsonl", records_per_shard=5, encode_batch_per_device=4, num_threads=2)
+    assert _prepare_data(monkeypatch, "--config.prepare.image_tokenizer.fit=true",
+                         *(f"--config.prepare.{k}={v}" for k, v in job.items())) == 0
+    assert capsys.readouterr().out.startswith(f"prepared {GOOD_MMU} mmu / {GOOD_T2I} t2i records in {out}")
+    local = _snapshot(local_out)
+    assert _objects(out) == sorted(local)  # shards, their markers, the codebook, metadata.json: no temporary objects
+    for name in local:
+        if name.endswith((".array_record", ".npz")):
+            assert epath.Path(out, name).read_bytes() == local[name], name
+    meta = json.loads(epath.Path(out, codec.METADATA).read_text())
+    assert meta["image_tokenizer"]["path"] == f"{out}/{omnimamba_prepare.CODEBOOK}"
+    assert meta["counts"] == {"mmu": GOOD_MMU, "t2i": GOOD_T2I} and meta["skipped"] == EXPECTED_SKIPS
+    assert list(cwd.iterdir()) == [] and repository_files() == before
 
 
 def test_janusflow_fingerprints_are_those_of_before_the_omnimamba_fields():

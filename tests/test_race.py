@@ -22,30 +22,41 @@ def narrow():
     return c, {k: v.init_params(0) for k, v in c.items()}
 
 
-def _cli(*args) -> int:
-    """`launch.bench race` as a user runs it, in its own process (launch.bench's --cfg list flag would replace
-    launch.evaluate's --cfg float in a process that imports both)."""
+def _cli(cwd, *args) -> int:
+    """`launch.bench race` as a user runs it, in its own process from `cwd` (launch.bench's --cfg list flag would
+    replace launch.evaluate's --cfg float in a process that imports both)."""
     import subprocess
     import sys
-    from pathlib import Path
 
-    root = Path(__file__).resolve().parents[1]
-    result = subprocess.run([sys.executable, "-m", "launch.bench", "race", *args], cwd=root, capture_output=True,
-                            text=True, timeout=600)
+    from tests.cli_helpers import user_env
+
+    result = subprocess.run([sys.executable, "-m", "launch.bench", "race", *args], cwd=cwd, env=user_env(),
+                            capture_output=True, text=True, timeout=600)
     assert "Traceback" not in result.stderr, result.stderr[-3000:]
     return result.returncode
 
 
-def test_race_cli_end_to_end(tmp_path):
+def test_race_cli_end_to_end(gcs, tmp_path):
     """Both models, both phases at two lengths; a time budget that only the first length's points meet (those after
-    it are compiled for their plans, not run); the section goes into someone else's file and is rewritten in place."""
-    md, json_dir = tmp_path / "BENCHMARKS.md", tmp_path / "benchmarks"
+    it are compiled for their plans, not run); the section goes into someone else's file and is rewritten in place.
+    Every output on gs:// (this run's report, the published JSON, the plot, BENCHMARKS.md), run from an empty
+    directory: nothing is written under it or into the repository."""
+    from etils import epath
+
+    from tests.cli_helpers import repository_files
+    from tests.pod_helpers import _objects
+
+    md, json_dir = epath.Path(gcs, "race", "BENCHMARKS.md"), epath.Path(gcs, "race", "benchmarks")
     md.write_text("# Benchmarks\n\nsomeone else's section\n")
-    assert _cli(f"--race_width={WIDTH}", "--race_lengths=64,128", "--race_layers=2,1", "--reps=1",
-                "--race_time_budget=1e-9", f"--out_dir={tmp_path / 'out'}", "--update_benchmarks",
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    before = repository_files()
+    assert _cli(cwd, f"--race_width={WIDTH}", "--race_lengths=64,128", "--race_layers=2,1", "--reps=1",
+                "--race_time_budget=1e-9", f"--out_dir={gcs}/race/out", "--update_benchmarks",
                 f"--benchmarks_md={md}") == 0
+    assert list(cwd.iterdir()) == [] and repository_files() == before
     (path,) = json_dir.glob("race_*.json")
-    assert [p.suffix for p in sorted((tmp_path / "out").iterdir())] == [".json", ".md"]  # this run's own copy
+    assert [name.rsplit(".", 1)[1] for name in _objects(f"{gcs}/race/out")] == ["json", "md"]  # this run's own copy
     report = json.loads(path.read_text())
     rows = report["sweep"]
     assert {(r["model"], r["phase"], r["length"]) for r in rows} == {
@@ -58,7 +69,8 @@ def test_race_cli_end_to_end(tmp_path):
             assert r["status"].startswith("over time budget") and "seconds" not in r, r
     text = md.read_text()
     assert "someone else's section" in text and text.count(race_report.RACE_BEGIN) == 1
-    assert "| 128 | time budget |" in text and "race.png" in text and (json_dir / race_report.PLOT_NAME).stat().st_size > 0
+    assert "| 128 | time budget |" in text and "race.png" in text
+    assert (json_dir / race_report.PLOT_NAME).read_bytes().startswith(b"\x89PNG")
     race_report.write_markdown(md, json_dir)
     assert md.read_text().count(race_report.RACE_BEGIN) == 1  # rewritten in place
 

@@ -42,13 +42,13 @@ import hashlib
 import json
 import logging
 import math
-import sys
 import threading
 from typing import Mapping, Sequence
 
 import numpy as np
 from etils import epath
 
+from janusflow_jax import paths
 from janusflow_jax.data import prepare, prepare_families
 from janusflow_jax.data.omnimamba_records import (IMAGE_TOKENIZERS, PatchKMeans, VQ16, caption_record,
                                                   conversation_record, t2i_record)
@@ -303,9 +303,15 @@ class OmniMambaJob:
             codebook, used = fit_patch_kmeans(
                 sources, side=self.grid * patch, patch=patch, codebook_size=codebook_size, seed=job.seed,
                 max_images=job.image_tokenizer.fit_images, num_threads=job.num_threads)
-            tmp = epath.Path(self.path).parent / f".{epath.Path(self.path).name}.tmp"
-            codebook.save(tmp)  # renamed whole: a killed fit leaves no codebook a restart would take as done
-            tmp.rename(self.path)
+            # Whole or absent: a killed fit must leave no codebook that a restart would take as done. Locally it is
+            # written under a temporary name and renamed; a gs:// object appears whole when its upload completes
+            # (and an object store has no rename: gcsfs would copy and delete).
+            if paths.is_remote(self.path):
+                codebook.save(self.path)
+            else:
+                tmp = epath.Path(self.path).parent / f".{epath.Path(self.path).name}.tmp"
+                codebook.save(tmp)
+                tmp.rename(self.path)
             log.info("fitted a %d-code patch_kmeans codebook on %d t2i images: %s", codebook_size, used, self.path)
         _sync_hosts("janusflow_jax.omnimamba_prepare: codebook fitted")
 
