@@ -38,6 +38,7 @@ def _positive(x):
     return isinstance(x, float) and math.isfinite(x) and x > 0
 
 
+@pytest.mark.slow  # the bench report: every mode measured once
 def test_meta(report):
     m = report["meta"]
     for key in ("device", "date", "commit", "command", "config", "load_average_start", "load_average_end"):
@@ -45,6 +46,7 @@ def test_meta(report):
     assert len(m["load_average_start"]) == 3
 
 
+@pytest.mark.slow  # the bench report: every mode measured once
 def test_train_fields(report):
     t = report["train"]
     for key in ("compile_s", "step_s", "examples_per_s", "tokens_per_s", "flops_per_step", "tflops_per_device",
@@ -61,6 +63,7 @@ def test_train_fields(report):
     assert "x the bound" in bench_report.format_report(report)
 
 
+@pytest.mark.slow  # the bench report: every mode measured once
 def test_sample_rows(report):
     rows = report["sample"]
     assert {r["prompt_cache"] for r in rows} == {True, False}
@@ -97,6 +100,7 @@ def test_sampling_flops_match_the_compiled_sampler():
 
 
 @pytest.mark.skipif(not HAS_TORCH, reason="torch not installed")
+@pytest.mark.slow  # the bench report: every mode measured once
 def test_torch_rows(report):
     rows = report["torch"]["rows"]
     assert [r["work"].split(",")[0] for r in rows] == ["velocity forward", "train step", "sampling 2 steps cfg 2",
@@ -111,6 +115,7 @@ def test_torch_rows(report):
     assert "speedup ceiling" in bench_report.format_report(report)
 
 
+@pytest.mark.slow  # the bench report: every mode measured once
 def test_outputs_keep_the_other_section(report, tmp_path):
     md = tmp_path / "BENCHMARKS.md"
     other = "# Benchmarks\n\n## Ahead-of-time compile\n\nsomeone else's table\n"

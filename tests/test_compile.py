@@ -28,6 +28,7 @@ def cpu_compile():
     return config, devices, train_compile.compile_train_step(config, devices)
 
 
+@pytest.mark.slow  # a whole train step compiled ahead of time
 def test_tiny_stage2_compiles_on_a_2x2x2_cpu_mesh(cpu_compile):
     config, _, report = cpu_compile
     assert report["chips"] == 8 and report["mesh"] == {"data": 2, "fsdp": 2, "tensor": 2}

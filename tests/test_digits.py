@@ -19,6 +19,8 @@ from janusflow_jax.train import recipe
 
 from tests.cli_helpers import user_env  # noqa: E402
 
+pytestmark = pytest.mark.slow  # the whole digits recipe, every stage
+
 ROOT = Path(__file__).resolve().parents[1]
 
 

@@ -79,6 +79,7 @@ def results(tmp_path_factory):
 
 
 @pytest.mark.parametrize("block", RUN, ids=[f"{page}:{line}" for page, line, _, _ in RUN])
+@pytest.mark.slow  # every page's commands, both families' first runs
 def test_block_runs(results, block):
     page, line, _, text = block
     returncode, output, _ = results[page, line]
@@ -96,6 +97,7 @@ def test_every_marker_is_a_reason_before_a_block():
     assert RUN and len(RUN) < len(BLOCKS)
 
 
+@pytest.mark.slow  # every page's commands, both families' first runs
 def test_the_first_run_generates_and_chats_for_both_families(results):
     """The README's download-free first run ends in images and answers (no dead end), for both families; it says
     when it compiles and what its loss is, and the same command again says the run is finished."""

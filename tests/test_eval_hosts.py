@@ -112,6 +112,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow  # jax.distributed processes
 def test_two_hosts_answer_their_shares_and_equal_one_host(gcs, inputs, tmp_path):
     tokenizer, data = inputs
     out = f"{gcs}/und_two_hosts"

@@ -112,6 +112,7 @@ def test_term_scales_make_the_expected_update_the_fixed_share_one():
 
 
 # ------------------------------------------------------------------------------------------------------ a real run
+@pytest.mark.slow  # a short run: a step program per composition
 def test_a_short_run_trains_the_scheduled_rows(tmp_path, monkeypatch):
     """Two data shards, 2 units a step at 30:50:20: the batches the trainer feeds, the generation examples the step
     counts and the logged realised mix all follow the schedule."""

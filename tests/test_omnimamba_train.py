@@ -56,6 +56,7 @@ def _flat(tree):
     return traverse_util.flatten_dict(tree, sep="/")
 
 
+@pytest.mark.slow  # training processes, stage by stage
 def test_the_recipe_trains_from_the_command_line_and_resumes_exactly(env, tmp_path):
     # Stage 1: each run trains its own parts (relative workdirs, as a user types them).
     mmu = _train(env, tmp_path, "--config=omnimamba_stage1_mmu:tiny", "--workdir=runs/mmu")

@@ -30,6 +30,8 @@ from tests.pod_helpers import (ROOT, STEPS, _assert_same_run, _committed, _devic
 
 from janusflow_jax import paths  # also: fresh gs:// listings in this process (subprocesses write there)
 
+pytestmark = pytest.mark.slow  # several jax.distributed processes, trains on the GCS emulator
+
 
 # The session's pod fixtures (tests/pod_helpers.py), under this file's names.
 @pytest.fixture

@@ -128,6 +128,7 @@ def readonly(gcs) -> str:
     return "gs://janusflow-readonly"
 
 
+@pytest.mark.slow  # jax.distributed processes on the GCS emulator
 def test_a_host_mistake_is_one_line_on_every_host(gcs, readonly, pod_env, tmp_path):
     import json
 
@@ -156,6 +157,7 @@ def test_a_host_mistake_is_one_line_on_every_host(gcs, readonly, pod_env, tmp_pa
     assert _objects(f"{gcs}/checks") == []  # the probes were deleted
 
 
+@pytest.mark.slow  # jax.distributed processes on the GCS emulator
 def test_a_read_only_workdir_is_one_line(readonly, pod_dataset, pod_env, tmp_path):
     run = subprocess.run(_train_argv(pod_dataset, f"{readonly}/run"), cwd=tmp_path,
                          env=_devices(pod_env, 8), capture_output=True, text=True, timeout=600)
@@ -178,6 +180,7 @@ def _fault_time(result) -> float:
     return float(line.split()[-1])
 
 
+@pytest.mark.slow  # jax.distributed processes on the GCS emulator
 def test_a_hung_host_and_a_dead_coordinator_end_every_host_and_the_relaunch_resumes_bit_for_bit(
         gcs, pod_reference, pod_dataset, pod_env, tmp_path):
     """Host 1's data source blocks after step 3: its watchdog names it and exits; host 0 does not wait forever. The

@@ -13,8 +13,6 @@ step 4 (2 -> 1), 2 hosts resuming that and told SIGTERM before their first step,
 from __future__ import annotations
 
 import json
-import resource
-import signal
 import subprocess
 import sys
 import time
@@ -93,6 +91,7 @@ def env(tmp_path_factory):
     return dict(user_env(tmp_path_factory.mktemp("jax_cache")), JAX_PLATFORMS="cpu")
 
 
+@pytest.mark.slow  # several jax.distributed launches
 def test_a_start_from_a_checkpoint_costs_each_host_what_a_random_start_does(env, tmp_path):
     """2 processes x 4 CPU devices, a 410 MB model sharded over all 8: the random start (which saves the checkpoint)
     and the start from that checkpoint, each in fresh processes, raise each process's peak memory by about its own
@@ -257,6 +256,7 @@ def _steps(workdir) -> list[int]:
     return sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
 
 
+@pytest.mark.slow  # several jax.distributed launches
 def test_restarts_on_other_host_counts_and_before_the_first_step_continue_bit_for_bit(env, dataset, tmp_path):
     """One chain: 1 process from the checkpoint (the reference); 2 hosts from the same checkpoint, SIGTERM on host 1
     after step 1 (every host saves the agreed step s); 1 host resumes s (2 -> 1), SIGTERM after s + 1 (saves the

@@ -71,6 +71,7 @@ def _fault(env, workdir, kind, step):
                           capture_output=True, text=True, timeout=600)
 
 
+@pytest.mark.slow  # three training processes
 def test_train_cli_runs_and_resumes_exactly_after_preemption_and_sigkill(env, tmp_path):
     full = tmp_path / "full"
     result = _train(env, "--config=stage2:tiny", f"--workdir={full}", *FLAGS)
@@ -151,6 +152,7 @@ except trainer.TrainingError as e:
 """
 
 
+@pytest.mark.slow  # a training process
 def test_consecutive_non_finite_steps_stop_the_run(env, tmp_path):
     run = subprocess.run([sys.executable, "-c", NAN_DATA, str(tmp_path)], cwd=ROOT, env=env, capture_output=True,
                          text=True, timeout=600)

@@ -89,6 +89,7 @@ def test_heldout_batches_follow_the_ratio_in_shard_units(run_config):
         losses.HeldOutLosses(make_plan(config))
 
 
+@pytest.mark.slow  # the loop with every evaluator compiled
 def test_training_loop_runs_the_evaluators(run_config, tmp_path):
     workdir = tmp_path / "stage2"
     loop.train(run_config, workdir, progress=False)

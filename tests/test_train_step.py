@@ -91,6 +91,7 @@ def _assert_close(a, b, atol):
         assert float(np.abs(x - y).max()) <= atol
 
 
+@pytest.mark.slow  # train steps compiled on 8 devices and on 1
 def test_frozen_parameters_unchanged_and_stateless(setup):
     config, host_params, batches, single = setup
     before = _leaves(single.state["frozen"])
@@ -128,6 +129,7 @@ def test_nan_batch_is_skipped(setup):
     assert single.step(batches[1])["finite"] == 1.0 and int(single.state["skips"]) == 0
 
 
+@pytest.mark.slow  # train steps compiled on 8 devices and on 1
 def test_sharded_step_equals_single_device(setup, linear_reference):
     """data 2 x fsdp 2 x tensor 2 with the TPU attention kernel (Pallas Splash, interpreted on a CPU, run per shard
     as a pod runs it) against one device with XLA attention: one compile covers the sharding and the kernel."""
@@ -148,6 +150,7 @@ def test_sharded_step_equals_single_device(setup, linear_reference):
     assert len({str(s.index) for s in kernel.addressable_shards}) > 1
 
 
+@pytest.mark.slow  # train steps compiled on 8 devices and on 1
 def test_accumulation_equals_one_big_batch(setup, linear_reference):
     config, host_params, batches, _ = setup
     reference = linear_reference.reset()
