@@ -246,6 +246,7 @@ if jax.process_index() == 0:
 """
 
 
+@pytest.mark.slow
 def test_hosts_interleaved_on_the_mesh_feed_the_one_process_batch_and_train_bit_for_bit_like_it(
         reference, dataset, env, tmp_path):
     """Two hosts whose devices alternate on the mesh's batch axis (host 0's devices hold rows 0, 2, 4, 6 of each
