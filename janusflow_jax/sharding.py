@@ -1,4 +1,5 @@
-"""Device mesh (data, fsdp, tensor), the logical-axis rules table, and parameters created already sharded.
+"""Device mesh (data, fsdp, tensor), the logical-axis rules table, parameters created already sharded, and the hosts'
+rows placed as one global batch.
 
 Every parameter carries logical axis names (`embed`, `mlp`, `heads`, ...); one rules table maps them to mesh axes.
 A dimension that the mapped mesh axis does not divide is replicated instead (e.g. a 4-channel conv on 8 devices).
@@ -7,11 +8,13 @@ A dimension that the mapped mesh axis does not divide is replicated instead (e.g
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
-from typing import Iterator, Sequence
+from typing import Iterator, Mapping, Sequence
 
 import flax.linen as nn
 import jax
+import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from janusflow_jax import hosts
@@ -144,3 +147,51 @@ def create_sharded_params(config: JanusFlowConfig, mesh: Mesh, rng, rules=DEFAUL
 def shard_params(params, config: JanusFlowConfig, mesh: Mesh, rules=DEFAULT_RULES):
     """Places host parameters (e.g. from `convert.from_pytorch`) onto the mesh with the model's shardings."""
     return jax.device_put(params, param_shardings(config, mesh, rules))
+
+
+# ---------------------------------------------------------------------------------------------------- global batch
+def global_batch(local: Mapping[str, np.ndarray], shardings: Mapping[str, NamedSharding]) -> dict:
+    """Every host's rows -> global arrays over the mesh: host p's n rows are rows [p * n, (p + 1) * n) of the global
+    batch, whatever the order of the mesh's devices. The loader lays a host's rows out so that this is the batch one
+    host reading every stream builds (data/loader.py), so the batch is the same on any host count.
+
+    `jax.make_array_from_process_local_data` alone puts a host's rows where that host's devices sit on the batch axis
+    (in sorted order of their slices). Where a host's devices are not one block there (a TPU topology mesh can
+    alternate the hosts' chips along an axis), the rows go first onto the same devices taken host by host, then
+    move to the mesh's order on the devices (`jax.device_put` between two orders of one device set: a collective
+    permute, this step's batch only)."""
+    out = {}
+    for key, rows in local.items():
+        sharding = shardings[key]
+        shape = (rows.shape[0] * jax.process_count(), *rows.shape[1:])
+        staging = _host_blocks(sharding, shape)
+        out[key] = jax.make_array_from_process_local_data(staging, rows, shape)
+        if staging is not sharding:
+            out[key] = jax.device_put(out[key], sharding)
+    return out
+
+
+@functools.lru_cache(maxsize=256)
+def _host_blocks(sharding: NamedSharding, shape: tuple) -> NamedSharding:
+    """`sharding` where each host's devices hold only that host's block of rows, else the same sharding over the
+    mesh's devices re-ordered host by host (in their order within each host)."""
+    if _in_host_blocks(sharding, shape):
+        return sharding
+    mesh = sharding.mesh
+    by_host = sorted(mesh.devices.flat, key=lambda d: d.process_index)  # stable: each host's devices keep their order
+    staging = NamedSharding(Mesh(np.array(by_host).reshape(mesh.devices.shape), mesh.axis_names), sharding.spec)
+    if not _in_host_blocks(staging, shape):
+        raise ValueError(f"a batch of {shape[0]} rows sharded {sharding.spec} over the mesh {dict(mesh.shape)} gives "
+                         f"some rows to devices of several hosts, but each of the {jax.process_count()} hosts reads "
+                         f"its own rows: keep the mesh axes that do not split the batch within a host")
+    return staging
+
+
+def _in_host_blocks(sharding: NamedSharding, shape: tuple) -> bool:
+    """Whether every device of `sharding` holds rows of its own host's block only (host p: [p * n, (p + 1) * n))."""
+    per_host = shape[0] // jax.process_count()
+    for device, index in sharding.devices_indices_map(shape).items():
+        first, stop, _ = index[0].indices(shape[0])
+        if first // per_host != device.process_index or (stop - 1) // per_host != device.process_index:
+            return False
+    return True

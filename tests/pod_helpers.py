@@ -170,6 +170,29 @@ def _collect(procs, start, timeout) -> list[dict]:
     return results
 
 
+def apply(config, overrides: dict):
+    """`config` with dotted-key `overrides` (the drivers' way of taking test_pod's flags)."""
+    with config.unlocked():
+        for key, value in overrides.items():
+            *parents, leaf = key.split(".")
+            node = config
+            for name in parents:
+                node = node[name]
+            node[leaf] = tuple((a, tuple(b)) for a, b in value) if key == "mixture" else value
+    return config
+
+
+def _launch_script(env, script, args, hosts, cwd, timeout=600) -> list[dict]:
+    """`script` (python -c) on `hosts` processes of one jax.distributed run, each with 8 / hosts CPU devices; its
+    argv: args[:2], the coordinator's address, the process count, the process id, args[2:]."""
+    port = _free_port()
+    start = time.monotonic()
+    procs = [subprocess.Popen([sys.executable, "-c", script, *args[:2], f"127.0.0.1:{port}", str(hosts), str(i),
+                               *args[2:]], cwd=cwd, env=_devices(env, 8 // hosts), stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for i in range(hosts)]
+    return _collect(procs, start, timeout)
+
+
 def _train_argv(data: str, workdir: str, **more) -> list[str]:
     return [sys.executable, "-m", "launch.train", "--config=stage2:tiny", f"--workdir={workdir}", "--progress=false",
             _flag("data.dir", data), *(_flag(k, v) for k, v in {**OVERRIDES, **more}.items())]

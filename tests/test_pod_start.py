@@ -13,8 +13,6 @@ step 4 (2 -> 1), 2 hosts resuming that and told SIGTERM before their first step,
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 import time
 
 import jax
@@ -48,7 +46,7 @@ from configs import stage2
 from janusflow_jax import checkpoint
 from janusflow_jax.train.init import initial_params
 from janusflow_jax.train.plan import make_plan
-from tests.test_pod_start import apply
+from tests.pod_helpers import apply
 
 config = apply(stage2.get_config("tiny"), json.loads(overrides))
 with config.unlocked():
@@ -65,27 +63,6 @@ print("MEMORY " + json.dumps(row), flush=True)
 """
 
 
-def apply(config, overrides: dict):
-    """`config` with dotted-key `overrides` (the drivers' way of taking test_pod's flags)."""
-    with config.unlocked():
-        for key, value in overrides.items():
-            *parents, leaf = key.split(".")
-            node = config
-            for name in parents:
-                node = node[name]
-            node[leaf] = tuple((a, tuple(b)) for a, b in value) if key == "mixture" else value
-    return config
-
-
-def _launch_script(env, script, args, hosts, cwd, timeout=600) -> list[dict]:
-    port = pod._free_port()
-    start = time.monotonic()
-    procs = [subprocess.Popen([sys.executable, "-c", script, *args[:2], f"127.0.0.1:{port}", str(hosts), str(i),
-                               *args[2:]], cwd=cwd, env=pod._devices(env, 8 // hosts), stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True) for i in range(hosts)]
-    return pod._collect(procs, start, timeout)
-
-
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
     return dict(user_env(tmp_path_factory.mktemp("jax_cache")), JAX_PLATFORMS="cpu")
@@ -99,7 +76,7 @@ def test_a_start_from_a_checkpoint_costs_each_host_what_a_random_start_does(env,
     ckpt = str(tmp_path / "ckpt")
     rows = {}
     for kind in ("random", "checkpoint"):
-        results = _launch_script(env, MEMORY_DRIVER, [kind, ckpt, json.dumps(BIG)], 2, ROOT)
+        results = pod._launch_script(env, MEMORY_DRIVER, [kind, ckpt, json.dumps(BIG)], 2, ROOT)
         pod._ok(results)
         rows[kind] = [json.loads(line[len("MEMORY "):]) for r in results for line in r["out"].splitlines()
                       if line.startswith("MEMORY ")]
@@ -128,7 +105,7 @@ def test_every_init_kind_places_the_host_values_in_the_plans_shardings(tmp_path)
     from janusflow_jax.train.init import initial_params
     from janusflow_jax.train.plan import make_plan
 
-    config = apply(stage2.get_config("tiny"), {"mesh.data": 1, "mesh.fsdp": -1})
+    config = pod.apply(stage2.get_config("tiny"), {"mesh.data": 1, "mesh.fsdp": -1})
     plan = make_plan(config)
     cfg = plan.model_cfg
     rng = np.random.default_rng(0)
@@ -168,7 +145,7 @@ import jax
 from configs import stage2
 from janusflow_jax.train import checkpointing
 from janusflow_jax.train import loop as trainer
-from tests.test_pod_start import apply
+from tests.pod_helpers import apply
 
 config = apply(stage2.get_config("tiny"), json.loads(overrides))
 kind, host, *at = fault.split(":")
@@ -237,7 +214,7 @@ def _start_checkpoint(directory) -> str:
     from janusflow_jax.models.config import JanusFlowConfig
     from janusflow_jax.models.janusflow import abstract_params
 
-    config = apply(stage2.get_config("tiny"), CHAIN)
+    config = pod.apply(stage2.get_config("tiny"), CHAIN)
     model = JanusFlowConfig.from_dict(config.model.to_dict()).replace(scan_layers=True)
     rng = np.random.default_rng(0)
     params = jax.tree.map(lambda a: (0.05 * rng.standard_normal(a.shape)).astype(a.dtype),
@@ -247,7 +224,7 @@ def _start_checkpoint(directory) -> str:
 
 
 def _run(env, workdir, fault, hosts, overrides, cwd) -> list[dict]:
-    results = _launch_script(env, TRAIN_DRIVER, [str(workdir), fault, json.dumps(overrides)], hosts, cwd)
+    results = pod._launch_script(env, TRAIN_DRIVER, [str(workdir), fault, json.dumps(overrides)], hosts, cwd)
     pod._ok(results)
     return results
 

@@ -11,10 +11,11 @@ OmniMamba's types (`OmniMambaGeometry`, a dataset prepared with family "omnimamb
 each data type's streams zipped into one grain iterator of *units* (`unit_rows` rows of that type on this host, the
 streams' shares side by side). A step takes as many units of each type as the mixture schedule gives it
 (`MixtureIterator.take`, data/mixture.py), rows laid out stream by stream so that the global batch is the same on any
-number of hosts. Packing writes segment ids (1, 2, ... per example, 0 = padding)
-and positions restarting at 0 in every example; prepared records have no loss on their first token, so no target
-crosses a segment boundary. Images stay uint8 until the sub-batch is formed and are then normalised exactly as the
-official processor does (metadata["image"]); unused image slots of a row are zeros.
+number of hosts (`sharding.global_batch` makes host p's rows the p-th block of it, whatever the mesh's device
+order). Packing writes segment ids (1, 2, ... per example, 0 = padding) and positions restarting at 0 in every
+example; prepared records have no loss on their first token, so no target crosses a segment boundary. Images stay
+uint8 until the sub-batch is formed and are then normalised exactly as the official processor does
+(metadata["image"]); unused image slots of a row are zeros.
 
 Checkpointing: the iterator's state is the states of its per-type grain iterators (read positions, packing progress)
 as JSON bytes, saved beside the train state in the same orbax step:

@@ -27,6 +27,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from janusflow_jax.data import batch as batch_lib
 from janusflow_jax.data import mixture
+from janusflow_jax.sharding import global_batch
 from janusflow_jax.train import objective
 from janusflow_jax.train import step as train_step
 from janusflow_jax.train.plan import TrainingError
@@ -138,7 +139,7 @@ class HeldOutLosses:
                 host_batch = source.take(host_sizes)
                 self.plan.geometry.check(host_batch, host_sizes, "the held-out data")
                 shardings = self.plan.batch_shardings(sizes)
-                batch = {k: jax.make_array_from_process_local_data(shardings[k], v) for k, v in host_batch.items()}
+                batch = global_batch(host_batch, shardings)  # the one-host batch on any host count
                 sums = self.step(params, batch, jnp.int32(b))
                 for key, value in jax.device_get(sums).items():
                     totals[key] = totals.get(key, 0.0) + np.asarray(value, np.float64)

@@ -44,7 +44,7 @@ from janusflow_jax.data.mixture import sizes_dict
 from janusflow_jax.eval import evaluators as eval_lib
 from janusflow_jax.inference import starter_files
 from janusflow_jax.perf import chips
-from janusflow_jax.sharding import mesh_context
+from janusflow_jax.sharding import global_batch, mesh_context
 from janusflow_jax.train import checkpointing, compilation_cache, goodput, watchdog
 from janusflow_jax.train.init import initial_params
 from janusflow_jax.train.metrics import Reporter
@@ -55,11 +55,6 @@ __all__ = ["TrainingError", "Callback", "train", "make_plan", "phase_at"]
 
 # ---------------------------------------------------------------------------------------------------------- train
 Callback = Callable[[int, dict, dict], None]  # (step just finished, state, host metrics)
-
-
-def global_batch(local: dict, shardings: dict) -> dict:
-    """Host-local rows -> global arrays over the mesh (each process contributes its rows)."""
-    return {k: jax.make_array_from_process_local_data(shardings[k], v) for k, v in local.items()}
 
 
 def train(config, workdir, callbacks: Iterable[Callback] = (), progress: bool = True, devices=None) -> dict:
