@@ -22,9 +22,9 @@ GCS_BUCKET = "janusflow-test"
 
 
 # The test files that take longest (seconds summed over their tests, `--durations=0` of a full run on 2 cores, most
-# first). pytest-xdist deals whole files to its workers in collection order (`--dist loadfile`); started first, the
-# long files do not end the run alone on one worker while the others idle (measured: 4 workers were on average 2 busy
-# with the default order, files sorted by test count).
+# first). pytest-xdist deals whole files to its workers in collection order (`--dist loadfile`; its default order is
+# by test count, which put the 3-test pod chains late); started first, a long file cannot be the one that runs alone
+# at the end while the other workers idle.
 LONGEST_FIRST = ("test_pod.py", "test_docs.py", "test_pod_start.py", "test_digits.py", "test_pod_faults.py",
                  "test_train_cli.py", "test_train_step.py", "test_train_eval.py", "test_bench.py", "test_ssd_pallas.py",
                  "test_next_token.py", "test_omnimamba_train.py", "test_race.py", "test_omnimamba_digits.py",
