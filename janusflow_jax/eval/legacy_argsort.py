@@ -30,9 +30,8 @@ def _aheapsort(v: Sequence[float], tosort: list[int], start: int, n: int):
     def put(i, value):
         tosort[start + i - 1] = value
 
-    for l in range(n >> 1, 0, -1):
-        tmp = get(l)
-        i, j = l, l << 1
+    def sift_down(tmp, i, n):  # the loop both phases of aheapsort_ run: tmp sinks from slot i of a heap of n
+        j = i << 1
         while j <= n:
             if j < n and _less(v[get(j)], v[get(j + 1)]):
                 j += 1
@@ -42,20 +41,14 @@ def _aheapsort(v: Sequence[float], tosort: list[int], start: int, n: int):
             else:
                 break
         put(i, tmp)
+
+    for l in range(n >> 1, 0, -1):
+        sift_down(get(l), l, n)
     while n > 1:
         tmp = get(n)
         put(n, get(1))
         n -= 1
-        i, j = 1, 2
-        while j <= n:
-            if j < n and _less(v[get(j)], v[get(j + 1)]):
-                j += 1
-            if _less(v[tmp], v[get(j)]):
-                put(i, get(j))
-                i, j = j, j + j
-            else:
-                break
-        put(i, tmp)
+        sift_down(tmp, 1, n)
 
 
 def argsort(values: Sequence[float]) -> list[int]:
