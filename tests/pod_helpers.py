@@ -267,13 +267,10 @@ def _committed(workdir: str) -> list[int]:
 
 
 # ------------------------------------------------------------------------------------------------------ fixtures
-@pytest.fixture(scope="session")
-def pod_inputs(gcs, tmp_path_factory) -> tuple[Path, str]:
-    """Images, manifests and a tokenizer, written locally and uploaded to gs:// (the preparation job reads them
-    there)."""
+def write_inputs(root: Path) -> Path:
+    """The pod runs' inputs under `root`: 8 images, the gen / und / text manifests and a tokenizer."""
     from janusflow_jax.data.processor import make_tokenizer
 
-    root = tmp_path_factory.mktemp("pod_inputs")
     rng = np.random.default_rng(0)
     gen, und, text = [], [], []
     for i in range(8):
@@ -284,16 +281,27 @@ def pod_inputs(gcs, tmp_path_factory) -> tuple[Path, str]:
     for name, rows in (("gen", gen), ("und", und), ("text", text)):
         (root / f"{name}.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     make_tokenizer(root / "tokenizer", WORDS + [str(i) for i in range(10)])
+    return root
+
+
+def prepare_job(inputs: str, out: str) -> dict:
+    """The preparation job's fields for the inputs `write_inputs` wrote at `inputs` (a local or gs:// directory)."""
+    return dict(out=out, tokenizer=f"{inputs}/tokenizer", gen_jsonl=f"{inputs}/gen.jsonl",
+                und_jsonl=f"{inputs}/und.jsonl", text_jsonl=f"{inputs}/text.jsonl", seq_len=64, prompt_len=8,
+                records_per_shard=4, encode_batch_per_device=1, num_threads=2, system_prompt="")
+
+
+@pytest.fixture(scope="session")
+def pod_inputs(gcs, tmp_path_factory) -> tuple[Path, str]:
+    """`write_inputs`, locally and uploaded to gs:// (the preparation job reads them there)."""
+    root = write_inputs(tmp_path_factory.mktemp("pod_inputs"))
     paths.upload_tree(root, f"{gcs}/inputs")
     return root, f"{gcs}/inputs"
 
 
 def _prepare_argv(remote_inputs: str, out: str) -> list[str]:
-    job = dict(out=out, tokenizer=f"{remote_inputs}/tokenizer", gen_jsonl=f"{remote_inputs}/gen.jsonl",
-               und_jsonl=f"{remote_inputs}/und.jsonl", text_jsonl=f"{remote_inputs}/text.jsonl", seq_len=64,
-               prompt_len=8, records_per_shard=4, encode_batch_per_device=1, num_threads=2, system_prompt="")
     return [sys.executable, "-m", "launch.prepare_data", "--config=configs/prepare_data.py:tiny", "--progress=false",
-            *(f"--config.prepare.{k}={v}" for k, v in job.items())]
+            *(f"--config.prepare.{k}={v}" for k, v in prepare_job(remote_inputs, out).items())]
 
 
 @pytest.fixture(scope="session")

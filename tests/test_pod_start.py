@@ -175,32 +175,13 @@ trainer.train(config, workdir, callbacks=[after], progress=False)
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory) -> str:
     """test_pod's 8 examples per type, prepared in this process (local paths)."""
-    from PIL import Image
-
     from configs import prepare_data as prepare_configs
     from janusflow_jax.data import prepare
-    from janusflow_jax.data.processor import make_tokenizer
 
-    root = tmp_path_factory.mktemp("start_inputs")
-    rng = np.random.default_rng(0)
-    rows = {"gen": [], "und": [], "text": []}
-    words = pod.WORDS
-    for i in range(8):
-        Image.fromarray(rng.integers(0, 256, (64 + 16 * (i % 2), 64, 3), np.uint8)).save(root / f"{i}.png")
-        rows["gen"].append({"image": f"{i}.png", "caption": f"a photo of {words[i]}"})
-        answer = " ".join(words[i:i + 1 + i % 4])
-        rows["und"].append({"image": f"{i}.png", "question": f"what is {i}", "answer": answer})
-        rows["text"].append({"text": " ".join(words[i:i + 4 + i % 5])})
-    for name, items in rows.items():
-        (root / f"{name}.jsonl").write_text("\n".join(json.dumps(r) for r in items) + "\n")
+    root = pod.write_inputs(tmp_path_factory.mktemp("start_inputs"))
     config = prepare_configs.get_config("tiny")
     with config.unlocked():
-        config.prepare.update(dict(
-            out=str(root / "prepared"),
-            tokenizer=str(make_tokenizer(root / "tok", words + [str(i) for i in range(10)])),
-            gen_jsonl=str(root / "gen.jsonl"), und_jsonl=str(root / "und.jsonl"), text_jsonl=str(root / "text.jsonl"),
-            seq_len=64, prompt_len=8, records_per_shard=4, encode_batch_per_device=1, num_threads=2,
-            system_prompt=""))
+        config.prepare.update(pod.prepare_job(str(root), str(root / "prepared")))
     assert prepare.run(config, progress=False)["counts"] == {"gen": 8, "und": 8, "text": 8}
     return str(root / "prepared")
 
