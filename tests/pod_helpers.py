@@ -70,14 +70,9 @@ import jax
 from configs import stage2
 from janusflow_jax.train import checkpointing
 from janusflow_jax.train import loop as trainer
+from tests.pod_helpers import apply
 
-config = stage2.get_config("tiny")
-for key, value in json.loads(overrides).items():
-    *parents, leaf = key.split(".")
-    node = config
-    for name in parents:
-        node = node[name]
-    node[leaf] = tuple((a, tuple(b)) for a, b in value) if key == "mixture" else value
+config = apply(stage2.get_config("tiny"), json.loads(overrides))
 kind, host, at = fault.split(":")
 mine = jax.process_index() == int(host)
 
