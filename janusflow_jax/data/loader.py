@@ -32,8 +32,10 @@ any host count dividing `data.streams` resumes it.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import signal
 from typing import Mapping
 
 import ml_collections
@@ -333,7 +335,8 @@ class MixtureIterator:
             if kind not in self.iterators or rows % self.unit_rows:
                 raise ValueError(f"{rows} {kind} rows are not whole units of {self.unit_rows} rows of a type this "
                                  f"iterator reads ({', '.join(self.iterators)})")
-            units = [next(self.iterators[kind]) for _ in range(rows // self.unit_rows)]
+            with _stop_signals_held():  # grain starts its threads and worker processes on a first `next`
+                units = [next(self.iterators[kind]) for _ in range(rows // self.unit_rows)]
             for key in units[0][0]:
                 out[key] = np.concatenate([unit[s][key] for s in range(len(units[0])) for unit in units])
         return out
@@ -365,9 +368,10 @@ class MixtureIterator:
                                    for kind in states[self.streams[0]]}).encode())
 
     def start_prefetch(self):  # grain's checkpoint handler calls it after a restore
-        for it in self.iterators.values():
-            if hasattr(it, "start_prefetch"):
-                it.start_prefetch()
+        with _stop_signals_held():
+            for it in self.iterators.values():
+                if hasattr(it, "start_prefetch"):
+                    it.start_prefetch()
 
     def close(self):
         """Stops the per-type iterators' worker processes and threads."""
@@ -454,16 +458,33 @@ def make_train_iterator(data_config, sizes: Mapping[str, int], geometry: BatchGe
                            streams)
 
 
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+@contextlib.contextmanager
+def _stop_signals_held():
+    """SIGTERM and SIGINT held back from the calling thread while grain starts threads and worker processes from it:
+    a new thread and a spawned process inherit the mask, so a worker is immune from its first instruction, before
+    `_worker_ignores_stop_signals` runs (a notice while the workers start, e.g. right after a restore, would
+    otherwise kill a worker mid-start and leave the host waiting forever on its first batch). A signal that arrives
+    meanwhile waits, and is delivered when the mask is restored."""
+    held = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, held)
+
+
 def _worker_ignores_stop_signals(index: int, count: int):
     """In each grain worker process: SIGTERM and SIGINT are the trainer's to act on. A preemption notice or a Ctrl-C
     reaches every process of the group; a worker that died of it would take the batches the agreed preemption step
     still needs (the hosts save a step after the notice). The trainer stops its workers itself when it exits (grain:
-    a stop event, then SIGKILL after a timeout)."""
-    import signal
-
+    a stop event, then SIGKILL after a timeout). The worker started with both held back (`_stop_signals_held`);
+    ignored now, they are released."""
     del index, count
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
 
 
 def _prefetch(grain, data_config, ds):
