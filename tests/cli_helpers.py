@@ -37,14 +37,13 @@ def one_error_line(err: str) -> str:
     return errors[0]
 
 
-def user_env(cache_dir=None) -> dict:
+def user_env() -> dict:
     """The environment of a CLI subprocess as a user's: the repository importable and one CPU device (conftest's 8
-    fake devices left out); with `cache_dir`, a persistent compilation cache the test's processes share."""
+    fake devices left out), with the test run's persistent compilation cache (conftest), every program cached."""
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     env["XLA_FLAGS"] = env.get("XLA_FLAGS", "").replace("--xla_force_host_platform_device_count=8", "").strip()
-    if cache_dir is not None:
-        env.update(JAX_COMPILATION_CACHE_DIR=str(cache_dir), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-                   JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+    if env.get("JAX_COMPILATION_CACHE_DIR"):
+        env.update(JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
     return env
 
 

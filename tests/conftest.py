@@ -8,10 +8,24 @@ os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
                            + " --xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
+import shutil  # noqa: E402
 import socket  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
+import tempfile  # noqa: E402
 import time  # noqa: E402
+
+# One persistent compilation cache for the test run: this process, the xdist workers (they inherit the environment:
+# made here, before they start) and every subprocess they start (`cli_helpers.user_env`). A program that several
+# tests compile (the tiny models' init and forward in many files, the pod files' one- and two-host steps, the tiny
+# stage-2 step) is compiled once per run. Its size is bounded, which makes jax lock the directory around each read
+# and write: several processes use it at once.
+SUITE_CACHE = "JANUSFLOW_TEST_JAX_CACHE"
+_MADE_CACHE = SUITE_CACHE not in os.environ
+if _MADE_CACHE:
+    os.environ[SUITE_CACHE] = tempfile.mkdtemp(prefix="janusflow-test-jax-cache-")
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.environ[SUITE_CACHE])
+os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(50 * 2**30))
 
 import pytest  # noqa: E402
 
@@ -36,6 +50,11 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "slow: a multi-process or whole-run scenario (the fast tier: -m 'not slow')")
     if hasattr(config.option, "loadscopereorder"):  # xdist's own order (files by test count) would undo ours
         config.option.loadscopereorder = False
+
+
+def pytest_unconfigure(config):
+    if _MADE_CACHE:
+        shutil.rmtree(os.environ[SUITE_CACHE], ignore_errors=True)
 
 
 def pytest_collection_modifyitems(items):

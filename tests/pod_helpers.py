@@ -1,6 +1,6 @@
-"""What the pod tests (tests/test_pod.py, tests/test_pod_faults.py) share: several `launch.train` / DRIVER processes
-of one jax.distributed run on localhost, the GCS emulator's listings, and the session's fixtures (registered in
-conftest.py, so one dataset and one one-process reference serve both files).
+"""What the pod tests (tests/test_pod.py, tests/test_pod_start.py, tests/test_pod_faults.py) share: several
+`launch.train` / DRIVER processes of one jax.distributed run on localhost, the GCS emulator's listings, and the
+session's fixtures (registered in conftest.py, so one dataset and one one-process reference serve the three files).
 
 The run config is stage2:tiny, smaller still (one block per tower, 4 steps of 24 rows, one mixture phase), on a
 dataset prepared by `launch.prepare_data` onto gs:// and read in 2 streams (`data.streams`), so any host count
@@ -54,10 +54,12 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-# A launch.train stand-in that injects one fault: "<kind>:<host>:<step>" with kind sigterm (after that step the host's
-# process group gets SIGTERM: the trainer and its grain workers), sigkill (SIGKILL after that step: a crashed host), killsave (SIGKILL while that step's
-# asynchronous save is writing: once its first object exists on gs://, before the commit marker) or hang (after that
-# step the host's data source blocks forever: a host stuck in a GCS read or a grain worker). Each fault prints
+# A launch.train stand-in that injects one fault: "<kind>:<host>:<step>" with kind none, sigterm (after that step the
+# host's process group gets SIGTERM: the trainer and its grain workers), sigkill (SIGKILL after that step: a crashed
+# host), killsave (SIGKILL while that step's asynchronous save is writing: once its first object exists on gs://,
+# before the commit marker), hang (after that step the host's data source blocks forever: a host stuck in a GCS read
+# or a grain worker) or restore (the host's process group gets SIGTERM while a resumed run restores, before its first
+# step; every host then waits 3 s, so that the notice is agreed on before any step). Each fault but restore prints
 # "fault <kind> at <wall clock>" to stderr when it strikes.
 DRIVER = """
 import json, os, signal, sys, time
@@ -103,6 +105,19 @@ if kind == "hang":
     loader.MixtureIterator.take = take
 
 
+if kind == "restore":
+    real_restore = checkpointing.restore_state
+
+    def restore_and_term(*args):
+        out = real_restore(*args)
+        if mine:
+            os.killpg(os.getpgid(0), signal.SIGTERM)
+        time.sleep(3)
+        return out
+
+    checkpointing.restore_state = restore_and_term
+
+
 if kind == "killsave":
     from etils import epath
     real_save = checkpointing.save_state
@@ -122,7 +137,7 @@ trainer.train(config, workdir, callbacks=[fault_after], progress=False)
 
 @pytest.fixture(scope="session")
 def pod_env(gcs, tmp_path_factory):
-    return dict(user_env(tmp_path_factory.mktemp("jax_cache")), JAX_PLATFORMS="cpu")
+    return dict(user_env(), JAX_PLATFORMS="cpu")
 
 
 def _devices(env, count: int) -> dict:
@@ -215,8 +230,9 @@ def _said(result) -> list[str]:
 
 
 def _ok(results):
-    for i, r in enumerate(results):
-        assert r["rc"] == 0, f"process {i} exited {r['rc']}:\n{r['err'][-4000:]}"
+    """Every process exited 0; else each one's exit code and the end of its stderr."""
+    assert all(r["rc"] == 0 for r in results), "\n".join(
+        f"process {i} exited {r['rc']}:\n{r['err'][-3000:]}" for i, r in enumerate(results))
 
 
 def _params(workdir, weights):
@@ -225,8 +241,8 @@ def _params(workdir, weights):
     return checkpoint.load_params(f"{workdir}/checkpoints", weights=weights)[1]
 
 
-def _assert_same_run(a: str, b: str):
-    """Bitwise: parameters and EMA of the final checkpoint, and every logged loss."""
+def _assert_same_run(a: str, b: str, steps: int = STEPS):
+    """Bitwise: parameters and EMA of the final checkpoint, and every logged loss (of `steps` steps)."""
     for weights in ("params", "ema"):
         x, y = _params(a, weights), _params(b, weights)
         assert jax.tree.structure(x) == jax.tree.structure(y)
@@ -235,7 +251,7 @@ def _assert_same_run(a: str, b: str):
     rows = [[json.loads(line) for line in epath.Path(w, "metrics.jsonl").read_text().splitlines()] for w in (a, b)]
     keys = ("step", "loss", "ar", "rf", "repa", "grad_norm")
     assert [[r[k] for k in keys] for r in rows[0]] == [[r[k] for k in keys] for r in rows[1]]
-    assert [r["step"] for r in rows[0]] == list(range(1, STEPS + 1))
+    assert [r["step"] for r in rows[0]] == list(range(1, steps + 1))
 
 
 def _objects(prefix: str) -> list[str]:

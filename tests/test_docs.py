@@ -61,7 +61,7 @@ def as_run(text: str) -> str:
 def results(tmp_path_factory):
     """Runs every block not marked skip, in order, in one fresh directory; (returncode, output tail, seconds) each."""
     cwd = tmp_path_factory.mktemp("user")
-    env = user_env(cache_dir=tmp_path_factory.mktemp("compile_cache"))
+    env = user_env()
     before, out = repository_files(), {}
     cpu = []
     for page, line, _, text in RUN:

@@ -34,7 +34,7 @@ trainer.train(config, sys.argv[1], callbacks=[kill_after_step_5], progress=False
 def env(tmp_path_factory):
     from tests.cli_helpers import user_env
 
-    return user_env(tmp_path_factory.mktemp("jax_cache"))
+    return user_env()
 
 
 def _train(env, cwd, *args):

@@ -1,15 +1,15 @@
 """Pod reality: every path on gs:// (a real GCS emulator in its own process, `conftest.gcs`), several hosts for real
 (N=2 `launch.train` / `launch.prepare_data` processes on localhost, jax.distributed with a local coordinator, 4 CPU
-devices each, gloo collectives), and preemption across hosts (a hung, a killed host and a killed coordinator:
-tests/test_pod_faults.py).
+devices each, gloo collectives), and preemption across hosts (grain workers and restarts on other host counts:
+tests/test_pod_start.py; a hung, a killed host and a killed coordinator: tests/test_pod_faults.py).
 
 The reference is one process with 8 CPU devices and jax.distributed initialised for that one process: jax's CPU
 collectives then run through gloo as on several hosts (measured: XLA's in-process CPU all-reduce sums in another
 order, so without the runtime the same sum differs in the last bits, ~2e-4 on a sum of 8 x 1000 floats). The run
 config is stage2:tiny, smaller still (one block per tower, 4 steps of 24 rows, one mixture phase), on a dataset
 prepared by `launch.prepare_data` onto gs:// and read in 2 streams (`data.streams`), so any host count dividing 2
-feeds the same global batch. All processes share one persistent compilation cache: the reference and the two-host
-program are each compiled once.
+feeds the same global batch. Every process of the test run shares one persistent compilation cache
+(`cli_helpers.user_env`): the one-host and the two-host step are each compiled once for the three pod files.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ import pytest
 from etils import epath
 
 from tests.cli_helpers import run_cli
-from tests.pod_helpers import (OVERRIDES, ROOT, STEPS, _assert_same_run, _committed, _devices, _launch, _launch_driver,
+from tests.pod_helpers import (OVERRIDES, ROOT, STEPS, _assert_same_run, _devices, _launch, _launch_driver,
                                _launch_script, _objects, _ok, _prepare_argv, _said, _train_argv, apply)
 
 from janusflow_jax import paths  # also: fresh gs:// listings in this process (subprocesses write there)
@@ -178,39 +178,6 @@ def test_prepare_data_on_two_hosts_writes_the_same_dataset(inputs, dataset, env,
     for m in meta:
         m["config"]["prepare"]["out"] = "OUT"
     assert meta[0] == meta[1]
-
-
-def test_two_hosts_with_grain_workers_preempted_on_one_save_the_same_step_and_train_bit_for_bit_like_one_process(
-        gcs, dataset, env, tmp_path):
-    """Two hosts reading through grain worker processes (data.num_workers=2, as the stage configs do), workdir on
-    gs://, SIGTERM to host 1's processes (trainer and workers, as a VM shutdown sends it): every host saves the same
-    step and exits 0; the relaunch resumes and ends bit for bit where one process with the same workers ends (worker
-    processes deal records differently from none: their own reference). On a mesh whose data axis spans the hosts as
-    two slices over DCN (`mesh.dcn_data`: processes stand for slices on CPUs), which places the devices as the plain
-    mesh does: the same program, the same numbers."""
-    workers = {"data.num_workers": 2}
-    reference, workdir = f"{gcs}/workers_reference", f"{gcs}/workers_preempted"
-    (one,) = _launch(env, _train_argv(dataset, reference, **workers), 1, tmp_path)
-    _ok([one])
-    dcn = {"mesh.dcn_data": 2, **workers}
-    results = _launch_driver(env, dataset, workdir, "sigterm:1:1", 2, tmp_path, **dcn)
-    _ok(results)  # every host exits cleanly
-    saved = [int(line.split()[3]) for line in results[0]["out"].splitlines() if line.startswith("preempted: saved")]
-    assert len(saved) == 1 and 2 <= saved[0] < STEPS, results[0]["out"]
-    step = saved[0]
-    assert _committed(workdir) == sorted({2, step})
-    assert sorted(n for n in _objects(f"{workdir}/checkpoints/{step}/data") if n.startswith("stream_")) == [
-        "stream_0-of-2.json", "stream_1-of-2.json"]  # both hosts saved that step (one reader state per stream)
-    resumed = _launch(env, _train_argv(dataset, workdir, **dcn), 2, tmp_path)
-    _ok(resumed)
-    assert f"resuming from step {step}" in resumed[0]["out"]
-    assert "jax.distributed: 2 processes, 8 devices (4 per process)" in resumed[0]["out"]
-    assert len([line for line in _said(resumed[0]) if line.startswith("step ")]) == STEPS - step
-    assert not _said(resumed[1])  # one progress log: process 0's
-    _assert_same_run(reference, workdir)
-    # The reader's position saved per stream (data/stream_state.py), whatever the host count that resumes.
-    assert sorted(n for n in _objects(f"{workdir}/checkpoints/{STEPS}/data") if n.startswith("stream_")) == [
-        "stream_0-of-2.json", "stream_1-of-2.json"]
 
 
 # launch.train's loop on 2 hosts over a mesh whose batch axis alternates between them (host 0's first device, host

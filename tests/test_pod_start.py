@@ -4,10 +4,10 @@ checkpoint is restored into the shards, never gathered); a run saved on N hosts 
 the uninterrupted run (the data state is saved per reading stream); a relaunch compiles nothing twice (the persistent
 compilation cache); a SIGTERM before the first step of a resumed run keeps a consistent step on every host.
 
-One chain of launches covers the restart scenarios (each launch of jax.distributed processes costs tens of seconds):
-the reference (1 process, from a checkpoint), 2 hosts stopped after step 2, 1 host resuming it and stopped after
-step 4 (2 -> 1), 2 hosts resuming that and told SIGTERM before their first step, the same 2 hosts finishing it
-(1 -> 2, with every program from the cache).
+One chain of launches covers the restart scenarios (each launch of jax.distributed processes costs tens of seconds),
+with grain worker processes and the workdir on gs://: the reference (1 process, from a checkpoint), 2 hosts
+preempted after step 1, 1 host resuming it and preempted after the next step (2 -> 1), 2 hosts resuming that and
+told SIGTERM before their first step, the same 2 hosts finishing it (1 -> 2, with every program from the cache).
 """
 
 from __future__ import annotations
@@ -18,9 +18,9 @@ import time
 import jax
 import numpy as np
 import pytest
+from etils import epath
 
 from tests import pod_helpers as pod
-from tests.cli_helpers import user_env
 
 from janusflow_jax import checkpoint
 
@@ -63,20 +63,15 @@ print("MEMORY " + json.dumps(row), flush=True)
 """
 
 
-@pytest.fixture(scope="module")
-def env(tmp_path_factory):
-    return dict(user_env(tmp_path_factory.mktemp("jax_cache")), JAX_PLATFORMS="cpu")
-
-
 @pytest.mark.slow  # several jax.distributed launches
-def test_a_start_from_a_checkpoint_costs_each_host_what_a_random_start_does(env, tmp_path):
+def test_a_start_from_a_checkpoint_costs_each_host_what_a_random_start_does(pod_env, tmp_path):
     """2 processes x 4 CPU devices, a 410 MB model sharded over all 8: the random start (which saves the checkpoint)
     and the start from that checkpoint, each in fresh processes, raise each process's peak memory by about its own
     half of the model; before the checkpoint was restored into the shards it was 8 copies of the whole model."""
     ckpt = str(tmp_path / "ckpt")
     rows = {}
     for kind in ("random", "checkpoint"):
-        results = pod._launch_script(env, MEMORY_DRIVER, [kind, ckpt, json.dumps(BIG)], 2, ROOT)
+        results = pod._launch_script(pod_env, MEMORY_DRIVER, [kind, ckpt, json.dumps(BIG)], 2, ROOT)
         pod._ok(results)
         rows[kind] = [json.loads(line[len("MEMORY "):]) for r in results for line in r["out"].splitlines()
                       if line.startswith("MEMORY ")]
@@ -129,61 +124,13 @@ def test_every_init_kind_places_the_host_values_in_the_plans_shardings(tmp_path)
 
 
 # --------------------------------------------------------------------------------------------- restart chain
-# stage2:tiny with one block per tower (test_pod's run, 6 steps) on a prepared dataset read in 2 streams, started
-# from a checkpoint in the other layer layout (scanned; the run is per-layer: changed on the mesh).
-CHAIN = {**pod.OVERRIDES, "steps": STEPS, "mixture": ((STEPS, (1, 1, 1)),), "init.kind": "checkpoint"}
-
-# launch.train with one fault: "after:<host>:<step>" (that host sends itself SIGTERM after the step) or
-# "restore:<host>" (SIGTERM during the restore of a resumed run: the notice comes before the first step).
-TRAIN_DRIVER = """
-import json, os, signal, sys, time
-from janusflow_jax import hosts
-
-workdir, fault, address, count, pid, overrides = sys.argv[1:]
-hosts.initialize(address, int(count), int(pid))  # also for 1 process: collectives through gloo, as on 2
-import jax
-from configs import stage2
-from janusflow_jax.train import checkpointing
-from janusflow_jax.train import loop as trainer
-from tests.pod_helpers import apply
-
-config = apply(stage2.get_config("tiny"), json.loads(overrides))
-kind, host, *at = fault.split(":")
-mine = jax.process_index() == int(host or 0)
-
-
-def after(step, state, metrics):
-    if kind == "after" and mine and step == int(at[0]):
-        os.kill(os.getpid(), signal.SIGTERM)
-
-
-if kind == "restore":
-    real_restore = checkpointing.restore_state
-
-    def restore_and_term(*args):
-        out = real_restore(*args)
-        if mine:
-            os.kill(os.getpid(), signal.SIGTERM)
-        time.sleep(3)  # every host: the notice's step agreement is done before the first step
-        return out
-
-    checkpointing.restore_state = restore_and_term
-trainer.train(config, workdir, callbacks=[after], progress=False)
-"""
-
-
-@pytest.fixture(scope="module")
-def dataset(tmp_path_factory) -> str:
-    """test_pod's 8 examples per type, prepared in this process (local paths)."""
-    from configs import prepare_data as prepare_configs
-    from janusflow_jax.data import prepare
-
-    root = pod.write_inputs(tmp_path_factory.mktemp("start_inputs"))
-    config = prepare_configs.get_config("tiny")
-    with config.unlocked():
-        config.prepare.update(pod.prepare_job(str(root), str(root / "prepared")))
-    assert prepare.run(config, progress=False)["counts"] == {"gen": 8, "und": 8, "text": 8}
-    return str(root / "prepared")
+# test_pod's run (stage2:tiny with one block per tower, pod_helpers.OVERRIDES) for 10 steps, on the session's dataset
+# on gs:// read in 2 streams by grain worker processes (data.num_workers=2, as the stage configs read), started from a
+# checkpoint in the other layer layout (scanned; the run is per-layer: changed on the mesh). Two hosts stand for two
+# slices (`mesh.dcn_data`=2), which places the devices as the plain mesh does.
+CHAIN = {**pod.OVERRIDES, "steps": STEPS, "mixture": ((STEPS, (1, 1, 1)),), "init.kind": "checkpoint",
+         "data.num_workers": 2}
+SLICES = {"mesh.dcn_data": 2}
 
 
 def _start_checkpoint(directory) -> str:
@@ -204,72 +151,62 @@ def _start_checkpoint(directory) -> str:
     return str(directory)
 
 
-def _run(env, workdir, fault, hosts, overrides, cwd) -> list[dict]:
-    results = pod._launch_script(env, TRAIN_DRIVER, [str(workdir), fault, json.dumps(overrides)], hosts, cwd)
-    pod._ok(results)
-    return results
-
-
-def _steps(workdir) -> list[int]:
-    return sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
+def _preempted_at(result) -> int:
+    """The step a preempted launch saved (process 0's "preempted: saved step N ..." line)."""
+    (step,) = [int(line.split()[3]) for line in result["out"].splitlines() if line.startswith("preempted: saved")]
+    return step
 
 
 @pytest.mark.slow  # several jax.distributed launches
-def test_restarts_on_other_host_counts_and_before_the_first_step_continue_bit_for_bit(env, dataset, tmp_path):
-    """One chain: 1 process from the checkpoint (the reference); 2 hosts from the same checkpoint, SIGTERM on host 1
-    after step 1 (every host saves the agreed step s); 1 host resumes s (2 -> 1), SIGTERM after s + 1 (saves the
-    agreed step t); 2 hosts resume t (1 -> 2) and get SIGTERM during the restore (every host keeps t, exits 0);
-    the same 2 hosts finish, their step program loaded from the persistent cache. The final weights, EMA and every
-    logged loss equal the reference's bit for bit."""
-    overrides = {**CHAIN, "data.dir": dataset, "init.path": _start_checkpoint(tmp_path / "start")}
-    reference, workdir = tmp_path / "reference", tmp_path / "run"
+def test_restarts_on_other_host_counts_with_grain_workers_continue_bit_for_bit(gcs, pod_dataset, pod_env, tmp_path):
+    """One chain, workdirs on gs://, every launch reading through grain worker processes: 1 process from the
+    checkpoint (the reference); 2 hosts from the same checkpoint, SIGTERM to host 1's process group (trainer and
+    workers, as a VM shutdown sends it) after step 1: every host saves the agreed step s and exits 0; 1 host resumes s
+    (2 -> 1), SIGTERM after s + 1 (saves the agreed step t); 2 hosts resume t (1 -> 2) and get SIGTERM during the
+    restore (every host keeps t, exits 0); `launch.train` on the same 2 hosts finishes, every program loaded from
+    the persistent cache. The final weights, EMA and every logged loss equal the reference's bit for bit."""
+    overrides = {**CHAIN, "init.path": _start_checkpoint(tmp_path / "start")}
+    reference, workdir = f"{gcs}/chain_reference", f"{gcs}/chain"
     timings = {}
-    began = time.monotonic()
-    _run(env, reference, "none:", 1, overrides, tmp_path)
-    timings["reference (1 host)"] = time.monotonic() - began
 
-    began = time.monotonic()
-    first = _run(env, workdir, "after:1:1", 2, overrides, tmp_path)
-    timings["2 hosts, SIGTERM"] = time.monotonic() - began
-    saved = [int(line.split()[3]) for line in first[0]["out"].splitlines() if line.startswith("preempted: saved")]
-    assert len(saved) == 1 and 2 <= saved[0] <= 4 and _steps(workdir)[-1] == saved[0], first[0]["out"]
-    s = saved[0]
-    assert sorted(p.name for p in (workdir / "checkpoints" / str(s) / "data").glob("*.json")) == [
-        "stream_0-of-2.json", "stream_1-of-2.json"]  # per reading stream, not per process
+    def launch(name, *args, **more):
+        began = time.monotonic()
+        results = pod._launch_driver(pod_env, pod_dataset, *args, tmp_path, **overrides, **more)
+        timings[name] = time.monotonic() - began
+        pod._ok(results)  # every host exits cleanly
+        return results
 
-    began = time.monotonic()
-    (one,) = _run(env, workdir, f"after:0:{s + 1}", 1, overrides, tmp_path)  # 2 -> 1
-    timings["1 host, resumed"] = time.monotonic() - began
+    launch("reference (1 host)", reference, "none:0:0", 1)
+
+    first = launch("2 hosts, SIGTERM", workdir, "sigterm:1:1", 2, **SLICES)
+    s = _preempted_at(first[0])
+    assert 2 <= s <= 4 and pod._committed(workdir) == sorted({2, s}), first[0]["out"]
+    assert sorted(n for n in pod._objects(f"{workdir}/checkpoints/{s}/data") if n.startswith("stream_")) == [
+        "stream_0-of-2.json", "stream_1-of-2.json"]  # both hosts saved that step, per reading stream
+
+    (one,) = launch("1 host, resumed", workdir, f"sigterm:0:{s + 1}", 1)  # 2 -> 1
     assert f"resuming from step {s}" in one["out"], one["out"]
-    (t,) = [int(line.split()[3]) for line in one["out"].splitlines() if line.startswith("preempted: saved")]
-    assert s + 1 < t < STEPS and _steps(workdir)[-1] == t, one["out"]  # the agreed step: after the notice
+    t = _preempted_at(one)
+    assert s + 1 < t < STEPS and pod._committed(workdir)[-1] == t, one["out"]  # the agreed step: after the notice
 
-    began = time.monotonic()
-    held = _run(env, workdir, "restore:1", 2, overrides, tmp_path)  # 1 -> 2, the notice before the first step
-    timings["2 hosts, SIGTERM in the restore"] = time.monotonic() - began
+    held = launch("2 hosts, SIGTERM in the restore", workdir, "restore:1:0", 2, **SLICES)  # 1 -> 2
     assert f"preempted: saved step {t} in" in held[0]["out"] and "before the first step" in held[0]["out"]
     assert not [line for line in pod._said(held[0]) if line.startswith("step ")]  # no step ran
-    assert _steps(workdir)[-1] == t
+    assert pod._committed(workdir)[-1] == t
 
     began = time.monotonic()
-    last = _run(env, workdir, "none:", 2, overrides, tmp_path)
-    timings["2 hosts, finish"] = time.monotonic() - began
+    last = pod._launch(pod_env, pod._train_argv(pod_dataset, workdir, **overrides, **SLICES), 2, tmp_path)
+    timings["2 hosts, finish (launch.train)"] = time.monotonic() - began
+    pod._ok(last)
     out = last[0]["out"]
-    assert f"resuming from step {t}" in out
+    assert f"resuming from step {t}" in out and "jax.distributed: 2 processes, 8 devices (4 per process)" in out
     assert " 0 compiled)" in next(line for line in out.splitlines() if line.startswith("first step after")), out
-    assert next(line for line in out.splitlines() if line.startswith("goodput: "))
-    for weights in ("params", "ema"):  # bitwise
-        x, y = (checkpoint.load_params(w / "checkpoints", weights=weights)[1] for w in (reference, workdir))
-        assert jax.tree.structure(x) == jax.tree.structure(y)
-        for u, v in zip(jax.tree.leaves(x), jax.tree.leaves(y)):
-            np.testing.assert_array_equal(u, v)
-    rows, ref_rows = ([json.loads(line) for line in (w / "metrics.jsonl").read_text().splitlines()]
-                      for w in (workdir, reference))
-    keys = ("step", "loss", "ar", "rf", "repa", "grad_norm")
-    assert [[r[k] for k in keys] for r in rows] == [[r[k] for k in keys] for r in ref_rows]
-    assert [r["step"] for r in rows] == list(range(1, STEPS + 1))
+    assert len([line for line in pod._said(last[0]) if line.startswith("step ")]) == STEPS - t
+    assert not pod._said(last[1])  # one progress log: process 0's
+    pod._assert_same_run(reference, workdir, STEPS)
+    rows = [json.loads(line) for line in epath.Path(workdir, "metrics.jsonl").read_text().splitlines()]
     assert all("time_to_first_step_s" in rows[k - 1] for k in (1, s + 1, t + 1))  # each launch's first step
-    goodput = [json.loads(line) for line in (workdir / "goodput.jsonl").read_text().splitlines()]
+    goodput = [json.loads(line) for line in epath.Path(workdir, "goodput.jsonl").read_text().splitlines()]
     assert len(goodput) == 4 and all(g["total_s"] > 0 for g in goodput)
     print("launch seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in timings.items()))
     for line in out.splitlines():

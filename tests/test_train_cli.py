@@ -52,7 +52,7 @@ trainer.train(run_config(), workdir, callbacks=[fault], progress=False)
 def env(tmp_path_factory):
     from tests.cli_helpers import user_env
 
-    return user_env(tmp_path_factory.mktemp("jax_cache"))
+    return user_env()
 
 
 def _train(env, *args):
