@@ -384,6 +384,7 @@ def test_worker_processes_resume_exactly_and_outlive_a_stop_signal(dataset):
     iterator.start_prefetch()
     deadline, starting = time.monotonic() + 60, []
     while len(starting) < 2 and time.monotonic() < deadline:  # grain's threads spawn them
+        time.sleep(0.01)  # (a worker takes seconds to start: spawned, it imports grain and the pipeline)
         starting = [w for w in multiprocessing.active_children() if w not in workers]
     notice(starting)
     assert len(_take(iterator, 2)) == 2
