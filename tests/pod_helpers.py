@@ -193,13 +193,14 @@ def apply(config, overrides: dict):
 
 
 def _launch_script(env, script, args, hosts, cwd, timeout=600) -> list[dict]:
-    """`script` (python -c) on `hosts` processes of one jax.distributed run, each with 8 / hosts CPU devices; its
-    argv: args[:2], the coordinator's address, the process count, the process id, args[2:]."""
+    """`script` (python -c) on `hosts` processes of one jax.distributed run, each with 8 / hosts CPU devices and in a
+    process group of its own (a host's trainer and its grain workers, which a fault may signal together); its argv:
+    args[:2], the coordinator's address, the process count, the process id, args[2:]."""
     port = _free_port()
     start = time.monotonic()
     procs = [subprocess.Popen([sys.executable, "-c", script, *args[:2], f"127.0.0.1:{port}", str(hosts), str(i),
                                *args[2:]], cwd=cwd, env=_devices(env, 8 // hosts), stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True) for i in range(hosts)]
+                              stderr=subprocess.PIPE, text=True, start_new_session=True) for i in range(hosts)]
     return _collect(procs, start, timeout)
 
 
@@ -210,16 +211,8 @@ def _train_argv(data: str, workdir: str, **more) -> list[str]:
 
 def _launch_driver(env, data, workdir, fault, hosts, cwd, heartbeat=100, **more) -> list[dict]:
     """The DRIVER on `hosts` processes of one jax.distributed run."""
-    port = _free_port()
-    start = time.monotonic()
-    procs = []
     overrides = json.dumps({**OVERRIDES, **more, "data.dir": data})
-    for i in range(hosts):
-        argv = [sys.executable, "-c", DRIVER, workdir, fault, f"127.0.0.1:{port}", str(hosts), str(i), str(heartbeat),
-                overrides]
-        procs.append(subprocess.Popen(argv, cwd=cwd, env=_devices(env, 8 // hosts), stdout=subprocess.PIPE,
-                                      stderr=subprocess.PIPE, text=True, start_new_session=True))  # own group
-    return _collect(procs, start, 600)
+    return _launch_script(env, DRIVER, [workdir, fault, str(heartbeat), overrides], hosts, cwd)
 
 
 def _said(result) -> list[str]:

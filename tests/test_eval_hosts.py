@@ -9,7 +9,6 @@ import base64
 import io
 import json
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -23,6 +22,7 @@ import pytest
 from PIL import Image
 
 from tests.cli_helpers import user_env
+from tests.pod_helpers import _free_port
 from janusflow_jax.data.processor import Processor, make_tokenizer
 from janusflow_jax.eval import evaluators
 from janusflow_jax.eval.understanding import UnderstandingSet
@@ -104,12 +104,6 @@ def inputs(tmp_path_factory) -> tuple[Path, Path]:
     data = root / "digits_und.tsv"
     data.write_text("\n".join(rows) + "\n")
     return processor_dir, data
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.slow  # jax.distributed processes
