@@ -41,7 +41,7 @@ def test_tiny_stage2_compiles_on_a_2x2x2_cpu_mesh(cpu_compile):
     assert report["compiled_flops"] == pytest.approx(8 * report["compiled_flops_per_chip"])
     assert not report["flops_undercounted"]  # tiny: unrolled layers, one micro-batch
     # Our count leaves out elementwise work and the optimizer; XLA counts them (at the tiny config's widths the norms,
-    # GRN and the 49 shifted multiply-adds of each depthwise conv rival the matmuls: 3.7x measured) and adds sharding
+    # GRN and the 49 multiply-adds of each depthwise conv rival the matmuls: 3.7x measured) and adds sharding
     # overhead. Both describe the same step, so they agree within a small factor.
     assert report["counted_flops"] > 0 and report["compiled_flops_per_chip"] > 0
     assert 0.5 < report["compiled_flops"] / report["counted_flops"] < 6

@@ -121,21 +121,26 @@ def test_attention_option_is_validated():
 
 
 def test_depthwise_conv_forms_agree():
-    """The gen towers' depthwise conv: the shifted multiply-adds ("auto" on a CPU, so the parity tests check it) and
-    the grouped convolution ("auto" on GPUs/TPUs) give the same outputs and gradients."""
+    """The gen towers' depthwise conv: the loop over taps ("auto" on a CPU, so the parity tests check it), the same
+    taps written out and the grouped convolution ("auto" on GPUs/TPUs) give the same outputs and gradients; the two
+    tap forms add in the same order, so they agree to the bit."""
     from janusflow_jax.models.uvit import DepthwiseConv
 
-    x = jnp.asarray(np.random.default_rng(3).standard_normal((2, 6, 6, 8)), jnp.float32)
-    shifted, grouped = (DepthwiseConv(8, 7, 3, form=form) for form in ("shifted", "grouped"))
-    params = shifted.init(jax.random.key(1), x)
+    x = jnp.asarray(np.random.default_rng(3).standard_normal((2, 6, 5, 8)), jnp.float32)
+    looped, shifted, grouped = (DepthwiseConv(8, 7, 3, form=form) for form in ("looped", "shifted", "grouped"))
+    params = looped.init(jax.random.key(1), x)
     params = jax.tree.map(lambda p: p + 0.1, params)  # a non-zero bias too
 
     def loss(module, params, x):
         return jnp.sum(jnp.sin(module.apply(params, x)))
 
-    np.testing.assert_allclose(grouped.apply(params, x), shifted.apply(params, x), rtol=0, atol=1e-5)
-    for g, s in zip(jax.tree.leaves(jax.grad(loss, argnums=(1, 2))(grouped, params, x)),
-                    jax.tree.leaves(jax.grad(loss, argnums=(1, 2))(shifted, params, x))):
-        np.testing.assert_allclose(g, s, rtol=0, atol=1e-4 * float(jnp.abs(s).max()))
+    assert looped.apply(params, x).shape == x.shape
+    np.testing.assert_array_equal(looped.apply(params, x), shifted.apply(params, x))
+    np.testing.assert_allclose(grouped.apply(params, x), looped.apply(params, x), rtol=0, atol=1e-5)
+    grads = {form: jax.tree.leaves(jax.grad(loss, argnums=(1, 2))(module, params, x))
+             for form, module in (("looped", looped), ("shifted", shifted), ("grouped", grouped))}
+    for other in ("shifted", "grouped"):
+        for g, s in zip(grads[other], grads["looped"]):
+            np.testing.assert_allclose(g, s, rtol=0, atol=1e-4 * float(jnp.abs(s).max()))
     with pytest.raises(ValueError, match="depthwise form"):
         DepthwiseConv(8, 7, 3, form="fft").init(jax.random.key(1), x)

@@ -81,12 +81,16 @@ def _batch_sharded(x, channel_axis=None):
 class DepthwiseConv(nn.Module):
     """Per-channel k x k convolution (`groups = channels`) with nn.Conv's parameters (kernel [k, k, 1, C], bias [C]).
 
-    `form`: "shifted" (k·k shifted multiply-adds), "grouped" (one convolution with feature_group_count = C) or "auto"
-    (shifted on a CPU, grouped on accelerators). On a CPU, XLA runs the grouped convolution 20-30x slower than the
-    shifted form (measured: [16, 4, 4, 48] 4.1 ms vs 0.13 ms). On a TPU the shifted form's backward pass reads the
-    activations once per tap for the kernel gradient: for a decoder block of the 1.3B model at 38 rows ([38, 24, 24,
-    1536], bf16) XLA:TPU's cost model gives forward + backward 10.1 GB and 4.28 ms shifted against 0.56 GB and 0.24 ms
-    grouped (v5p, BENCHMARKS.md)."""
+    `form`: "looped" (a loop over the k·k taps, each a shifted multiply-add), "shifted" (the same k·k multiply-adds
+    written out), "grouped" (one convolution with feature_group_count = C) or "auto" (looped on a CPU, grouped on
+    accelerators). All three add the taps in the same order. On a CPU, XLA runs the grouped convolution 20-30x slower
+    than the shifted form (measured: [16, 4, 4, 48] 4.1 ms vs 0.13 ms), and the written-out form costs XLA:CPU a
+    kernel per tap and direction to compile: the tiny stage-2 train step compiles in ~8.5 s looped against ~14.5 s
+    shifted (backend optimisation level 0, as the tests compile), 19 s against 25 s at the default level, and steps in
+    23 against 18 ms (the digits step: 73 against 81 ms, within noise). On a TPU the shifted form's backward pass reads
+    the activations once per tap for the kernel gradient: for a decoder block of the 1.3B model at 38 rows ([38, 24,
+    24, 1536], bf16) XLA:TPU's cost model gives forward + backward 10.1 GB and 4.28 ms shifted against 0.56 GB and
+    0.24 ms grouped (v5p, BENCHMARKS.md)."""
 
     features: int
     kernel: int
@@ -105,16 +109,24 @@ class DepthwiseConv(nn.Module):
                                                                     "gen_depthwise")), (k, k, 1, c), self.param_dtype)
         w = w.astype(self.dtype)
         x = x.astype(self.dtype)
-        form = self.form if self.form != "auto" else "shifted" if target_platform() == "cpu" else "grouped"
+        form = self.form if self.form != "auto" else "looped" if target_platform() == "cpu" else "grouped"
+        h, wd = x.shape[1] + 2 * p - k + 1, x.shape[2] + 2 * p - k + 1
         if form == "grouped":
             out = jax.lax.conv_general_dilated(x, w, (1, 1), [(p, p)] * 2, feature_group_count=c,
                                                dimension_numbers=("NHWC", "HWIO", "NHWC"))
         elif form == "shifted":
-            h, wd = x.shape[1] + 2 * p - k + 1, x.shape[2] + 2 * p - k + 1
             padded = jnp.pad(x, ((0, 0), (p, p), (p, p), (0, 0)))
             out = sum(padded[:, i:i + h, j:j + wd] * w[i, j, 0] for i in range(k) for j in range(k))
+        elif form == "looped":
+            padded = jnp.pad(x, ((0, 0), (p, p), (p, p), (0, 0)))
+
+            def add_tap(tap, out):
+                i, j = tap // k, tap % k
+                return out + jax.lax.dynamic_slice(padded, (0, i, j, 0), (x.shape[0], h, wd, c)) * w[i, j, 0]
+
+            out = jax.lax.fori_loop(0, k * k, add_tap, jnp.zeros((x.shape[0], h, wd, c), x.dtype))
         else:
-            raise ValueError(f"unknown depthwise form {self.form!r}: use 'auto', 'shifted' or 'grouped'")
+            raise ValueError(f"unknown depthwise form {self.form!r}: use 'auto', 'looped', 'shifted' or 'grouped'")
         if self.use_bias:
             out = out + self.param("bias", logical_init(nn.initializers.zeros_init(), ("gen_depthwise",)), (c,),
                                    self.param_dtype).astype(self.dtype)
