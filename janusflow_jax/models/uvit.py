@@ -8,6 +8,7 @@ flip_sin_to_cos=True, shift 0) on t in the 0..1000 scale; FiLM modulates the blo
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
@@ -78,6 +79,20 @@ def _batch_sharded(x, channel_axis=None):
     return nn.with_logical_constraint(x, ("activation_batch", None, None, channel_axis))
 
 
+@functools.partial(jax.jit, static_argnames="padding")  # one program per shape, also where the model runs eagerly
+def _depthwise_taps_looped(x, w, padding: int):
+    """The depthwise conv as a loop over the k·k taps of `w` [k, k, 1, C]: out += shifted window · tap."""
+    k, p = w.shape[0], padding
+    h, wd = x.shape[1] + 2 * p - k + 1, x.shape[2] + 2 * p - k + 1
+    padded = jnp.pad(x, ((0, 0), (p, p), (p, p), (0, 0)))
+
+    def add_tap(tap, out):
+        i, j = tap // k, tap % k
+        return out + jax.lax.dynamic_slice(padded, (0, i, j, 0), out.shape) * w[i, j, 0]
+
+    return jax.lax.fori_loop(0, k * k, add_tap, jnp.zeros((x.shape[0], h, wd, x.shape[3]), x.dtype))
+
+
 class DepthwiseConv(nn.Module):
     """Per-channel k x k convolution (`groups = channels`) with nn.Conv's parameters (kernel [k, k, 1, C], bias [C]).
 
@@ -118,13 +133,7 @@ class DepthwiseConv(nn.Module):
             padded = jnp.pad(x, ((0, 0), (p, p), (p, p), (0, 0)))
             out = sum(padded[:, i:i + h, j:j + wd] * w[i, j, 0] for i in range(k) for j in range(k))
         elif form == "looped":
-            padded = jnp.pad(x, ((0, 0), (p, p), (p, p), (0, 0)))
-
-            def add_tap(tap, out):
-                i, j = tap // k, tap % k
-                return out + jax.lax.dynamic_slice(padded, (0, i, j, 0), (x.shape[0], h, wd, c)) * w[i, j, 0]
-
-            out = jax.lax.fori_loop(0, k * k, add_tap, jnp.zeros((x.shape[0], h, wd, c), x.dtype))
+            out = _depthwise_taps_looped(x, w, p)
         else:
             raise ValueError(f"unknown depthwise form {self.form!r}: use 'auto', 'looped', 'shifted' or 'grouped'")
         if self.use_bias:
