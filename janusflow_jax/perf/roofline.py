@@ -358,7 +358,7 @@ def _kernels(computations: dict, entry: str | None) -> tuple[list[dict], int]:
             if op in _FREE:
                 continue
             if op == "while":
-                trip = _trip_count(inst, computations)
+                trip = _trip_count(inst, computations, by_name)
                 unknown[0] += trip is None
                 for body in _called(inst, "body"):
                     if body not in seen:
@@ -392,9 +392,12 @@ def _kernels(computations: dict, entry: str | None) -> tuple[list[dict], int]:
     return out, unknown[0]
 
 
-def _trip_count(inst: Instruction, computations: dict) -> int | None:
-    """How many times a while loop runs: XLA's known_trip_count (XLA:GPU and XLA:CPU annotate it), else the one
-    positive integer constant its condition compares the counter with (a scan's `i < n`; XLA:TPU), else None."""
+def _trip_count(inst: Instruction, computations: dict, by_name: dict | None = None) -> int | None:
+    """How many times a while loop runs: XLA's known_trip_count (XLA:GPU and XLA:CPU annotate it), else read from the
+    loop (XLA:TPU): the one positive integer constant its condition compares the counter with (a scan's `i < n`),
+    divided by the counter's step and less its start where the loop shows them. XLA:TPU's windowed einsums (the
+    all-gather / reduce-scatter matmul loops of FSDP) are unrolled twice: `i < 4` with `i += 2` runs twice. Else None.
+    `by_name`: the instructions of the computation that holds the loop (for the counter's start)."""
     trip = _TRIP.search(inst.line)
     if trip:
         return int(trip.group(1))
@@ -412,7 +415,73 @@ def _trip_count(inst: Instruction, computations: dict) -> int | None:
                 if value and int(value.group(1)) > 0:
                     constants.add(int(value.group(1)))
             pending += _called(i, "calls")
-    return constants.pop() if len(constants) == 1 else None
+    if len(constants) != 1:
+        return None
+    bound = constants.pop()
+    counter = _loop_counter(inst, computations)
+    if counter is None:
+        return bound
+    step = _counter_step(inst, computations, counter)
+    start = _constant_value(_tuple_element(inst.operands[0] if inst.operands else "", counter, by_name or {}))
+    start = start if start is not None and 0 <= start < bound else 0
+    return -(-(bound - start) // step)
+
+
+def _constant_value(inst: Instruction | None) -> int | None:
+    if inst is None or inst.opcode != "constant":
+        return None
+    value = re.search(r"constant\((-?\d+)\)", inst.line)
+    return int(value.group(1)) if value else None
+
+
+def _tuple_element(name: str, index: int, by_name: dict) -> Instruction | None:
+    """Element `index` of the tuple instruction `name` (None where it is not a tuple built in sight)."""
+    tup = by_name.get(name)
+    if tup is None or tup.opcode != "tuple" or index >= len(tup.operands):
+        return None
+    return by_name.get(tup.operands[index])
+
+
+def _gte_index(inst: Instruction | None) -> int | None:
+    if inst is None or inst.opcode != "get-tuple-element":
+        return None
+    index = re.search(r"index=(\d+)", inst.line)
+    return int(index.group(1)) if index else None
+
+
+def _loop_counter(inst: Instruction, computations: dict) -> int | None:
+    """The tuple index of the counter a loop's condition compares (ROOT compare(get-tuple-element(p, index=k), ...)
+    in the condition itself), or None."""
+    for name in _called(inst, "condition"):
+        insts = computations.get(name, [])
+        by_name = _names(insts)
+        root = next((i for i in insts if i.root), None)
+        if root is None or root.opcode != "compare" or not re.search(r"direction=LT", root.line):
+            return None
+        indices = [_gte_index(by_name.get(o)) for o in root.operands]
+        if indices and indices[0] is not None:
+            return indices[0]
+    return None
+
+
+def _counter_step(inst: Instruction, computations: dict, counter: int) -> int:
+    """What a loop's body adds to its counter each time: ROOT tuple(..., add(get-tuple-element(p, index=k), c), ...)
+    gives c; 1 where the body shows nothing else."""
+    for name in _called(inst, "body"):
+        insts = computations.get(name, [])
+        by_name = _names(insts)
+        root = next((i for i in insts if i.root), None)
+        if root is None or root.opcode != "tuple" or counter >= len(root.operands):
+            return 1
+        update = by_name.get(root.operands[counter])
+        if update is None or update.opcode != "add":
+            return 1
+        parts = [by_name.get(o) for o in update.operands]
+        if len(parts) == 2 and any(_gte_index(x) == counter for x in parts):
+            step = next((_constant_value(x) for x in parts if _constant_value(x) is not None), None)
+            if step and step > 0:
+                return step
+    return 1
 
 
 def estimate(hlo_text: str, peak_flops: float, bandwidth: float, fp32_flops: float | None = None,
