@@ -98,14 +98,14 @@ class DepthwiseConv(nn.Module):
 
     `form`: "looped" (a loop over the k·k taps, each a shifted multiply-add), "shifted" (the same k·k multiply-adds
     written out), "grouped" (one convolution with feature_group_count = C) or "auto" (looped on a CPU, grouped on
-    accelerators). All three add the taps in the same order. On a CPU, XLA runs the grouped convolution 20-30x slower
-    than the shifted form (measured: [16, 4, 4, 48] 4.1 ms vs 0.13 ms), and the written-out form costs XLA:CPU a
-    kernel per tap and direction to compile: the tiny stage-2 train step compiles in ~8.5 s looped against ~14.5 s
-    shifted (backend optimisation level 0, as the tests compile), 19 s against 25 s at the default level, and steps in
-    23 against 18 ms (the digits step: 73 against 81 ms, within noise). On a TPU the shifted form's backward pass reads
-    the activations once per tap for the kernel gradient: for a decoder block of the 1.3B model at 38 rows ([38, 24,
-    24, 1536], bf16) XLA:TPU's cost model gives forward + backward 10.1 GB and 4.28 ms shifted against 0.56 GB and
-    0.24 ms grouped (v5p, BENCHMARKS.md)."""
+    accelerators). The two tap forms add the taps in the same order (equal outputs to the bit). On a CPU, XLA runs the
+    grouped convolution 20-30x slower than the shifted form (measured: [16, 4, 4, 48] 4.1 ms vs 0.13 ms), and the
+    written-out form costs XLA:CPU a kernel per tap and direction to compile: the tiny stage-2 train step compiles in
+    ~8.5 s looped against ~14.5 s shifted (backend optimisation level 0, as the tests compile), 19 s against 25 s at the
+    default level, and steps in 23 against 18 ms (the digits step: 73 against 81 ms, within noise). On a TPU the shifted
+    form's backward pass reads the activations once per tap for the kernel gradient: for a decoder block of the 1.3B
+    model at 38 rows ([38, 24, 24, 1536], bf16) XLA:TPU's cost model gives forward + backward 10.1 GB and 4.28 ms
+    shifted against 0.56 GB and 0.24 ms grouped (v5p, BENCHMARKS.md)."""
 
     features: int
     kernel: int
