@@ -195,12 +195,16 @@ def test_restarts_on_other_host_counts_with_grain_workers_continue_bit_for_bit(g
     assert pod._committed(workdir)[-1] == t
 
     began = time.monotonic()
-    last = pod._launch(pod_env, pod._train_argv(pod_dataset, workdir, **overrides, **SLICES), 2, tmp_path)
+    logged = {**pod_env, "JAX_DEBUG_LOG_MODULES": "jax._src.compiler"}  # jax's cache hits and misses, per host
+    last = pod._launch(logged, pod._train_argv(pod_dataset, workdir, **overrides, **SLICES), 2, tmp_path)
     timings["2 hosts, finish (launch.train)"] = time.monotonic() - began
     pod._ok(last)
     out = last[0]["out"]
     assert f"resuming from step {t}" in out and "jax.distributed: 2 processes, 8 devices (4 per process)" in out
     assert " 0 compiled)" in next(line for line in out.splitlines() if line.startswith("first step after")), out
+    for host in last:  # process 1 too loads the step process 0 wrote (compilation_cache.py: one key on every host)
+        assert "Persistent compilation cache hit for 'jit_step_fn'" in host["err"], host["err"][-3000:]
+        assert "PERSISTENT COMPILATION CACHE MISS for 'jit_step_fn'" not in host["err"], host["err"][-3000:]
     assert len([line for line in pod._said(last[0]) if line.startswith("step ")]) == STEPS - t
     assert not pod._said(last[1])  # one progress log: process 0's
     pod._assert_same_run(reference, workdir, STEPS)
