@@ -18,9 +18,9 @@ import time  # noqa: E402
 # One persistent compilation cache for the test run: this process, the xdist workers (they inherit the environment:
 # made here, before they start) and every subprocess they start (`cli_helpers.user_env`). A program that several
 # tests or launches compile (the pod files' one- and two-host steps, the tiny stage-2 step) is loaded after the
-# first time; on XLA:CPU that saves less than one would hope (a 2-host launch's 12 programs: 39 s loaded, 46 s
-# compiled). Its size is bounded, which makes jax lock the directory around each read and write: several processes
-# use it at once.
+# first time, by every process of a multi-process launch too (`train/compilation_cache.py` gives CPU programs one key
+# on every host: a warm 2-process stage2:tiny launch 36 s against 94 s cold). Its size is bounded, which makes jax
+# lock the directory around each read and write: several processes use it at once.
 SUITE_CACHE = "JANUSFLOW_TEST_JAX_CACHE"
 _MADE_CACHE = SUITE_CACHE not in os.environ
 if _MADE_CACHE:
