@@ -40,6 +40,9 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
         if given or "coordinator_address should be defined" not in str(e):
             raise
         return False
+    from janusflow_jax.train import compilation_cache
+
+    compilation_cache.same_cpu_key_on_every_process()  # every process finds the programs process 0 cached
     if jax.process_index() == 0:
         print(f"jax.distributed: {jax.process_count()} processes, {jax.device_count()} devices "
               f"({jax.local_device_count()} per process); a process silent for {heartbeat_timeout_seconds} s "

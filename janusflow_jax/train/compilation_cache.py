@@ -10,8 +10,9 @@ compiled, for the goodput log.
 On CPUs (the multi-process tests, a pod rehearsed on one machine) jax keys a program by the topology as each process
 sees it, which differs between processes: a host other than process 0 never found the entries process 0 writes and
 compiled every program at every launch while process 0 waited for it (measured: a 2-process stage2:tiny relaunch,
-13 programs loaded on process 0, 47 s of its 65 s "compile" spent waiting for process 1's compiles). `enable` keys
-CPU programs by the devices' kind instead, as jax does on platforms without a topology description; the device
+13 programs loaded on process 0, 47 s of its 65 s "compile" spent waiting for process 1's compiles).
+`same_cpu_key_on_every_process` (called by `hosts.initialize`, so for every multi-process command) keys CPU programs
+by the devices' kind instead, as jax does on platforms without a topology description; the device
 assignment stays in the key through the compile options. TPU and GPU keys are left as jax makes them.
 """
 
@@ -38,11 +39,10 @@ def enable(config, workdir) -> str | None:
         current = str(directory)
     if jax.config.jax_persistent_cache_min_compile_time_secs == 1.0:  # jax's default: left alone if set
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-    _same_cpu_key_on_every_process()
     return current
 
 
-def _same_cpu_key_on_every_process() -> None:
+def same_cpu_key_on_every_process() -> None:
     """Keys programs for CPU devices by their kind, not by this process's view of the topology (module docstring)."""
     from jax._src import cache_key
 
