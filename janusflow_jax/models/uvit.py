@@ -125,11 +125,11 @@ class DepthwiseConv(nn.Module):
         w = w.astype(self.dtype)
         x = x.astype(self.dtype)
         form = self.form if self.form != "auto" else "looped" if target_platform() == "cpu" else "grouped"
-        h, wd = x.shape[1] + 2 * p - k + 1, x.shape[2] + 2 * p - k + 1
         if form == "grouped":
             out = jax.lax.conv_general_dilated(x, w, (1, 1), [(p, p)] * 2, feature_group_count=c,
                                                dimension_numbers=("NHWC", "HWIO", "NHWC"))
         elif form == "shifted":
+            h, wd = x.shape[1] + 2 * p - k + 1, x.shape[2] + 2 * p - k + 1
             padded = jnp.pad(x, ((0, 0), (p, p), (p, p), (0, 0)))
             out = sum(padded[:, i:i + h, j:j + wd] * w[i, j, 0] for i in range(k) for j in range(k))
         elif form == "looped":
