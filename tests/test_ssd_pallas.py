@@ -60,6 +60,25 @@ def test_kernel_matches_reference(length, chunk, groups, initial):
         assert scale(g - g_ref) <= 1e-5 * scale(g_ref), (name, scale(g - g_ref), scale(g_ref))
 
 
+def test_token_arrays_go_in_unpadded():
+    """x, B and C reach the kernels as the model's arrays: only the per-token dt is padded to whole chunks (the
+    kernels mask the last chunk's overhang, which the interpreter reads as NaN). A padded x cost a copy in HBM per
+    layer, and on a TPU a transpose on each side of the kernels."""
+    x, dt, A, B, C, s0 = _inputs(3, 2, 37, 4, 8, 1, 16, True)
+    jaxpr = jax.make_jaxpr(lambda *a: ssd_pallas.ssd_pallas(*a, 16, s0, interpret=True))(x, dt, A, B, C)
+
+    def pads(jaxpr):  # jnp.pad runs as a jitted function: walk the nested jaxprs too
+        for e in jaxpr.eqns:
+            if e.primitive.name == "pad":
+                yield e.outvars[0].aval.shape
+            inner = e.params.get("jaxpr")
+            if e.primitive.name != "pallas_call" and inner is not None:
+                yield from pads(getattr(inner, "jaxpr", inner))
+
+    padded = list(pads(jaxpr.jaxpr))
+    assert padded == [(2, 48, 4)], padded  # dt [batch, 3 chunks x 16, heads]
+
+
 def test_bf16_inputs_accumulate_in_fp32():
     """bf16 x, B, C (the training step's): the kernel's bf16 matmuls with fp32 accumulation stay within bf16
     rounding of the fp32 reference on the same bf16-rounded inputs."""

@@ -383,7 +383,7 @@ class Mamba2Mixer(nn.Module):
                                                  conv(c, "ssm_state", "conv_C"))
         # x, B, C stay in the compute dtype into the scan (the reference upcasts them, the kernel's matmuls take
         # them as they are); the skip term D·x and the recurrence use fp32.
-        x = nn.silu(x).reshape(batch, length, cfg.nheads, cfg.headdim)
+        x = nn.silu(x)  # [b, s, d_inner]: heads x headdim, head-major
         b = nn.silu(b).reshape(batch, length, cfg.ngroups, cfg.d_state)
         c = nn.silu(c).reshape(batch, length, cfg.ngroups, cfg.d_state)
 
@@ -394,14 +394,17 @@ class Mamba2Mixer(nn.Module):
         D = head_param("D", nn.initializers.ones_init())
         dt = jnp.clip(jax.nn.softplus(dt.astype(jnp.float32) + dt_bias), *cfg.dt_limit)
 
+        heads = x.reshape(batch, length, cfg.nheads, cfg.headdim)
         if cache is not None and length == 1:
             f32 = lambda t: t.astype(jnp.float32)  # noqa: E731
-            y, ssm = ssd_step(cache["ssm"], f32(x[:, 0]), dt[:, 0], A, f32(b[:, 0]), f32(c[:, 0]))
+            y, ssm = ssd_step(cache["ssm"], f32(heads[:, 0]), dt[:, 0], A, f32(b[:, 0]), f32(c[:, 0]))
             y = y[:, None]
         else:
-            y, ssm = ssd(x, dt, A, b, c, cfg.chunk_size, None if cache is None else cache["ssm"],
+            y, ssm = ssd(heads, dt, A, b, c, cfg.chunk_size, None if cache is None else cache["ssm"],
                          implementation=cfg.ssd)
-        y = (y + D[:, None] * x.astype(jnp.float32)).reshape(batch, length, cfg.d_inner)
+        # The skip term in [b, s, d_inner] (D per head, repeated over its channels): on a TPU a [.., heads, 64]
+        # array was laid out sequence-minor (64 lanes of 128), with a transpose on each side of the SSD kernels.
+        y = y.reshape(batch, length, cfg.d_inner) + jnp.repeat(D, cfg.headdim) * x.astype(jnp.float32)
         y = GatedRMSNorm(cfg.norm_eps, cfg.ngroups, param_dtype, name="norm")(y, z)
         y = nn.with_logical_constraint(y.astype(dtype), ("activation_batch", "activation_length", "activation_mlp"))
         out = layers.dense(cfg.d_model, ("ssm_inner", "embed"), use_bias=False, dtype=dtype, param_dtype=param_dtype,

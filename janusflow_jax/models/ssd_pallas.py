@@ -83,10 +83,25 @@ def _row(column):
     return jnp.sum(jnp.where(_eye(column.shape[0]), column, 0.0), axis=0, keepdims=True)
 
 
+def _real_rows(length, q, chunk):
+    """Masks the rows of a token block past the sequence's end ([Q, 1] bool, or None when chunks tile it). The
+    last chunk's blocks of x, B, C and dy overhang the unpadded arrays; Mosaic fills the overhang with whatever
+    VMEM held (the interpreter, as tests run it, with NaN) and drops the overhang of an output block."""
+    if length % q == 0:
+        return None
+    return jax.lax.broadcasted_iota(jnp.int32, (q, 1), 0) < length - chunk * q
+
+
+def _load(ref, real):
+    """A token block, its overhang zeroed (a select: NaN * 0 would stay NaN)."""
+    return ref[...] if real is None else jnp.where(real, ref[...], jnp.zeros((), ref.dtype))
+
+
 # ------------------------------------------------------------------------------------------------------- forward
-def _forward_kernel(x_ref, dt_ref, acum_ref, b_ref, c_ref, s0_ref, y_ref, final_ref, states_ref, state):
+def _forward_kernel(x_ref, dt_ref, acum_ref, b_ref, c_ref, s0_ref, y_ref, final_ref, states_ref, state, *,
+                    length):
     """One (row, block of hb heads of one group, chunk). x_ref, y_ref [Q, hb·P] (head i in lanes i·P ..);
-    dt_ref, acum_ref [hb, Q]; b_ref, c_ref [Q, N]; states [hb, P, N]."""
+    dt_ref, acum_ref [hb, Q] (zero dt past the end); b_ref, c_ref [Q, N]; states [hb, P, N]."""
     chunk = pl.program_id(2)
 
     @pl.when(chunk == 0)
@@ -95,14 +110,15 @@ def _forward_kernel(x_ref, dt_ref, acum_ref, b_ref, c_ref, s0_ref, y_ref, final_
 
     dtype = x_ref.dtype
     hb, p = state.shape[0], state.shape[1]
-    b, c = b_ref[...], c_ref[...]
+    real = _real_rows(length, x_ref.shape[0], chunk)
+    x_block, b, c = _load(x_ref, real), _load(b_ref, real), _load(c_ref, real)
     cb = _dot(c, b, trans_b=True)  # C Bᵀ [Q, Q], once for all the block's heads
     for i in range(hb):
         lanes = slice(i * p, (i + 1) * p)
         acum_row = acum_ref[i:i + 1, :]  # [1, Q]
         acum_col = _column(acum_row)
         total = acum_row[:, -1:]  # [1, 1]
-        xdt = x_ref[:, lanes].astype(jnp.float32) * _column(dt_ref[i:i + 1, :])  # [Q, P]
+        xdt = x_block[:, lanes].astype(jnp.float32) * _column(dt_ref[i:i + 1, :])  # [Q, P]
         s0 = state[i]  # [P, N]
         states_ref[i] = s0
         y = _dot((cb * _decay(acum_col, acum_row)).astype(dtype), xdt.astype(dtype))
@@ -118,7 +134,7 @@ def _forward_kernel(x_ref, dt_ref, acum_ref, b_ref, c_ref, s0_ref, y_ref, final_
 
 # ------------------------------------------------------------------------------------------------------ backward
 def _backward_kernel(x_ref, dt_ref, acum_ref, b_ref, c_ref, states_ref, dy_ref, dfinal_ref,
-                     dx_ref, ddt_ref, dacum_ref, db_ref, dc_ref, ds0_ref, dstate):
+                     dx_ref, ddt_ref, dacum_ref, db_ref, dc_ref, ds0_ref, dstate, *, length):
     """One (row, block of heads, chunk), the chunks in reverse; layouts as the forward's; dB and dC [Q, N] summed
     over the block's heads."""
     step = pl.program_id(2)  # chunk = chunks - 1 - step
@@ -130,7 +146,8 @@ def _backward_kernel(x_ref, dt_ref, acum_ref, b_ref, c_ref, states_ref, dy_ref, 
     dtype = x_ref.dtype
     hb, p = dstate.shape[0], dstate.shape[1]
     q = acum_ref.shape[1]
-    b, c = b_ref[...], c_ref[...]
+    real = _real_rows(length, q, pl.num_programs(2) - 1 - step)
+    x_block, dy_block, b, c = (_load(r, real) for r in (x_ref, dy_ref, b_ref, c_ref))
     cb = _dot(c, b, trans_b=True)  # C Bᵀ [Q, Q]
     last = jax.lax.broadcasted_iota(jnp.int32, (q, 1), 0) == q - 1
     db_sum = dc_sum = jnp.zeros(b.shape, jnp.float32)
@@ -139,11 +156,11 @@ def _backward_kernel(x_ref, dt_ref, acum_ref, b_ref, c_ref, states_ref, dy_ref, 
         acum_row = acum_ref[i:i + 1, :]
         acum_col = _column(acum_row)
         total = acum_row[:, -1:]
-        x = x_ref[:, lanes].astype(jnp.float32)
+        x = x_block[:, lanes].astype(jnp.float32)
         dt = _column(dt_ref[i:i + 1, :])
         xdt = x * dt
         s0, ds = states_ref[i], dstate[i]  # [P, N] fp32
-        dy = dy_ref[:, lanes].astype(jnp.float32)  # [Q, P]
+        dy = dy_block[:, lanes].astype(jnp.float32)  # [Q, P]
         decay = _decay(acum_col, acum_row)
         m = cb * decay
         dm = _dot(dy.astype(dtype), xdt.astype(dtype), trans_b=True)  # dy (x·dt)ᵀ [Q, Q]
@@ -224,17 +241,19 @@ def _cost(batch, heads, hb, chunks, q, p, n, itemsize, backward: bool) -> pl.Cos
 
 
 def _interpret(interpret):
+    """True: TPU semantics on the CPU, a block's overhang past an array's end read as NaN (unmasked, it shows)."""
     if interpret is None:
         interpret = layers.target_platform() != "tpu"
-    return pltpu.InterpretParams() if interpret is True else interpret
+    return pltpu.InterpretParams(out_of_bounds_reads="uninitialized") if interpret is True else interpret
 
 
 _PARAMS = pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "arbitrary"))
 
 
 def _forward_call(x, dt, acum, B, C, s0, q, interpret):
-    """x [b, T, h·P], dt and acum [b, chunks, h, Q] (fp32), B and C [b, T, g·N], s0 [b, h, P, N] -> y [b, T, h·P]
-    (x's dtype), the final state [b, h, P, N] and the state entering each chunk [b, chunks, h, P, N] (fp32)."""
+    """x [b, T, h·P], dt and acum [b, chunks, h, Q] (fp32, chunks · Q >= T), B and C [b, T, g·N], s0 [b, h, P, N]
+    -> y [b, T, h·P] (x's dtype), the final state [b, h, P, N] and the state entering each chunk
+    [b, chunks, h, P, N] (fp32)."""
     batch, length, _ = x.shape
     nc, heads, _ = dt.shape[1:]
     p, n = s0.shape[2:]
@@ -242,7 +261,7 @@ def _forward_call(x, dt, acum, B, C, s0, q, interpret):
     hb = heads_per_step(heads, groups)
     spec = _specs(heads, groups, hb, q, p, n, nc)
     return pl.pallas_call(
-        _forward_kernel,
+        functools.partial(_forward_kernel, length=length),
         grid=(batch, heads // hb, nc),
         in_specs=[spec["tok"], spec["vec"], spec["vec"], spec["grp"], spec["grp"], spec["state"]],
         out_specs=[spec["tok"], spec["state"], spec["chunk_state"]],
@@ -268,7 +287,7 @@ def _backward_call(x, dt, acum, B, C, states, dy, dfinal, q, interpret):
     spec = _specs(heads, groups, hb, q, p, n, nc, reverse=True)
     f32 = lambda shape: jax.ShapeDtypeStruct(shape, jnp.float32)  # noqa: E731
     return pl.pallas_call(
-        _backward_kernel,
+        functools.partial(_backward_kernel, length=length),
         grid=(batch, heads // hb, nc),
         in_specs=[spec["tok"], spec["vec"], spec["vec"], spec["grp"], spec["grp"], spec["chunk_state"], spec["tok"],
                   spec["state"]],
@@ -314,29 +333,27 @@ def ssd_pallas(x, dt, A, B, C, chunk_size: int, initial_state=None, *, interpret
     """`mamba2.ssd_chunked` through the fused kernels: same arguments and results (y in fp32).
 
     x, B, C may be bf16 (the matmuls then run in bf16 with fp32 accumulation; decays and states are fp32); dt and A
-    are used in fp32. Any length: the sequence is padded to a multiple of `chunk_size` with dt = 0 (decay 1, no
-    input), as the reference does. `interpret`: run in Pallas' TPU interpreter (default: unless the target is a
+    are used in fp32. Any length: the last chunk runs as if padded with dt = 0 (decay 1, no input), as the
+    reference pads it. `interpret`: run in Pallas' TPU interpreter (default: unless the target is a
     TPU), or pltpu.InterpretParams to configure it.
     """
     batch, length, heads, head_dim = x.shape
     groups, n = B.shape[2], B.shape[3]
     q = chunk_size
-    pad = -length % q
-    dt = dt.astype(jnp.float32)
-    if pad:
-        x, dt, B, C = (jnp.pad(t, [(0, 0), (0, pad)] + [(0, 0)] * (t.ndim - 2)) for t in (x, dt, B, C))
-    total = length + pad
-    nc = total // q
-    # Per-token vectors as rows [b, chunks, heads, Q]; a_cum the chunk-local cumulative sum of dt·A (XLA's, and so
-    # its gradient).
+    nc = -(-length // q)
+    # Per-token vectors as rows [b, chunks, heads, Q], dt padded with zeros to whole chunks (decay 1, no input);
+    # a_cum the chunk-local cumulative sum of dt·A (XLA's, and so its gradient). They are 1/headdim of x's size.
+    dt = jnp.pad(dt.astype(jnp.float32), [(0, 0), (0, nc * q - length), (0, 0)])
     dt = jnp.moveaxis(dt.reshape(batch, nc, q, heads), 2, 3)
     acum = jnp.cumsum(dt * A.astype(jnp.float32)[:, None], axis=-1)
     if initial_state is None:
         initial_state = jnp.zeros((batch, heads, head_dim, n), jnp.float32)
     initial_state = initial_state.astype(jnp.float32)
-    # x [b, T, h·P] and B, C [b, T, g·N]: the model's own layouts (free reshapes).
-    x = x.reshape(batch, total, heads * head_dim)
-    B, C = (t.astype(x.dtype).reshape(batch, total, groups * n) for t in (B, C))
+    # x [b, T, h·P] and B, C [b, T, g·N]: the model's own layouts (free reshapes), not padded: the kernels mask the
+    # last chunk's overhang. (Padding them cost a copy of each in HBM, and on a TPU XLA laid the padded
+    # [b, T, h, P] out sequence-minor, adding a transpose before the kernels and one after.)
+    x = x.reshape(batch, length, heads * head_dim)
+    B, C = (t.astype(x.dtype).reshape(batch, length, groups * n) for t in (B, C))
     interpret = _interpret(interpret)
     run = lambda *a: _ssd_kernel(*a, q, interpret)  # noqa: E731
 
@@ -351,5 +368,4 @@ def ssd_pallas(x, dt, A, B, C, chunk_size: int, initial_state=None, *, interpret
         run = jax.shard_map(run, mesh=mesh, in_specs=(tok, vec, vec, tok, tok, state), out_specs=(tok, state),
                             check_vma=False)
     y, final = run(x, dt, acum, B, C, initial_state)
-    y = y.reshape(batch, total, heads, head_dim)[:, :length].astype(jnp.float32)
-    return y, final
+    return y.reshape(batch, length, heads, head_dim).astype(jnp.float32), final
