@@ -133,9 +133,9 @@ def test_a_conditional_counts_its_heaviest_branch_once():
 def test_a_loop_without_a_known_trip_count_reads_its_condition():
     # XLA:TPU does not annotate known_trip_count: the bound the condition compares the counter with stands in,
     # divided by the counter's step (XLA:TPU's windowed einsums, the FSDP matmul loops, run `i < 4` with `i += 2`:
-    # counted 4 times, they doubled the roofline's matmul FLOPs) and less its start; a loop with neither is counted
-    # once and reported.
-    def module(condition, step=1, start=0):
+    # counted 4 times, they doubled the roofline's matmul FLOPs; some copy the counter before adding the step) and
+    # less its start; a loop with neither is counted once and reported.
+    def module(condition, step=1, start=0, copied=False):
         return f"""HloModule m, entry_computation_layout={{()->f32[]}}
 
 %body (p: (s32[], f32[64,64])) -> (s32[], f32[64,64]) {{
@@ -144,7 +144,8 @@ def test_a_loop_without_a_known_trip_count_reads_its_condition():
   %x = f32[64,64]{{1,0}} get-tuple-element(%p), index=1
   %d = f32[64,64]{{1,0}} dot(%x, %x), lhs_contracting_dims={{1}}, rhs_contracting_dims={{0}}
   %step = s32[] constant({step})
-  %next = s32[] add(%i, %step)
+  %ic = s32[] copy(%i)
+  %next = s32[] add(%{"ic" if copied else "i"}, %step)
   ROOT %t = (s32[], f32[64,64]{{1,0}}) tuple(%next, %d)
 }}
 
@@ -168,5 +169,7 @@ ENTRY %main (x: f32[64,64]) -> f32[] {{
     for step, start, trips in ((2, 0, 3), (2, 1, 2), (1, 3, 2), (5, 0, 1)):  # i = 0, 2, 4 / 1, 3 / 3, 4 / 0
         est = roofline.estimate(module(less_than_5, step, start), PEAK, BANDWIDTH)
         assert est["flops"] == trips * 2 * 64 ** 3, (step, start)
+    copied = roofline.estimate(module(less_than_5, 2, 0, copied=True), PEAK, BANDWIDTH)
+    assert copied["flops"] == 3 * 2 * 64 ** 3
     unbounded = roofline.estimate(module("ROOT %lt = pred[] compare(%i, %i), direction=LT"), PEAK, BANDWIDTH)
     assert unbounded["flops"] == 2 * 64 ** 3 and unbounded["unknown_trip_counts"] == 1

@@ -442,7 +442,11 @@ def _tuple_element(name: str, index: int, by_name: dict) -> Instruction | None:
     return by_name.get(tup.operands[index])
 
 
-def _gte_index(inst: Instruction | None) -> int | None:
+def _gte_index(inst: Instruction | None, by_name: dict | None = None) -> int | None:
+    """The tuple index a get-tuple-element reads, seen through copies, bitcasts and converts of it (XLA:TPU copies a
+    windowed einsum's counter before adding its step) where `by_name` holds their operands."""
+    while inst is not None and by_name and inst.opcode in ("copy", "bitcast", "convert") and len(inst.operands) == 1:
+        inst = by_name.get(inst.operands[0])
     if inst is None or inst.opcode != "get-tuple-element":
         return None
     index = re.search(r"index=(\d+)", inst.line)
@@ -458,7 +462,7 @@ def _loop_counter(inst: Instruction, computations: dict) -> int | None:
         root = next((i for i in insts if i.root), None)
         if root is None or root.opcode != "compare" or not re.search(r"direction=LT", root.line):
             return None
-        indices = [_gte_index(by_name.get(o)) for o in root.operands]
+        indices = [_gte_index(by_name.get(o), by_name) for o in root.operands]
         if indices and indices[0] is not None:
             return indices[0]
     return None
@@ -477,7 +481,7 @@ def _counter_step(inst: Instruction, computations: dict, counter: int) -> int:
         if update is None or update.opcode != "add":
             return 1
         parts = [by_name.get(o) for o in update.operands]
-        if len(parts) == 2 and any(_gte_index(x) == counter for x in parts):
+        if len(parts) == 2 and any(_gte_index(x, by_name) == counter for x in parts):
             step = next((_constant_value(x) for x in parts if _constant_value(x) is not None), None)
             if step and step > 0:
                 return step
