@@ -19,6 +19,8 @@ Fields (all overridable from the command line, e.g. `--config.optimizer.lr=3e-5`
   data                  source "synthetic" | "prepared" (+ loader fields of janusflow_jax/data/loader.py), seq_len (packed
                         understanding/text rows), prompt_len (generation prompts, left-padded), images_per_row
   seed, log_every, checkpoint_every, keep_checkpoints, max_consecutive_skips
+  xla_tpu_flags         XLA options for the train step when it compiles for TPUs ("--name=value ...", as in
+                        LIBTPU_INIT_ARGS, but part of the program: launch.train and launch.compile alike)
   watchdog              a host on which no step completes within the bound exits (train/watchdog.py)
   eval_every, eval      evaluators on the EMA weights every eval_every steps (0 = off): held-out losses, a sample
                         grid, a scored understanding set (janusflow_jax/eval/evaluators.py)
@@ -71,6 +73,8 @@ def base_config(arg: str | None, *, stage: int, lr: float, warmup_steps: int, st
     # Persistent compilation cache (janusflow_jax/train/compilation_cache.py): "" = <workdir>/compilation_cache, a
     # local or gs:// directory every host reads, or "off". A relaunch loads what it compiled before.
     c.compilation_cache = ""
+    # XLA options for the train step on TPUs (train/step.py `compiler_options`); none measured for JanusFlow.
+    c.xla_tpu_flags = ""
     # A host on which no step completes within the bound exits (train/watchdog.py): seconds > 0 fixed, 0 derived
     # (step_multiple x the median step, at least floor_seconds; compiles and evaluations not counted), < 0 off.
     c.watchdog = ml_collections.ConfigDict(dict(seconds=0.0, floor_seconds=300.0, step_multiple=20.0))

@@ -18,6 +18,7 @@ Fields that differ from JanusFlow's:
   data                  source "synthetic" | "prepared" (+ the loader's fields), mmu_len (ids per understanding row:
                         the 4 task ids + 449 text tokens in the release), pad_id, eos_id (the tokenizer's [PAD] and
                         <|endoftext|>: 50277 and 0 for gpt-neox-20b with the OmniMamba tokens)
+  xla_tpu_flags         windowed einsums off (JanusFlow sets none)
 
 The release trains with AdamW (0.9, 0.95), weight decay 0, transformers' Trainer defaults otherwise (eps 1e-8, global
 norm clip 1.0), bf16, no EMA (ema_decay 0 here: the checkpoints hold the raw weights).
@@ -108,6 +109,12 @@ def base_config(arg: str | None, *, stage: str, lr: float, warmup_steps: int, st
     # Persistent compilation cache (janusflow_jax/train/compilation_cache.py): "" = <workdir>/compilation_cache, a
     # local or gs:// directory every host reads, or "off". A relaunch loads what it compiled before.
     c.compilation_cache = ""
+    # XLA options for the train step on TPUs (train/step.py `compiler_options`). Without windowed einsums XLA:TPU
+    # gathers each FSDP weight and runs one matmul, instead of a loop over the weight's shards that reads and writes
+    # the [tokens, 4096] output once per step of the loop: on v5p-16 the 1.3B stage-2 step's roofline drops from
+    # 866 to 741 ms (BENCHMARKS.md). The gathers are asynchronous; a measured step on a TPU should confirm.
+    c.xla_tpu_flags = ("--xla_tpu_enable_windowed_einsum_for_all_gather=false "
+                       "--xla_tpu_enable_windowed_einsum_for_reduce_scatter=false")
     # A host on which no step completes within the bound exits (train/watchdog.py): seconds > 0 fixed, 0 derived
     # (step_multiple x the median step, at least floor_seconds; compiles and evaluations not counted), < 0 off.
     c.watchdog = ml_collections.ConfigDict(dict(seconds=0.0, floor_seconds=300.0, step_multiple=20.0))

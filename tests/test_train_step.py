@@ -174,3 +174,19 @@ def test_tiny_model_overfits_a_batch(setup):
     assert last["ar"] < first["ar"] / 4, (first, last)
     assert last["loss"] < first["loss"] / 2, (first, last)
 
+
+
+def test_xla_tpu_flags_become_compiler_options_on_tpus_only():
+    """`xla_tpu_flags` ("--name=value ...") parse to jax.jit compiler options; a CPU mesh gets none (its compiler
+    refuses TPU options), a malformed flag is an error on any machine. OmniMamba's configs turn windowed einsums off."""
+    import importlib
+
+    flags = importlib.import_module("configs.omnimamba_stage2").get_config().xla_tpu_flags
+    assert train_step.parse_xla_flags(flags) == {"xla_tpu_enable_windowed_einsum_for_all_gather": False,
+                                                 "xla_tpu_enable_windowed_einsum_for_reduce_scatter": False}
+    assert train_step.parse_xla_flags("--a=true -b=12 c=x") == {"a": True, "b": 12, "c": "x"}
+    assert importlib.import_module("configs.stage2").get_config().xla_tpu_flags == ""
+    mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("data",))
+    assert train_step.compiler_options(flags, mesh) is None
+    with pytest.raises(ValueError, match="'--oops' is not --name=value"):
+        train_step.compiler_options("--oops", mesh)

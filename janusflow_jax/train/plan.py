@@ -106,7 +106,8 @@ class Plan:
         fn = train_step.make_train_step(self.model, self.tx, config.loss, config.optimizer, seed=config.seed,
                                         micro_batches=config.micro_batches, scales=self.term_scales(phase, sizes),
                                         family=self.family)
-        return train_step.jit_train_step(fn, self.state_sh, self.batch_shardings(sizes), self.mesh)
+        return train_step.jit_train_step(fn, self.state_sh, self.batch_shardings(sizes), self.mesh,
+                                         train_step.compiler_options(config.get("xla_tpu_flags", ""), self.mesh))
 
     def init_state(self, params):
         """The train state (trainable/frozen split, optimizer state, EMA) built from `params` on the mesh."""

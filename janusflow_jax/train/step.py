@@ -148,8 +148,29 @@ def make_train_step(model, tx: optax.GradientTransformation, loss_cfg, opt_cfg, 
     return step_fn
 
 
-def jit_train_step(step_fn, state_sh, batch_sh, mesh: Mesh):
-    """jax.jit with explicit in/out shardings and the state donated (updated in place on device)."""
+def parse_xla_flags(flags: str) -> dict:
+    """"--name=value ..." (LIBTPU_INIT_ARGS' form) -> {name: value}; "true"/"false" become booleans, integers ints."""
+    options = {}
+    for token in flags.split():
+        name, sep, value = token.lstrip("-").partition("=")
+        if not sep or not name or not value:
+            raise ValueError(f"xla_tpu_flags: {token!r} is not --name=value")
+        value = {"true": True, "false": False}.get(value.lower(), value)
+        options[name] = int(value) if isinstance(value, str) and value.lstrip("-").isdigit() else value
+    return options
+
+
+def compiler_options(xla_tpu_flags: str, mesh: Mesh) -> dict | None:
+    """The run config's `xla_tpu_flags` as jax.jit compiler options where `mesh` is on TPUs (a topology compiled
+    ahead of time included); None elsewhere (the CPU and GPU compilers refuse TPU options). Parsed everywhere, so a
+    malformed flag is an error on any machine."""
+    options = parse_xla_flags(xla_tpu_flags)
+    return options if options and mesh.devices.flat[0].platform == "tpu" else None
+
+
+def jit_train_step(step_fn, state_sh, batch_sh, mesh: Mesh, options: dict | None = None):
+    """jax.jit with explicit in/out shardings and the state donated (updated in place on device); `options`: XLA
+    compiler options for this program (`compiler_options`)."""
     replicated = NamedSharding(mesh, PartitionSpec())
     return jax.jit(step_fn, in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, replicated),
-                   donate_argnums=(0,))
+                   donate_argnums=(0,), compiler_options=options)
