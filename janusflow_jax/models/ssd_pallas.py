@@ -30,7 +30,8 @@ The column sums come out as a row, the rest as a column; the kernel turns the co
 dB and dC are summed over a block's heads in the kernel and over a group's blocks in XLA.
 
 Layout: the kernels take the model's own layouts, x as [batch, seq, heads·headdim] and B, C as [batch, seq,
-groups·d_state] (free reshapes, no transposes), a block of 8 heads making x's block [Q, 8·64] lane-dense; the per-token
+groups·d_state] (free reshapes, no transposes, no padding: the last chunk's blocks overhang the arrays and the kernels
+zero the overhang they read, Pallas dropping what they write there), a block of 8 heads making x's block [Q, 8·64] lane-dense; the per-token
 vectors dt and a_cum go in as rows [batch, chunks, heads, Q] (a [seq, 1] column would be padded 128x in a TPU's HBM)
 and become columns in VMEM by a select and a lane sum. Matmul operands are in x's dtype (bf16 in training: the MXU's
 rate) with fp32 accumulation; decays, states and their gradients stay fp32.
