@@ -30,11 +30,11 @@ The column sums come out as a row, the rest as a column; the kernel turns the co
 dB and dC are summed over a block's heads in the kernel and over a group's blocks in XLA.
 
 Layout: the kernels take the model's own layouts, x as [batch, seq, heads·headdim] and B, C as [batch, seq,
-groups·d_state] (free reshapes, no transposes, no padding: the last chunk's blocks overhang the arrays and the kernels
-zero the overhang they read, Pallas dropping what they write there), a block of 8 heads making x's block [Q, 8·64] lane-dense; the per-token
-vectors dt and a_cum go in as rows [batch, chunks, heads, Q] (a [seq, 1] column would be padded 128x in a TPU's HBM)
-and become columns in VMEM by a select and a lane sum. Matmul operands are in x's dtype (bf16 in training: the MXU's
-rate) with fp32 accumulation; decays, states and their gradients stay fp32.
+groups·d_state] (free reshapes, no transposes, no padding: the last chunk's blocks overhang the arrays, the kernels
+zero the overhang they read and Pallas drops what they write there), a block of 8 heads making x's block [Q, 8·64]
+lane-dense; the per-token vectors dt and a_cum go in as rows [batch, chunks, heads, Q] (a [seq, 1] column would be
+padded 128x in a TPU's HBM) and become columns in VMEM by a select and a lane sum. Matmul operands are in x's dtype
+(bf16 in training: the MXU's rate) with fp32 accumulation; decays, states and their gradients stay fp32.
 
 Off TPU the kernels run in Pallas' TPU interpreter (`interpret=pltpu.InterpretParams()`: TPU semantics on a CPU),
 which is how tests/test_ssd_pallas.py checks them against `mamba2.ssd_chunked`. Under a mesh (`jax.set_mesh`) they
