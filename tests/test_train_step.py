@@ -190,3 +190,7 @@ def test_xla_tpu_flags_become_compiler_options_on_tpus_only():
     assert train_step.compiler_options(flags, mesh) is None
     with pytest.raises(ValueError, match="'--oops' is not --name=value"):
         train_step.compiler_options("--oops", mesh)
+    config = _config()
+    config.xla_tpu_flags = "--xla_tpu_enable_windowed_einsum_for_all_gather=false oops"
+    with pytest.raises(trainer.TrainingError, match="'oops' is not --name=value"):  # before any compile
+        trainer.make_plan(config)

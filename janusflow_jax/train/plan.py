@@ -51,6 +51,7 @@ class Plan:
     state_sh: dict
     mixture: Mixture  # rows per data type at every step
     geometry: object  # the family's batch geometry (data/batch.py BatchGeometry, data/omnimamba_batch.py)
+    compiler_options: dict | None = None  # the train step's XLA options (`config.xla_tpu_flags` on TPU meshes)
 
     @property
     def use_ema(self) -> bool:
@@ -107,7 +108,7 @@ class Plan:
                                         micro_batches=config.micro_batches, scales=self.term_scales(phase, sizes),
                                         family=self.family)
         return train_step.jit_train_step(fn, self.state_sh, self.batch_shardings(sizes), self.mesh,
-                                         train_step.compiler_options(config.get("xla_tpu_flags", ""), self.mesh))
+                                         self.compiler_options)
 
     def init_state(self, params):
         """The train state (trainable/frozen split, optimizer state, EMA) built from `params` on the mesh."""
@@ -135,6 +136,10 @@ def make_plan(config, devices=None) -> Plan:
         raise TrainingError(str(e)) from None
     model_cfg = family.config_from_dict(config.model.to_dict())
     mesh = make_mesh(**config.mesh.to_dict(), devices=devices)
+    try:
+        options = train_step.compiler_options(config.get("xla_tpu_flags", ""), mesh)
+    except ValueError as e:
+        raise TrainingError(str(e)) from None
     dp = mesh.shape["data"] * mesh.shape["fsdp"]
     streams = config.data.get("streams", 0) if config.data.get("source") == "prepared" else 0
     unit = math.lcm(dp, jax.process_count(), streams or 1) * config.micro_batches  # every host, stream, micro-batch
@@ -155,4 +160,5 @@ def make_plan(config, devices=None) -> Plan:
     tx = optimizer.make_optimizer(config.optimizer)
     state_sh = train_step.state_shardings(model_cfg, mesh, labels, tx, config.optimizer.ema_decay > 0,
                                           abstract=abstract)
-    return Plan(config, family, model_cfg, family.model(model_cfg), mesh, labels, tx, state_sh, mixture, geometry)
+    return Plan(config, family, model_cfg, family.model(model_cfg), mesh, labels, tx, state_sh, mixture, geometry,
+                options)
