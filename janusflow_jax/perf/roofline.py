@@ -410,10 +410,9 @@ def _trip_count(inst: Instruction, computations: dict, by_name: dict | None = No
             continue
         done.add(name)
         for i in computations[name]:
-            if i.opcode == "constant" and re.match(r"[su]\d+\[\]", i.shape):
-                value = re.search(r"constant\((-?\d+)\)", i.line)
-                if value and int(value.group(1)) > 0:
-                    constants.add(int(value.group(1)))
+            value = _constant_value(i) if re.match(r"[su]\d+\[\]", i.shape) else None
+            if value is not None and value > 0:
+                constants.add(value)
             pending += _called(i, "calls")
     if len(constants) != 1:
         return None
