@@ -137,7 +137,7 @@ def make_plan(config, devices=None) -> Plan:
     model_cfg = family.config_from_dict(config.model.to_dict())
     mesh = make_mesh(**config.mesh.to_dict(), devices=devices)
     try:
-        options = train_step.compiler_options(config.get("xla_tpu_flags", ""), mesh)
+        options = train_step.compiler_options(config.xla_tpu_flags, mesh)
     except ValueError as e:
         raise TrainingError(str(e)) from None
     dp = mesh.shape["data"] * mesh.shape["fsdp"]
